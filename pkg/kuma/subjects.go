@@ -1,0 +1,61 @@
+package kuma
+
+import (
+	"strconv"
+	"strings"
+)
+
+// Operations addressed to one entity.
+const (
+	OpAppend  = "append"
+	OpRead    = "read"
+	OpHistory = "history"
+	OpExport  = "export"
+	OpForget  = "forget"
+)
+
+// EntityOps lists the operations routed to an entity's shard.
+var EntityOps = []string{OpAppend, OpRead, OpHistory, OpExport, OpForget}
+
+// PublicPrefix is the root of every public subject; a client given
+// kuma.<ctx>.> may reach all of its context and nothing else.
+const PublicPrefix = "kuma"
+
+// InternalPrefix roots the shard subjects. It sits outside kuma.> so that NATS
+// permissions can keep clients off them.
+const InternalPrefix = "_kuma"
+
+// EntitySubject is the public subject of an entity operation:
+// kuma.<ctx>.<op>.<entity>.
+func EntitySubject(ctx, op, entity string) string {
+	return PublicPrefix + "." + ctx + "." + op + "." + entity
+}
+
+// ShardSubject is the internal subject a shard's owner listens on:
+// _kuma.<ctx>.shard.<n>.<op>.<entity>.
+func ShardSubject(ctx string, shard int, op, entity string) string {
+	return ShardPrefix(ctx, shard) + op + "." + entity
+}
+
+// ShardPrefix is "_kuma.<ctx>.shard.<n>." the prefix of all of a shard's subjects.
+func ShardPrefix(ctx string, shard int) string {
+	return InternalPrefix + "." + ctx + ".shard." + strconv.Itoa(shard) + "."
+}
+
+// ParseEntitySubject splits kuma.<ctx>.<op>.<entity>.
+func ParseEntitySubject(subject string) (ctx, op, entity string, ok bool) {
+	parts := strings.Split(subject, ".")
+	if len(parts) != 4 || parts[0] != PublicPrefix {
+		return "", "", "", false
+	}
+	return parts[1], parts[2], parts[3], true
+}
+
+// ParseShardSubject splits _kuma.<ctx>.shard.<n>.<op>.<entity> into op and entity.
+func ParseShardSubject(subject string) (op, entity string, ok bool) {
+	parts := strings.Split(subject, ".")
+	if len(parts) != 6 || parts[0] != InternalPrefix || parts[2] != "shard" {
+		return "", "", false
+	}
+	return parts[4], parts[5], true
+}

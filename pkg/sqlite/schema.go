@@ -1,0 +1,50 @@
+package sqlite
+
+// schemaVersion is bumped with every change to schema below; Open refuses a
+// file written by a newer Kuma.
+const schemaVersion = 1
+
+// Times are unix nanoseconds (UTC). pos is the shard's commit sequence: the
+// writer assigns it, so it is dense (1, 2, 3...) and orders events exactly as
+// they were committed, which is what positions and the outbox rely on.
+const schema = `
+CREATE TABLE IF NOT EXISTS meta (
+	key   TEXT PRIMARY KEY,
+	value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS events (
+	pos     INTEGER PRIMARY KEY,
+	entity  TEXT    NOT NULL,
+	version INTEGER NOT NULL,
+	type    TEXT    NOT NULL,
+	data    BLOB    NOT NULL,
+	time    INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_entity_version ON events (entity, version);
+
+CREATE TABLE IF NOT EXISTS entities (
+	entity     TEXT    PRIMARY KEY,
+	version    INTEGER NOT NULL,
+	created_at INTEGER NOT NULL,
+	updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS snapshots (
+	entity     TEXT    NOT NULL,
+	version    INTEGER NOT NULL,
+	state      BLOB    NOT NULL,
+	updated_at INTEGER NOT NULL,
+	PRIMARY KEY (entity, version)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS idempotency (
+	entity        TEXT    NOT NULL,
+	key           TEXT    NOT NULL,
+	first_version INTEGER NOT NULL,
+	last_version  INTEGER NOT NULL,
+	time          INTEGER NOT NULL,
+	pos           INTEGER NOT NULL,
+	PRIMARY KEY (entity, key)
+) WITHOUT ROWID;
+`

@@ -1,0 +1,261 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" driver
+)
+
+// Synchronous settings: what an acknowledged commit survives.
+const (
+	// SyncFull fsyncs the WAL on every commit: an acknowledged event survives
+	// a process crash and a power cut. The default.
+	SyncFull = "FULL"
+	// SyncNormal fsyncs only at checkpoints: an acknowledged event survives a
+	// process crash but the last commits may be lost in a power cut.
+	SyncNormal = "NORMAL"
+	// SyncOff never fsyncs. For tests and benchmarks of the engine itself.
+	SyncOff = "OFF"
+)
+
+// Config opens one shard file.
+type Config struct {
+	Path    string // the .db file; its directory is created if missing
+	Context string // recorded in the file and checked on every open
+	Shard   int
+	Shards  int
+	// Synchronous is SyncFull (default), SyncNormal or SyncOff.
+	Synchronous string
+	// Readers is the size of the read-only connection pool (default 4).
+	Readers int
+	// MaxGroupEvents caps the events in one group commit (default 20,000), so
+	// a flood of commits still gets acknowledged in bounded slices.
+	MaxGroupEvents int
+	// QueueLen is how many commits may wait for the writer (default 1,024).
+	QueueLen int
+	Logger   *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Synchronous == "" {
+		c.Synchronous = SyncFull
+	}
+	if c.Readers <= 0 {
+		c.Readers = 4
+	}
+	if c.MaxGroupEvents <= 0 {
+		c.MaxGroupEvents = 20000
+	}
+	if c.QueueLen <= 0 {
+		c.QueueLen = 1024
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Validate reports every problem with the config at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Path == "" {
+		errs = append(errs, errors.New("sqlite: Path is required"))
+	}
+	if c.Shards < 1 {
+		errs = append(errs, fmt.Errorf("sqlite: Shards must be 1 or more, got %d", c.Shards))
+	}
+	if c.Shard < 0 || c.Shard >= c.Shards {
+		errs = append(errs, fmt.Errorf("sqlite: Shard must be in [0, %d), got %d", c.Shards, c.Shard))
+	}
+	switch strings.ToUpper(c.Synchronous) {
+	case "", SyncFull, SyncNormal, SyncOff:
+	default:
+		errs = append(errs, fmt.Errorf("sqlite: Synchronous must be FULL, NORMAL or OFF, got %q", c.Synchronous))
+	}
+	return errors.Join(errs...)
+}
+
+// Shard is one open shard file. Commit may be called from any goroutine;
+// commits are applied in the order the writer receives them. Read methods may
+// run concurrently with each other and with the writer, and see every commit
+// that was acknowledged before they started.
+type Shard struct {
+	cfg    Config
+	wdb    *sql.DB
+	wconn  *sql.Conn
+	rdb    *sql.DB
+	queue  chan *Commit
+	wg     sync.WaitGroup
+	stmts  *writeStmts
+
+	closeMu sync.RWMutex // held for reading while a commit is queued, so Close never strands one
+	closed  bool
+
+	mu      sync.Mutex // guards lastSeq, which the writer advances and Stats reads
+	lastSeq int64
+	stats   Stats
+}
+
+// Stats are counters of the writer, for status and benchmarks.
+type Stats struct {
+	LastSeq  int64 // position of the last committed event
+	Commits  int64 // commits acknowledged
+	Groups   int64 // transactions (group commits) run
+	Events   int64 // events written
+	SyncTime time.Duration
+}
+
+// Open opens (creating if needed) a shard file, checks that it belongs to the
+// same context, shard and shard count, and starts its writer.
+func Open(ctx context.Context, cfg Config) (*Shard, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg.Synchronous = strings.ToUpper(cfg.Synchronous)
+	if err := os.MkdirAll(filepath.Dir(cfg.Path), 0o750); err != nil {
+		return nil, fmt.Errorf("sqlite: create shard directory: %w", err)
+	}
+	s := &Shard{cfg: cfg, queue: make(chan *Commit, cfg.QueueLen)}
+	if err := s.open(ctx); err != nil {
+		s.closeDBs()
+		return nil, err
+	}
+	s.wg.Add(1)
+	go s.writeLoop()
+	return s, nil
+}
+
+func dsn(path string, pragmas ...string) string {
+	q := url.Values{}
+	for _, p := range pragmas {
+		q.Add("_pragma", p)
+	}
+	return "file:" + path + "?" + q.Encode()
+}
+
+func (s *Shard) open(ctx context.Context) error {
+	var err error
+	s.wdb, err = sql.Open("sqlite", dsn(s.cfg.Path,
+		"busy_timeout(10000)",
+		"journal_mode(WAL)",
+		"synchronous("+s.cfg.Synchronous+")",
+		"cache_size(-8000)",
+	))
+	if err != nil {
+		return fmt.Errorf("sqlite: open %s: %w", s.cfg.Path, err)
+	}
+	s.wdb.SetMaxOpenConns(1)
+	s.wconn, err = s.wdb.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("sqlite: open %s: %w", s.cfg.Path, err)
+	}
+	if _, err := s.wconn.ExecContext(ctx, schema); err != nil {
+		return fmt.Errorf("sqlite: create schema in %s: %w", s.cfg.Path, err)
+	}
+	if err := s.checkMeta(ctx); err != nil {
+		return err
+	}
+	if err := s.wconn.QueryRowContext(ctx, `SELECT COALESCE(MAX(pos), 0) FROM events`).Scan(&s.lastSeq); err != nil {
+		return fmt.Errorf("sqlite: read last position of %s: %w", s.cfg.Path, err)
+	}
+	if s.stmts, err = prepareWriteStmts(ctx, s.wconn); err != nil {
+		return err
+	}
+	s.rdb, err = sql.Open("sqlite", dsn(s.cfg.Path, "busy_timeout(10000)", "query_only(1)", "cache_size(-2000)"))
+	if err != nil {
+		return fmt.Errorf("sqlite: open readers of %s: %w", s.cfg.Path, err)
+	}
+	s.rdb.SetMaxOpenConns(s.cfg.Readers)
+	s.rdb.SetMaxIdleConns(s.cfg.Readers)
+	return nil
+}
+
+// checkMeta records the shard's identity on first open and refuses a file
+// that belongs elsewhere: entity → shard must never change silently.
+func (s *Shard) checkMeta(ctx context.Context) error {
+	want := map[string]string{
+		"schema":  strconv.Itoa(schemaVersion),
+		"context": s.cfg.Context,
+		"shard":   strconv.Itoa(s.cfg.Shard),
+		"shards":  strconv.Itoa(s.cfg.Shards),
+	}
+	for k, v := range want {
+		var got string
+		err := s.wconn.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = ?`, k).Scan(&got)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			if _, err := s.wconn.ExecContext(ctx, `INSERT INTO meta(key, value) VALUES (?, ?)`, k, v); err != nil {
+				return fmt.Errorf("sqlite: write meta of %s: %w", s.cfg.Path, err)
+			}
+		case err != nil:
+			return fmt.Errorf("sqlite: read meta of %s: %w", s.cfg.Path, err)
+		case got != v:
+			return fmt.Errorf("sqlite: %s was created with %s=%s, not %s=%s; refusing to open it (entity to shard placement must never change)",
+				s.cfg.Path, k, got, k, v)
+		}
+	}
+	return nil
+}
+
+// LastSeq returns the position of the last committed event (0 when empty).
+func (s *Shard) LastSeq() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastSeq
+}
+
+// Stats returns the writer's counters.
+func (s *Shard) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats
+	st.LastSeq = s.lastSeq
+	return st
+}
+
+// Close stops taking commits, lets the writer finish every commit already
+// queued, and closes the file. It is safe to call more than once.
+func (s *Shard) Close() error {
+	s.closeMu.Lock()
+	if s.closed {
+		s.closeMu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.queue)
+	s.closeMu.Unlock()
+	s.wg.Wait()
+	return s.closeDBs()
+}
+
+func (s *Shard) closeDBs() error {
+	var errs []error
+	if s.stmts != nil {
+		errs = append(errs, s.stmts.close())
+		s.stmts = nil
+	}
+	if s.wconn != nil {
+		errs = append(errs, s.wconn.Close())
+		s.wconn = nil
+	}
+	if s.wdb != nil {
+		errs = append(errs, s.wdb.Close())
+		s.wdb = nil
+	}
+	if s.rdb != nil {
+		errs = append(errs, s.rdb.Close())
+		s.rdb = nil
+	}
+	return errors.Join(errs...)
+}

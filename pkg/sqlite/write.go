@@ -1,0 +1,291 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// ErrClosed is returned by Commit after Close.
+var ErrClosed = errors.New("sqlite: shard is closed")
+
+// EventRow is one event to store.
+type EventRow struct {
+	Version int64
+	Type    string
+	Data    []byte
+	Time    time.Time
+}
+
+// IdempotencyRecord is what a retry with the same key is answered with.
+type IdempotencyRecord struct {
+	Key          string
+	FirstVersion int64
+	LastVersion  int64
+	Time         time.Time
+	Seq          int64 // position of the last event of the original append
+}
+
+// Snapshot is an entity's folded state at a version.
+type Snapshot struct {
+	Version   int64
+	State     []byte
+	UpdatedAt time.Time
+}
+
+// Commit is one entity's atomic append: its events, the entity row, and
+// optionally an idempotency record and a snapshot, all in one transaction.
+type Commit struct {
+	Entity      string
+	Events      []EventRow // contiguous versions, in order
+	CreatedAt   time.Time  // the entity's creation time (time of version 1)
+	Idempotency *IdempotencyRecord
+	Snapshot    *Snapshot
+
+	// FirstSeq and LastSeq are set by the writer before Commit returns nil:
+	// the shard positions of the first and last event.
+	FirstSeq, LastSeq int64
+
+	done chan error
+}
+
+// Commit queues c for the writer and waits until it is durable (as the
+// shard's synchronous setting says) or has failed. ctx bounds only the wait
+// for a place in the queue: once the writer has taken a commit its outcome is
+// always waited for, because the caller must know whether it happened.
+func (s *Shard) Commit(ctx context.Context, c *Commit) error {
+	if len(c.Events) == 0 {
+		return errors.New("sqlite: commit with no events")
+	}
+	c.done = make(chan error, 1)
+	s.closeMu.RLock()
+	if s.closed {
+		s.closeMu.RUnlock()
+		return ErrClosed
+	}
+	select {
+	case s.queue <- c:
+	case <-ctx.Done():
+		s.closeMu.RUnlock()
+		return ctx.Err()
+	}
+	s.closeMu.RUnlock()
+	return <-c.done
+}
+
+// writeLoop is the shard's single writer: take one commit, drain whatever
+// else is pending (up to MaxGroupEvents), write them all in one transaction,
+// then answer each. Under load the queue fills while a transaction is being
+// synced, so groups grow exactly when batching pays.
+func (s *Shard) writeLoop() {
+	defer s.wg.Done()
+	group := make([]*Commit, 0, 64)
+	for first := range s.queue {
+		group = append(group[:0], first)
+		n := len(first.Events)
+	drain:
+		for n < s.cfg.MaxGroupEvents {
+			select {
+			case c, ok := <-s.queue:
+				if !ok {
+					break drain
+				}
+				group = append(group, c)
+				n += len(c.Events)
+			default:
+				break drain
+			}
+		}
+		s.writeGroup(group)
+	}
+}
+
+func (s *Shard) writeGroup(group []*Commit) {
+	start := time.Now()
+	err := s.writeTx(group)
+	if err != nil && len(group) > 1 {
+		// One bad commit must not fail its neighbours: retry each alone.
+		s.cfg.Logger.Warn("group commit failed; retrying commits one by one",
+			"shard", s.cfg.Shard, "commits", len(group), "err", err)
+		for _, c := range group {
+			c.done <- s.writeTx([]*Commit{c})
+		}
+		return
+	}
+	elapsed := time.Since(start)
+	if err != nil {
+		s.cfg.Logger.Error("commit failed", "shard", s.cfg.Shard, "entity", group[0].Entity, "err", err)
+	}
+	s.mu.Lock()
+	if err == nil {
+		s.stats.Groups++
+		s.stats.Commits += int64(len(group))
+		for _, c := range group {
+			s.stats.Events += int64(len(c.Events))
+		}
+		s.stats.SyncTime += elapsed
+	}
+	s.mu.Unlock()
+	for _, c := range group {
+		c.done <- err
+	}
+}
+
+// writeTx writes commits in one transaction and, on success, advances the
+// shard's sequence. On failure the sequence is untouched, so the next
+// transaction reuses the same positions and they stay dense.
+func (s *Shard) writeTx(group []*Commit) (err error) {
+	ctx := context.Background()
+	s.mu.Lock()
+	seq := s.lastSeq
+	s.mu.Unlock()
+
+	// BEGIN and COMMIT are plain statements on the writer's one connection:
+	// database/sql's Tx would re-prepare every cached statement per
+	// transaction (Tx.StmtContext on a Conn-bound statement), which costs more
+	// than the inserts themselves.
+	conn := s.wconn
+	if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+		return fmt.Errorf("sqlite: begin: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			if _, rbErr := conn.ExecContext(ctx, "ROLLBACK"); rbErr != nil {
+				s.cfg.Logger.Error("rollback failed", "shard", s.cfg.Shard, "err", rbErr)
+			}
+		}
+	}()
+
+	rows := make([]any, 0, 6*eventsPerStmt)
+	inRows := 0
+	flush := func() error {
+		if inRows == 0 {
+			return nil
+		}
+		stmt, err := s.stmts.insertEvents(ctx, s.wconn, inRows)
+		if err != nil {
+			return err
+		}
+		if _, err := stmt.ExecContext(ctx, rows...); err != nil {
+			return fmt.Errorf("sqlite: insert events: %w", err)
+		}
+		rows, inRows = rows[:0], 0
+		return nil
+	}
+	for _, c := range group {
+		c.FirstSeq = seq + 1
+		for _, e := range c.Events {
+			seq++
+			rows = append(rows, seq, c.Entity, e.Version, e.Type, e.Data, e.Time.UnixNano())
+			inRows++
+			if inRows == eventsPerStmt {
+				if err := flush(); err != nil {
+					return err
+				}
+			}
+		}
+		c.LastSeq = seq
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	for _, c := range group {
+		last := c.Events[len(c.Events)-1]
+		if _, err := s.stmts.upsertEntity.ExecContext(ctx,
+			c.Entity, last.Version, c.CreatedAt.UnixNano(), last.Time.UnixNano()); err != nil {
+			return fmt.Errorf("sqlite: upsert entity: %w", err)
+		}
+		if r := c.Idempotency; r != nil {
+			if _, err := s.stmts.insertIdem.ExecContext(ctx,
+				c.Entity, r.Key, r.FirstVersion, r.LastVersion, r.Time.UnixNano(), c.LastSeq); err != nil {
+				return fmt.Errorf("sqlite: insert idempotency key: %w", err)
+			}
+		}
+		if sn := c.Snapshot; sn != nil {
+			if _, err := s.stmts.insertSnapshot.ExecContext(ctx,
+				c.Entity, sn.Version, sn.State, sn.UpdatedAt.UnixNano()); err != nil {
+				return fmt.Errorf("sqlite: insert snapshot: %w", err)
+			}
+		}
+	}
+	if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
+		return fmt.Errorf("sqlite: commit: %w", err)
+	}
+	s.mu.Lock()
+	s.lastSeq = seq
+	s.mu.Unlock()
+	return nil
+}
+
+// eventsPerStmt bounds a multi-row INSERT: 100 rows × 6 parameters stays far
+// below SQLite's parameter limit, and multi-row statements are what makes the
+// writer fast (about 1.4× one INSERT per row, measured on this project's
+// 2-core machine).
+const eventsPerStmt = 100
+
+type writeStmts struct {
+	byRows         map[int]*sql.Stmt
+	upsertEntity   *sql.Stmt
+	insertIdem     *sql.Stmt
+	insertSnapshot *sql.Stmt
+}
+
+func prepareWriteStmts(ctx context.Context, conn *sql.Conn) (*writeStmts, error) {
+	w := &writeStmts{byRows: map[int]*sql.Stmt{}}
+	var err error
+	prep := func(q string) *sql.Stmt {
+		if err != nil {
+			return nil
+		}
+		var st *sql.Stmt
+		st, err = conn.PrepareContext(ctx, q)
+		return st
+	}
+	w.upsertEntity = prep(`INSERT INTO entities (entity, version, created_at, updated_at) VALUES (?, ?, ?, ?)
+		ON CONFLICT (entity) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at`)
+	w.insertIdem = prep(`INSERT INTO idempotency (entity, key, first_version, last_version, time, pos) VALUES (?, ?, ?, ?, ?, ?)`)
+	w.insertSnapshot = prep(`INSERT OR REPLACE INTO snapshots (entity, version, state, updated_at) VALUES (?, ?, ?, ?)`)
+	if err != nil {
+		_ = w.close()
+		return nil, fmt.Errorf("sqlite: prepare: %w", err)
+	}
+	return w, nil
+}
+
+// insertEvents returns the cached INSERT for n rows, preparing it on first use.
+// Only the writer goroutine calls it.
+func (w *writeStmts) insertEvents(ctx context.Context, conn *sql.Conn, n int) (*sql.Stmt, error) {
+	if st, ok := w.byRows[n]; ok {
+		return st, nil
+	}
+	var b strings.Builder
+	b.WriteString(`INSERT INTO events (pos, entity, version, type, data, time) VALUES `)
+	for i := 0; i < n; i++ {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString("(?,?,?,?,?,?)")
+	}
+	st, err := conn.PrepareContext(ctx, b.String())
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: prepare insert of %d events: %w", n, err)
+	}
+	w.byRows[n] = st
+	return st, nil
+}
+
+func (w *writeStmts) close() error {
+	var errs []error
+	for _, st := range w.byRows {
+		errs = append(errs, st.Close())
+	}
+	for _, st := range []*sql.Stmt{w.upsertEntity, w.insertIdem, w.insertSnapshot} {
+		if st != nil {
+			errs = append(errs, st.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
