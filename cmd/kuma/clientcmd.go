@@ -1,0 +1,104 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/nats-io/nats.go"
+)
+
+// cmdClient runs append, read, history and export. It prints the reply as
+// JSON on stdout; on failure it prints {"error": {...}} on stderr and exits 1.
+func cmdClient(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	fs := newFlagSet(cmd, stderr)
+	natsURL := fs.String("nats-url", app.DefaultNATSURL, "NATS server")
+	ctxName := fs.String("context", kuma.DefaultContext, "Kuma context")
+	timeout := fs.Duration("timeout", 10*time.Second, "give up after this long")
+	var (
+		expected  = fs.Int64("expected-version", -1, "append: fail unless the entity is at this version (0: must not exist)")
+		idemKey   = fs.String("idempotency-key", "", "append: retry-safe key")
+		atVersion = fs.Int64("at-version", 0, "read: state at this version")
+		atTime    = fs.String("at-time", "", "read: state at this RFC 3339 time")
+		from      = fs.Int64("from", 1, "history: first version")
+		limit     = fs.Int("limit", kuma.DefaultHistoryLimit, "history: events per page")
+	)
+	pos, err := parse(fs, args, getenv)
+	if err != nil {
+		return helpOK(err)
+	}
+	want := map[string][2]int{"append": {2, 3}, "read": {1, 1}, "history": {1, 1}, "export": {1, 1}}[cmd]
+	if len(pos) < want[0] || len(pos) > want[1] {
+		return usageError{fmt.Errorf("wrong number of arguments; see kuma --help")}
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	nc, err := nats.Connect(*natsURL, nats.Name("kuma-cli"), nats.Timeout(*timeout))
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w (is `kuma up` running?)", *natsURL, err)
+	}
+	defer nc.Close()
+	c, err := client.New(nc, client.Options{Context: *ctxName, Timeout: *timeout})
+	if err != nil {
+		return usageError{err}
+	}
+
+	entity := pos[0]
+	var out any
+	switch cmd {
+	case "append":
+		data := json.RawMessage(`{}`)
+		if len(pos) == 3 {
+			if !json.Valid([]byte(pos[2])) {
+				return usageError{fmt.Errorf("event data %q is not JSON", pos[2])}
+			}
+			data = json.RawMessage(pos[2])
+		}
+		var opts []client.AppendOption
+		if *expected >= 0 {
+			opts = append(opts, client.ExpectVersion(*expected))
+		}
+		if *idemKey != "" {
+			opts = append(opts, client.IdempotencyKey(*idemKey))
+		}
+		out, err = c.Append(ctx, entity, []kuma.EventInput{{Type: pos[1], Data: data}}, opts...)
+	case "read":
+		var opts []client.ReadOption
+		if *atVersion != 0 {
+			opts = append(opts, client.AtVersion(*atVersion))
+		}
+		if *atTime != "" {
+			t, perr := time.Parse(time.RFC3339Nano, *atTime)
+			if perr != nil {
+				return usageError{fmt.Errorf("--at-time %q: want RFC 3339, e.g. 2026-11-25T14:03:07Z", *atTime)}
+			}
+			opts = append(opts, client.AtTime(t))
+		}
+		out, err = c.Read(ctx, entity, opts...)
+	case "history":
+		out, err = c.History(ctx, entity, *from, *limit)
+	case "export":
+		out, err = c.Export(ctx, entity)
+	}
+	if err != nil {
+		var kerr *kuma.Error
+		if errors.As(err, &kerr) {
+			b, _ := json.MarshalIndent(kuma.ErrorReply{Error: kerr}, "", "  ")
+			fmt.Fprintln(stderr, string(b))
+			return exitError{code: 1}
+		}
+		return err
+	}
+	b, err := json.MarshalIndent(out, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(stdout, string(b))
+	return err
+}

@@ -1,0 +1,83 @@
+// Command kuma is Kuma's one binary: `kuma up` runs a whole node in one
+// process, `kuma serve --target ...` runs one service against an external
+// NATS, and the client commands talk to a running Kuma.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+)
+
+const usage = `kuma: an entity-native, event-sourced store over NATS and SQLite
+
+Usage:
+  kuma up [flags]                       run everything in one process (embedded NATS)
+  kuma serve --target T [flags]         run one service (router, shardnode) against --nats-url
+  kuma append ENTITY TYPE [JSON]        append one event (JSON defaults to {})
+  kuma read ENTITY [--at-version N | --at-time T]
+  kuma history ENTITY [--from N] [--limit N]
+  kuma export ENTITY
+  kuma version
+
+Every flag has a KUMA_* environment equivalent (--nats-url → KUMA_NATS_URL);
+flags win over the environment. Run "kuma COMMAND --help" for a command's flags.
+`
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
+}
+
+// run is main without the process: tests call it directly.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	cmd, rest := args[0], args[1:]
+	var err error
+	switch cmd {
+	case "up":
+		err = cmdUp(ctx, rest, stderr, getenv)
+	case "serve":
+		err = cmdServe(ctx, rest, stderr, getenv)
+	case "append", "read", "history", "export":
+		err = cmdClient(ctx, cmd, rest, stdout, stderr, getenv)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "kuma", version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "kuma: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	if err == nil {
+		return 0
+	}
+	var ue usageError
+	if errors.As(err, &ue) {
+		fmt.Fprintf(stderr, "kuma %s: %v\n", cmd, err)
+		return 2
+	}
+	var ex exitError
+	if errors.As(err, &ex) {
+		return ex.code
+	}
+	fmt.Fprintf(stderr, "kuma %s: %v\n", cmd, err)
+	return 1
+}
+
+// usageError is a mistake in the command line (exit 2).
+type usageError struct{ error }
+
+// exitError carries an exit code for an error already reported.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit %d", e.code) }

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/app"
+)
+
+// serverFlags registers the flags shared by up and serve.
+func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel *string) {
+	fs.StringVar(&cfg.DataDir, "data", app.DefaultDataDir, "data directory (shard files, NATS store)")
+	fs.IntVar(&cfg.Shards, "shards", app.DefaultShards, "shards of the context; fixed when the data dir is created")
+	fs.StringVar(&cfg.Context, "context", "default", "context to serve")
+	fs.StringVar(&cfg.Synchronous, "sync", "FULL", "SQLite synchronous setting: FULL (survives power loss) or NORMAL (survives a process crash)")
+	fs.Int64Var(&cfg.SnapshotEvery, "snapshot-every", 100, "write an entity snapshot every N events")
+	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 2*time.Minute, "passivate entity actors idle this long")
+	fs.IntVar(&cfg.MaxActors, "max-actors", 100_000, "live entity actors at most; least recently used idle ones are passivated")
+	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
+}
+
+func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", level)}
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+}
+
+func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+	fs := newFlagSet("up", stderr)
+	var cfg app.Config
+	var logLevel string
+	serverFlags(fs, &cfg, &logLevel)
+	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server")
+	if _, err := parse(fs, args, getenv); err != nil {
+		return helpOK(err)
+	}
+	cfg.Target = app.TargetAll
+	return serve(ctx, cfg, logLevel, stderr)
+}
+
+func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+	fs := newFlagSet("serve", stderr)
+	var cfg app.Config
+	var logLevel string
+	serverFlags(fs, &cfg, &logLevel)
+	fs.StringVar(&cfg.Target, "target", "", "service to run: router or shardnode (all = kuma up)")
+	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
+	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (target all only)")
+	if _, err := parse(fs, args, getenv); err != nil {
+		return helpOK(err)
+	}
+	if cfg.Target == "" {
+		return usageError{errors.New("--target is required: router, shardnode or all")}
+	}
+	return serve(ctx, cfg, logLevel, stderr)
+}
+
+func helpOK(err error) error {
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	return err
+}
+
+// serve runs an App until SIGINT or SIGTERM, then stops it: routers stop
+// taking requests, shards finish in-flight commits and close their files.
+func serve(ctx context.Context, cfg app.Config, logLevel string, stderr io.Writer) error {
+	log, err := newLogger(stderr, logLevel)
+	if err != nil {
+		return err
+	}
+	cfg.Synchronous = strings.ToUpper(cfg.Synchronous)
+	cfg.Logger = log
+	a, err := app.New(cfg)
+	if err != nil {
+		return usageError{err}
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	err = a.Start(startCtx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	c := a.Config()
+	log.Info("kuma ready", "target", c.Target, "nats", a.ClientURL(), "data", c.DataDir,
+		"context", c.Context, "shards", c.Shards, "sync", c.Synchronous)
+	<-ctx.Done()
+	log.Info("kuma stopping")
+	stopCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := a.Stop(stopCtx); err != nil {
+		return fmt.Errorf("stop: %w", err)
+	}
+	log.Info("kuma stopped")
+	return nil
+}

@@ -1,0 +1,100 @@
+// Package app wires Kuma's modules into a process, the way dskit-based
+// systems do: modules.go names every module and what it depends on, a target
+// names the modules to run (`all` is the single-process bundle), modules
+// start in dependency order and stop in reverse, so the embedded NATS server
+// stops last.
+package app
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/sqlite"
+)
+
+// Config is everything a Kuma process needs. Its zero value plus DataDir is a
+// working single-node store.
+type Config struct {
+	// Target is a module name or bundle: all (default), router, shardnode.
+	Target string
+	// DataDir holds the shard files and the embedded server's JetStream store.
+	DataDir string
+	// Context is the served context and Shards its shard count.
+	Context string
+	Shards  int
+	// NATSListen is where the embedded server listens (target all).
+	NATSListen string
+	// NATSURL is the external NATS to join (every target but all).
+	NATSURL string
+	// Synchronous is SQLite's durability setting: FULL (default) or NORMAL.
+	Synchronous string
+	// SnapshotEvery, IdleTimeout and MaxActors tune the shardnode's actors.
+	SnapshotEvery int64
+	IdleTimeout   time.Duration
+	MaxActors     int
+	// Reducers maps a context to its reducer; absent means JSON Merge Patch.
+	Reducers map[string]kuma.Reducer
+	Logger   *slog.Logger
+	Now      func() time.Time
+}
+
+// Defaults used by the CLI flags and by an empty Config.
+const (
+	DefaultDataDir    = "./data"
+	DefaultShards     = 16
+	DefaultNATSListen = "127.0.0.1:4222"
+	DefaultNATSURL    = "nats://127.0.0.1:4222"
+)
+
+func (c *Config) setDefaults() {
+	if c.Target == "" {
+		c.Target = TargetAll
+	}
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.Context == "" {
+		c.Context = kuma.DefaultContext
+	}
+	if c.Shards == 0 {
+		c.Shards = DefaultShards
+	}
+	if c.NATSListen == "" {
+		c.NATSListen = DefaultNATSListen
+	}
+	if c.NATSURL == "" {
+		c.NATSURL = DefaultNATSURL
+	}
+	if c.Synchronous == "" {
+		c.Synchronous = sqlite.SyncFull
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+// Validate reports every problem at once, each with its fix.
+func (c *Config) Validate() error {
+	var errs []error
+	if _, ok := targets[c.Target]; !ok {
+		errs = append(errs, fmt.Errorf("target %q is unknown; use one of %v", c.Target, targetNames()))
+	}
+	if err := kuma.ValidateContext(c.Context); err != nil {
+		errs = append(errs, fmt.Errorf("--context: %w", err))
+	}
+	if c.Shards < 1 || c.Shards > 4096 {
+		errs = append(errs, fmt.Errorf("--shards must be 1 to 4096, got %d", c.Shards))
+	}
+	switch c.Synchronous {
+	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:
+	default:
+		errs = append(errs, fmt.Errorf("--sync must be FULL or NORMAL, got %q", c.Synchronous))
+	}
+	return errors.Join(errs...)
+}

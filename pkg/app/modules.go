@@ -1,0 +1,168 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/services/router"
+	"github.com/kumadb/kuma/services/shardnode"
+	"github.com/nats-io/nats.go"
+)
+
+// Module and target names.
+const (
+	ModuleNATSServer = "nats-server" // the embedded server
+	ModuleNATSConn   = "nats"        // this process's connection
+	ModuleRouter     = "router"
+	ModuleShardnode  = "shardnode"
+	TargetAll        = "all"
+)
+
+// deps is the module graph: each module and what must run before it.
+var deps = map[string][]string{
+	ModuleNATSServer: nil,
+	ModuleNATSConn:   nil, // plus ModuleNATSServer when it is in the target
+	ModuleRouter:     {ModuleNATSConn},
+	ModuleShardnode:  {ModuleNATSConn},
+}
+
+// targets are what `kuma serve --target` accepts; all is `kuma up`. Shards
+// start before routers so nothing is forwarded to a shard that is not open,
+// and routers stop first.
+var targets = map[string][]string{
+	TargetAll:       {ModuleNATSServer, ModuleShardnode, ModuleRouter},
+	ModuleRouter:    {ModuleRouter},
+	ModuleShardnode: {ModuleShardnode},
+}
+
+func targetNames() []string {
+	names := make([]string, 0, len(targets))
+	for n := range targets {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// service is the lifecycle every module has.
+type service interface {
+	Start(ctx context.Context) error
+	Stop(ctx context.Context) error
+}
+
+// order returns the target's modules with their dependencies, each after
+// what it depends on.
+func order(target string) []string {
+	var out []string
+	var visit func(string)
+	visit = func(m string) {
+		if slices.Contains(out, m) {
+			return
+		}
+		for _, d := range deps[m] {
+			visit(d)
+		}
+		out = append(out, m)
+	}
+	for _, m := range targets[target] {
+		visit(m)
+	}
+	// The connection must follow the embedded server when both run.
+	if i := slices.Index(out, ModuleNATSServer); i > 0 {
+		out = append([]string{ModuleNATSServer}, slices.Delete(out, i, i+1)...)
+	}
+	return out
+}
+
+// build makes the service of one module; it may use what earlier modules set
+// on the App.
+func (a *App) build(module string) (service, error) {
+	cfg := a.cfg
+	switch module {
+	case ModuleNATSServer:
+		return &natsServerModule{app: a}, nil
+	case ModuleNATSConn:
+		return &natsConnModule{app: a}, nil
+	case ModuleRouter:
+		return router.New(router.Config{
+			Contexts: map[string]int{cfg.Context: cfg.Shards},
+			Logger:   cfg.Logger.With("service", "router"),
+		}, a.nc)
+	case ModuleShardnode:
+		return shardnode.New(shardnode.Config{
+			DataDir: cfg.DataDir,
+			Contexts: []shardnode.ContextConfig{{
+				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context],
+			}},
+			Synchronous:   cfg.Synchronous,
+			SnapshotEvery: cfg.SnapshotEvery,
+			IdleTimeout:   cfg.IdleTimeout,
+			MaxActors:     cfg.MaxActors,
+			Logger:        cfg.Logger.With("service", "shardnode"),
+			Now:           cfg.Now,
+		}, a.nc)
+	}
+	return nil, fmt.Errorf("app: no module %q", module)
+}
+
+// natsServerModule runs the embedded nats-server with JetStream under
+// <data>/nats.
+type natsServerModule struct{ app *App }
+
+func (m *natsServerModule) Start(ctx context.Context) error {
+	srv, err := natsbus.StartServer(ctx, natsbus.ServerConfig{
+		Listen:   m.app.cfg.NATSListen,
+		StoreDir: filepath.Join(m.app.cfg.DataDir, "nats"),
+		Logger:   m.app.cfg.Logger,
+	})
+	if err != nil {
+		return err
+	}
+	m.app.srv = srv
+	return nil
+}
+
+func (m *natsServerModule) Stop(ctx context.Context) error {
+	if srv := m.app.srv; srv != nil {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+	}
+	return nil
+}
+
+// natsConnModule is this process's one NATS connection: in-process to the
+// embedded server when there is one, else to NATSURL.
+type natsConnModule struct{ app *App }
+
+func (m *natsConnModule) Start(ctx context.Context) error {
+	opts := []nats.Option{
+		nats.Name("kuma-" + m.app.cfg.Target),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond),
+	}
+	url := m.app.cfg.NATSURL
+	if srv := m.app.srv; srv != nil {
+		opts = append(opts, nats.InProcessServer(srv))
+		url = srv.ClientURL()
+	} else {
+		opts = append(opts, nats.RetryOnFailedConnect(true))
+	}
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		return fmt.Errorf("nats: connect to %s: %w", url, err)
+	}
+	m.app.nc = nc
+	return nil
+}
+
+func (m *natsConnModule) Stop(ctx context.Context) error {
+	if nc := m.app.nc; nc != nil {
+		nc.Close()
+	}
+	return nil
+}

@@ -1,0 +1,217 @@
+// Package client is the Go client of Kuma's NATS protocol (PROTOCOL.md).
+//
+// Errors are *kuma.Error values: test them with errors.Is(err,
+// kuma.ErrVersionConflict) or errors.As(err, &kerr). Requests that failed
+// because no shard owner answered (no responders, or unavailable while a
+// shard moves) are retried with backoff, with the same idempotency key, until
+// the context's deadline. A Client is safe for concurrent use.
+package client
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/nats-io/nats.go"
+)
+
+// Options configure a Client. The zero value is usable.
+type Options struct {
+	// Context is the Kuma context to talk to (default "default").
+	Context string
+	// Timeout bounds a call whose ctx has no deadline (default 10s).
+	Timeout time.Duration
+	// DirectShards, when set to the context's shard count, makes the client
+	// hash entities itself and send to the shard subject, skipping the
+	// router hop. It must equal the server's count; a shardnode refuses an
+	// entity sent to the wrong shard.
+	DirectShards int
+	// NoAutoIdempotencyKey stops the client from giving each append without
+	// a key a random one. Without a key, an append whose reply was lost
+	// cannot be retried safely.
+	NoAutoIdempotencyKey bool
+	// MaxBackoff caps the wait between retries (default 1s).
+	MaxBackoff time.Duration
+}
+
+// Client talks to Kuma over one NATS connection.
+type Client struct {
+	nc   *nats.Conn
+	opts Options
+}
+
+// New returns a client over nc, which the caller owns and closes.
+func New(nc *nats.Conn, opts Options) (*Client, error) {
+	if nc == nil {
+		return nil, errors.New("client: a NATS connection is required")
+	}
+	if opts.Context == "" {
+		opts.Context = kuma.DefaultContext
+	}
+	if err := kuma.ValidateContext(opts.Context); err != nil {
+		return nil, err
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = 10 * time.Second
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = time.Second
+	}
+	if opts.DirectShards < 0 {
+		return nil, fmt.Errorf("client: DirectShards must be 0 or more, got %d", opts.DirectShards)
+	}
+	return &Client{nc: nc, opts: opts}, nil
+}
+
+// AppendOption changes one append.
+type AppendOption func(*kuma.AppendRequest)
+
+// ExpectVersion makes the append fail with version_conflict unless the
+// entity is at version v (0: the entity must not exist yet).
+func ExpectVersion(v int64) AppendOption {
+	return func(r *kuma.AppendRequest) { r.ExpectedVersion = &v }
+}
+
+// IdempotencyKey sets the append's idempotency key.
+func IdempotencyKey(key string) AppendOption {
+	return func(r *kuma.AppendRequest) { r.IdempotencyKey = key }
+}
+
+// Append appends events to entity atomically and returns once they are
+// durable.
+func (c *Client) Append(ctx context.Context, entity string, events []kuma.EventInput, opts ...AppendOption) (*kuma.AppendReply, error) {
+	req := kuma.AppendRequest{Events: events}
+	for _, o := range opts {
+		o(&req)
+	}
+	if req.IdempotencyKey == "" && !c.opts.NoAutoIdempotencyKey {
+		req.IdempotencyKey = newKey()
+	}
+	var out kuma.AppendReply
+	if err := c.call(ctx, kuma.OpAppend, entity, req, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// ReadOption changes one read.
+type ReadOption func(*kuma.ReadRequest)
+
+// AtVersion reads the state as it was at version v.
+func AtVersion(v int64) ReadOption { return func(r *kuma.ReadRequest) { r.AtVersion = &v } }
+
+// AtTime reads the state as it was at time t.
+func AtTime(t time.Time) ReadOption { return func(r *kuma.ReadRequest) { r.AtTime = &t } }
+
+// Read returns the entity's state: now, or at a version or time.
+func (c *Client) Read(ctx context.Context, entity string, opts ...ReadOption) (*kuma.ReadReply, error) {
+	var req kuma.ReadRequest
+	for _, o := range opts {
+		o(&req)
+	}
+	var out kuma.ReadReply
+	if err := c.call(ctx, kuma.OpRead, entity, req, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// History returns up to limit events from fromVersion (0: defaults of 1 and
+// 100). Follow NextVersion until it is nil to page through everything.
+func (c *Client) History(ctx context.Context, entity string, fromVersion int64, limit int) (*kuma.HistoryReply, error) {
+	var out kuma.HistoryReply
+	req := kuma.HistoryRequest{FromVersion: fromVersion, Limit: limit}
+	if err := c.call(ctx, kuma.OpHistory, entity, req, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Export returns everything Kuma holds about the entity.
+func (c *Client) Export(ctx context.Context, entity string) (*kuma.ExportReply, error) {
+	var out kuma.ExportReply
+	if err := c.call(ctx, kuma.OpExport, entity, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+func (c *Client) subject(op, entity string) string {
+	if n := c.opts.DirectShards; n > 0 {
+		return kuma.ShardSubject(c.opts.Context, placement.ShardOf(entity, n), op, entity)
+	}
+	return kuma.EntitySubject(c.opts.Context, op, entity)
+}
+
+// call sends one request, retrying while no shard owner is there to answer.
+func (c *Client) call(ctx context.Context, op, entity string, req any, out any) error {
+	if err := kuma.ValidateEntityID(entity); err != nil {
+		return err
+	}
+	var body []byte
+	if req != nil {
+		var err error
+		if body, err = json.Marshal(req); err != nil {
+			return kuma.Errorf(kuma.CodeBadRequest, "encode request: %v", err)
+		}
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.opts.Timeout)
+		defer cancel()
+	}
+	subject := c.subject(op, entity)
+	backoff := 20 * time.Millisecond
+	for {
+		msg, err := c.nc.RequestWithContext(ctx, subject, body)
+		var retry error
+		switch {
+		case err == nil:
+			rerr := natsbus.ReplyError(msg)
+			if rerr == nil {
+				if err := json.Unmarshal(msg.Data, out); err != nil {
+					return kuma.Errorf(kuma.CodeInternal, "decode %s reply: %v", op, err)
+				}
+				return nil
+			}
+			if !errors.Is(rerr, kuma.ErrUnavailable) {
+				return rerr
+			}
+			retry = rerr
+		case natsbus.IsNoResponders(err):
+			retry = kuma.Errorf(kuma.CodeUnavailable, "no shard owner answered %s", subject)
+		case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
+			return kuma.Errorf(kuma.CodeTimeout, "%s %s: no reply in time; retry with the same idempotency key", op, entity)
+		case errors.Is(err, context.Canceled):
+			return err
+		case errors.Is(err, nats.ErrMaxPayload):
+			return kuma.Errorf(kuma.CodePayloadTooLarge, "request is over the server's message limit of %d bytes", c.nc.MaxPayload())
+		default:
+			return kuma.Errorf(kuma.CodeUnavailable, "%s %s: %v", op, entity, err)
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return retry
+			}
+			return ctx.Err()
+		case <-t.C:
+		}
+		backoff = min(backoff*2, c.opts.MaxBackoff)
+	}
+}
+
+func newKey() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return "auto-" + hex.EncodeToString(b[:])
+}

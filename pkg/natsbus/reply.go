@@ -1,0 +1,97 @@
+package natsbus
+
+import (
+	"encoding/json"
+	"errors"
+	"strconv"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+)
+
+// Header names of NATS service errors (the same the micro package uses).
+const (
+	HeaderErrorCode = micro.ErrorCodeHeader // "Nats-Service-Error-Code"
+	HeaderError     = micro.ErrorHeader     // "Nats-Service-Error"
+)
+
+// RespondJSON answers msg with v encoded as JSON. A message with no reply
+// subject (a publish, not a request) is answered with nothing.
+func RespondJSON(nc *nats.Conn, msg *nats.Msg, v any) error {
+	if msg.Reply == "" {
+		return nil
+	}
+	body, err := json.Marshal(v)
+	if err != nil {
+		return RespondError(nc, msg, err)
+	}
+	return nc.Publish(msg.Reply, body)
+}
+
+// RespondError answers msg with a protocol error: the service error headers
+// and the JSON body {"error": {...}}. Errors that are not *kuma.Error become
+// internal, with their text withheld.
+func RespondError(nc *nats.Conn, msg *nats.Msg, err error) error {
+	if msg.Reply == "" {
+		return nil
+	}
+	out := ErrorMsg(msg.Reply, err)
+	return nc.PublishMsg(out)
+}
+
+// ErrorMsg builds the error reply for err addressed to subject.
+func ErrorMsg(subject string, err error) *nats.Msg {
+	kerr := kuma.AsError(err)
+	body, _ := json.Marshal(kuma.ErrorReply{Error: kerr})
+	m := nats.NewMsg(subject)
+	m.Header.Set(HeaderErrorCode, strconv.Itoa(kerr.Code.Status()))
+	m.Header.Set(HeaderError, kerr.Message)
+	m.Data = body
+	return m
+}
+
+// ReplyError returns the protocol error carried by a reply, or nil when the
+// reply is not an error. A reply with the headers but no parsable body still
+// yields an error, built from the headers.
+func ReplyError(msg *nats.Msg) error {
+	if msg.Header == nil {
+		return nil
+	}
+	codeNum := msg.Header.Get(HeaderErrorCode)
+	if codeNum == "" {
+		return nil
+	}
+	var body kuma.ErrorReply
+	if err := json.Unmarshal(msg.Data, &body); err == nil && body.Error != nil && body.Error.Code != "" {
+		return body.Error
+	}
+	n, _ := strconv.Atoi(codeNum)
+	return &kuma.Error{Code: codeForStatus(n), Message: msg.Header.Get(HeaderError)}
+}
+
+func codeForStatus(n int) kuma.Code {
+	switch n {
+	case 400:
+		return kuma.CodeBadRequest
+	case 403:
+		return kuma.CodeForbidden
+	case 404:
+		return kuma.CodeNotFound
+	case 409:
+		return kuma.CodeVersionConflict
+	case 410:
+		return kuma.CodeEntityForgotten
+	case 413:
+		return kuma.CodePayloadTooLarge
+	case 503:
+		return kuma.CodeUnavailable
+	case 504:
+		return kuma.CodeTimeout
+	}
+	return kuma.CodeInternal
+}
+
+// IsNoResponders reports whether err means nobody listened on the subject:
+// for Kuma, that the shard's owner is not there (yet), so a retry is safe.
+func IsNoResponders(err error) bool { return errors.Is(err, nats.ErrNoResponders) }

@@ -1,0 +1,187 @@
+package shardnode
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/nats-io/nats.go"
+)
+
+// Service is a shardnode. Start opens every shard of every configured context
+// and subscribes to their subjects; Stop stops taking requests, lets in-flight
+// commits finish and closes the files. Start and Stop are not concurrent-safe
+// with each other; everything else is.
+type Service struct {
+	cfg Config
+	nc  *nats.Conn
+
+	mu     sync.Mutex
+	shards []*shard
+}
+
+// New builds a shardnode that talks over nc. It does no I/O.
+func New(cfg Config, nc *nats.Conn) (*Service, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if nc == nil {
+		return nil, errors.New("shardnode: a NATS connection is required")
+	}
+	return &Service{cfg: cfg, nc: nc}, nil
+}
+
+// Start opens all shards and begins serving them.
+func (s *Service) Start(ctx context.Context) error {
+	total := 0
+	for _, cc := range s.cfg.Contexts {
+		total += cc.Shards
+	}
+	for i := range s.cfg.Contexts {
+		cc := &s.cfg.Contexts[i]
+		if err := s.checkContextDir(cc); err != nil {
+			_ = s.Stop(ctx)
+			return err
+		}
+		for n := 0; n < cc.Shards; n++ {
+			sh, err := s.openShard(ctx, cc, n, max(1, s.cfg.MaxActors/total))
+			if err != nil {
+				_ = s.Stop(ctx)
+				return err
+			}
+			s.mu.Lock()
+			s.shards = append(s.shards, sh)
+			s.mu.Unlock()
+		}
+	}
+	// Flush so that the subscriptions are known to the server before Start
+	// returns and the caller reports ready.
+	if err := s.nc.FlushWithContext(ctx); err != nil {
+		_ = s.Stop(ctx)
+		return fmt.Errorf("shardnode: flush subscriptions: %w", err)
+	}
+	s.cfg.Logger.Info("shardnode started", "contexts", len(s.cfg.Contexts), "shards", total, "data", s.cfg.DataDir)
+	return nil
+}
+
+// checkContextDir creates <data>/<ctx>/context.json on first start and
+// refuses a different shard count afterwards.
+func (s *Service) checkContextDir(cc *ContextConfig) error {
+	dir := contextDir(s.cfg.DataDir, cc.Name)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("shardnode: create %s: %w", dir, err)
+	}
+	path := filepath.Join(dir, "context.json")
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		meta := contextMeta{Context: cc.Name, Shards: cc.Shards, CreatedAt: s.cfg.Now().UTC()}
+		b, _ := json.MarshalIndent(meta, "", "  ")
+		return writeFileSync(path, append(b, '\n'))
+	case err != nil:
+		return fmt.Errorf("shardnode: read %s: %w", path, err)
+	}
+	meta, err := decodeMeta(b)
+	if err != nil {
+		return fmt.Errorf("shardnode: %s is not valid JSON: %w", path, err)
+	}
+	if meta.Shards != cc.Shards {
+		return fmt.Errorf("shardnode: context %q in %s was created with %d shards, not %d; "+
+			"entities are placed by xxhash mod shards, so changing the count would lose them. "+
+			"Start with --shards %d", cc.Name, dir, meta.Shards, cc.Shards, meta.Shards)
+	}
+	return nil
+}
+
+// writeFileSync writes through a temporary file and renames it, so a crash
+// never leaves a half-written context.json.
+func writeFileSync(path string, b []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o640)
+	if err != nil {
+		return fmt.Errorf("shardnode: write %s: %w", path, err)
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return fmt.Errorf("shardnode: write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("shardnode: sync %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("shardnode: write %s: %w", path, err)
+	}
+	return os.Rename(tmp, path)
+}
+
+func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n, maxActors int) (*shard, error) {
+	store, err := sqlite.Open(ctx, sqlite.Config{
+		Path:        shardPath(s.cfg.DataDir, cc.Name, n),
+		Context:     cc.Name,
+		Shard:       n,
+		Shards:      cc.Shards,
+		Synchronous: s.cfg.Synchronous,
+		Logger:      s.cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	sh := newShard(s, cc, n, store, maxActors)
+	if err := sh.subscribe(); err != nil {
+		_ = store.Close()
+		return nil, err
+	}
+	return sh, nil
+}
+
+// Stop stops taking requests, waits for requests already taken (and their
+// commits) to finish, and closes every shard file. ctx bounds the wait.
+func (s *Service) Stop(ctx context.Context) error {
+	s.mu.Lock()
+	shards := s.shards
+	s.shards = nil
+	s.mu.Unlock()
+	var errs []error
+	var wg sync.WaitGroup
+	errCh := make(chan error, len(shards))
+	for _, sh := range shards {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errCh <- sh.close(ctx)
+		}()
+	}
+	wg.Wait()
+	close(errCh)
+	for err := range errCh {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// ShardStats describes one open shard, for status and tests.
+type ShardStats struct {
+	Context     string
+	Shard       int
+	LiveActors  int
+	Passivated  int64
+	Store       sqlite.Stats
+}
+
+// Stats returns a snapshot of every open shard.
+func (s *Service) Stats() []ShardStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]ShardStats, 0, len(s.shards))
+	for _, sh := range s.shards {
+		out = append(out, sh.stats())
+	}
+	return out
+}

@@ -1,0 +1,225 @@
+package shardnode
+
+import (
+	"container/list"
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/nats-io/nats.go"
+)
+
+// shard is one owned shard: its store, its live actors and its subscription.
+//
+// Actor lifecycle: dispatch finds or starts the entity's actor and counts the
+// message as pending under mu before handing it over; an actor is only
+// passivated (removed from the map and its mailbox closed) under mu while it
+// has nothing pending. So a message is never sent to a passivated actor, and
+// a passivated actor has answered everything it was given.
+type shard struct {
+	node  *Service
+	cc    *ContextConfig
+	n     int
+	store *sqlite.Shard
+	sub   *nats.Subscription
+
+	mu         sync.Mutex
+	actors     map[string]*actor
+	lru        *list.List // front = most recently used
+	maxActors  int
+	closed     bool
+	passivated int64
+
+	actorsWG  sync.WaitGroup
+	sendsWG   sync.WaitGroup // dispatches between taking mu and filling a mailbox
+	stopSweep chan struct{}
+	sweepDone chan struct{}
+}
+
+func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxActors int) *shard {
+	sh := &shard{
+		node: node, cc: cc, n: n, store: store,
+		actors: map[string]*actor{}, lru: list.New(), maxActors: maxActors,
+		stopSweep: make(chan struct{}), sweepDone: make(chan struct{}),
+	}
+	go sh.sweepLoop()
+	return sh
+}
+
+func (sh *shard) subscribe() error {
+	sub, err := sh.node.nc.Subscribe(kuma.ShardPrefix(sh.cc.Name, sh.n)+">", sh.onMsg)
+	if err != nil {
+		return fmt.Errorf("shardnode: subscribe to shard %d of %q: %w", sh.n, sh.cc.Name, err)
+	}
+	// An actor's mailbox gives the backpressure; the subscription's own
+	// buffer only has to absorb bursts.
+	if err := sub.SetPendingLimits(1<<16, 256<<20); err != nil {
+		return err
+	}
+	sh.sub = sub
+	return nil
+}
+
+// onMsg runs on the subscription's goroutine: it only checks the address and
+// hands the message to the entity's actor, which does the work.
+func (sh *shard) onMsg(msg *nats.Msg) {
+	op, entity, ok := kuma.ParseShardSubject(msg.Subject)
+	if !ok {
+		sh.replyError(msg, kuma.Errorf(kuma.CodeNotFound, "unknown subject %q", msg.Subject))
+		return
+	}
+	if err := kuma.ValidateEntityID(entity); err != nil {
+		sh.replyError(msg, err)
+		return
+	}
+	if !knownOp(op) {
+		sh.replyError(msg, kuma.Errorf(kuma.CodeNotFound, "unknown operation %q", op))
+		return
+	}
+	if want := placement.ShardOf(entity, sh.cc.Shards); want != sh.n {
+		// A client routing by itself with the wrong shard count would
+		// otherwise split an entity's history over two files.
+		sh.replyError(msg, kuma.Errorf(kuma.CodeBadRequest,
+			"entity %q belongs to shard %d of %d, not shard %d", entity, want, sh.cc.Shards, sh.n))
+		return
+	}
+	sh.dispatch(entity, &request{op: op, msg: msg})
+}
+
+func knownOp(op string) bool {
+	switch op {
+	case kuma.OpAppend, kuma.OpRead, kuma.OpHistory, kuma.OpExport:
+		return true
+	}
+	return false
+}
+
+func (sh *shard) replyError(msg *nats.Msg, err error) {
+	if rerr := natsbus.RespondError(sh.node.nc, msg, err); rerr != nil {
+		sh.node.cfg.Logger.Warn("reply failed", "subject", msg.Subject, "err", rerr)
+	}
+}
+
+func (sh *shard) dispatch(entity string, req *request) {
+	sh.mu.Lock()
+	if sh.closed {
+		sh.mu.Unlock()
+		sh.replyError(req.msg, kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q is stopping; retry", sh.n, sh.cc.Name))
+		return
+	}
+	a := sh.actors[entity]
+	if a == nil {
+		a = newActor(sh, entity)
+		sh.actors[entity] = a
+		a.elem = sh.lru.PushFront(a)
+		sh.actorsWG.Add(1)
+		go a.run()
+		sh.evictOverflowLocked()
+	} else {
+		sh.lru.MoveToFront(a.elem)
+	}
+	a.pending.Add(1)
+	a.lastUsed = sh.node.cfg.Now()
+	sh.sendsWG.Add(1)
+	sh.mu.Unlock()
+	a.mailbox <- req
+	sh.sendsWG.Done()
+}
+
+// evictOverflowLocked passivates least recently used idle actors while the
+// shard holds more than its share of MaxActors. Busy actors are skipped (they
+// move to the front); the scan is bounded so one call stays O(1) amortised.
+func (sh *shard) evictOverflowLocked() {
+	for i := 0; sh.lru.Len() > sh.maxActors && i < 8; i++ {
+		back := sh.lru.Back()
+		a := back.Value.(*actor)
+		if a.pending.Load() > 0 {
+			sh.lru.MoveToFront(back)
+			continue
+		}
+		sh.passivateLocked(a)
+	}
+}
+
+func (sh *shard) passivateLocked(a *actor) {
+	delete(sh.actors, a.id)
+	sh.lru.Remove(a.elem)
+	sh.passivated++
+	close(a.mailbox)
+}
+
+// sweepLoop passivates actors idle for longer than IdleTimeout. The LRU list
+// is ordered by last use, so it only ever looks at the stale tail.
+func (sh *shard) sweepLoop() {
+	defer close(sh.sweepDone)
+	idle := sh.node.cfg.IdleTimeout
+	every := min(max(idle/4, 10*time.Millisecond), 5*time.Second)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-sh.stopSweep:
+			return
+		case <-t.C:
+		}
+		cutoff := sh.node.cfg.Now().Add(-idle)
+		sh.mu.Lock()
+		for e := sh.lru.Back(); e != nil; {
+			a := e.Value.(*actor)
+			if !a.lastUsed.Before(cutoff) {
+				break
+			}
+			prev := e.Prev()
+			if a.pending.Load() == 0 {
+				sh.passivateLocked(a)
+			}
+			e = prev
+		}
+		sh.mu.Unlock()
+	}
+}
+
+// close stops the subscription, waits for the messages it already took, then
+// passivates every actor and closes the store.
+func (sh *shard) close(ctx context.Context) error {
+	if sh.sub != nil {
+		if err := sh.sub.Drain(); err == nil {
+			for sh.sub.IsValid() {
+				select {
+				case <-ctx.Done():
+					sh.node.cfg.Logger.Warn("shard drain cut short", "shard", sh.n, "err", ctx.Err())
+					goto drained
+				case <-time.After(5 * time.Millisecond):
+				}
+			}
+		}
+	}
+drained:
+	close(sh.stopSweep)
+	<-sh.sweepDone
+	sh.mu.Lock()
+	sh.closed = true
+	sh.mu.Unlock()
+	sh.sendsWG.Wait() // no mailbox is closed under a dispatch in flight
+	sh.mu.Lock()
+	for _, a := range sh.actors {
+		delete(sh.actors, a.id)
+		close(a.mailbox)
+	}
+	sh.lru.Init()
+	sh.mu.Unlock()
+	sh.actorsWG.Wait() // in-flight commits finish here
+	return sh.store.Close()
+}
+
+func (sh *shard) stats() ShardStats {
+	sh.mu.Lock()
+	live, passivated := len(sh.actors), sh.passivated
+	sh.mu.Unlock()
+	return ShardStats{Context: sh.cc.Name, Shard: sh.n, LiveActors: live, Passivated: passivated, Store: sh.store.Stats()}
+}
