@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 )
@@ -77,3 +78,14 @@ func (a *App) ClientURL() string {
 
 // Config returns the effective configuration, defaults filled in.
 func (a *App) Config() Config { return a.cfg }
+
+// Shardnode returns the running shardnode service, or nil when the target
+// has none. Status and tests read its stats.
+func (a *App) Shardnode() *shardnode.Service {
+	for _, m := range a.started {
+		if s, ok := m.svc.(*shardnode.Service); ok {
+			return s
+		}
+	}
+	return nil
+}

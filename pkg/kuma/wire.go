@@ -123,8 +123,10 @@ func (r *AppendRequest) Validate(l Limits) error {
 	if len(r.Events) == 0 {
 		return Errorf(CodeBadRequest, "events must hold 1 to %d events, got none", l.MaxBatch)
 	}
+	// PROTOCOL.md lists a bad batch size under bad_request; payload_too_large
+	// is for bytes over a limit.
 	if len(r.Events) > l.MaxBatch {
-		return &Error{Code: CodePayloadTooLarge,
+		return &Error{Code: CodeBadRequest,
 			Message: fmt.Sprintf("events must hold 1 to %d events, got %d", l.MaxBatch, len(r.Events)),
 			Details: map[string]any{"max_batch": l.MaxBatch}}
 	}

@@ -90,13 +90,13 @@ func (c *Config) Validate() error {
 // run concurrently with each other and with the writer, and see every commit
 // that was acknowledged before they started.
 type Shard struct {
-	cfg    Config
-	wdb    *sql.DB
-	wconn  *sql.Conn
-	rdb    *sql.DB
-	queue  chan *Commit
-	wg     sync.WaitGroup
-	stmts  *writeStmts
+	cfg   Config
+	wdb   *sql.DB
+	wconn *sql.Conn
+	rdb   *sql.DB
+	queue chan *Commit
+	wg    sync.WaitGroup
+	stmts *writeStmts
 
 	closeMu sync.RWMutex // held for reading while a commit is queued, so Close never strands one
 	closed  bool

@@ -168,11 +168,11 @@ func (s *Service) Stop(ctx context.Context) error {
 
 // ShardStats describes one open shard, for status and tests.
 type ShardStats struct {
-	Context     string
-	Shard       int
-	LiveActors  int
-	Passivated  int64
-	Store       sqlite.Stats
+	Context    string
+	Shard      int
+	LiveActors int
+	Passivated int64
+	Store      sqlite.Stats
 }
 
 // Stats returns a snapshot of every open shard.
