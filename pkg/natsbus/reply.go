@@ -1,9 +1,11 @@
 package natsbus
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"strconv"
+	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats.go"
@@ -95,3 +97,15 @@ func codeForStatus(n int) kuma.Code {
 // IsNoResponders reports whether err means nobody listened on the subject:
 // for Kuma, that the shard's owner is not there (yet), so a retry is safe.
 func IsNoResponders(err error) bool { return errors.Is(err, nats.ErrNoResponders) }
+
+// Flush waits until the server has processed everything sent on nc (so
+// subscriptions made before it are live). nats.go insists on a deadline; a
+// ctx without one gets 10 seconds.
+func Flush(ctx context.Context, nc *nats.Conn) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+	}
+	return nc.FlushWithContext(ctx)
+}

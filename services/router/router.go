@@ -93,7 +93,7 @@ func (s *Service) Start(ctx context.Context) error {
 			return fmt.Errorf("router: add endpoint %s: %w", subject, err)
 		}
 	}
-	if err := s.nc.FlushWithContext(ctx); err != nil {
+	if err := natsbus.Flush(ctx, s.nc); err != nil {
 		_ = svc.Stop()
 		return fmt.Errorf("router: flush: %w", err)
 	}

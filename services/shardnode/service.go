@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/nats-io/nats.go"
 )
@@ -62,7 +63,7 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	// Flush so that the subscriptions are known to the server before Start
 	// returns and the caller reports ready.
-	if err := s.nc.FlushWithContext(ctx); err != nil {
+	if err := natsbus.Flush(ctx, s.nc); err != nil {
 		_ = s.Stop(ctx)
 		return fmt.Errorf("shardnode: flush subscriptions: %w", err)
 	}
