@@ -152,6 +152,7 @@ func TestProtocolErrors(t *testing.T) {
 		{"not an object", "kuma.default.append." + id, `[1,2]`, kuma.CodeBadRequest},
 		{"unknown field", "kuma.default.append." + id, `{"events":[{"type":"E"}],"expected":1}`, kuma.CodeBadRequest},
 		{"unknown event field", "kuma.default.append." + id, `{"events":[{"type":"E","dta":{}}]}`, kuma.CodeBadRequest},
+		{"field name in other case", "kuma.default.append." + id, `{"events":[{"type":"E"}],"Expected_Version":1}`, kuma.CodeBadRequest},
 		{"trailing data", "kuma.default.append." + id, `{"events":[{"type":"E"}]} {}`, kuma.CodeBadRequest},
 		{"empty body", "kuma.default.append." + id, ``, kuma.CodeBadRequest},
 		{"empty batch", "kuma.default.append." + id, `{"events":[]}`, kuma.CodeBadRequest},

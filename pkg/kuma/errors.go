@@ -70,7 +70,7 @@ func (e *Error) Error() string {
 // code whatever the message.
 func (e *Error) Is(target error) bool {
 	t, ok := target.(*Error)
-	return ok && t.Code == e.Code
+	return ok && t != nil && t.Code == e.Code
 }
 
 // ActualVersion returns the entity's version carried by a version_conflict.
@@ -121,6 +121,9 @@ func VersionConflict(expected, actual int64) *Error {
 // AsError returns err as a protocol error. Anything that is not already one is
 // internal, and its text is not exposed: internals never leak to clients.
 func AsError(err error) *Error {
+	if err == nil {
+		return nil
+	}
 	var e *Error
 	if errors.As(err, &e) {
 		return e

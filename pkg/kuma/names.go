@@ -26,7 +26,7 @@ func isAlnum(c byte) bool { return isLower(c) || isUpper(c) || isDigit(c) }
 // ValidateContext checks a context name against ^[a-z0-9][a-z0-9_-]{0,31}$.
 func ValidateContext(name string) error {
 	if len(name) == 0 || len(name) > maxContextLen {
-		return Errorf(CodeBadRequest, "context name %q must be 1 to %d characters", name, maxContextLen)
+		return Errorf(CodeBadRequest, "context name %q must be 1 to %d characters", truncate(name), maxContextLen)
 	}
 	for i := 0; i < len(name); i++ {
 		c := name[i]

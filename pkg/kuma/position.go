@@ -30,8 +30,10 @@ func ParsePosition(s string) (Position, error) {
 	sh, seq, ok := strings.Cut(rest, ".")
 	shard, err1 := strconv.Atoi(sh)
 	n, err2 := strconv.ParseInt(seq, 10, 64)
-	if !ok || err1 != nil || err2 != nil || shard < 0 || n < 1 {
+	p := Position{Shard: shard, Seq: n}
+	// Only the canonical spelling is a token, so equal positions are equal strings.
+	if !ok || err1 != nil || err2 != nil || shard < 0 || n < 1 || p.String() != s {
 		return Position{}, Errorf(CodeBadRequest, "position %q is not a Kuma position token", truncate(s))
 	}
-	return Position{Shard: shard, Seq: n}, nil
+	return p, nil
 }

@@ -1,8 +1,11 @@
 package kuma
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"time"
 )
 
@@ -41,13 +44,13 @@ type MergePatch struct{}
 func (MergePatch) Fold(state json.RawMessage, events []Event) (json.RawMessage, error) {
 	var doc any
 	if len(state) > 0 {
-		if err := json.Unmarshal(state, &doc); err != nil {
+		if err := decodeExact(state, &doc); err != nil {
 			return nil, fmt.Errorf("merge patch: decode state: %w", err)
 		}
 	}
 	for i := range events {
 		var patch any
-		if err := json.Unmarshal(events[i].Data, &patch); err != nil {
+		if err := decodeExact(events[i].Data, &patch); err != nil {
 			return nil, Errorf(CodeInvalidEvent, "event %d: data is not JSON", i)
 		}
 		doc = mergePatch(doc, patch)
@@ -74,4 +77,18 @@ func mergePatch(target, patch any) any {
 		t[k] = mergePatch(t[k], v)
 	}
 	return t
+}
+
+// decodeExact decodes JSON numbers as json.Number, so that integers past 2^53
+// and long decimals come back out exactly as they went in.
+func decodeExact(b []byte, v *any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("data after the JSON value")
+	}
+	return nil
 }

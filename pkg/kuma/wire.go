@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"time"
+	"unicode/utf8"
 )
 
 // EventInput is one event of an append request.
@@ -133,8 +134,8 @@ func (r *AppendRequest) Validate(l Limits) error {
 	if r.ExpectedVersion != nil && *r.ExpectedVersion < 0 {
 		return Errorf(CodeBadRequest, "expected_version must be 0 or more, got %d", *r.ExpectedVersion)
 	}
-	if len(r.IdempotencyKey) > MaxIdempotencyKeyLen {
-		return Errorf(CodeBadRequest, "idempotency_key must be at most %d characters, got %d", MaxIdempotencyKeyLen, len(r.IdempotencyKey))
+	if n := utf8.RuneCountInString(r.IdempotencyKey); n > MaxIdempotencyKeyLen {
+		return Errorf(CodeBadRequest, "idempotency_key must be at most %d characters, got %d", MaxIdempotencyKeyLen, n)
 	}
 	for i := range r.Events {
 		ev := &r.Events[i]
@@ -197,6 +198,9 @@ func Decode(body []byte, v any) error {
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return Errorf(CodeBadRequest, "malformed request: data after the JSON value")
+	}
+	if x, ok := v.(exactFields); ok {
+		return checkKeys(body, x.fields())
 	}
 	return nil
 }

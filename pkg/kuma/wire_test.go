@@ -403,7 +403,7 @@ func TestDecodeErrorMessagesAreBounded(t *testing.T) {
 // names case-insensitively, so {"LIMIT": 5} is taken as "limit" rather than
 // refused as unknown.
 func TestDecodeRefusesCaseVariantFields(t *testing.T) {
-	t.Skip("known issue (see report): Decode accepts case-variant field names such as \"LIMIT\" and \"Expected_Version\"")
+
 	for _, body := range []string{`{"LIMIT": 5}`, `{"Limit": 5}`, `{"From_Version": 2}`} {
 		var r kuma.HistoryRequest
 		requireCode(t, kuma.Decode([]byte(body), &r), kuma.CodeBadRequest)
@@ -451,5 +451,29 @@ func TestAppendRequestValidateBatchDetails(t *testing.T) {
 	kerr = requireCode(t, req.Validate(kuma.Limits{MaxEventBytes: 10}), kuma.CodePayloadTooLarge)
 	if got := kerr.Details["max_event_bytes"]; got != 10 {
 		t.Fatalf("got details %v, want max_event_bytes 10", kerr.Details)
+	}
+}
+
+// The exact-key check must reach the events' own keys but never look inside
+// event data, whose keys are the user's business.
+func TestDecodeAppendKeysAreExact(t *testing.T) {
+	bad := []string{
+		`{"Events":[{"type":"E"}]}`,
+		`{"events":[{"Type":"E"}]}`,
+		`{"events":[{"type":"E"},{"type":"E","DATA":{}}]}`,
+		`{"events":[{"type":"E"}],"Idempotency_Key":"k"}`,
+		`{"events":[{"type":"E"}],"expected_version":1,"Expected_Version":5}`,
+	}
+	for _, body := range bad {
+		var r kuma.AppendRequest
+		requireCode(t, kuma.Decode([]byte(body), &r), kuma.CodeBadRequest)
+	}
+	good := `{"events":[{"type":"E","data":{"Type":1,"EVENTS":[{"X":{"Events":2}}],"s":"\"}{,"}},{"data":[{"A":1}],"type":"F"}],"idempotency_key":"a\"b"}`
+	var r kuma.AppendRequest
+	if err := kuma.Decode([]byte(good), &r); err != nil {
+		t.Fatalf("Decode(%s) = %v, want nil: keys inside data are free", good, err)
+	}
+	if len(r.Events) != 2 || r.Events[1].Type != "F" || r.IdempotencyKey != `a"b` {
+		t.Fatalf("decoded %+v", r)
 	}
 }

@@ -1,0 +1,114 @@
+package app_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/kumatest"
+	"github.com/nats-io/nats.go"
+)
+
+// benchPayload is a ~200-byte event, as in the seed's benchmark.
+var benchPayload = json.RawMessage(`{"name":"Dwighson","role":"architect","email":"dwighson@example.com","team":"platform","level":7,"tags":["a","b","c"],"active":true,"note":"lorem ipsum dolor sit amet, consectetur"}`)
+
+// BenchmarkAppendE2E is the seed's workload through the real path: 200
+// concurrent writers, batches of 100 events for one of 10,000 entities, sent
+// over TCP NATS to the router (or straight to the shard), acknowledged only
+// once fsynced (synchronous=FULL). One op is one batch of 100 events.
+func BenchmarkAppendE2E(b *testing.B) {
+	for _, direct := range []bool{false, true} {
+		name := "via-router"
+		if direct {
+			name = "direct"
+		}
+		b.Run(name, func(b *testing.B) {
+			n := kumatest.Start(b, func(c *app.Config) { c.Shards = 16 })
+			clients := make([]*client.Client, 4)
+			for i := range clients {
+				nc, err := nats.Connect(n.App.ClientURL())
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer nc.Close()
+				opts := client.Options{NoAutoIdempotencyKey: true}
+				if direct {
+					opts.DirectShards = 16
+				}
+				clients[i], _ = client.New(nc, opts)
+			}
+			batch := make([]kuma.EventInput, 100)
+			for i := range batch {
+				batch[i] = kuma.EventInput{Type: "UserUpdated", Data: benchPayload}
+			}
+			var worker atomic.Int64
+			var latMu sync.Mutex
+			var lats []time.Duration
+			b.SetParallelism(100) // ×2 cores = 200 writers
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				w := worker.Add(1)
+				c := clients[w%int64(len(clients))]
+				rng := rand.New(rand.NewPCG(uint64(w), 1))
+				var mine []time.Duration
+				for pb.Next() {
+					entity := fmt.Sprintf("user-%d", rng.IntN(10_000))
+					start := time.Now()
+					if _, err := c.Append(context.Background(), entity, batch); err != nil {
+						b.Error(err)
+						return
+					}
+					mine = append(mine, time.Since(start))
+				}
+				latMu.Lock()
+				lats = append(lats, mine...)
+				latMu.Unlock()
+			})
+			b.StopTimer()
+			b.ReportMetric(float64(b.N*len(batch))/b.Elapsed().Seconds(), "events/s")
+			reportPercentiles(b, lats)
+		})
+	}
+}
+
+// BenchmarkReadLive reads the current state of a live entity (its actor is
+// in memory) through the router: the read path's latency.
+func BenchmarkReadLive(b *testing.B) {
+	n := kumatest.Start(b, nil)
+	c := n.Client(client.Options{})
+	if _, err := c.Append(context.Background(), "hot", []kuma.EventInput{{Type: "Set", Data: benchPayload}}); err != nil {
+		b.Fatal(err)
+	}
+	lats := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		start := time.Now()
+		if _, err := c.Read(context.Background(), "hot"); err != nil {
+			b.Fatal(err)
+		}
+		lats = append(lats, time.Since(start))
+	}
+	b.StopTimer()
+	reportPercentiles(b, lats)
+}
+
+func reportPercentiles(b *testing.B, lats []time.Duration) {
+	if len(lats) == 0 {
+		return
+	}
+	sort.Slice(lats, func(i, j int) bool { return lats[i] < lats[j] })
+	at := func(p float64) float64 {
+		return float64(lats[min(len(lats)-1, int(p*float64(len(lats))))].Microseconds()) / 1000
+	}
+	b.ReportMetric(at(0.50), "p50-ms")
+	b.ReportMetric(at(0.99), "p99-ms")
+}
