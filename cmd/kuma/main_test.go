@@ -1,0 +1,202 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/kumatest"
+)
+
+// TestMain lets the test binary stand in for the kuma binary: with
+// KUMA_TEST_AS_MAIN=1 it runs main, so tests can start `kuma up` as a real
+// process and signal it, without a separate build.
+func TestMain(m *testing.M) {
+	if os.Getenv("KUMA_TEST_AS_MAIN") == "1" {
+		main()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+func runCLI(t *testing.T, env map[string]string, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code = run(t.Context(), args, &out, &errb, func(k string) string { return env[k] })
+	return out.String(), errb.String(), code
+}
+
+func TestClientCommands(t *testing.T) {
+	n := kumatest.Start(t, nil)
+	env := map[string]string{"KUMA_NATS_URL": n.App.ClientURL()}
+
+	out, errs, code := runCLI(t, env, "append", "user_0x9A4F", "UserCreated", `{"name":"Dwighson","role":"architect"}`)
+	if code != 0 {
+		t.Fatalf("append exit %d: %s", code, errs)
+	}
+	var a kuma.AppendReply
+	if err := json.Unmarshal([]byte(out), &a); err != nil || a.LastVersion != 1 {
+		t.Fatalf("append printed %q (%v)", out, err)
+	}
+	if _, errs, code = runCLI(t, env, "append", "user_0x9A4F", "UserMoved", `{"city":"Oslo"}`, "--expected-version", "1"); code != 0 {
+		t.Fatalf("second append exit %d: %s", code, errs)
+	}
+
+	out, _, code = runCLI(t, env, "read", "user_0x9A4F")
+	var r kuma.ReadReply
+	if err := json.Unmarshal([]byte(out), &r); code != 0 || err != nil || r.Version != 2 || compact(r.State) != `{"city":"Oslo","name":"Dwighson","role":"architect"}` {
+		t.Fatalf("read exit %d printed %s", code, out)
+	}
+	// Flags after the positional argument, as people type them.
+	out, _, code = runCLI(t, env, "read", "user_0x9A4F", "--at-version", "1")
+	if err := json.Unmarshal([]byte(out), &r); code != 0 || err != nil || r.Version != 1 {
+		t.Fatalf("read --at-version 1 exit %d printed %s", code, out)
+	}
+	out, _, code = runCLI(t, env, "history", "user_0x9A4F", "--limit", "1")
+	var h kuma.HistoryReply
+	if err := json.Unmarshal([]byte(out), &h); code != 0 || err != nil || len(h.Events) != 1 || h.NextVersion == nil || *h.NextVersion != 2 {
+		t.Fatalf("history exit %d printed %s", code, out)
+	}
+	out, _, code = runCLI(t, env, "export", "user_0x9A4F")
+	var x kuma.ExportReply
+	if err := json.Unmarshal([]byte(out), &x); code != 0 || err != nil || len(x.Events) != 2 {
+		t.Fatalf("export exit %d printed %s", code, out)
+	}
+
+	// Failures exit 1 with the protocol error as JSON on stderr.
+	for _, tc := range []struct {
+		args []string
+		code kuma.Code
+	}{
+		{[]string{"append", "user_0x9A4F", "X", "{}", "--expected-version", "0"}, kuma.CodeVersionConflict},
+		{[]string{"read", "nobody"}, kuma.CodeNotFound},
+		{[]string{"read", "bad.id"}, kuma.CodeInvalidEntityID},
+		{[]string{"append", "e", "9bad"}, kuma.CodeInvalidEvent},
+	} {
+		out, errs, code := runCLI(t, env, tc.args...)
+		var body kuma.ErrorReply
+		if code != 1 || out != "" || json.Unmarshal([]byte(errs), &body) != nil || body.Error == nil || body.Error.Code != tc.code {
+			t.Fatalf("%v: exit %d stdout %q stderr %q, want exit 1 and %s", tc.args, code, out, errs, tc.code)
+		}
+	}
+	// Usage mistakes exit 2 and say what is wrong.
+	for _, args := range [][]string{{"append", "only-entity"}, {"read"}, {"append", "e", "T", "{not json"}, {"read", "e", "--at-time", "noon"}, {"frobnicate"}} {
+		if _, errs, code := runCLI(t, env, args...); code != 2 || errs == "" {
+			t.Fatalf("%v: exit %d stderr %q, want exit 2 with a message", args, code, errs)
+		}
+	}
+	// Flags win over the environment.
+	if _, errs, code := runCLI(t, env, "read", "user_0x9A4F", "--nats-url", "nats://127.0.0.1:1", "--timeout", "300ms"); code == 0 || !strings.Contains(errs, "127.0.0.1:1") {
+		t.Fatalf("--nats-url did not override KUMA_NATS_URL: exit %d %s", code, errs)
+	}
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startUp runs `kuma up` as a child process and waits for its ready line.
+func startUp(t *testing.T, dir string, port int, extra ...string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	args := append([]string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4"}, extra...)
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "KUMA_TEST_AS_MAIN=1")
+	pr, pw, _ := os.Pipe()
+	cmd.Stderr = pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	logs := &bytes.Buffer{}
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(pr)
+		sent := false
+		for sc.Scan() {
+			logs.WriteString(sc.Text() + "\n")
+			if !sent && strings.Contains(sc.Text(), "kuma ready") {
+				ready <- true
+				sent = true
+			}
+		}
+		if !sent {
+			ready <- false
+		}
+	}()
+	select {
+	case ok := <-ready:
+		if !ok {
+			_ = cmd.Wait()
+			t.Fatalf("kuma up exited before ready:\n%s", logs)
+		}
+	case <-time.After(60 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatalf("kuma up not ready in time:\n%s", logs)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	return cmd, logs
+}
+
+// TestUpServesStopsOnSIGTERMAndComesBack runs the real `kuma up` process,
+// writes through it, stops it with SIGTERM (clean exit 0), starts it on the
+// same data dir and reads everything back; then refuses another shard count.
+func TestUpServesStopsOnSIGTERMAndComesBack(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	port := freePort(t)
+	env := map[string]string{"KUMA_NATS_URL": "nats://127.0.0.1:" + strconv.Itoa(port)}
+	cmd, logs := startUp(t, dir, port)
+	for i := 0; i < 5; i++ {
+		if _, errs, code := runCLI(t, env, "append", "meter-1", "Reading", `{"kwh":`+strconv.Itoa(i)+`}`); code != 0 {
+			t.Fatalf("append exit %d: %s", code, errs)
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("kuma up after SIGTERM: %v\n%s", err, logs)
+	}
+	if !strings.Contains(logs.String(), "kuma stopped") {
+		t.Fatalf("no clean stop in the logs:\n%s", logs)
+	}
+
+	startUp(t, dir, port)
+	out, _, code := runCLI(t, env, "read", "meter-1")
+	var r kuma.ReadReply
+	if err := json.Unmarshal([]byte(out), &r); code != 0 || err != nil || r.Version != 5 || compact(r.State) != `{"kwh":4}` {
+		t.Fatalf("after restart read exit %d printed %s", code, out)
+	}
+
+	// The data dir remembers its shard count.
+	var errb bytes.Buffer
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	code = run(ctx, []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(freePort(t)), "--shards", "8"}, &bytes.Buffer{}, &errb, func(string) string { return "" })
+	if code == 0 || !strings.Contains(errb.String(), "created with 4 shards") {
+		t.Fatalf("up with --shards 8 on a 4-shard dir: exit %d, %s", code, errb.String())
+	}
+}
+
+func compact(b []byte) string {
+	var out bytes.Buffer
+	if err := json.Compact(&out, b); err != nil {
+		return string(b)
+	}
+	return out.String()
+}
