@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"time"
 )
 
@@ -39,56 +38,111 @@ func (f ReducerFunc) Fold(state json.RawMessage, events []Event) (json.RawMessag
 // as a JSON Merge Patch (RFC 7386).
 type MergePatch struct{}
 
-// Fold decodes the state once, applies every patch and encodes once, so a
-// batch of 100 events costs one round trip through encoding/json, not 100.
+// Fold keeps the document as a map of raw JSON values: a member that a patch
+// replaces is never decoded, only objects that merge into objects are, and
+// the result is encoded once per batch. Numbers and strings therefore pass
+// through byte for byte (no float64 rounding), and a batch of 100 events
+// costs one decode per event and one encode.
 func (MergePatch) Fold(state json.RawMessage, events []Event) (json.RawMessage, error) {
-	var doc any
+	var doc rawDoc
 	if len(state) > 0 {
-		if err := decodeExact(state, &doc); err != nil {
+		if err := doc.set(state); err != nil {
 			return nil, fmt.Errorf("merge patch: decode state: %w", err)
 		}
 	}
 	for i := range events {
-		var patch any
-		if err := decodeExact(events[i].Data, &patch); err != nil {
-			return nil, Errorf(CodeInvalidEvent, "event %d: data is not JSON", i)
+		if err := doc.apply(events[i].Data); err != nil {
+			return nil, Errorf(CodeInvalidEvent, "event %d: data is not valid JSON", i)
 		}
-		doc = mergePatch(doc, patch)
 	}
-	return json.Marshal(doc)
+	return doc.encode()
 }
 
-// mergePatch is RFC 7386 section 2. It may reuse target's maps, which is safe
-// because Fold owns the freshly decoded document.
-func mergePatch(target, patch any) any {
-	p, ok := patch.(map[string]any)
-	if !ok {
-		return patch
-	}
-	t, ok := target.(map[string]any)
-	if !ok {
-		t = map[string]any{}
-	}
-	for k, v := range p {
-		if v == nil {
-			delete(t, k)
-			continue
-		}
-		t[k] = mergePatch(t[k], v)
-	}
-	return t
+// rawDoc is a JSON document: an object (obj != nil) or any other value (val).
+type rawDoc struct {
+	obj map[string]json.RawMessage
+	val json.RawMessage
 }
 
-// decodeExact decodes JSON numbers as json.Number, so that integers past 2^53
-// and long decimals come back out exactly as they went in.
-func decodeExact(b []byte, v *any) error {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	if err := dec.Decode(v); err != nil {
+func (d *rawDoc) set(v json.RawMessage) error {
+	if isObject(v) {
+		d.val = nil
+		d.obj = map[string]json.RawMessage{}
+		return json.Unmarshal(v, &d.obj)
+	}
+	if !json.Valid(v) {
+		return errors.New("invalid JSON")
+	}
+	d.obj, d.val = nil, v
+	return nil
+}
+
+// apply is RFC 7386 section 2 applied to d.
+func (d *rawDoc) apply(patch json.RawMessage) error {
+	if !isObject(patch) {
+		return d.set(patch)
+	}
+	var p map[string]json.RawMessage
+	if err := json.Unmarshal(patch, &p); err != nil {
 		return err
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("data after the JSON value")
+	if d.obj == nil {
+		d.obj, d.val = make(map[string]json.RawMessage, len(p)), nil
+	}
+	for k, v := range p {
+		switch {
+		case isNull(v):
+			delete(d.obj, k)
+		case isObject(v):
+			merged, err := mergeRaw(d.obj[k], v)
+			if err != nil {
+				return err
+			}
+			d.obj[k] = merged
+		default:
+			d.obj[k] = v
+		}
 	}
 	return nil
+}
+
+func (d *rawDoc) encode() (json.RawMessage, error) {
+	if d.obj != nil {
+		return json.Marshal(d.obj)
+	}
+	if d.val == nil {
+		return json.RawMessage("null"), nil
+	}
+	return json.Marshal(d.val) // compacts
+}
+
+// mergeRaw merges an object patch into a target value (absent, object or not).
+func mergeRaw(target, patch json.RawMessage) (json.RawMessage, error) {
+	var d rawDoc
+	if isObject(target) {
+		if err := d.set(target); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.apply(patch); err != nil {
+		return nil, err
+	}
+	return d.encode()
+}
+
+func firstByte(v json.RawMessage) byte {
+	for _, c := range v {
+		switch c {
+		case ' ', '\t', '\n', '\r':
+			continue
+		}
+		return c
+	}
+	return 0
+}
+
+func isObject(v json.RawMessage) bool { return firstByte(v) == '{' }
+
+func isNull(v json.RawMessage) bool {
+	return firstByte(v) == 'n' && string(bytes.TrimSpace(v)) == "null"
 }

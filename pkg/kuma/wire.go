@@ -191,6 +191,15 @@ func Decode(body []byte, v any) error {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return nil
 	}
+	if x, ok := v.(exactFields); ok {
+		// The request types list their exact keys, which checkKeys enforces
+		// (unknown and wrongly cased keys alike), so the cheaper
+		// json.Unmarshal will do; it refuses trailing data by itself.
+		if err := json.Unmarshal(body, v); err != nil {
+			return Errorf(CodeBadRequest, "malformed request: %s", describeJSONError(err))
+		}
+		return checkKeys(body, x.fields())
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -198,9 +207,6 @@ func Decode(body []byte, v any) error {
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return Errorf(CodeBadRequest, "malformed request: data after the JSON value")
-	}
-	if x, ok := v.(exactFields); ok {
-		return checkKeys(body, x.fields())
 	}
 	return nil
 }
