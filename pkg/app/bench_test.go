@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -111,4 +112,30 @@ func reportPercentiles(b *testing.B, lats []time.Duration) {
 	}
 	b.ReportMetric(at(0.50), "p50-ms")
 	b.ReportMetric(at(0.99), "p99-ms")
+}
+
+// BenchmarkManyEntities touches b.N distinct entities (one small append
+// each) with MaxActors at 10,000 and reports the live actors and the heap
+// afterwards: memory stays bounded by MaxActors, not by the entity count.
+func BenchmarkManyEntities(b *testing.B) {
+	n := kumatest.Start(b, func(c *app.Config) { c.Shards = 16; c.MaxActors = 10_000 })
+	c := n.Client(client.Options{NoAutoIdempotencyKey: true, DirectShards: 16})
+	ev := []kuma.EventInput{{Type: "Seen", Data: benchPayload}}
+	var next atomic.Int64
+	b.SetParallelism(50)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := c.Append(context.Background(), fmt.Sprintf("dev-%d", next.Add(1)), ev); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.StopTimer()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	b.ReportMetric(float64(liveActors(n)), "live-actors")
+	b.ReportMetric(float64(ms.HeapInuse)/(1<<20), "heap-MiB")
 }

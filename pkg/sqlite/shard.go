@@ -172,7 +172,11 @@ func (s *Shard) open(ctx context.Context) error {
 	if s.stmts, err = prepareWriteStmts(ctx, s.wconn); err != nil {
 		return err
 	}
-	s.rdb, err = sql.Open("sqlite", dsn(s.cfg.Path, "busy_timeout(10000)", "query_only(1)", "cache_size(-2000)"))
+	// Readers map the file (mmap_size): a read after a commit then costs no
+	// pread syscalls for pages already in the OS cache, which made loading
+	// cold entities about a third faster (BenchmarkManyEntities). The writer
+	// does not map: an I/O error there must be an error, not a SIGBUS.
+	s.rdb, err = sql.Open("sqlite", dsn(s.cfg.Path, "busy_timeout(10000)", "query_only(1)", "cache_size(-2000)", "mmap_size(268435456)"))
 	if err != nil {
 		return fmt.Errorf("sqlite: open readers of %s: %w", s.cfg.Path, err)
 	}
