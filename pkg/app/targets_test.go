@@ -1,0 +1,55 @@
+package app_test
+
+import (
+	"log/slog"
+	"path/filepath"
+	"testing"
+
+	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/nats-io/nats.go"
+)
+
+// TestServicesRunAloneAgainstExternalNATS runs the router and the shardnode
+// as separate processes would (`kuma serve --target ...`): each its own App
+// with its own connection to an external NATS server.
+func TestServicesRunAloneAgainstExternalNATS(t *testing.T) {
+	ctx := t.Context()
+	srv, err := natsbus.StartServer(ctx, natsbus.ServerConfig{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	data := filepath.Join(t.TempDir(), "data")
+	for _, target := range []string{app.ModuleShardnode, app.ModuleRouter, app.ModuleRouter} {
+		a, err := app.New(app.Config{Target: target, NATSURL: srv.ClientURL(), DataDir: data, Shards: 4, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Start(ctx); err != nil {
+			t.Fatalf("start %s: %v", target, err)
+		}
+		t.Cleanup(func() { _ = a.Stop(t.Context()) })
+		if target == app.ModuleRouter && a.Shardnode() != nil {
+			t.Fatalf("target router runs a shardnode")
+		}
+	}
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	c, _ := client.New(nc, client.Options{})
+	if _, err := c.Append(ctx, "split-1", []kuma.EventInput{{Type: "Created"}}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := c.Read(ctx, "split-1")
+	if err != nil || r.Version != 1 {
+		t.Fatalf("read = %+v, %v", r, err)
+	}
+	if _, err := app.New(app.Config{Target: "projector"}); err == nil {
+		t.Fatal("an unknown target was accepted")
+	}
+}
