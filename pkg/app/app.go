@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -16,6 +17,7 @@ type App struct {
 	cfg     Config
 	srv     *server.Server
 	nc      *nats.Conn
+	vault   *keyvault.Service
 	started []startedModule
 }
 

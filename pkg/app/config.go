@@ -35,6 +35,13 @@ type Config struct {
 	SnapshotEvery int64
 	IdleTimeout   time.Duration
 	MaxActors     int
+	// MasterKey is the keyvault's 32-byte master key; MasterKeyFile a file
+	// holding it in base64. With neither, target all keeps a generated key in
+	// <data>/keyvault/master.key and warns; other targets refuse to start.
+	MasterKey     []byte
+	MasterKeyFile string
+	// Failpoint is the shardnode's fault-test hook (nil in production).
+	Failpoint func(name string)
 	// Reducers maps a context to its reducer; absent means JSON Merge Patch.
 	Reducers map[string]kuma.Reducer
 	Logger   *slog.Logger

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/vaultclient"
+	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/router"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats.go"
@@ -20,6 +22,7 @@ const (
 	ModuleNATSConn   = "nats"        // this process's connection
 	ModuleRouter     = "router"
 	ModuleShardnode  = "shardnode"
+	ModuleKeyvault   = "keyvault"
 	TargetAll        = "all"
 )
 
@@ -29,15 +32,17 @@ var deps = map[string][]string{
 	ModuleNATSConn:   nil, // plus ModuleNATSServer when it is in the target
 	ModuleRouter:     {ModuleNATSConn},
 	ModuleShardnode:  {ModuleNATSConn},
+	ModuleKeyvault:   {ModuleNATSConn},
 }
 
 // targets are what `kuma serve --target` accepts; all is `kuma up`. Shards
 // start before routers so nothing is forwarded to a shard that is not open,
 // and routers stop first.
 var targets = map[string][]string{
-	TargetAll:       {ModuleNATSServer, ModuleShardnode, ModuleRouter},
+	TargetAll:       {ModuleNATSServer, ModuleKeyvault, ModuleShardnode, ModuleRouter},
 	ModuleRouter:    {ModuleRouter},
 	ModuleShardnode: {ModuleShardnode},
+	ModuleKeyvault:  {ModuleKeyvault},
 }
 
 func targetNames() []string {
@@ -93,9 +98,33 @@ func (a *App) build(module string) (service, error) {
 			Contexts: map[string]int{cfg.Context: cfg.Shards},
 			Logger:   cfg.Logger.With("service", "router"),
 		}, a.nc)
+	case ModuleKeyvault:
+		key, err := a.masterKey()
+		if err != nil {
+			return nil, err
+		}
+		kv, err := keyvault.New(keyvault.Config{
+			Path:      filepath.Join(cfg.DataDir, "keyvault", "keys.db"),
+			MasterKey: key,
+			Logger:    cfg.Logger.With("service", "keyvault"),
+			Now:       cfg.Now,
+		}, a.nc)
+		if err != nil {
+			return nil, err
+		}
+		a.vault = kv
+		return kv, nil
 	case ModuleShardnode:
+		// In one process the shardnode calls the keyvault directly; alone,
+		// it reaches a keyvault over NATS.
+		var keys shardnode.KeyVault = vaultclient.New(a.nc, 0)
+		if a.vault != nil {
+			keys = a.vault
+		}
 		return shardnode.New(shardnode.Config{
-			DataDir: cfg.DataDir,
+			Keys:      keys,
+			Failpoint: cfg.Failpoint,
+			DataDir:   cfg.DataDir,
 			Contexts: []shardnode.ContextConfig{{
 				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context],
 			}},

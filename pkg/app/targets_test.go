@@ -7,6 +7,7 @@ import (
 
 	"github.com/kumadb/kuma/pkg/app"
 	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
@@ -23,8 +24,14 @@ func TestServicesRunAloneAgainstExternalNATS(t *testing.T) {
 	}
 	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
 	data := filepath.Join(t.TempDir(), "data")
-	for _, target := range []string{app.ModuleShardnode, app.ModuleRouter, app.ModuleRouter} {
-		a, err := app.New(app.Config{Target: target, NATSURL: srv.ClientURL(), DataDir: data, Shards: 4, Logger: slog.New(slog.DiscardHandler)})
+	masterKey := envelope.NewRandomKey()
+	// A shardnode alone refuses nothing at start, but a keyvault alone must
+	// be given its master key.
+	if a, _ := app.New(app.Config{Target: app.ModuleKeyvault, NATSURL: srv.ClientURL(), DataDir: data}); a.Start(ctx) == nil {
+		t.Fatal("a keyvault started without a master key")
+	}
+	for _, target := range []string{app.ModuleKeyvault, app.ModuleShardnode, app.ModuleRouter, app.ModuleRouter} {
+		a, err := app.New(app.Config{Target: target, NATSURL: srv.ClientURL(), DataDir: data, Shards: 4, MasterKey: masterKey, Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -10,9 +10,11 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/router"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats.go"
@@ -59,7 +61,16 @@ func TestRetriesUntilShardOwnerAppears(t *testing.T) {
 		t.Fatalf("append finished with no shardnode: %v", err)
 	default:
 	}
+	kv, err := keyvault.New(keyvault.Config{Path: filepath.Join(t.TempDir(), "keys.db"), MasterKey: envelope.NewRandomKey()}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer kv.Stop(context.Background())
 	sn, err := shardnode.New(shardnode.Config{
+		Keys:     kv,
 		DataDir:  filepath.Join(t.TempDir(), "data"),
 		Contexts: []shardnode.ContextConfig{{Name: "default", Shards: 2}},
 		Logger:   slog.New(slog.DiscardHandler),

@@ -223,3 +223,20 @@ func describeJSONError(err error) string {
 	}
 	return truncate(err.Error())
 }
+
+// ForgetRequest is the body of kuma.<ctx>.forget.<entity>.
+type ForgetRequest struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+func (*ForgetRequest) fields() fieldSet { return fieldSet{top: []string{"reason"}} }
+
+// MaxForgetReasonLen bounds the free-text reason kept in the audit log.
+const MaxForgetReasonLen = 1024
+
+// ForgetReply answers a forget; forgetting again answers the same.
+type ForgetReply struct {
+	Entity        string    `json:"entity"`
+	ForgottenAt   time.Time `json:"forgotten_at"`
+	EventsDeleted int64     `json:"events_deleted"`
+}

@@ -19,8 +19,7 @@ type EntityRecord struct {
 type StoredEvent struct {
 	Seq     int64
 	Version int64
-	Type    string
-	Data    []byte
+	Payload []byte
 	Time    time.Time
 }
 
@@ -68,7 +67,7 @@ func (s *Shard) Events(ctx context.Context, entity string, fromVersion, toVersio
 		limit = -1 // SQLite: no limit
 	}
 	rows, err := s.rdb.QueryContext(ctx,
-		`SELECT pos, version, type, data, time FROM events
+		`SELECT pos, version, payload, time FROM events
 		 WHERE entity = ? AND version >= ? AND version <= ? ORDER BY version LIMIT ?`,
 		entity, fromVersion, toVersion, limit)
 	if err != nil {
@@ -79,7 +78,7 @@ func (s *Shard) Events(ctx context.Context, entity string, fromVersion, toVersio
 	for rows.Next() {
 		var e StoredEvent
 		var t int64
-		if err := rows.Scan(&e.Seq, &e.Version, &e.Type, &e.Data, &t); err != nil {
+		if err := rows.Scan(&e.Seq, &e.Version, &e.Payload, &t); err != nil {
 			return nil, fmt.Errorf("sqlite: read events: %w", err)
 		}
 		e.Time = fromNanos(t)

@@ -17,8 +17,7 @@ CREATE TABLE IF NOT EXISTS events (
 	pos     INTEGER PRIMARY KEY,
 	entity  TEXT    NOT NULL,
 	version INTEGER NOT NULL,
-	type    TEXT    NOT NULL,
-	data    BLOB    NOT NULL,
+	payload BLOB    NOT NULL, -- type and data, sealed under the entity's key
 	time    INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_entity_version ON events (entity, version);
@@ -36,6 +35,15 @@ CREATE TABLE IF NOT EXISTS snapshots (
 	state      BLOB    NOT NULL,
 	updated_at INTEGER NOT NULL,
 	PRIMARY KEY (entity, version)
+) WITHOUT ROWID;
+
+-- A forget in progress: written before the key is shredded, removed with the
+-- entity's rows, so a restart finishes any forget a crash interrupted.
+CREATE TABLE IF NOT EXISTS forget_pending (
+	entity       TEXT    PRIMARY KEY,
+	reason       TEXT    NOT NULL,
+	requested_by TEXT    NOT NULL,
+	requested_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS idempotency (

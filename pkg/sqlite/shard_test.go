@@ -22,7 +22,7 @@ func openTest(t testing.TB, path string, shards int) *Shard {
 func commitOf(entity string, from int64, n int, now time.Time) *Commit {
 	c := &Commit{Entity: entity, CreatedAt: now}
 	for i := 0; i < n; i++ {
-		c.Events = append(c.Events, EventRow{Version: from + int64(i), Type: "T", Data: []byte(`{"i":1}`), Time: now})
+		c.Events = append(c.Events, EventRow{Version: from + int64(i), Payload: []byte(`{"i":1}`), Time: now})
 	}
 	return c
 }
@@ -180,7 +180,7 @@ func BenchmarkGroupCommit(b *testing.B) {
 					next.Unlock()
 					c := &Commit{Entity: entity, CreatedAt: time.Now()}
 					for i := int64(1); i <= 100; i++ {
-						c.Events = append(c.Events, EventRow{Version: v + i, Type: "UserUpdated", Data: data, Time: time.Now()})
+						c.Events = append(c.Events, EventRow{Version: v + i, Payload: data, Time: time.Now()})
 					}
 					if err := s.Commit(ctx, c); err != nil {
 						b.Error(err)

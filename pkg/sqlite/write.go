@@ -15,8 +15,7 @@ var ErrClosed = errors.New("sqlite: shard is closed")
 // EventRow is one event to store.
 type EventRow struct {
 	Version int64
-	Type    string
-	Data    []byte
+	Payload []byte // sealed type and data
 	Time    time.Time
 }
 
@@ -49,15 +48,22 @@ type Commit struct {
 	// the shard positions of the first and last event.
 	FirstSeq, LastSeq int64
 
+	// apply, when set, replaces the events: it runs inside the group
+	// transaction. standalone runs alone, outside any transaction.
+	apply      func(ctx context.Context, conn *sql.Conn) error
+	standalone func(ctx context.Context, conn *sql.Conn) error
+
 	done chan error
 }
+
+func (c *Commit) isWrite() bool { return c.apply == nil && c.standalone == nil }
 
 // Commit queues c for the writer and waits until it is durable (as the
 // shard's synchronous setting says) or has failed. ctx bounds only the wait
 // for a place in the queue: once the writer has taken a commit its outcome is
 // always waited for, because the caller must know whether it happened.
 func (s *Shard) Commit(ctx context.Context, c *Commit) error {
-	if len(c.Events) == 0 {
+	if c.isWrite() && len(c.Events) == 0 {
 		return errors.New("sqlite: commit with no events")
 	}
 	c.done = make(chan error, 1)
@@ -99,7 +105,21 @@ func (s *Shard) writeLoop() {
 				break drain
 			}
 		}
-		s.writeGroup(group)
+		// A standalone op splits the group: what came before it commits
+		// first, then it runs alone.
+		start := 0
+		for i, c := range group {
+			if c.standalone != nil {
+				if i > start {
+					s.writeGroup(group[start:i])
+				}
+				c.done <- c.standalone(context.Background(), s.wconn)
+				start = i + 1
+			}
+		}
+		if start < len(group) {
+			s.writeGroup(group[start:])
+		}
 	}
 }
 
@@ -159,7 +179,7 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 		}
 	}()
 
-	rows := make([]any, 0, 6*eventsPerStmt)
+	rows := make([]any, 0, 5*eventsPerStmt)
 	inRows := 0
 	flush := func() error {
 		if inRows == 0 {
@@ -176,10 +196,20 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 		return nil
 	}
 	for _, c := range group {
+		if c.apply != nil {
+			// Rows queued before it must be in the table when it runs.
+			if err := flush(); err != nil {
+				return err
+			}
+			if err := c.apply(ctx, conn); err != nil {
+				return err
+			}
+			continue
+		}
 		c.FirstSeq = seq + 1
 		for _, e := range c.Events {
 			seq++
-			rows = append(rows, seq, c.Entity, e.Version, e.Type, e.Data, e.Time.UnixNano())
+			rows = append(rows, seq, c.Entity, e.Version, e.Payload, e.Time.UnixNano())
 			inRows++
 			if inRows == eventsPerStmt {
 				if err := flush(); err != nil {
@@ -193,6 +223,9 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 		return err
 	}
 	for _, c := range group {
+		if !c.isWrite() {
+			continue
+		}
 		last := c.Events[len(c.Events)-1]
 		if _, err := s.stmts.upsertEntity.ExecContext(ctx,
 			c.Entity, last.Version, c.CreatedAt.UnixNano(), last.Time.UnixNano()); err != nil {
@@ -220,7 +253,7 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 	return nil
 }
 
-// eventsPerStmt bounds a multi-row INSERT: 100 rows × 6 parameters stays far
+// eventsPerStmt bounds a multi-row INSERT: 100 rows × 5 parameters stays far
 // below SQLite's parameter limit, and multi-row statements are what makes the
 // writer fast (about 1.4× one INSERT per row, measured on this project's
 // 2-core machine).
@@ -262,12 +295,12 @@ func (w *writeStmts) insertEvents(ctx context.Context, conn *sql.Conn, n int) (*
 		return st, nil
 	}
 	var b strings.Builder
-	b.WriteString(`INSERT INTO events (pos, entity, version, type, data, time) VALUES `)
+	b.WriteString(`INSERT INTO events (pos, entity, version, payload, time) VALUES `)
 	for i := 0; i < n; i++ {
 		if i > 0 {
 			b.WriteByte(',')
 		}
-		b.WriteString("(?,?,?,?,?,?)")
+		b.WriteString("(?,?,?,?,?)")
 	}
 	st, err := conn.PrepareContext(ctx, b.String())
 	if err != nil {

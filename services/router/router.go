@@ -84,9 +84,6 @@ func (s *Service) Start(ctx context.Context) error {
 		return fmt.Errorf("router: register micro service: %w", err)
 	}
 	for _, op := range kuma.EntityOps {
-		if op == kuma.OpForget {
-			continue // served once the keyvault exists
-		}
 		subject := kuma.PublicPrefix + ".*." + op + ".*"
 		if err := svc.AddEndpoint(op, micro.HandlerFunc(s.forward), micro.WithEndpointSubject(subject)); err != nil {
 			_ = svc.Stop()

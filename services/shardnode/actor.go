@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
@@ -37,12 +38,15 @@ type actor struct {
 	elem     *list.Element
 	lastUsed time.Time
 
-	loaded        bool
-	version       int64
-	state         json.RawMessage
-	createdAt     time.Time
-	updatedAt     time.Time
-	sinceSnapshot int64
+	loaded           bool
+	checkedForgotten bool
+	key              *envelope.Key     // the entity's data key, once it has one
+	forgotten        *kuma.ForgetReply // set once the entity is erased
+	version          int64
+	state            json.RawMessage
+	createdAt        time.Time
+	updatedAt        time.Time
+	sinceSnapshot    int64
 }
 
 func newActor(sh *shard, id string) *actor {
@@ -79,6 +83,20 @@ func (a *actor) handle(req *request) {
 func (a *actor) serve(ctx context.Context, req *request) (any, error) {
 	if err := a.load(ctx); err != nil {
 		return nil, err
+	}
+	if req.op == kuma.OpForget {
+		var r kuma.ForgetRequest
+		if err := kuma.Decode(req.msg.Data, &r); err != nil {
+			return nil, err
+		}
+		by := "unknown"
+		if req.msg.Header != nil && req.msg.Header.Get(HeaderRequestedBy) != "" {
+			by = req.msg.Header.Get(HeaderRequestedBy)
+		}
+		return a.forget(ctx, &r, by)
+	}
+	if a.forgotten != nil {
+		return nil, a.forgottenError()
 	}
 	switch req.op {
 	case kuma.OpAppend:
@@ -117,9 +135,30 @@ func (a *actor) load(ctx context.Context) error {
 		return err
 	}
 	if !ok {
+		// Never written, or forgotten: that is asked of the keyvault only
+		// when it matters (missing), so creating an entity costs one call.
 		a.loaded = true
 		return nil
 	}
+	key, err := a.sh.node.keys.get(ctx, a.sh.cc.Name, a.id, false)
+	if errors.Is(err, kuma.ErrEntityForgotten) {
+		// The key was shredded but the rows were not deleted yet (a forget
+		// interrupted in this process's life): finish it now.
+		fr, err := a.sh.erase(ctx, sqlite.PendingForget{Entity: a.id, RequestedBy: "recovery", RequestedAt: a.sh.node.cfg.Now().UTC()}, rec.Version)
+		if err != nil {
+			return err
+		}
+		a.becomeForgotten(fr)
+		a.loaded = true
+		return nil
+	}
+	if err != nil {
+		if errors.Is(err, kuma.ErrNotFound) {
+			return fmt.Errorf("entity %s has events but the keyvault has no key for it", a.id)
+		}
+		return err
+	}
+	a.key = key
 	state, _, err := a.stateAt(ctx, rec.Version)
 	if err != nil {
 		return err
@@ -142,7 +181,11 @@ func (a *actor) stateAt(ctx context.Context, v int64) (json.RawMessage, time.Tim
 	var state json.RawMessage
 	from, at := int64(1), time.Time{}
 	if snap != nil {
-		state, from, at = snap.State, snap.Version+1, snap.UpdatedAt
+		plain, err := a.key.Open(snap.State, envelope.AAD(envelope.PurposeSnapshot, a.sh.cc.Name, a.id, snap.Version))
+		if err != nil {
+			return nil, time.Time{}, a.tampered("snapshot", snap.Version)
+		}
+		state, from, at = plain, snap.Version+1, snap.UpdatedAt
 	}
 	if from > v {
 		return state, at, nil
@@ -154,8 +197,12 @@ func (a *actor) stateAt(ctx context.Context, v int64) (json.RawMessage, time.Tim
 	if int64(len(stored)) != v-from+1 {
 		return nil, time.Time{}, fmt.Errorf("entity %s: found %d events for versions %d..%d", a.id, len(stored), from, v)
 	}
-	events := make([]kuma.Event, len(stored))
-	for i, e := range stored {
+	opened, err := a.open(stored)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	events := make([]kuma.Event, len(opened))
+	for i, e := range opened {
 		events[i] = kuma.Event{Entity: a.id, Version: e.Version, Type: e.Type, Data: e.Data, Time: e.Time}
 	}
 	state, err = a.sh.cc.Reducer.Fold(state, events)
@@ -187,6 +234,21 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	if ev := r.ExpectedVersion; ev != nil && *ev != a.version {
 		return nil, kuma.VersionConflict(*ev, a.version)
 	}
+	if a.key == nil {
+		key, err := a.sh.node.keys.get(ctx, a.sh.cc.Name, a.id, true)
+		if errors.Is(err, kuma.ErrEntityForgotten) {
+			fr, ferr := a.sh.node.cfg.Keys.Forgotten(ctx, a.sh.cc.Name, a.id)
+			if ferr != nil {
+				return nil, ferr
+			}
+			a.becomeForgotten(fr)
+			return nil, a.forgottenError()
+		}
+		if err != nil {
+			return nil, err
+		}
+		a.key = key
+	}
 
 	// Event times never go backwards within an entity, even if the clock
 	// does, so that reads at a time are well defined.
@@ -196,11 +258,18 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	}
 	n := int64(len(r.Events))
 	events := make([]kuma.Event, n)
-	rows := make([]sqlite.EventRow, n)
+	plains := make([][]byte, n)
+	aads := make([][]byte, n)
 	for i, in := range r.Events {
 		v := a.version + int64(i) + 1
 		events[i] = kuma.Event{Entity: a.id, Version: v, Type: in.Type, Data: in.Data, Time: now}
-		rows[i] = sqlite.EventRow{Version: v, Type: in.Type, Data: in.Data, Time: now}
+		plains[i] = envelope.EncodeEvent(in.Type, in.Data)
+		aads[i] = envelope.AAD(envelope.PurposeEvent, a.sh.cc.Name, a.id, v)
+	}
+	sealed := a.key.SealBatch(plains, aads)
+	rows := make([]sqlite.EventRow, n)
+	for i := range rows {
+		rows[i] = sqlite.EventRow{Version: events[i].Version, Payload: sealed[i], Time: now}
 	}
 	newState, err := a.sh.cc.Reducer.Fold(a.state, events)
 	if err != nil {
@@ -221,7 +290,8 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	}
 	snapshot := a.sinceSnapshot+n >= a.sh.node.cfg.SnapshotEvery
 	if snapshot {
-		c.Snapshot = &sqlite.Snapshot{Version: last, State: newState, UpdatedAt: now}
+		c.Snapshot = &sqlite.Snapshot{Version: last, UpdatedAt: now,
+			State: a.key.Seal(nil, newState, envelope.AAD(envelope.PurposeSnapshot, a.sh.cc.Name, a.id, last))}
 	}
 	if err := store.Commit(ctx, c); err != nil {
 		if errors.Is(err, sqlite.ErrClosed) {
@@ -246,7 +316,22 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	}, nil
 }
 
-func (a *actor) notFound() error {
+// missing answers for an entity with no events here: entity_forgotten if the
+// keyvault remembers it as forgotten, else not_found.
+func (a *actor) missing(ctx context.Context) error {
+	if !a.checkedForgotten {
+		fr, err := a.sh.node.cfg.Keys.Forgotten(ctx, a.sh.cc.Name, a.id)
+		if err != nil {
+			return err
+		}
+		a.checkedForgotten = true
+		if fr != nil {
+			a.becomeForgotten(fr)
+		}
+	}
+	if a.forgotten != nil {
+		return a.forgottenError()
+	}
 	return kuma.Errorf(kuma.CodeNotFound, "entity %q has no events", a.id)
 }
 
@@ -255,7 +340,7 @@ func (a *actor) read(ctx context.Context, r *kuma.ReadRequest) (*kuma.ReadReply,
 		return nil, err
 	}
 	if a.version == 0 {
-		return nil, a.notFound()
+		return nil, a.missing(ctx)
 	}
 	v := a.version
 	switch {
@@ -286,12 +371,34 @@ func (a *actor) read(ctx context.Context, r *kuma.ReadRequest) (*kuma.ReadReply,
 	return &kuma.ReadReply{Entity: a.id, Version: v, State: state, CreatedAt: a.createdAt, UpdatedAt: at}, nil
 }
 
-func recorded(stored []sqlite.StoredEvent) []kuma.RecordedEvent {
+// open decrypts stored events. A payload that does not open (tampered, or
+// moved from another entity or version) is an internal error, logged, and
+// never returned as data.
+func (a *actor) open(stored []sqlite.StoredEvent) ([]kuma.RecordedEvent, error) {
 	out := make([]kuma.RecordedEvent, len(stored))
 	for i, e := range stored {
-		out[i] = kuma.RecordedEvent{Version: e.Version, Type: e.Type, Data: e.Data, Time: e.Time}
+		plain, err := a.key.Open(e.Payload, envelope.AAD(envelope.PurposeEvent, a.sh.cc.Name, a.id, e.Version))
+		if err != nil {
+			return nil, a.tampered("event", e.Version)
+		}
+		typ, data, err := envelope.DecodeEvent(plain)
+		if err != nil {
+			return nil, a.tampered("event", e.Version)
+		}
+		out[i] = kuma.RecordedEvent{Version: e.Version, Type: typ, Data: data, Time: e.Time}
 	}
-	return out
+	return out, nil
+}
+
+func (a *actor) tampered(what string, version int64) error {
+	a.sh.node.cfg.Logger.Error("sealed data does not open: tampered, misplaced or wrong key",
+		"context", a.sh.cc.Name, "shard", a.sh.n, "entity", a.id, "what", what, "version", version)
+	return kuma.Errorf(kuma.CodeInternal, "internal error")
+}
+
+func (a *actor) forgottenError() error {
+	return &kuma.Error{Code: kuma.CodeEntityForgotten,
+		Message: fmt.Sprintf("entity %q was forgotten at %s", a.id, a.forgotten.ForgottenAt.Format(time.RFC3339Nano))}
 }
 
 func (a *actor) history(ctx context.Context, r *kuma.HistoryRequest) (*kuma.HistoryReply, error) {
@@ -299,7 +406,7 @@ func (a *actor) history(ctx context.Context, r *kuma.HistoryRequest) (*kuma.Hist
 		return nil, err
 	}
 	if a.version == 0 {
-		return nil, a.notFound()
+		return nil, a.missing(ctx)
 	}
 	out := &kuma.HistoryReply{Entity: a.id, Events: []kuma.RecordedEvent{}}
 	if r.FromVersion > a.version {
@@ -309,7 +416,9 @@ func (a *actor) history(ctx context.Context, r *kuma.HistoryRequest) (*kuma.Hist
 	if err != nil {
 		return nil, err
 	}
-	out.Events = recorded(stored)
+	if out.Events, err = a.open(stored); err != nil {
+		return nil, err
+	}
 	if n := len(stored); n > 0 && stored[n-1].Version < a.version {
 		next := stored[n-1].Version + 1
 		out.NextVersion = &next
@@ -325,13 +434,17 @@ func (a *actor) export(ctx context.Context, msg *nats.Msg) (json.RawMessage, err
 		}
 	}
 	if a.version == 0 {
-		return nil, a.notFound()
+		return nil, a.missing(ctx)
 	}
 	stored, err := a.sh.store.Events(ctx, a.id, 1, a.version, 0)
 	if err != nil {
 		return nil, err
 	}
-	out := &kuma.ExportReply{Entity: a.id, Version: a.version, State: a.state, Events: recorded(stored),
+	events, err := a.open(stored)
+	if err != nil {
+		return nil, err
+	}
+	out := &kuma.ExportReply{Entity: a.id, Version: a.version, State: a.state, Events: events,
 		ExportedAt: a.sh.node.cfg.Now().UTC()}
 	// Leave room for headers; a reply over the server's limit would be lost.
 	b, err := json.Marshal(out)

@@ -45,8 +45,18 @@ type Config struct {
 	MaxActors int
 	// MailboxLen is each actor's queue length (default 256).
 	MailboxLen int
-	Logger     *slog.Logger
-	Now        func() time.Time
+	// Keys is the keyvault that holds every entity's data key (required).
+	Keys KeyVault
+	// KeyCacheSize and KeyCacheTTL bound the node's cache of data keys
+	// (defaults 100,000 and 10 minutes).
+	KeyCacheSize int
+	KeyCacheTTL  time.Duration
+	// Failpoint, when set, is called at named points of risky sequences
+	// ("forget-after-mark", "forget-after-shred") so that fault tests can
+	// stop the process exactly there. Nil in production.
+	Failpoint func(name string)
+	Logger    *slog.Logger
+	Now       func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -64,6 +74,15 @@ func (c *Config) setDefaults() {
 	}
 	if c.MailboxLen <= 0 {
 		c.MailboxLen = 256
+	}
+	if c.KeyCacheSize <= 0 {
+		c.KeyCacheSize = 100_000
+	}
+	if c.KeyCacheTTL <= 0 {
+		c.KeyCacheTTL = 10 * time.Minute
+	}
+	if c.Failpoint == nil {
+		c.Failpoint = func(string) {}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -87,6 +106,9 @@ func (c *Config) Validate() error {
 	}
 	if len(c.Contexts) == 0 {
 		errs = append(errs, errors.New("shardnode: at least one context is required"))
+	}
+	if c.Keys == nil {
+		errs = append(errs, errors.New("shardnode: Keys (the keyvault) is required: event data is always sealed"))
 	}
 	seen := map[string]bool{}
 	for _, cc := range c.Contexts {

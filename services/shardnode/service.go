@@ -19,8 +19,10 @@ import (
 // commits finish and closes the files. Start and Stop are not concurrent-safe
 // with each other; everything else is.
 type Service struct {
-	cfg Config
-	nc  *nats.Conn
+	cfg      Config
+	nc       *nats.Conn
+	keys     *keyCache
+	shredSub *nats.Subscription
 
 	mu     sync.Mutex
 	shards []*shard
@@ -35,11 +37,16 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if nc == nil {
 		return nil, errors.New("shardnode: a NATS connection is required")
 	}
-	return &Service{cfg: cfg, nc: nc}, nil
+	return &Service{cfg: cfg, nc: nc, keys: newKeyCache(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now)}, nil
 }
 
 // Start opens all shards and begins serving them.
 func (s *Service) Start(ctx context.Context) error {
+	sub, err := s.keys.subscribeShredded(s.nc)
+	if err != nil {
+		return fmt.Errorf("shardnode: subscribe to shreds: %w", err)
+	}
+	s.shredSub = sub
 	total := 0
 	for _, cc := range s.cfg.Contexts {
 		total += cc.Shards
@@ -135,6 +142,10 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n, maxActors
 		return nil, err
 	}
 	sh := newShard(s, cc, n, store, maxActors)
+	if err := sh.finishForgets(ctx); err != nil {
+		_ = sh.close(ctx)
+		return nil, err
+	}
 	if err := sh.subscribe(); err != nil {
 		_ = store.Close()
 		return nil, err
@@ -149,6 +160,10 @@ func (s *Service) Stop(ctx context.Context) error {
 	shards := s.shards
 	s.shards = nil
 	s.mu.Unlock()
+	if s.shredSub != nil {
+		_ = s.shredSub.Unsubscribe()
+		s.shredSub = nil
+	}
 	var errs []error
 	var wg sync.WaitGroup
 	errCh := make(chan error, len(shards))
@@ -186,3 +201,6 @@ func (s *Service) Stats() []ShardStats {
 	}
 	return out
 }
+
+// KeyCacheStats returns the data-key cache's hits and misses.
+func (s *Service) KeyCacheStats() (hits, misses int64) { return s.keys.stats() }

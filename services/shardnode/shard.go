@@ -93,7 +93,7 @@ func (sh *shard) onMsg(msg *nats.Msg) {
 
 func knownOp(op string) bool {
 	switch op {
-	case kuma.OpAppend, kuma.OpRead, kuma.OpHistory, kuma.OpExport:
+	case kuma.OpAppend, kuma.OpRead, kuma.OpHistory, kuma.OpExport, kuma.OpForget:
 		return true
 	}
 	return false
