@@ -1,11 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/app"
@@ -16,7 +19,7 @@ import (
 
 // cmdClient runs append, read, history and export. It prints the reply as
 // JSON on stdout; on failure it prints {"error": {...}} on stderr and exits 1.
-func cmdClient(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet(cmd, stderr)
 	natsURL := fs.String("nats-url", app.DefaultNATSURL, "NATS server")
 	ctxName := fs.String("context", kuma.DefaultContext, "Kuma context")
@@ -28,12 +31,15 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdout, stderr io
 		atTime    = fs.String("at-time", "", "read: state at this RFC 3339 time")
 		from      = fs.Int64("from", 1, "history: first version")
 		limit     = fs.Int("limit", kuma.DefaultHistoryLimit, "history: events per page")
+		outFile   = fs.String("out", "", "export: write to this file instead of stdout")
+		reason    = fs.String("reason", "", "forget: why (kept in the audit log; no personal data)")
+		yes       = fs.Bool("yes", false, "forget: do not ask for confirmation")
 	)
 	pos, err := parse(fs, args, getenv)
 	if err != nil {
 		return helpOK(err)
 	}
-	want := map[string][2]int{"append": {2, 3}, "read": {1, 1}, "history": {1, 1}, "export": {1, 1}}[cmd]
+	want := map[string][2]int{"append": {2, 3}, "read": {1, 1}, "history": {1, 1}, "export": {1, 1}, "forget": {1, 1}}[cmd]
 	if len(pos) < want[0] || len(pos) > want[1] {
 		return usageError{fmt.Errorf("wrong number of arguments; see kuma --help")}
 	}
@@ -85,6 +91,15 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdout, stderr io
 		out, err = c.History(ctx, entity, *from, *limit)
 	case "export":
 		out, err = c.Export(ctx, entity)
+	case "forget":
+		if !*yes {
+			fmt.Fprintf(stderr, "This erases %q for good: its key is destroyed and its events deleted.\nType the entity id to confirm: ", entity)
+			line, _ := bufio.NewReader(stdin).ReadString('\n')
+			if strings.TrimSpace(line) != entity {
+				return usageError{errors.New("not confirmed; nothing was forgotten")}
+			}
+		}
+		out, err = c.Forget(ctx, entity, *reason, requester(getenv))
 	}
 	if err != nil {
 		var kerr *kuma.Error
@@ -99,6 +114,20 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdout, stderr io
 	if err != nil {
 		return err
 	}
+	if *outFile != "" {
+		// The export is personal data: readable by its owner only.
+		return os.WriteFile(*outFile, append(b, '\n'), 0o600)
+	}
 	_, err = fmt.Fprintln(stdout, string(b))
 	return err
+}
+
+// requester names the CLI's user for the audit log: user@host.
+func requester(getenv func(string) string) string {
+	user := getenv("USER")
+	if user == "" {
+		user = "unknown"
+	}
+	host, _ := os.Hostname()
+	return user + "@" + host + " (kuma cli)"
 }

@@ -19,7 +19,9 @@ Usage:
   kuma append ENTITY TYPE [JSON]        append one event (JSON defaults to {})
   kuma read ENTITY [--at-version N | --at-time T]
   kuma history ENTITY [--from N] [--limit N]
-  kuma export ENTITY
+  kuma export ENTITY [--out FILE]
+  kuma forget ENTITY --reason TEXT [--yes]   erase the entity (asks to confirm)
+  kuma keyvault rotate --data DIR --master-key-file OLD --new-master-key-file NEW
   kuma version
 
 Every flag has a KUMA_* environment equivalent (--nats-url → KUMA_NATS_URL);
@@ -30,11 +32,11 @@ flags win over the environment. Run "kuma COMMAND --help" for a command's flags.
 var version = "dev"
 
 func main() {
-	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
+	os.Exit(run(context.Background(), os.Args[1:], os.Stdin, os.Stdout, os.Stderr, os.Getenv))
 }
 
 // run is main without the process: tests call it directly.
-func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2
@@ -46,8 +48,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		err = cmdUp(ctx, rest, stderr, getenv)
 	case "serve":
 		err = cmdServe(ctx, rest, stderr, getenv)
-	case "append", "read", "history", "export":
-		err = cmdClient(ctx, cmd, rest, stdout, stderr, getenv)
+	case "append", "read", "history", "export", "forget":
+		err = cmdClient(ctx, cmd, rest, stdin, stdout, stderr, getenv)
+	case "keyvault":
+		err = cmdKeyvault(ctx, rest, stdout, stderr, getenv)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "kuma", version)
 		return 0

@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 func runCLI(t *testing.T, env map[string]string, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
 	var out, errb bytes.Buffer
-	code = run(t.Context(), args, &out, &errb, func(k string) string { return env[k] })
+	code = run(t.Context(), args, strings.NewReader(env["stdin"]), &out, &errb, func(k string) string { return env[k] })
 	return out.String(), errb.String(), code
 }
 
@@ -112,11 +112,11 @@ func freePort(t *testing.T) int {
 }
 
 // startUp runs `kuma up` as a child process and waits for its ready line.
-func startUp(t *testing.T, dir string, port int, extra ...string) (*exec.Cmd, *bytes.Buffer) {
+func startUp(t *testing.T, dir string, port int, env ...string) (*exec.Cmd, *bytes.Buffer) {
 	t.Helper()
-	args := append([]string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4"}, extra...)
+	args := []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4"}
 	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(os.Environ(), "KUMA_TEST_AS_MAIN=1")
+	cmd.Env = append(append(os.Environ(), "KUMA_TEST_AS_MAIN=1"), env...)
 	pr, pw, _ := os.Pipe()
 	cmd.Stderr = pw
 	if err := cmd.Start(); err != nil {
@@ -187,7 +187,7 @@ func TestUpServesStopsOnSIGTERMAndComesBack(t *testing.T) {
 	var errb bytes.Buffer
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	code = run(ctx, []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(freePort(t)), "--shards", "8"}, &bytes.Buffer{}, &errb, func(string) string { return "" })
+	code = run(ctx, []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(freePort(t)), "--shards", "8"}, strings.NewReader(""), &bytes.Buffer{}, &errb, func(string) string { return "" })
 	if code == 0 || !strings.Contains(errb.String(), "created with 4 shards") {
 		t.Fatalf("up with --shards 8 on a 4-shard dir: exit %d, %s", code, errb.String())
 	}
@@ -199,4 +199,80 @@ func compact(b []byte) string {
 		return string(b)
 	}
 	return out.String()
+}
+
+// TestForgetCompletesAfterACrash kills `kuma up` (SIGKILL from inside, at a
+// failpoint) in the middle of a forget, after the intent is recorded and
+// after the key is shredded, and restarts it: the forget is complete, and
+// the neighbour entity is untouched.
+func TestForgetCompletesAfterACrash(t *testing.T) {
+	for _, point := range []string{"forget-after-mark", "forget-after-shred"} {
+		t.Run(point, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "data")
+			port := freePort(t)
+			env := map[string]string{"KUMA_NATS_URL": "nats://127.0.0.1:" + strconv.Itoa(port)}
+			cmd, logs := startUp(t, dir, port, "KUMA_TEST_FAILPOINT="+point)
+			for _, id := range []string{"victim", "neighbour"} {
+				if _, errs, code := runCLI(t, env, "append", id, "Joined", `{"email":"x@y.z"}`); code != 0 {
+					t.Fatalf("append exit %d: %s", code, errs)
+				}
+			}
+			if _, _, code := runCLI(t, env, "forget", "victim", "--reason", "crash test", "--yes", "--timeout", "3s"); code == 0 {
+				t.Fatalf("forget succeeded although the process was to die at %s", point)
+			}
+			err := cmd.Wait()
+			if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+				t.Fatalf("kuma up ended with %v, want killed by SIGKILL at %s\n%s", err, point, logs)
+			}
+
+			_, logs = startUp(t, dir, port)
+			for _, op := range [][]string{{"read", "victim"}, {"history", "victim"}, {"export", "victim"}, {"append", "victim", "Back"}} {
+				_, errs, code := runCLI(t, env, op...)
+				if code != 1 || !strings.Contains(errs, "entity_forgotten") {
+					t.Fatalf("%v after restart: exit %d %s, want entity_forgotten\n%s", op, code, errs, logs)
+				}
+			}
+			out, errs, code := runCLI(t, env, "forget", "victim", "--yes")
+			var f kuma.ForgetReply
+			if code != 0 || json.Unmarshal([]byte(out), &f) != nil || f.EventsDeleted != 1 {
+				t.Fatalf("forget again: exit %d %s %s", code, out, errs)
+			}
+			if _, errs, code := runCLI(t, env, "read", "neighbour"); code != 0 {
+				t.Fatalf("neighbour after restart: exit %d %s", code, errs)
+			}
+			if !strings.Contains(logs.String(), "finished an interrupted forget") {
+				t.Fatalf("the restart did not report finishing the forget:\n%s", logs)
+			}
+		})
+	}
+}
+
+func TestForgetAsksForConfirmation(t *testing.T) {
+	n := kumatest.Start(t, nil)
+	env := map[string]string{"KUMA_NATS_URL": n.App.ClientURL()}
+	if _, errs, code := runCLI(t, env, "append", "someone", "Joined"); code != 0 {
+		t.Fatal(errs)
+	}
+	env["stdin"] = "someone-else\n"
+	if _, errs, code := runCLI(t, env, "forget", "someone"); code != 2 || !strings.Contains(errs, "not confirmed") {
+		t.Fatalf("forget with the wrong confirmation: exit %d %s", code, errs)
+	}
+	if _, _, code := runCLI(t, env, "read", "someone"); code != 0 {
+		t.Fatal("an unconfirmed forget changed the entity")
+	}
+	env["stdin"] = "someone\n"
+	if out, errs, code := runCLI(t, env, "forget", "someone", "--reason", "asked by phone"); code != 0 || !strings.Contains(out, "forgotten_at") {
+		t.Fatalf("confirmed forget: exit %d %s %s", code, out, errs)
+	}
+	out := filepath.Join(t.TempDir(), "export.json")
+	if _, errs, code := runCLI(t, env, "append", "other", "Joined", `{"a":1}`); code != 0 {
+		t.Fatal(errs)
+	}
+	if _, errs, code := runCLI(t, env, "export", "other", "--out", out); code != 0 {
+		t.Fatal(errs)
+	}
+	st, err := os.Stat(out)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("export file %v, %v; want mode 0600", st, err)
+	}
 }

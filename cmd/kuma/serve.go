@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -24,7 +25,31 @@ func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel *string) {
 	fs.Int64Var(&cfg.SnapshotEvery, "snapshot-every", 100, "write an entity snapshot every N events")
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 2*time.Minute, "passivate entity actors idle this long")
 	fs.IntVar(&cfg.MaxActors, "max-actors", 100_000, "live entity actors at most; least recently used idle ones are passivated")
+	fs.StringVar(&cfg.MasterKeyFile, "master-key-file", "", "file holding the keyvault's master key (base64 of 32 bytes); or set KUMA_MASTER_KEY")
 	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
+}
+
+// secretsAndHooks fills what comes only from the environment: the master key
+// itself (never a flag: flags show in ps) and the fault tests' failpoint.
+func secretsAndHooks(cfg *app.Config, getenv func(string) string) error {
+	if k := getenv("KUMA_MASTER_KEY"); k != "" && cfg.MasterKeyFile == "" {
+		key, err := app.DecodeMasterKey(strings.TrimSpace(k))
+		if err != nil {
+			return usageError{fmt.Errorf("KUMA_MASTER_KEY: %w", err)}
+		}
+		cfg.MasterKey = key
+	}
+	// KUMA_TEST_FAILPOINT=name makes the process kill itself (SIGKILL, as a
+	// crash would) when it reaches that point. For fault tests only.
+	if fp := getenv("KUMA_TEST_FAILPOINT"); fp != "" {
+		cfg.Failpoint = func(name string) {
+			if name == fp {
+				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+				select {} // the signal is on its way
+			}
+		}
+	}
+	return nil
 }
 
 func newLogger(w io.Writer, level string) (*slog.Logger, error) {
@@ -45,6 +70,9 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 		return helpOK(err)
 	}
 	cfg.Target = app.TargetAll
+	if err := secretsAndHooks(&cfg, getenv); err != nil {
+		return err
+	}
 	return serve(ctx, cfg, logLevel, stderr)
 }
 
@@ -53,14 +81,17 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	var cfg app.Config
 	var logLevel string
 	serverFlags(fs, &cfg, &logLevel)
-	fs.StringVar(&cfg.Target, "target", "", "service to run: router or shardnode (all = kuma up)")
+	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode or keyvault (all = kuma up)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (target all only)")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
 	if cfg.Target == "" {
-		return usageError{errors.New("--target is required: router, shardnode or all")}
+		return usageError{errors.New("--target is required: router, shardnode, keyvault or all")}
+	}
+	if err := secretsAndHooks(&cfg, getenv); err != nil {
+		return err
 	}
 	return serve(ctx, cfg, logLevel, stderr)
 }

@@ -143,6 +143,22 @@ func (c *Client) Export(ctx context.Context, entity string) (*kuma.ExportReply, 
 	return &out, nil
 }
 
+// Forget erases the entity (right to erasure): its key is shredded and its
+// events, snapshots and idempotency keys are deleted; afterwards every
+// operation on the id answers entity_forgotten. Forgetting again returns the
+// same reply. requestedBy is recorded in the audit log (no personal data).
+func (c *Client) Forget(ctx context.Context, entity, reason, requestedBy string) (*kuma.ForgetReply, error) {
+	var out kuma.ForgetReply
+	hdr := nats.Header{}
+	if requestedBy != "" {
+		hdr.Set(kuma.HeaderRequestedBy, requestedBy)
+	}
+	if err := c.callWithHeader(ctx, kuma.OpForget, entity, kuma.ForgetRequest{Reason: reason}, hdr, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
 func (c *Client) subject(op, entity string) string {
 	if n := c.opts.DirectShards; n > 0 {
 		return kuma.ShardSubject(c.opts.Context, placement.ShardOf(entity, n), op, entity)
@@ -152,6 +168,10 @@ func (c *Client) subject(op, entity string) string {
 
 // call sends one request, retrying while no shard owner is there to answer.
 func (c *Client) call(ctx context.Context, op, entity string, req any, out any) error {
+	return c.callWithHeader(ctx, op, entity, req, nil, out)
+}
+
+func (c *Client) callWithHeader(ctx context.Context, op, entity string, req any, hdr nats.Header, out any) error {
 	if err := kuma.ValidateEntityID(entity); err != nil {
 		return err
 	}
@@ -170,7 +190,7 @@ func (c *Client) call(ctx context.Context, op, entity string, req any, out any) 
 	subject := c.subject(op, entity)
 	backoff := 20 * time.Millisecond
 	for {
-		msg, err := c.nc.RequestWithContext(ctx, subject, body)
+		msg, err := c.nc.RequestMsgWithContext(ctx, &nats.Msg{Subject: subject, Data: body, Header: hdr})
 		var retry error
 		switch {
 		case err == nil:

@@ -231,6 +231,10 @@ type ForgetRequest struct {
 
 func (*ForgetRequest) fields() fieldSet { return fieldSet{top: []string{"reason"}} }
 
+// HeaderRequestedBy is the request header naming who asked for a forget, for
+// the audit record. Without NATS authentication it is the caller's own claim.
+const HeaderRequestedBy = "Kuma-Requested-By"
+
 // MaxForgetReasonLen bounds the free-text reason kept in the audit log.
 const MaxForgetReasonLen = 1024
 

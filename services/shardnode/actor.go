@@ -90,8 +90,8 @@ func (a *actor) serve(ctx context.Context, req *request) (any, error) {
 			return nil, err
 		}
 		by := "unknown"
-		if req.msg.Header != nil && req.msg.Header.Get(HeaderRequestedBy) != "" {
-			by = req.msg.Header.Get(HeaderRequestedBy)
+		if req.msg.Header != nil && req.msg.Header.Get(kuma.HeaderRequestedBy) != "" {
+			by = req.msg.Header.Get(kuma.HeaderRequestedBy)
 		}
 		return a.forget(ctx, &r, by)
 	}

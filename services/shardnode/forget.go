@@ -11,10 +11,6 @@ import (
 	"github.com/kumadb/kuma/pkg/vaultclient"
 )
 
-// HeaderRequestedBy names who asked for a forget, for the audit record. The
-// CLI sets it; without NATS authentication it is the caller's own claim.
-const HeaderRequestedBy = "Kuma-Requested-By"
-
 // forget erases the entity. It runs on the actor, so no command of this
 // entity can run in between, and in an order that a crash at any point
 // leaves recoverable:
