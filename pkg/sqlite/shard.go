@@ -136,17 +136,21 @@ func Open(ctx context.Context, cfg Config) (*Shard, error) {
 	return s, nil
 }
 
-func dsn(path string, pragmas ...string) string {
+// DSN is the modernc.org/sqlite address of the file at path with the given
+// pragmas. The path is escaped as the SQLite URI format requires, so a '#',
+// '?' or '%' in a directory name opens that file and not another.
+func DSN(path string, pragmas ...string) string {
 	q := url.Values{}
 	for _, p := range pragmas {
 		q.Add("_pragma", p)
 	}
-	return "file:" + path + "?" + q.Encode()
+	esc := strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(path)
+	return "file:" + esc + "?" + q.Encode()
 }
 
 func (s *Shard) open(ctx context.Context) error {
 	var err error
-	s.wdb, err = sql.Open("sqlite", dsn(s.cfg.Path,
+	s.wdb, err = sql.Open("sqlite", DSN(s.cfg.Path,
 		"busy_timeout(10000)",
 		"journal_mode(WAL)",
 		"synchronous("+s.cfg.Synchronous+")",
@@ -179,7 +183,7 @@ func (s *Shard) open(ctx context.Context) error {
 	// pread syscalls for pages already in the OS cache, which made loading
 	// cold entities about a third faster (BenchmarkManyEntities). The writer
 	// does not map: an I/O error there must be an error, not a SIGBUS.
-	s.rdb, err = sql.Open("sqlite", dsn(s.cfg.Path, "busy_timeout(10000)", "query_only(1)", "cache_size(-2000)", "mmap_size(268435456)"))
+	s.rdb, err = sql.Open("sqlite", DSN(s.cfg.Path, "busy_timeout(10000)", "query_only(1)", "cache_size(-2000)", "mmap_size(268435456)"))
 	if err != nil {
 		return fmt.Errorf("sqlite: open readers of %s: %w", s.cfg.Path, err)
 	}

@@ -3,6 +3,7 @@ package sqlite
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -190,5 +191,24 @@ func BenchmarkGroupCommit(b *testing.B) {
 			})
 			b.ReportMetric(float64(b.N*100)/b.Elapsed().Seconds(), "events/s")
 		})
+	}
+}
+
+// A directory name with URI characters must open the file at that path.
+func TestPathWithURICharacters(t *testing.T) {
+	for i, name := range []string{"a#b", "a?b", "a%41b"} {
+		dir := filepath.Join(t.TempDir(), name)
+		path := filepath.Join(dir, "shard.db")
+		s, err := Open(context.Background(), Config{Path: path, Context: "default", Shards: 1})
+		if err != nil {
+			t.Fatalf("%d: Open(%q): %v", i, path, err)
+		}
+		if err := s.Commit(context.Background(), commitOf("e", 1, 1, time.Now())); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		if _, err := os.Stat(path); err != nil {
+			t.Fatalf("%d: the shard is not at %q: %v", i, path, err)
+		}
 	}
 }

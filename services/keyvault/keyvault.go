@@ -19,18 +19,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
-	_ "modernc.org/sqlite"
 )
 
 // Version is the keyvault's semver, shown by `nats micro ls`.
@@ -62,15 +62,19 @@ func (c *Config) Validate() error {
 // the in-process implementation of what shardnodes need, and Start also
 // serves them over NATS.
 type Service struct {
-	cfg    Config
-	nc     *nats.Conn
-	kek    *envelope.Key
-	idKey  []byte // HMAC key for remembering forgotten ids without the ids
-	db     *sql.DB
-	ops    chan *op
-	done   chan struct{}
-	svc    micro.Service
-	closed bool
+	cfg   Config
+	nc    *nats.Conn
+	kek   *envelope.Key
+	idKey []byte // HMAC key for remembering forgotten ids without the ids
+	db    *sql.DB
+	ops   chan *op
+	done  chan struct{}
+	svc   micro.Service
+
+	// closeMu is held for reading while an op is queued, so Stop never
+	// closes the queue under a sender; closed refuses ops after Stop.
+	closeMu sync.RWMutex
+	closed  bool
 }
 
 // New builds a keyvault; nc may be nil for in-process use only.
@@ -90,6 +94,10 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	}
 	return &Service{cfg: cfg, nc: nc, kek: kek}, nil
 }
+
+// pragmas: secure_delete overwrites deleted keys in the file; the rollback
+// journal (not WAL) keeps no old copy of a page once a transaction is over.
+var pragmas = []string{"busy_timeout(10000)", "journal_mode(DELETE)", "synchronous(FULL)", "secure_delete(ON)"}
 
 const schema = `
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -122,13 +130,7 @@ func (s *Service) Start(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Dir(s.cfg.Path), 0o700); err != nil {
 		return fmt.Errorf("keyvault: %w", err)
 	}
-	q := url.Values{}
-	// secure_delete overwrites deleted keys in the file; the rollback journal
-	// (not WAL) keeps no old copy of a page once a transaction is over.
-	for _, p := range []string{"busy_timeout(10000)", "journal_mode(DELETE)", "synchronous(FULL)", "secure_delete(ON)"} {
-		q.Add("_pragma", p)
-	}
-	db, err := sql.Open("sqlite", "file:"+s.cfg.Path+"?"+q.Encode())
+	db, err := sql.Open("sqlite", sqlite.DSN(s.cfg.Path, pragmas...))
 	if err != nil {
 		return fmt.Errorf("keyvault: open %s: %w", s.cfg.Path, err)
 	}
@@ -142,8 +144,11 @@ func (s *Service) Start(ctx context.Context) error {
 		db.Close()
 		return err
 	}
+	s.closeMu.Lock()
 	s.ops = make(chan *op, 4096)
 	s.done = make(chan struct{})
+	s.closed = false
+	s.closeMu.Unlock()
 	go s.loop()
 	if s.nc != nil {
 		if err := s.serve(ctx); err != nil {
@@ -208,10 +213,15 @@ func (s *Service) Stop(ctx context.Context) error {
 		_ = s.svc.Stop()
 		s.svc = nil
 	}
-	if s.ops != nil && !s.closed {
+	s.closeMu.Lock()
+	wasOpen := s.ops != nil && !s.closed
+	if wasOpen {
 		s.closed = true
 		close(s.ops)
-		<-s.done
+	}
+	s.closeMu.Unlock()
+	if wasOpen {
+		<-s.done // queued operations finish
 	}
 	if s.db != nil {
 		err := s.db.Close()

@@ -47,11 +47,18 @@ func (s *Service) submit(ctx context.Context, o *op) error {
 		return err
 	}
 	o.done = make(chan struct{})
+	s.closeMu.RLock()
+	if s.closed || s.ops == nil {
+		s.closeMu.RUnlock()
+		return kuma.Errorf(kuma.CodeUnavailable, "keyvault is stopped")
+	}
 	select {
 	case s.ops <- o:
 	case <-ctx.Done():
+		s.closeMu.RUnlock()
 		return kuma.Errorf(kuma.CodeTimeout, "keyvault busy")
 	}
+	s.closeMu.RUnlock()
 	<-o.done // once taken, an operation's outcome is always waited for
 	return o.err
 }
@@ -78,6 +85,10 @@ func (s *Service) Shred(ctx context.Context, r vaultclient.ShredRequest) (*kuma.
 	}
 	if r.At.IsZero() {
 		r.At = s.cfg.Now()
+	}
+	// Times are stored as unix nanoseconds, exact from 1678 to 2262.
+	if y := r.At.Year(); y < 1970 || y > 2200 {
+		return nil, kuma.Errorf(kuma.CodeBadRequest, "shred time %s is out of range", r.At.Format(time.RFC3339))
 	}
 	o := &op{kind: opShred, kctx: r.Context, entity: r.Entity, shred: r}
 	if err := s.submit(ctx, o); err != nil {

@@ -5,9 +5,10 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"net/url"
+	"os"
 
 	"github.com/kumadb/kuma/pkg/envelope"
+	"github.com/kumadb/kuma/pkg/sqlite"
 )
 
 // Rotate re-wraps every data key (and the vault's own meta values) from the
@@ -23,11 +24,10 @@ func Rotate(ctx context.Context, path string, oldKey, newKey []byte) (keys int, 
 	if err != nil {
 		return 0, fmt.Errorf("new master key: %w", err)
 	}
-	q := url.Values{}
-	for _, p := range []string{"busy_timeout(10000)", "journal_mode(DELETE)", "synchronous(FULL)", "secure_delete(ON)"} {
-		q.Add("_pragma", p)
+	if _, err := os.Stat(path); err != nil {
+		return 0, fmt.Errorf("keyvault file: %w", err)
 	}
-	db, err := sql.Open("sqlite", "file:"+path+"?mode=rw&"+q.Encode())
+	db, err := sql.Open("sqlite", sqlite.DSN(path, pragmas...)+"&mode=rw")
 	if err != nil {
 		return 0, err
 	}
