@@ -130,6 +130,11 @@ func (s *Service) loop() {
 func (s *Service) runGroup(group []*op) {
 	ctx := context.Background()
 	err := s.runTx(ctx, group)
+	if err == nil && hasShred(group) {
+		if _, cerr := s.db.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); cerr != nil {
+			s.cfg.Logger.Warn("checkpoint after shred failed", "err", cerr)
+		}
+	}
 	for _, o := range group {
 		if err != nil {
 			s.cfg.Logger.Error("keyvault transaction failed", "ops", len(group), "err", err)
@@ -245,4 +250,13 @@ func (s *Service) shredRecord(ctx context.Context, tx *sql.Tx, hash []byte, enti
 		return nil, err
 	}
 	return &kuma.ForgetReply{Entity: entity, ForgottenAt: time.Unix(0, at).UTC(), EventsDeleted: n}, nil
+}
+
+func hasShred(group []*op) bool {
+	for _, o := range group {
+		if o.kind == opShred && o.err == nil {
+			return true
+		}
+	}
+	return false
 }

@@ -82,5 +82,12 @@ func Rotate(ctx context.Context, path string, oldKey, newKey []byte) (keys int, 
 			return 0, err
 		}
 	}
-	return len(all), tx.Commit()
+	if err := tx.Commit(); err != nil {
+		return 0, err
+	}
+	// No page wrapped under the old key may stay behind in the WAL.
+	if _, err := db.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+		return len(all), fmt.Errorf("checkpoint after rotation: %w", err)
+	}
+	return len(all), nil
 }
