@@ -17,6 +17,7 @@ import (
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
+	"github.com/nats-io/nats.go"
 )
 
 // TestMain lets the test binary stand in for the kuma binary: with
@@ -274,5 +275,54 @@ func TestForgetAsksForConfirmation(t *testing.T) {
 	st, err := os.Stat(out)
 	if err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("export file %v, %v; want mode 0600", st, err)
+	}
+}
+
+// TestStreamIsExactAfterACrashAroundPublish kills `kuma up` right before and
+// right after the relay's first publish, restarts it, writes more, and checks
+// that the stream holds exactly the shard's events: none missing, none twice,
+// per entity in version order.
+func TestStreamIsExactAfterACrashAroundPublish(t *testing.T) {
+	for _, point := range []string{"relay-before-publish", "relay-after-publish"} {
+		t.Run(point, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "data")
+			port := freePort(t)
+			url := "nats://127.0.0.1:" + strconv.Itoa(port)
+			env := map[string]string{"KUMA_NATS_URL": url}
+			cmd, logs := startUp(t, dir, port, "KUMA_TEST_FAILPOINT="+point)
+			// The commit is acknowledged before the relay runs, so the reply
+			// may or may not get out before the process dies.
+			runCLI(t, env, "append", "meter-7", "Reading", `{"kwh":1}`, "--timeout", "2s")
+			_ = cmd.Wait()
+			if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() {
+				t.Fatalf("kuma up was not killed at %s:\n%s", point, logs)
+			}
+
+			startUp(t, dir, port)
+			for i := 0; i < 3; i++ {
+				if _, errs, code := runCLI(t, env, "append", "meter-7", "Reading", `{"kwh":2}`); code != 0 {
+					t.Fatalf("append after restart: %s", errs)
+				}
+			}
+			out, errs, code := runCLI(t, env, "history", "meter-7")
+			var h kuma.HistoryReply
+			if code != 0 || json.Unmarshal([]byte(out), &h) != nil {
+				t.Fatalf("history: exit %d %s", code, errs)
+			}
+			nc, err := nats.Connect(url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer nc.Close()
+			got := kumatest.StreamEvents(t, nc, "default", len(h.Events))["meter-7"]
+			if len(got) != len(h.Events) {
+				t.Fatalf("the stream has %d events of meter-7, the shard %d", len(got), len(h.Events))
+			}
+			for i, e := range got {
+				if e.Version != h.Events[i].Version {
+					t.Fatalf("stream event %d is version %d, want %d", i, e.Version, h.Events[i].Version)
+				}
+			}
+		})
 	}
 }

@@ -59,3 +59,12 @@ func ParseShardSubject(subject string) (op, entity string, ok bool) {
 	}
 	return parts[4], parts[5], true
 }
+
+// EventsSubject is where a shard's committed events are published:
+// kuma.<ctx>.events.<shard>.
+func EventsSubject(ctx string, shard int) string {
+	return PublicPrefix + "." + ctx + ".events." + strconv.Itoa(shard)
+}
+
+// StreamName is the JetStream stream of a context's events.
+func StreamName(ctx string) string { return "KUMA_" + ctx }

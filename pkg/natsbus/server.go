@@ -56,6 +56,10 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*server.Server, error) 
 		JetStream:  true,
 		StoreDir:   cfg.StoreDir,
 		MaxPayload: cfg.MaxPayload,
+		// A publish ack from JetStream must mean the message is on disk:
+		// the stream is Kuma's replica and outbox, not a cache.
+		SyncAlways:   true,
+		SyncInterval: 2 * time.Minute,
 		// The server's own signal handling would fight ours.
 		NoSigs: true,
 	}

@@ -101,6 +101,8 @@ type Shard struct {
 	closeMu sync.RWMutex // held for reading while a commit is queued, so Close never strands one
 	closed  bool
 
+	committed chan struct{}
+
 	mu      sync.Mutex // guards lastSeq, which the writer advances and Stats reads
 	lastSeq int64
 	stats   Stats
@@ -126,7 +128,7 @@ func Open(ctx context.Context, cfg Config) (*Shard, error) {
 	if err := os.MkdirAll(filepath.Dir(cfg.Path), 0o750); err != nil {
 		return nil, fmt.Errorf("sqlite: create shard directory: %w", err)
 	}
-	s := &Shard{cfg: cfg, queue: make(chan *Commit, cfg.QueueLen)}
+	s := &Shard{cfg: cfg, queue: make(chan *Commit, cfg.QueueLen), committed: make(chan struct{}, 1)}
 	if err := s.open(ctx); err != nil {
 		s.closeDBs()
 		return nil, err

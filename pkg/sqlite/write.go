@@ -133,6 +133,7 @@ func (s *Shard) writeGroup(group []*Commit) {
 		for _, c := range group {
 			c.done <- s.writeTx([]*Commit{c})
 		}
+		s.signalCommitted()
 		return
 	}
 	elapsed := time.Since(start)
@@ -149,6 +150,9 @@ func (s *Shard) writeGroup(group []*Commit) {
 		s.stats.SyncTime += elapsed
 	}
 	s.mu.Unlock()
+	if err == nil {
+		s.signalCommitted()
+	}
 	for _, c := range group {
 		c.done <- err
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Service is a shardnode. Start opens every shard of every configured context
@@ -23,6 +24,7 @@ type Service struct {
 	nc       *nats.Conn
 	keys     *keyCache
 	shredSub *nats.Subscription
+	js       jetstream.JetStream
 
 	mu     sync.Mutex
 	shards []*shard
@@ -47,6 +49,17 @@ func (s *Service) Start(ctx context.Context) error {
 		return fmt.Errorf("shardnode: subscribe to shreds: %w", err)
 	}
 	s.shredSub = sub
+	js, err := jetstream.New(s.nc)
+	if err != nil {
+		return fmt.Errorf("shardnode: jetstream: %w", err)
+	}
+	s.js = js
+	for _, cc := range s.cfg.Contexts {
+		if err := ensureStream(ctx, js, cc.Name, 1); err != nil {
+			_ = s.Stop(ctx)
+			return fmt.Errorf("%w (does the NATS server run JetStream?)", err)
+		}
+	}
 	total := 0
 	for _, cc := range s.cfg.Contexts {
 		total += cc.Shards
@@ -146,6 +159,11 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n, maxActors
 		_ = sh.close(ctx)
 		return nil, err
 	}
+	if err := sh.relay.resume(ctx); err != nil {
+		_ = sh.close(ctx)
+		return nil, err
+	}
+	sh.relay.start()
 	if err := sh.subscribe(); err != nil {
 		_ = store.Close()
 		return nil, err

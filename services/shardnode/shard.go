@@ -27,6 +27,7 @@ type shard struct {
 	n     int
 	store *sqlite.Shard
 	sub   *nats.Subscription
+	relay *relay
 
 	mu         sync.Mutex
 	actors     map[string]*actor
@@ -47,6 +48,7 @@ func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxA
 		actors: map[string]*actor{}, lru: list.New(), maxActors: maxActors,
 		stopSweep: make(chan struct{}), sweepDone: make(chan struct{}),
 	}
+	sh.relay = newRelay(sh, node.js)
 	go sh.sweepLoop()
 	return sh
 }
@@ -214,6 +216,9 @@ drained:
 	sh.lru.Init()
 	sh.mu.Unlock()
 	sh.actorsWG.Wait() // in-flight commits finish here
+	if sh.relay.running.Load() {
+		sh.relay.close(ctx) // publish what was committed
+	}
 	return sh.store.Close()
 }
 

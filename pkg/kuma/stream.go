@@ -1,0 +1,28 @@
+package kuma
+
+import "time"
+
+// StreamMessage is the body of one message on kuma.<ctx>.events.<shard>: a
+// run of that shard's committed events in commit order. Its header
+// Nats-Msg-Id is "<ctx>.<shard>.<last sequence>" (JetStream drops a
+// republished duplicate), and Kuma-Last-Position carries the last event's
+// position.
+type StreamMessage struct {
+	Context string        `json:"context"`
+	Shard   int           `json:"shard"`
+	Events  []StreamEvent `json:"events"`
+}
+
+// StreamEvent is one event in a stream message. Payload is the event's type
+// and data sealed under the entity's key (base64 in JSON): opening it needs
+// the keyvault, so a forgotten entity's messages stay noise wherever they are.
+type StreamEvent struct {
+	Entity   string    `json:"entity"`
+	Version  int64     `json:"version"`
+	Position string    `json:"position"`
+	Time     time.Time `json:"time"`
+	Payload  []byte    `json:"payload"`
+}
+
+// HeaderLastPosition names the last event's position in a stream message.
+const HeaderLastPosition = "Kuma-Last-Position"

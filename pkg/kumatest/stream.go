@@ -1,0 +1,79 @@
+package kumatest
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// StreamEvents waits until the context's stream holds at least want events,
+// then reads every message and returns the events per entity in stream
+// order. It fails the test on anything a consumer must never see: a message
+// on the wrong subject, positions of a shard out of order or repeated, or a
+// Kuma-Last-Position header that is not the last event's.
+func StreamEvents(t testing.TB, nc *nats.Conn, kctx string, want int) map[string][]kuma.StreamEvent {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for {
+		out, n := readStream(t, ctx, js, kctx)
+		if n >= want {
+			return out
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("the stream holds %d events, want %d", n, want)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func readStream(t testing.TB, ctx context.Context, js jetstream.JetStream, kctx string) (map[string][]kuma.StreamEvent, int) {
+	t.Helper()
+	stream, err := js.Stream(ctx, kuma.StreamName(kctx))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := stream.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][]kuma.StreamEvent{}
+	lastPos := map[int]int64{}
+	n := 0
+	for seq := info.State.FirstSeq; info.State.Msgs > 0 && seq <= info.State.LastSeq; seq++ {
+		m, err := stream.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var body kuma.StreamMessage
+		if err := json.Unmarshal(m.Data, &body); err != nil {
+			t.Fatal(err)
+		}
+		if m.Subject != kuma.EventsSubject(kctx, body.Shard) || len(body.Events) == 0 {
+			t.Fatalf("message for shard %d with %d events on %s", body.Shard, len(body.Events), m.Subject)
+		}
+		for _, e := range body.Events {
+			p, err := kuma.ParsePosition(e.Position)
+			if err != nil || p.Shard != body.Shard || p.Seq <= lastPos[p.Shard] {
+				t.Fatalf("position %s after %d in shard %d: out of order or repeated", e.Position, lastPos[p.Shard], body.Shard)
+			}
+			lastPos[p.Shard] = p.Seq
+			out[e.Entity] = append(out[e.Entity], e)
+			n++
+		}
+		if h := m.Header.Get(kuma.HeaderLastPosition); h != body.Events[len(body.Events)-1].Position {
+			t.Fatalf("header %s = %q, want the last event's position", kuma.HeaderLastPosition, h)
+		}
+	}
+	return out, n
+}

@@ -1,0 +1,72 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strconv"
+)
+
+// OutboxEvent is a committed event as the relay publishes it.
+type OutboxEvent struct {
+	Seq     int64
+	Entity  string
+	Version int64
+	Payload []byte
+	Time    int64 // unix nanoseconds
+}
+
+// EventsAfter returns up to limit events with a position above seq, in
+// commit order. Positions of forgotten entities' events are missing: the
+// sequence is dense as committed, not after erasure.
+func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]OutboxEvent, error) {
+	rows, err := s.rdb.QueryContext(ctx,
+		`SELECT pos, entity, version, payload, time FROM events WHERE pos > ? ORDER BY pos LIMIT ?`, seq, limit)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: read outbox: %w", err)
+	}
+	defer rows.Close()
+	out := make([]OutboxEvent, 0, limit)
+	for rows.Next() {
+		var e OutboxEvent
+		if err := rows.Scan(&e.Seq, &e.Entity, &e.Version, &e.Payload, &e.Time); err != nil {
+			return nil, fmt.Errorf("sqlite: read outbox: %w", err)
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// Committed is signalled (without blocking, coalesced) after every group
+// commit, so the relay wakes up when there is something to publish.
+func (s *Shard) Committed() <-chan struct{} { return s.committed }
+
+func (s *Shard) signalCommitted() {
+	select {
+	case s.committed <- struct{}{}:
+	default:
+	}
+}
+
+// Published returns the position the relay last recorded as published.
+func (s *Shard) Published(ctx context.Context) (int64, error) {
+	var v string
+	err := s.rdb.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'published'`).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: read published position: %w", err)
+	}
+	return strconv.ParseInt(v, 10, 64)
+}
+
+// SetPublished records the position the stream holds up to. It rides in the
+// writer's next group, so it costs no fsync of its own under load.
+func (s *Shard) SetPublished(ctx context.Context, seq int64) error {
+	return s.exec(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		_, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)`, strconv.FormatInt(seq, 10))
+		return err
+	})
+}

@@ -1,0 +1,208 @@
+package shardnode
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// relay is a shard's outbox relay: it publishes the shard's committed events,
+// in commit order, to the context's JetStream stream, many events per
+// message. The shard file is the system of record; the stream is resumed
+// from its own last message for the shard, so a crash between publish and
+// bookkeeping neither loses nor repeats anything a consumer can see, and
+// JetStream's duplicate window drops a retried publish.
+type relay struct {
+	sh      *shard
+	js      jetstream.JetStream
+	subject string
+
+	published atomic.Int64 // position the stream is known to hold
+	running   atomic.Bool
+	stop      chan struct{}
+	done      chan struct{}
+	once      sync.Once
+}
+
+// Relay batch limits: one message per event cannot keep up with a durable
+// stream; a few hundred KiB per message can.
+const (
+	relayMaxEvents = 1000
+	relayMaxBytes  = 512 << 10
+)
+
+func newRelay(sh *shard, js jetstream.JetStream) *relay {
+	return &relay{sh: sh, js: js, subject: kuma.EventsSubject(sh.cc.Name, sh.n),
+		stop: make(chan struct{}), done: make(chan struct{})}
+}
+
+// resume finds where the stream stands for this shard. The stream, not the
+// shard's own note, decides: if the note is behind (a crash after publish),
+// nothing is published twice; if the stream is behind (it was purged or
+// recreated), the gap is filled.
+func (r *relay) resume(ctx context.Context) error {
+	noted, err := r.sh.store.Published(ctx)
+	if err != nil {
+		return err
+	}
+	stream, err := r.js.Stream(ctx, kuma.StreamName(r.sh.cc.Name))
+	if err != nil {
+		return fmt.Errorf("relay: stream: %w", err)
+	}
+	var inStream int64
+	msg, err := stream.GetLastMsgForSubject(ctx, r.subject)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return fmt.Errorf("relay: last message of %s: %w", r.subject, err)
+	default:
+		p, perr := kuma.ParsePosition(msg.Header.Get(kuma.HeaderLastPosition))
+		if perr != nil {
+			return fmt.Errorf("relay: last message of %s has no valid %s header", r.subject, kuma.HeaderLastPosition)
+		}
+		inStream = p.Seq
+	}
+	if inStream < noted {
+		r.sh.node.cfg.Logger.Warn("the stream is behind the shard's published position; republishing the gap",
+			"subject", r.subject, "stream", inStream, "noted", noted)
+	}
+	r.published.Store(inStream)
+	return nil
+}
+
+// start runs the relay; close stops it. running is set before the goroutine
+// exists, so a close never skips a relay that is about to run.
+func (r *relay) start() {
+	r.running.Store(true)
+	go r.run()
+}
+
+func (r *relay) run() {
+	defer close(r.done)
+	log := r.sh.node.cfg.Logger
+	noted := r.published.Load()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		n, err := r.publishOnce()
+		if err != nil {
+			log.Warn("relay publish failed; retrying", "subject", r.subject, "err", err)
+			select {
+			case <-r.stop:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			continue
+		}
+		if n > 0 {
+			continue // more may be waiting
+		}
+		// Caught up: note the position at most once a tick, then sleep until
+		// the writer commits again.
+		select {
+		case <-r.stop:
+			r.note(noted)
+			return
+		case <-r.sh.store.Committed():
+		case <-tick.C:
+			noted = r.note(noted)
+		}
+	}
+}
+
+// note records the published position in the shard file if it moved.
+func (r *relay) note(noted int64) int64 {
+	p := r.published.Load()
+	if p == noted {
+		return noted
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := r.sh.store.SetPublished(ctx, p); err != nil {
+		r.sh.node.cfg.Logger.Warn("relay could not note its position", "subject", r.subject, "err", err)
+		return noted
+	}
+	return p
+}
+
+// publishOnce publishes the next run of unpublished events as one message and
+// returns how many it published.
+func (r *relay) publishOnce() (int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	from := r.published.Load()
+	evs, err := r.sh.store.EventsAfter(ctx, from, relayMaxEvents)
+	if err != nil || len(evs) == 0 {
+		return 0, err
+	}
+	body := kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: make([]kuma.StreamEvent, 0, len(evs))}
+	size := 0
+	for _, e := range evs {
+		if size > 0 && size+len(e.Payload)*4/3+200 > relayMaxBytes {
+			break
+		}
+		size += len(e.Payload)*4/3 + 200
+		body.Events = append(body.Events, kuma.StreamEvent{
+			Entity: e.Entity, Version: e.Version, Time: time.Unix(0, e.Time).UTC(), Payload: e.Payload,
+			Position: kuma.Position{Shard: r.sh.n, Seq: e.Seq}.String(),
+		})
+	}
+	last := evs[len(body.Events)-1].Seq
+	data, err := json.Marshal(body)
+	if err != nil {
+		return 0, err
+	}
+	r.sh.node.cfg.Failpoint("relay-before-publish")
+	msg := nats.NewMsg(r.subject)
+	msg.Data = data
+	msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.sh.n, Seq: last}.String())
+	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + "." + strconv.FormatInt(last, 10)
+	if _, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name))); err != nil {
+		return 0, err
+	}
+	r.published.Store(last)
+	r.sh.node.cfg.Failpoint("relay-after-publish")
+	return len(body.Events), nil
+}
+
+// close publishes what is left (bounded by ctx) and stops the relay.
+func (r *relay) close(ctx context.Context) {
+	r.once.Do(func() {
+		for ctx.Err() == nil && r.published.Load() < r.sh.store.LastSeq() {
+			if n, err := r.publishOnce(); err != nil || n == 0 {
+				break
+			}
+		}
+		close(r.stop)
+		<-r.done
+	})
+}
+
+// ensureStream creates or updates the context's stream. Its server must run
+// with sync always (the embedded one does) for a publish ack to mean the
+// events are on disk.
+func ensureStream(ctx context.Context, js jetstream.JetStream, name string, replicas int) error {
+	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        kuma.StreamName(name),
+		Description: "Kuma events of context " + name,
+		Subjects:    []string{kuma.PublicPrefix + "." + name + ".events.*"},
+		Storage:     jetstream.FileStorage,
+		Retention:   jetstream.LimitsPolicy,
+		Duplicates:  2 * time.Minute,
+		Replicas:    replicas,
+		MaxMsgSize:  int32(relayMaxBytes * 2),
+	})
+	if err != nil {
+		return fmt.Errorf("shardnode: stream %s: %w", kuma.StreamName(name), err)
+	}
+	return nil
+}
