@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
@@ -40,6 +41,8 @@ type Config struct {
 	// <data>/keyvault/master.key and warns; other targets refuse to start.
 	MasterKey     []byte
 	MasterKeyFile string
+	// NodeName names this process in status (default: the host name).
+	NodeName string
 	// Failpoint is the shardnode's fault-test hook (nil in production).
 	Failpoint func(name string)
 	// Reducers maps a context to its reducer; absent means JSON Merge Patch.
@@ -83,6 +86,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.NodeName == "" {
+		c.NodeName, _ = os.Hostname()
 	}
 }
 

@@ -124,6 +124,7 @@ func (a *App) build(module string) (service, error) {
 		return shardnode.New(shardnode.Config{
 			Keys:      keys,
 			Failpoint: cfg.Failpoint,
+			NodeName:  cfg.NodeName,
 			DataDir:   cfg.DataDir,
 			Contexts: []shardnode.ContextConfig{{
 				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context],

@@ -4,6 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/app"
 
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
@@ -52,4 +55,41 @@ func TestRelayPublishesEveryEventOnceInOrder(t *testing.T) {
 	}
 	total += 2
 	check(kumatest.StreamEvents(t, n.NC, "default", total))
+}
+
+// TestStatusShowsTheShardMapAndRelayLag reads kuma.<ctx>.status over raw
+// NATS: every shard owned, counts equal to what was written, and the relay
+// caught up.
+func TestStatusShowsTheShardMapAndRelayLag(t *testing.T) {
+	n := kumatest.Start(t, func(c *app.Config) { c.NodeName = "node-a" })
+	c := n.Client(client.Options{})
+	for i := 0; i < 40; i++ {
+		if _, err := c.Append(t.Context(), fmt.Sprintf("st-%d", i%10), markerEvents(2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kumatest.StreamEvents(t, n.NC, "default", 80) // the relay has caught up
+	var st kuma.StatusReply
+	for try := 0; ; try++ {
+		wantOK(t, request(t, n.NC, "kuma.default.status", ""), &st)
+		var events, entities, lag int64
+		for _, s := range st.Shards {
+			events += s.Events
+			entities += s.Entities
+			lag += s.RelayLag
+			if s.Owner != "node-a" {
+				t.Fatalf("shard %d owned by %q, want node-a", s.Shard, s.Owner)
+			}
+		}
+		if len(st.Shards) != n.Cfg.Shards || events != 80 || entities != 10 || len(st.Nodes) != 1 {
+			t.Fatalf("status = %+v; want %d shards, 80 events, 10 entities, 1 node", st, n.Cfg.Shards)
+		}
+		if lag == 0 {
+			break
+		}
+		if try > 100 {
+			t.Fatalf("relay lag stays at %d", lag)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

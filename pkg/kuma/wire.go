@@ -244,3 +244,36 @@ type ForgetReply struct {
 	ForgottenAt   time.Time `json:"forgotten_at"`
 	EventsDeleted int64     `json:"events_deleted"`
 }
+
+// StatusReply answers kuma.<ctx>.status.
+type StatusReply struct {
+	Context     string             `json:"context"`
+	Shards      []ShardStatus      `json:"shards"`
+	Nodes       []NodeStatus       `json:"nodes"`
+	Projections []ProjectionStatus `json:"projections"`
+}
+
+// ShardStatus is one shard's line in the shard map.
+type ShardStatus struct {
+	Shard      int    `json:"shard"`
+	Owner      string `json:"owner"`
+	Entities   int64  `json:"entities"`
+	Events     int64  `json:"events"` // events committed (the last position's sequence)
+	Position   string `json:"position,omitempty"`
+	Published  string `json:"published,omitempty"` // last position in the event stream
+	RelayLag   int64  `json:"relay_lag"`           // events committed but not yet in the stream
+	LiveActors int    `json:"live_actors"`
+}
+
+// NodeStatus is one live node.
+type NodeStatus struct {
+	Name   string `json:"name"`
+	Shards int    `json:"shards"`
+}
+
+// ProjectionStatus is one projection's progress (none until projections exist).
+type ProjectionStatus struct {
+	Name     string `json:"name"`
+	Position string `json:"position,omitempty"`
+	Lag      int64  `json:"lag"`
+}

@@ -57,6 +57,7 @@ func (s *Shard) Purge(ctx context.Context, entity string) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: purge: %w", err)
 	}
+	s.dropFromTail(entity)
 	// Move the deleted pages out of the WAL into the (securely overwritten)
 	// main file and truncate the WAL, so no old copy stays in it. Best effort:
 	// a reader in the middle of a long query can hold it back.

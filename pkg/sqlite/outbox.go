@@ -38,6 +38,61 @@ func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]Outbox
 	return out, rows.Err()
 }
 
+// maxTail bounds the in-memory tail (events); about 10 MiB of payloads.
+const maxTail = 40_000
+
+func (s *Shard) appendTail(group []*Commit) {
+	s.tailMu.Lock()
+	defer s.tailMu.Unlock()
+	for _, c := range group {
+		if !c.isWrite() {
+			continue
+		}
+		for i, e := range c.Events {
+			s.tail = append(s.tail, OutboxEvent{Seq: c.FirstSeq + int64(i), Entity: c.Entity, Version: e.Version, Payload: e.Payload, Time: e.Time.UnixNano()})
+		}
+	}
+	if over := len(s.tail) - maxTail; over > 0 {
+		s.tail = append(s.tail[:0:0], s.tail[over:]...)
+		s.tailFrom = s.tail[0].Seq
+	}
+}
+
+// dropFromTail removes a forgotten entity's events from the tail.
+func (s *Shard) dropFromTail(entity string) {
+	s.tailMu.Lock()
+	defer s.tailMu.Unlock()
+	kept := s.tail[:0]
+	for _, e := range s.tail {
+		if e.Entity != entity {
+			kept = append(kept, e)
+		}
+	}
+	clear(s.tail[len(kept):])
+	s.tail = kept
+}
+
+// Outbox returns up to limit events with a position above seq, in commit
+// order: from memory when the tail reaches back to seq, else from the file.
+// Events at or below seq are dropped from the tail.
+func (s *Shard) Outbox(ctx context.Context, seq int64, limit int) ([]OutboxEvent, error) {
+	s.tailMu.Lock()
+	i := 0
+	for i < len(s.tail) && s.tail[i].Seq <= seq {
+		i++
+	}
+	s.tail = s.tail[i:]
+	// The tail answers only when it vouches for everything after seq.
+	if s.tailFrom <= seq+1 {
+		n := min(limit, len(s.tail))
+		out := append([]OutboxEvent(nil), s.tail[:n]...)
+		s.tailMu.Unlock()
+		return out, nil
+	}
+	s.tailMu.Unlock()
+	return s.EventsAfter(ctx, seq, limit)
+}
+
 // Committed is signalled (without blocking, coalesced) after every group
 // commit, so the relay wakes up when there is something to publish.
 func (s *Shard) Committed() <-chan struct{} { return s.committed }

@@ -103,6 +103,13 @@ type Shard struct {
 
 	committed chan struct{}
 
+	// tail holds recently committed events for the relay, so that it does
+	// not read back from the file what the writer has just written. It is
+	// bounded; a relay that falls behind reads from the file instead.
+	tailMu   sync.Mutex
+	tail     []OutboxEvent
+	tailFrom int64 // every committed, unforgotten event from here on is in tail
+
 	mu      sync.Mutex // guards lastSeq, which the writer advances and Stats reads
 	lastSeq int64
 	stats   Stats
@@ -178,6 +185,7 @@ func (s *Shard) open(ctx context.Context) error {
 	if err := s.wconn.QueryRowContext(ctx, `SELECT COALESCE(MAX(pos), 0) FROM events`).Scan(&s.lastSeq); err != nil {
 		return fmt.Errorf("sqlite: read last position of %s: %w", s.cfg.Path, err)
 	}
+	s.tailFrom = s.lastSeq + 1
 	if s.stmts, err = prepareWriteStmts(ctx, s.wconn); err != nil {
 		return err
 	}

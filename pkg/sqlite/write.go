@@ -131,7 +131,11 @@ func (s *Shard) writeGroup(group []*Commit) {
 		s.cfg.Logger.Warn("group commit failed; retrying commits one by one",
 			"shard", s.cfg.Shard, "commits", len(group), "err", err)
 		for _, c := range group {
-			c.done <- s.writeTx([]*Commit{c})
+			err := s.writeTx([]*Commit{c})
+			if err == nil {
+				s.appendTail([]*Commit{c})
+			}
+			c.done <- err
 		}
 		s.signalCommitted()
 		return
@@ -151,6 +155,7 @@ func (s *Shard) writeGroup(group []*Commit) {
 	}
 	s.mu.Unlock()
 	if err == nil {
+		s.appendTail(group)
 		s.signalCommitted()
 	}
 	for _, c := range group {

@@ -55,8 +55,10 @@ type Config struct {
 	// ("forget-after-mark", "forget-after-shred") so that fault tests can
 	// stop the process exactly there. Nil in production.
 	Failpoint func(name string)
-	Logger    *slog.Logger
-	Now       func() time.Time
+	// NodeName names this node in status (default "kuma").
+	NodeName string
+	Logger   *slog.Logger
+	Now      func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -80,6 +82,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.KeyCacheTTL <= 0 {
 		c.KeyCacheTTL = 10 * time.Minute
+	}
+	if c.NodeName == "" {
+		c.NodeName = "kuma"
 	}
 	if c.Failpoint == nil {
 		c.Failpoint = func(string) {}

@@ -38,6 +38,7 @@ type relay struct {
 const (
 	relayMaxEvents = 1000
 	relayMaxBytes  = 512 << 10
+	relayLinger    = 5 * time.Millisecond
 )
 
 func newRelay(sh *shard, js jetstream.JetStream) *relay {
@@ -113,6 +114,9 @@ func (r *relay) run() {
 			r.note(noted)
 			return
 		case <-r.sh.store.Committed():
+			// Linger a moment so that one message (one fsync in a durable
+			// stream) carries the commits of several groups.
+			time.Sleep(relayLinger)
 		case <-tick.C:
 			noted = r.note(noted)
 		}
@@ -140,7 +144,7 @@ func (r *relay) publishOnce() (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	from := r.published.Load()
-	evs, err := r.sh.store.EventsAfter(ctx, from, relayMaxEvents)
+	evs, err := r.sh.store.Outbox(ctx, from, relayMaxEvents)
 	if err != nil || len(evs) == 0 {
 		return 0, err
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
 )
 
 // Service is a shardnode. Start opens every shard of every configured context
@@ -25,6 +26,7 @@ type Service struct {
 	keys     *keyCache
 	shredSub *nats.Subscription
 	js       jetstream.JetStream
+	micro    micro.Service
 
 	mu     sync.Mutex
 	shards []*shard
@@ -80,6 +82,10 @@ func (s *Service) Start(ctx context.Context) error {
 			s.shards = append(s.shards, sh)
 			s.mu.Unlock()
 		}
+	}
+	if err := s.serveStatus(ctx); err != nil {
+		_ = s.Stop(ctx)
+		return err
 	}
 	// Flush so that the subscriptions are known to the server before Start
 	// returns and the caller reports ready.
@@ -181,6 +187,10 @@ func (s *Service) Stop(ctx context.Context) error {
 	if s.shredSub != nil {
 		_ = s.shredSub.Unsubscribe()
 		s.shredSub = nil
+	}
+	if s.micro != nil {
+		_ = s.micro.Stop()
+		s.micro = nil
 	}
 	var errs []error
 	var wg sync.WaitGroup

@@ -1,0 +1,64 @@
+package sqlite
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func TestOutboxServesFromTailAndFile(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "s.db")
+	s := openTest(t, path, 1)
+	now := time.Now()
+	for i := 0; i < 5; i++ {
+		if err := s.Commit(ctx, commitOf("a", int64(i*3+1), 3, now)); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(ctx, commitOf("b", int64(i*2+1), 2, now)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(evs []OutboxEvent, from int64, n int) {
+		t.Helper()
+		if len(evs) != n {
+			t.Fatalf("got %d events after %d, want %d", len(evs), from, n)
+		}
+		for i, e := range evs {
+			if e.Seq != from+int64(i)+1 || len(e.Payload) == 0 {
+				t.Fatalf("event %d has position %d, want %d", i, e.Seq, from+int64(i)+1)
+			}
+		}
+	}
+	evs, err := s.Outbox(ctx, 0, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(evs, 0, 7)
+	evs, _ = s.Outbox(ctx, 7, 100)
+	check(evs, 7, 18)
+	if evs, _ := s.Outbox(ctx, 25, 100); len(evs) != 0 {
+		t.Fatalf("caught up, yet %d events", len(evs))
+	}
+
+	// A forget removes the entity's events from the tail and the file alike.
+	if _, err := s.Purge(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	evs, _ = s.Outbox(ctx, 10, 100)
+	for _, e := range evs {
+		if e.Entity == "b" {
+			t.Fatalf("a purged entity's event at %d is still offered", e.Seq)
+		}
+	}
+	s.Close()
+
+	// After a reopen the tail is empty: the file serves, the same events.
+	s = openTest(t, path, 1)
+	defer s.Close()
+	evs, _ = s.Outbox(ctx, 0, 100)
+	if len(evs) != 15 || evs[0].Entity != "a" || evs[14].Seq != 23 {
+		t.Fatalf("after reopen: %d events, last %+v", len(evs), evs[len(evs)-1])
+	}
+}
