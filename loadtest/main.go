@@ -43,6 +43,9 @@ type result struct {
 	P50, P90  time.Duration
 	P99, Max  time.Duration
 	EventsSec float64
+	// StreamCatchUp is how long after the last acknowledgement the event
+	// stream held every event (relay lag 0 in status).
+	StreamCatchUp time.Duration
 }
 
 func main() {
@@ -90,12 +93,14 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		fmt.Fprintf(out, "embedded node: %d shards, synchronous=%s, data in %s\n", c.shards, c.sync, dir)
 	}
 	clients := make([]*client.Client, c.conns)
+	var statusConn *nats.Conn
 	for i := range clients {
 		nc, err := nats.Connect(url)
 		if err != nil {
 			return nil, fmt.Errorf("connect %s: %w", url, err)
 		}
 		defer nc.Close()
+		statusConn = nc
 		opts := client.Options{Context: c.ctxName, Timeout: c.timeout}
 		if c.direct {
 			opts.DirectShards = c.shards
@@ -153,8 +158,38 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	fmt.Fprintf(out, "acknowledged %d events in %d appends (%d failed) in %s\n", r.Events, r.Appends, r.Errors, elapsed.Round(time.Millisecond))
 	fmt.Fprintf(out, "throughput: %.0f events/s\n", r.EventsSec)
 	fmt.Fprintf(out, "append latency: p50 %s  p90 %s  p99 %s  max %s\n", r.P50.Round(time.Microsecond), r.P90.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.Max.Round(time.Microsecond))
+	catchUp, err := waitForStream(ctx, statusConn, c.ctxName)
+	if err != nil {
+		return r, err
+	}
+	r.StreamCatchUp = catchUp
+	fmt.Fprintf(out, "event stream caught up %s after the last acknowledgement\n", catchUp.Round(time.Millisecond))
 	if r.Errors > 0 {
 		return r, fmt.Errorf("%d appends failed", r.Errors)
 	}
 	return r, nil
+}
+
+// waitForStream polls kuma.<ctx>.status until no shard has relay lag.
+func waitForStream(ctx context.Context, nc *nats.Conn, kctx string) (time.Duration, error) {
+	start := time.Now()
+	for time.Since(start) < time.Minute {
+		msg, err := nc.Request("kuma."+kctx+".status", nil, 5*time.Second)
+		if err != nil {
+			return 0, fmt.Errorf("status: %w", err)
+		}
+		var st kuma.StatusReply
+		if err := json.Unmarshal(msg.Data, &st); err != nil {
+			return 0, fmt.Errorf("status: %w", err)
+		}
+		var lag int64
+		for _, s := range st.Shards {
+			lag += s.RelayLag
+		}
+		if lag == 0 {
+			return time.Since(start), nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return 0, fmt.Errorf("the event stream did not catch up within a minute")
 }

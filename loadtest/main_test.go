@@ -20,7 +20,7 @@ func TestLoadtestSmall(t *testing.T) {
 	if r.P50 <= 0 || r.P50 > r.P99 || r.P99 > r.Max || r.EventsSec <= 0 {
 		t.Fatalf("percentiles out of order: %+v", r)
 	}
-	if !strings.Contains(out.String(), "throughput:") {
+	if !strings.Contains(out.String(), "throughput:") || !strings.Contains(out.String(), "event stream caught up") {
 		t.Fatalf("output lacks the throughput line:\n%s", out.String())
 	}
 	t.Log(out.String())
