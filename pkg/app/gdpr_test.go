@@ -14,9 +14,11 @@ import (
 
 	"github.com/kumadb/kuma/pkg/app"
 	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/kumadb/kuma/pkg/vaultclient"
 	_ "modernc.org/sqlite"
 )
 
@@ -85,6 +87,7 @@ func TestMarkerIsNeverAtRest(t *testing.T) {
 	if err != nil || !strings.Contains(string(r.State), marker) {
 		t.Fatalf("read = %+v, %v; the marker must read back", r, err)
 	}
+	kumatest.StreamEvents(t, n.NC, "default", 28) // the JetStream store holds them too
 	if hits := filesContaining(t, n.Cfg.DataDir, marker); len(hits) > 0 {
 		t.Fatalf("marker found at rest while running in %v", hits)
 	}
@@ -200,9 +203,12 @@ func TestYesterdaysCopyCannotOpenForgottenEntity(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	kumatest.StreamEvents(t, n.NC, "default", 9)
 	n.Stop()
+	// Yesterday's copy: the shard files and the JetStream store.
 	backup := t.TempDir()
 	copyDir(t, filepath.Join(n.Cfg.DataDir, "default"), filepath.Join(backup, "default"))
+	copyDir(t, filepath.Join(n.Cfg.DataDir, "nats"), filepath.Join(backup, "nats"))
 
 	n.Restart()
 	c = n.Client(client.Options{})
@@ -221,6 +227,32 @@ func TestYesterdaysCopyCannotOpenForgottenEntity(t *testing.T) {
 		h, err := oc.History(t.Context(), id, 1, 10)
 		if err != nil || len(h.Events) != 3 || !strings.Contains(string(h.Events[0].Data), marker) {
 			t.Fatalf("%s from the copy = %+v, %v; other entities must open", id, h, err)
+		}
+	}
+	// The copied stream: every other entity's messages open with its key
+	// from the live keyvault; the forgotten one has no key any more.
+	keys := vaultclient.New(old.NC, 0)
+	streamed := kumatest.StreamEvents(t, old.NC, "default", 9)
+	for _, id := range ids {
+		if len(streamed[id]) != 3 {
+			t.Fatalf("the copied stream has %d events of %s, want 3", len(streamed[id]), id)
+		}
+		raw, err := keys.DataKey(t.Context(), "default", id, false)
+		if id == ids[0] {
+			if kuma.ErrorCode(err) != kuma.CodeEntityForgotten {
+				t.Fatalf("key of the forgotten entity: %v, want entity_forgotten", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, _ := envelope.NewKey(raw)
+		for _, e := range streamed[id] {
+			plain, err := key.Open(e.Payload, envelope.AAD(envelope.PurposeEvent, "default", id, e.Version))
+			if err != nil || !strings.Contains(string(plain), marker) {
+				t.Fatalf("%s v%d from the copied stream: %q, %v", id, e.Version, plain, err)
+			}
 		}
 	}
 	for _, op := range []func() error{
