@@ -9,8 +9,7 @@ import (
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/natsbus"
-	"github.com/nats-io/nats.go"
+	"github.com/kumadb/kuma/pkg/kumatest"
 )
 
 // TestServicesRunAloneAgainstExternalNATS runs the router and the shardnode
@@ -18,11 +17,7 @@ import (
 // with its own connection to an external NATS server.
 func TestServicesRunAloneAgainstExternalNATS(t *testing.T) {
 	ctx := t.Context()
-	srv, err := natsbus.StartServer(ctx, natsbus.ServerConfig{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	srv, nc := kumatest.NATS(t)
 	data := filepath.Join(t.TempDir(), "data")
 	masterKey := envelope.NewRandomKey()
 	// A shardnode alone refuses nothing at start, but a keyvault alone must
@@ -43,11 +38,6 @@ func TestServicesRunAloneAgainstExternalNATS(t *testing.T) {
 			t.Fatalf("target router runs a shardnode")
 		}
 	}
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
 	c, _ := client.New(nc, client.Options{})
 	if _, err := c.Append(ctx, "split-1", []kuma.EventInput{{Type: "Created"}}); err != nil {
 		t.Fatal(err)

@@ -13,7 +13,6 @@ import (
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
-	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/router"
 	"github.com/kumadb/kuma/services/shardnode"
@@ -25,16 +24,7 @@ import (
 // with the same idempotency key, and succeeds once the shardnode starts.
 func TestRetriesUntilShardOwnerAppears(t *testing.T) {
 	ctx := t.Context()
-	srv, err := natsbus.StartServer(ctx, natsbus.ServerConfig{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
+	_, nc := kumatest.NATS(t)
 	r, err := router.New(router.Config{Contexts: map[string]int{"default": 2}}, nc)
 	if err != nil {
 		t.Fatal(err)
@@ -98,17 +88,9 @@ func TestRetriesUntilShardOwnerAppears(t *testing.T) {
 // TestGivesUpAtDeadlineWithUnavailable: with nobody serving, the call ends at
 // the context deadline with a retryable unavailable error.
 func TestGivesUpAtDeadlineWithUnavailable(t *testing.T) {
-	srv, err := natsbus.StartServer(t.Context(), natsbus.ServerConfig{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
+	_, nc := kumatest.NATS(t)
 	c, _ := client.New(nc, client.Options{})
+	var err error
 	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 	defer cancel()
 	_, err = c.Read(ctx, "nobody-serves")

@@ -109,3 +109,16 @@ func Flush(ctx context.Context, nc *nats.Conn) error {
 	}
 	return nc.FlushWithContext(ctx)
 }
+
+// MicroError answers a micro service request with a protocol error: req.Error
+// records the failure in the service's stats and sets the headers, and the
+// body is the protocol's JSON. A request without a reply subject gets
+// nothing.
+func MicroError(req micro.Request, err error) error {
+	if req.Reply() == "" {
+		return nil
+	}
+	kerr := kuma.AsError(err)
+	m := ErrorMsg(req.Reply(), kerr)
+	return req.Error(m.Header.Get(HeaderErrorCode), kerr.Message, m.Data)
+}

@@ -251,12 +251,10 @@ func (s *Service) serve(ctx context.Context) error {
 			defer cancel()
 			out, err := h(ctx, req.Data())
 			if err != nil {
-				kerr := kuma.AsError(err)
-				if kerr.Code == kuma.CodeInternal {
+				if kuma.ErrorCode(err) == kuma.CodeInternal {
 					s.cfg.Logger.Error("keyvault request failed", "endpoint", name, "err", err)
 				}
-				m := natsbus.ErrorMsg(req.Reply(), kerr)
-				_ = req.Error(m.Header.Get(natsbus.HeaderErrorCode), kerr.Message, m.Data)
+				_ = natsbus.MicroError(req, err)
 				return
 			}
 			_ = req.RespondJSON(out)

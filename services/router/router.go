@@ -130,14 +130,7 @@ func (s *Service) forward(req micro.Request) {
 }
 
 func (s *Service) fail(req micro.Request, err error) {
-	if req.Reply() == "" {
-		return
-	}
-	m := natsbus.ErrorMsg(req.Reply(), err)
-	kerr := kuma.AsError(err)
-	// req.Error records the failure in the micro stats and sets the headers;
-	// the JSON body is the protocol's.
-	if rerr := req.Error(m.Header.Get(natsbus.HeaderErrorCode), kerr.Message, m.Data); rerr != nil {
+	if rerr := natsbus.MicroError(req, err); rerr != nil {
 		s.cfg.Logger.Warn("router reply failed", "err", rerr)
 	}
 }

@@ -34,9 +34,7 @@ func (s *Service) serveStatus(ctx context.Context) error {
 			defer cancel()
 			st, err := s.Status(ctx, name)
 			if err != nil {
-				kerr := kuma.AsError(err)
-				m := natsbus.ErrorMsg(req.Reply(), kerr)
-				_ = req.Error(m.Header.Get(natsbus.HeaderErrorCode), kerr.Message, m.Data)
+				_ = natsbus.MicroError(req, err)
 				return
 			}
 			_ = req.RespondJSON(st)
