@@ -1,0 +1,126 @@
+package shardnode
+
+import (
+	"context"
+	"encoding/json"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/envelope"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/vaultclient"
+	"github.com/nats-io/nats.go"
+)
+
+// countingVault is a KeyVault over a map that counts DataKey calls, so the
+// cache's hits and misses can be seen.
+type countingVault struct {
+	mu    sync.Mutex
+	keys  map[string][]byte
+	calls int
+}
+
+func (v *countingVault) DataKey(_ context.Context, kctx, entity string, create bool) ([]byte, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls++
+	k, ok := v.keys[kctx+"/"+entity]
+	if !ok {
+		if !create {
+			return nil, kuma.ErrNotFound
+		}
+		k = envelope.NewRandomKey()
+		v.keys[kctx+"/"+entity] = k
+	}
+	return append([]byte(nil), k...), nil
+}
+
+func (v *countingVault) Shred(context.Context, vaultclient.ShredRequest) (*kuma.ForgetReply, error) {
+	return nil, nil
+}
+func (v *countingVault) Forgotten(context.Context, string, string) (*kuma.ForgetReply, error) {
+	return nil, nil
+}
+
+func (v *countingVault) count() int { v.mu.Lock(); defer v.mu.Unlock(); return v.calls }
+
+func TestKeyCacheHitsBoundTTLAndShredBroadcast(t *testing.T) {
+	ctx := t.Context()
+	vault := &countingVault{keys: map[string][]byte{}}
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	var clock sync.Mutex
+	c := newKeyCache(vault, 2, time.Minute, func() time.Time { clock.Lock(); defer clock.Unlock(); return now })
+
+	a1, err := c.get(ctx, "default", "a", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2, _ := c.get(ctx, "default", "a", false)
+	if a1 != a2 || vault.count() != 1 {
+		t.Fatalf("second get: same key %v, vault calls %d; want a cache hit", a1 == a2, vault.count())
+	}
+	// Bounded: a third entity evicts the least recently used.
+	c.get(ctx, "default", "b", true)
+	c.get(ctx, "default", "a", false) // a is now most recent
+	c.get(ctx, "default", "c", true)  // evicts b
+	before := vault.count()
+	c.get(ctx, "default", "a", false)
+	if vault.count() != before {
+		t.Fatal("a was evicted although b was older")
+	}
+	c.get(ctx, "default", "b", false)
+	if vault.count() != before+1 {
+		t.Fatal("b was not evicted: the cache holds more than its bound")
+	}
+	// TTL: a stale entry is fetched again.
+	clock.Lock()
+	now = now.Add(2 * time.Minute)
+	clock.Unlock()
+	before = vault.count()
+	c.get(ctx, "default", "b", false)
+	if vault.count() != before+1 {
+		t.Fatal("an entry older than the TTL was served from the cache")
+	}
+	if hits, misses := c.stats(); hits != 3 || misses != 5 {
+		t.Fatalf("stats = %d hits, %d misses; want 3 and 5", hits, misses)
+	}
+
+	// A shred broadcast drops the key at once.
+	srv, err := natsbus.StartServer(ctx, natsbus.ServerConfig{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	sub, err := c.subscribeShredded(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(vaultclient.Shredded{Context: "default", Entity: "b"})
+	if err := nc.Publish(vaultclient.SubjectShredded, b); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c.mu.Lock()
+		_, cached := c.entries[cacheKey{"default", "b"}]
+		c.mu.Unlock()
+		if !cached {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the shred broadcast did not drop the key")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
