@@ -115,7 +115,7 @@ func freePort(t *testing.T) int {
 // startUp runs `kuma up` as a child process and waits for its ready line.
 func startUp(t *testing.T, dir string, port int, env ...string) (*exec.Cmd, *bytes.Buffer) {
 	t.Helper()
-	args := []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4"}
+	args := []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4", "--metrics-listen", "127.0.0.1:0"}
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(append(os.Environ(), "KUMA_TEST_AS_MAIN=1"), env...)
 	pr, pw, _ := os.Pipe()
@@ -188,7 +188,7 @@ func TestUpServesStopsOnSIGTERMAndComesBack(t *testing.T) {
 	var errb bytes.Buffer
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	code = run(ctx, []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(freePort(t)), "--shards", "8"}, strings.NewReader(""), &bytes.Buffer{}, &errb, func(string) string { return "" })
+	code = run(ctx, []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(freePort(t)), "--shards", "8", "--metrics-listen", "127.0.0.1:0"}, strings.NewReader(""), &bytes.Buffer{}, &errb, func(string) string { return "" })
 	if code == 0 || !strings.Contains(errb.String(), "created with 4 shards") {
 		t.Fatalf("up with --shards 8 on a 4-shard dir: exit %d, %s", code, errb.String())
 	}

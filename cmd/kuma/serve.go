@@ -17,7 +17,7 @@ import (
 )
 
 // serverFlags registers the flags shared by up and serve.
-func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel *string) {
+func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string) {
 	fs.StringVar(&cfg.DataDir, "data", app.DefaultDataDir, "data directory (shard files, NATS store)")
 	fs.IntVar(&cfg.Shards, "shards", app.DefaultShards, "shards of the context; fixed when the data dir is created")
 	fs.StringVar(&cfg.Context, "context", "default", "context to serve")
@@ -27,7 +27,10 @@ func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel *string) {
 	fs.IntVar(&cfg.MaxActors, "max-actors", 100_000, "live entity actors at most; least recently used idle ones are passivated")
 	fs.StringVar(&cfg.MasterKeyFile, "master-key-file", "", "file holding the keyvault's master key (base64 of 32 bytes); or set KUMA_MASTER_KEY")
 	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "host:port for /metrics, /healthz and /readyz (empty: off)")
+	fs.StringVar(logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
 }
+
 
 // secretsAndHooks fills what comes only from the environment: the master key
 // itself (never a flag: flags show in ps) and the fault tests' failpoint.
@@ -52,35 +55,61 @@ func secretsAndHooks(cfg *app.Config, getenv func(string) string) error {
 	return nil
 }
 
-func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
 		return nil, usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", level)}
 	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "auto":
+		if isTerminal(w) {
+			return slog.New(slog.NewTextHandler(w, opts)), nil
+		}
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, usageError{fmt.Errorf("--log-format %q: want text, json or auto", format)}
+}
+
+// isTerminal reports whether w is a character device (a terminal).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
 
 func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet("up", stderr)
 	var cfg app.Config
-	var logLevel string
-	serverFlags(fs, &cfg, &logLevel)
+	var logLevel, logFormat string
+	serverFlags(fs, &cfg, &logLevel, &logFormat)
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
+	}
+	// kuma up serves metrics and health by default (kuma serve only when asked).
+	if !flagSet(fs, "metrics-listen") && getenv("KUMA_METRICS_LISTEN") == "" {
+		cfg.MetricsListen = app.DefaultMetricsListen
 	}
 	cfg.Target = app.TargetAll
 	if err := secretsAndHooks(&cfg, getenv); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, logLevel, stderr)
+	return serve(ctx, cfg, logLevel, logFormat, stderr)
 }
 
 func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet("serve", stderr)
 	var cfg app.Config
-	var logLevel string
-	serverFlags(fs, &cfg, &logLevel)
+	var logLevel, logFormat string
+	serverFlags(fs, &cfg, &logLevel, &logFormat)
 	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode or keyvault (all = kuma up)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (target all only)")
@@ -93,7 +122,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	if err := secretsAndHooks(&cfg, getenv); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, logLevel, stderr)
+	return serve(ctx, cfg, logLevel, logFormat, stderr)
 }
 
 func helpOK(err error) error {
@@ -105,8 +134,8 @@ func helpOK(err error) error {
 
 // serve runs an App until SIGINT or SIGTERM, then stops it: routers stop
 // taking requests, shards finish in-flight commits and close their files.
-func serve(ctx context.Context, cfg app.Config, logLevel string, stderr io.Writer) error {
-	log, err := newLogger(stderr, logLevel)
+func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stderr io.Writer) error {
+	log, err := newLogger(stderr, logLevel, logFormat)
 	if err != nil {
 		return err
 	}
@@ -126,7 +155,7 @@ func serve(ctx context.Context, cfg app.Config, logLevel string, stderr io.Write
 	}
 	c := a.Config()
 	log.Info("kuma ready", "target", c.Target, "nats", a.ClientURL(), "data", c.DataDir,
-		"context", c.Context, "shards", c.Shards, "sync", c.Synchronous)
+		"context", c.Context, "shards", c.Shards, "sync", c.Synchronous, "metrics", a.MetricsAddr())
 	<-ctx.Done()
 	log.Info("kuma stopping")
 	stopCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -136,4 +165,10 @@ func serve(ctx context.Context, cfg app.Config, logLevel string, stderr io.Write
 	}
 	log.Info("kuma stopped")
 	return nil
+}
+
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }

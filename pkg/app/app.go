@@ -9,16 +9,19 @@ import (
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // App is one Kuma process: the modules of its target, started in dependency
 // order. Start and Stop must not run concurrently.
 type App struct {
-	cfg     Config
-	srv     *server.Server
-	nc      *nats.Conn
-	vault   *keyvault.Service
-	started []startedModule
+	cfg   Config
+	srv   *server.Server
+	nc    *nats.Conn
+	vault *keyvault.Service
+	// registry holds every module's metrics; one per App, never global.
+	registry *prometheus.Registry
+	started  []startedModule
 }
 
 type startedModule struct {
@@ -32,8 +35,11 @@ func New(cfg Config) (*App, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &App{cfg: cfg}, nil
+	return &App{cfg: cfg, registry: prometheus.NewRegistry()}, nil
 }
+
+// Registry is the App's Prometheus registry.
+func (a *App) Registry() *prometheus.Registry { return a.registry }
 
 // Start starts every module of the target. On failure it stops what it had
 // started and returns the error.

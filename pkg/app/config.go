@@ -41,6 +41,9 @@ type Config struct {
 	// <data>/keyvault/master.key and warns; other targets refuse to start.
 	MasterKey     []byte
 	MasterKeyFile string
+	// MetricsListen is where /metrics, /healthz and /readyz are served
+	// (host:port; empty: not served).
+	MetricsListen string
 	// NodeName names this process in status (default: the host name).
 	NodeName string
 	// Failpoint is the shardnode's fault-test hook (nil in production).
@@ -57,6 +60,9 @@ const (
 	DefaultShards     = 16
 	DefaultNATSListen = "127.0.0.1:4222"
 	DefaultNATSURL    = "nats://127.0.0.1:4222"
+	// DefaultMetricsListen is where `kuma up` serves /metrics, /healthz and
+	// /readyz (the port OpenTelemetry's Prometheus exporter uses).
+	DefaultMetricsListen = "127.0.0.1:9464"
 )
 
 func (c *Config) setDefaults() {

@@ -23,6 +23,7 @@ const (
 	ModuleRouter     = "router"
 	ModuleShardnode  = "shardnode"
 	ModuleKeyvault   = "keyvault"
+	ModuleOps        = "ops" // /metrics, /healthz, /readyz
 	TargetAll        = "all"
 )
 
@@ -33,6 +34,7 @@ var deps = map[string][]string{
 	ModuleRouter:     {ModuleNATSConn},
 	ModuleShardnode:  {ModuleNATSConn},
 	ModuleKeyvault:   {ModuleNATSConn},
+	ModuleOps:        {ModuleNATSConn},
 }
 
 // targets are what `kuma serve --target` accepts; all is `kuma up`. Shards
@@ -77,6 +79,9 @@ func order(target string) []string {
 	for _, m := range targets[target] {
 		visit(m)
 	}
+	// Every target serves its metrics and health, once everything else runs
+	// (and stops serving them first).
+	visit(ModuleOps)
 	// The connection must follow the embedded server when both run.
 	if i := slices.Index(out, ModuleNATSServer); i > 0 {
 		out = append([]string{ModuleNATSServer}, slices.Delete(out, i, i+1)...)
@@ -95,8 +100,9 @@ func (a *App) build(module string) (service, error) {
 		return &natsConnModule{app: a}, nil
 	case ModuleRouter:
 		return router.New(router.Config{
-			Contexts: map[string]int{cfg.Context: cfg.Shards},
-			Logger:   cfg.Logger.With("service", "router"),
+			Contexts:   map[string]int{cfg.Context: cfg.Shards},
+			Registerer: a.registry,
+			Logger:     cfg.Logger.With("service", "router"),
 		}, a.nc)
 	case ModuleKeyvault:
 		key, err := a.masterKey()
@@ -114,6 +120,8 @@ func (a *App) build(module string) (service, error) {
 		}
 		a.vault = kv
 		return kv, nil
+	case ModuleOps:
+		return &opsModule{app: a}, nil
 	case ModuleShardnode:
 		// In one process the shardnode calls the keyvault directly; alone,
 		// it reaches a keyvault over NATS.
@@ -122,10 +130,11 @@ func (a *App) build(module string) (service, error) {
 			keys = a.vault
 		}
 		return shardnode.New(shardnode.Config{
-			Keys:      keys,
-			Failpoint: cfg.Failpoint,
-			NodeName:  cfg.NodeName,
-			DataDir:   cfg.DataDir,
+			Keys:       keys,
+			Failpoint:  cfg.Failpoint,
+			NodeName:   cfg.NodeName,
+			Registerer: a.registry,
+			DataDir:    cfg.DataDir,
 			Contexts: []shardnode.ContextConfig{{
 				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context],
 			}},

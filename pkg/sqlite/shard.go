@@ -44,7 +44,11 @@ type Config struct {
 	MaxGroupEvents int
 	// QueueLen is how many commits may wait for the writer (default 1,024).
 	QueueLen int
-	Logger   *slog.Logger
+	// OnGroup, when set, is called by the writer after every committed group
+	// with its size and how long the transaction (with its fsync) took. It
+	// must be quick: it runs on the writer goroutine.
+	OnGroup func(commits, events int, took time.Duration)
+	Logger  *slog.Logger
 }
 
 func (c *Config) setDefaults() {

@@ -144,16 +144,21 @@ func (s *Shard) writeGroup(group []*Commit) {
 	if err != nil {
 		s.cfg.Logger.Error("commit failed", "shard", s.cfg.Shard, "entity", group[0].Entity, "err", err)
 	}
+	events := 0
+	for _, c := range group {
+		events += len(c.Events)
+	}
 	s.mu.Lock()
 	if err == nil {
 		s.stats.Groups++
 		s.stats.Commits += int64(len(group))
-		for _, c := range group {
-			s.stats.Events += int64(len(c.Events))
-		}
+		s.stats.Events += int64(events)
 		s.stats.SyncTime += elapsed
 	}
 	s.mu.Unlock()
+	if err == nil && s.cfg.OnGroup != nil {
+		s.cfg.OnGroup(len(group), events, elapsed)
+	}
 	if err == nil {
 		s.appendTail(group)
 		s.signalCommitted()

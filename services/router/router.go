@@ -17,6 +17,7 @@ import (
 	"github.com/kumadb/kuma/pkg/placement"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Version is the router's semver, shown by `nats micro ls`.
@@ -29,7 +30,9 @@ const QueueGroup = "kuma-router"
 type Config struct {
 	// Contexts maps each served context to its shard count.
 	Contexts map[string]int
-	Logger   *slog.Logger
+	// Registerer receives the router's metrics (nil: not exported).
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
 }
 
 // Validate reports every problem at once.
@@ -68,7 +71,17 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if nc == nil {
 		return nil, errors.New("router: a NATS connection is required")
 	}
-	return &Service{cfg: cfg, nc: nc}, nil
+	s := &Service{cfg: cfg, nc: nc}
+	if cfg.Registerer != nil {
+		err := cfg.Registerer.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "kuma_router_forwarded_total",
+			Help: "Requests the router forwarded to a shard subject.",
+		}, func() float64 { return float64(s.forwarded.Load()) }))
+		if err != nil {
+			return nil, fmt.Errorf("router: metrics: %w", err)
+		}
+	}
+	return s, nil
 }
 
 // Start registers the router as the NATS micro service "kuma-router" with one

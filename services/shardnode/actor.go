@@ -65,6 +65,15 @@ func (a *actor) handle(req *request) {
 	ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
 	defer cancel()
 	reply, err := a.serve(ctx, req)
+	m := a.sh.node.metrics
+	if err != nil {
+		m.requests.WithLabelValues(req.op, string(kuma.ErrorCode(err))).Inc()
+	} else {
+		m.requests.WithLabelValues(req.op, "ok").Inc()
+		if r, ok := reply.(*kuma.AppendReply); ok && !r.Duplicate {
+			m.appended.Add(float64(r.LastVersion - r.FirstVersion + 1))
+		}
+	}
 	nc := a.sh.node.nc
 	if err != nil {
 		if kuma.ErrorCode(err) == kuma.CodeInternal {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // ContextConfig describes one context served by the node.
@@ -55,6 +56,9 @@ type Config struct {
 	// ("forget-after-mark", "forget-after-shred") so that fault tests can
 	// stop the process exactly there. Nil in production.
 	Failpoint func(name string)
+	// Registerer receives the node's Prometheus collectors (nil: a private
+	// registry nobody scrapes).
+	Registerer prometheus.Registerer
 	// NodeName names this node in status (default "kuma").
 	NodeName string
 	Logger   *slog.Logger

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Service is a shardnode. Start opens every shard of every configured context
@@ -27,6 +28,7 @@ type Service struct {
 	shredSub *nats.Subscription
 	js       jetstream.JetStream
 	micro    micro.Service
+	metrics  *metrics
 
 	mu     sync.Mutex
 	shards []*shard
@@ -41,7 +43,17 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if nc == nil {
 		return nil, errors.New("shardnode: a NATS connection is required")
 	}
-	return &Service{cfg: cfg, nc: nc, keys: newKeyCache(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now)}, nil
+	s := &Service{cfg: cfg, nc: nc, keys: newKeyCache(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now)}
+	reg := cfg.Registerer
+	if reg == nil {
+		reg = prometheus.NewRegistry() // counted, just not exported
+	}
+	m, err := newMetrics(reg, s)
+	if err != nil {
+		return nil, fmt.Errorf("shardnode: metrics: %w", err)
+	}
+	s.metrics = m
+	return s, nil
 }
 
 // Start opens all shards and begins serving them.
@@ -156,6 +168,7 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n, maxActors
 		Shards:      cc.Shards,
 		Synchronous: s.cfg.Synchronous,
 		Logger:      s.cfg.Logger,
+		OnGroup:     s.metrics.onGroup,
 	})
 	if err != nil {
 		return nil, err
@@ -216,6 +229,7 @@ type ShardStats struct {
 	Shard      int
 	LiveActors int
 	Passivated int64
+	RelayLag   int64
 	Store      sqlite.Stats
 }
 

@@ -102,6 +102,11 @@ func knownOp(op string) bool {
 }
 
 func (sh *shard) replyError(msg *nats.Msg, err error) {
+	op, _, ok := kuma.ParseShardSubject(msg.Subject)
+	if !ok || !knownOp(op) {
+		op = "unknown"
+	}
+	sh.node.metrics.requests.WithLabelValues(op, string(kuma.ErrorCode(err))).Inc()
 	if rerr := natsbus.RespondError(sh.node.nc, msg, err); rerr != nil {
 		sh.node.cfg.Logger.Warn("reply failed", "subject", msg.Subject, "err", rerr)
 	}
@@ -226,5 +231,7 @@ func (sh *shard) stats() ShardStats {
 	sh.mu.Lock()
 	live, passivated := len(sh.actors), sh.passivated
 	sh.mu.Unlock()
-	return ShardStats{Context: sh.cc.Name, Shard: sh.n, LiveActors: live, Passivated: passivated, Store: sh.store.Stats()}
+	st := sh.store.Stats()
+	return ShardStats{Context: sh.cc.Name, Shard: sh.n, LiveActors: live, Passivated: passivated, Store: st,
+		RelayLag: max(0, st.LastSeq-sh.relay.published.Load())}
 }

@@ -1,0 +1,103 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// opsModule serves /metrics (the App's registry), /healthz (the process is
+// alive) and /readyz (it can serve: NATS connected, shards open) on
+// MetricsListen. Without MetricsListen it only registers the process-wide
+// collectors.
+type opsModule struct {
+	app *App
+	srv *http.Server
+	ln  net.Listener
+}
+
+func (m *opsModule) Start(ctx context.Context) error {
+	reg := m.app.registry
+	for _, c := range []prometheus.Collector{
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_nats_connected", Help: "1 while this process's NATS connection is up."},
+			func() float64 {
+				if nc := m.app.nc; nc != nil && nc.IsConnected() {
+					return 1
+				}
+				return 0
+			}),
+	} {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("ops: %w", err)
+		}
+	}
+	if m.app.cfg.MetricsListen == "" {
+		return nil
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if problems := m.app.notReady(); len(problems) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "not ready: "+strings.Join(problems, "; "))
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	ln, err := net.Listen("tcp", m.app.cfg.MetricsListen)
+	if err != nil {
+		return fmt.Errorf("ops: listen on %s: %w", m.app.cfg.MetricsListen, err)
+	}
+	m.ln = ln
+	m.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := m.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			m.app.cfg.Logger.Error("ops server stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+func (m *opsModule) Stop(ctx context.Context) error {
+	if m.srv == nil {
+		return nil
+	}
+	return m.srv.Shutdown(ctx)
+}
+
+// MetricsAddr is where /metrics is served ("" when it is not).
+func (a *App) MetricsAddr() string {
+	for _, s := range a.started {
+		if m, ok := s.svc.(*opsModule); ok && m.ln != nil {
+			return m.ln.Addr().String()
+		}
+	}
+	return ""
+}
+
+// notReady lists why the process cannot serve now.
+func (a *App) notReady() []string {
+	var out []string
+	if a.nc == nil || !a.nc.IsConnected() {
+		out = append(out, "NATS is not connected")
+	}
+	if sn := a.Shardnode(); sn != nil {
+		if open, want := len(sn.Stats()), a.cfg.Shards; open < want {
+			out = append(out, fmt.Sprintf("%d of %d shards open", open, want))
+		}
+	}
+	return out
+}

@@ -1,0 +1,194 @@
+package app_test
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/kumatest"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+func scrape(t *testing.T, addr string) map[string]*dto.MetricFamily {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fams
+}
+
+// value returns the metric with exactly these labels (counter, gauge or a
+// histogram's count).
+func value(fams map[string]*dto.MetricFamily, name string, labels ...string) float64 {
+	f := fams[name]
+	if f == nil {
+		return -1
+	}
+next:
+	for _, m := range f.Metric {
+		for i := 0; i+1 < len(labels); i += 2 {
+			found := false
+			for _, lp := range m.Label {
+				if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
+					found = true
+				}
+			}
+			if !found {
+				continue next
+			}
+		}
+		switch {
+		case m.Counter != nil:
+			return m.Counter.GetValue()
+		case m.Gauge != nil:
+			return m.Gauge.GetValue()
+		case m.Histogram != nil:
+			return float64(m.Histogram.GetSampleCount())
+		}
+	}
+	return -1
+}
+
+// TestMetricsCountTheWorkload runs a known workload and scrapes /metrics.
+func TestMetricsCountTheWorkload(t *testing.T) {
+	n := kumatest.Start(t, func(c *app.Config) { c.MetricsListen = "127.0.0.1:0" })
+	c := n.Client(client.Options{NoAutoIdempotencyKey: true})
+	ctx := t.Context()
+	for i := 0; i < 10; i++ {
+		if _, err := c.Append(ctx, fmt.Sprintf("m-%d", i%4), markerEvents(3)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 5; i++ {
+		if _, err := c.Read(ctx, "m-1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 2; i++ {
+		if _, err := c.Append(ctx, "m-1", markerEvents(1), client.ExpectVersion(0)); kuma.ErrorCode(err) != kuma.CodeVersionConflict {
+			t.Fatalf("want a conflict, got %v", err)
+		}
+	}
+	if _, err := c.Read(ctx, "nobody"); kuma.ErrorCode(err) != kuma.CodeNotFound {
+		t.Fatal(err)
+	}
+	kumatest.StreamEvents(t, n.NC, "default", 30)
+
+	f := scrape(t, n.App.MetricsAddr())
+	for _, w := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"kuma_requests_total", []string{"op", "append", "code", "ok"}, 10},
+		{"kuma_requests_total", []string{"op", "read", "code", "ok"}, 5},
+		{"kuma_requests_total", []string{"op", "append", "code", "version_conflict"}, 2},
+		{"kuma_requests_total", []string{"op", "read", "code", "not_found"}, 1},
+		{"kuma_events_appended_total", nil, 30},
+		{"kuma_router_forwarded_total", nil, 18},
+		{"kuma_nats_connected", nil, 1},
+		{"kuma_shards_open", nil, float64(n.Cfg.Shards)},
+		{"kuma_relay_lag_events", nil, 0},
+	} {
+		if got := value(f, w.name, w.labels...); got != w.want {
+			t.Errorf("%s%v = %v, want %v", w.name, w.labels, got, w.want)
+		}
+	}
+	// Every commit group is observed; 10 appends need at least one group
+	// and at most ten.
+	if g := value(f, "kuma_commit_duration_seconds"); g < 1 || g > 10 {
+		t.Errorf("kuma_commit_duration_seconds count = %v, want 1..10", g)
+	}
+	if v := value(f, "kuma_key_cache_misses_total"); v < 4 {
+		t.Errorf("key cache misses = %v, want at least one per new entity (4)", v)
+	}
+	if value(f, "go_goroutines") <= 0 || value(f, "process_resident_memory_bytes") <= 0 {
+		t.Error("the Go and process collectors are missing")
+	}
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestReadyzFollowsNATS runs a shardnode against an external NATS server,
+// stops that server and starts it again on the same port: /readyz turns
+// unready and ready again; /healthz stays ok throughout.
+func TestReadyzFollowsNATS(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	store := t.TempDir()
+	listen := "127.0.0.1:" + strconv.Itoa(port)
+	srv, err := natsbus.StartServer(t.Context(), natsbus.ServerConfig{Listen: listen, StoreDir: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := app.New(app.Config{Target: app.ModuleRouter, NATSURL: srv.ClientURL(), DataDir: t.TempDir(), Shards: 2, MetricsListen: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer a.Stop(t.Context())
+	base := "http://" + a.MetricsAddr()
+	waitFor := func(wantCode int) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			code, body := get(t, base+"/readyz")
+			if code == wantCode {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("/readyz = %d %q, want %d", code, body, wantCode)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitFor(http.StatusOK)
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	waitFor(http.StatusServiceUnavailable)
+	if code, body := get(t, base+"/readyz"); !strings.Contains(body, "NATS") {
+		t.Fatalf("/readyz %d %q does not say why", code, body)
+	}
+	if code, _ := get(t, base+"/healthz"); code != http.StatusOK {
+		t.Fatalf("/healthz = %d while NATS is down; the process is alive", code)
+	}
+	srv, err = natsbus.StartServer(t.Context(), natsbus.ServerConfig{Listen: listen, StoreDir: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	waitFor(http.StatusOK)
+}

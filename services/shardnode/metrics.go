@@ -1,0 +1,73 @@
+package shardnode
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the shardnode's Prometheus collectors, registered on the
+// registry its config names (never the global one), so several nodes in one
+// process do not collide.
+type metrics struct {
+	requests    *prometheus.CounterVec
+	appended    prometheus.Counter
+	commitTime  prometheus.Histogram
+	commitBatch prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kuma_requests_total",
+			Help: "Entity requests answered by the shardnode, by operation and protocol code (ok for success).",
+		}, []string{"op", "code"}),
+		appended: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kuma_events_appended_total",
+			Help: "Events committed by appends (duplicates of an idempotent retry not counted).",
+		}),
+		commitTime: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kuma_commit_duration_seconds",
+			Help:    "Duration of one group commit: the transaction and its fsync.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		commitBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kuma_commit_batch_events",
+			Help:    "Events written by one group commit.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 9),
+		}),
+	}
+	gauges := []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_live_actors", Help: "Entity actors in memory."},
+			func() float64 { return float64(s.sum(func(st ShardStats) int64 { return int64(st.LiveActors) })) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "kuma_passivations_total", Help: "Entity actors passivated (idle or over the actor bound)."},
+			func() float64 { return float64(s.sum(func(st ShardStats) int64 { return st.Passivated })) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "kuma_key_cache_hits_total", Help: "Data-key cache hits."},
+			func() float64 { h, _ := s.keys.stats(); return float64(h) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "kuma_key_cache_misses_total", Help: "Data-key cache misses (keyvault calls)."},
+			func() float64 { _, m := s.keys.stats(); return float64(m) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_relay_lag_events", Help: "Events committed but not yet in the event stream."},
+			func() float64 { return float64(s.sum(func(st ShardStats) int64 { return st.RelayLag })) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_shards_open", Help: "Shards this node has open."},
+			func() float64 { return float64(len(s.Stats())) }),
+	}
+	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch}, gauges...) {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+func (m *metrics) onGroup(commits, events int, took time.Duration) {
+	m.commitTime.Observe(took.Seconds())
+	m.commitBatch.Observe(float64(events))
+}
+
+func (s *Service) sum(f func(ShardStats) int64) int64 {
+	var n int64
+	for _, st := range s.Stats() {
+		n += f(st)
+	}
+	return n
+}
