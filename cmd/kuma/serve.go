@@ -31,7 +31,6 @@ func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string)
 	fs.StringVar(logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
 }
 
-
 // secretsAndHooks fills what comes only from the environment: the master key
 // itself (never a flag: flags show in ps) and the fault tests' failpoint.
 func secretsAndHooks(cfg *app.Config, getenv func(string) string) error {
