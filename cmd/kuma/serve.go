@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/pkg/telemetry"
 )
 
 // serverFlags registers the flags shared by up and serve.
@@ -29,11 +30,20 @@ func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string)
 	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "host:port for /metrics, /healthz and /readyz (empty: off)")
 	fs.StringVar(logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
+	fs.BoolFunc("trace-stdout", "print spans to stdout (debugging); OTLP export is configured by OTEL_* variables", func(string) error {
+		cfg.Tracing = telemetry.ExportStdout
+		return nil
+	})
 }
 
 // secretsAndHooks fills what comes only from the environment: the master key
 // itself (never a flag: flags show in ps) and the fault tests' failpoint.
 func secretsAndHooks(cfg *app.Config, getenv func(string) string) error {
+	// OTLP export is on when the standard variables point somewhere.
+	if cfg.Tracing == telemetry.ExportNone && getenv("OTEL_SDK_DISABLED") != "true" &&
+		(getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != "" || getenv("OTEL_TRACES_EXPORTER") == "otlp") {
+		cfg.Tracing = telemetry.ExportOTLP
+	}
 	if k := getenv("KUMA_MASTER_KEY"); k != "" && cfg.MasterKeyFile == "" {
 		key, err := app.DecodeMasterKey(strings.TrimSpace(k))
 		if err != nil {
@@ -60,16 +70,17 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 		return nil, usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", level)}
 	}
 	opts := &slog.HandlerOptions{Level: l}
-	switch format {
-	case "auto":
+	if format == "auto" {
+		format = "json"
 		if isTerminal(w) {
-			return slog.New(slog.NewTextHandler(w, opts)), nil
+			format = "text"
 		}
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	switch format {
 	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
+		return slog.New(telemetry.LogHandler(slog.NewTextHandler(w, opts))), nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+		return slog.New(telemetry.LogHandler(slog.NewJSONHandler(w, opts))), nil
 	}
 	return nil, usageError{fmt.Errorf("--log-format %q: want text, json or auto", format)}
 }

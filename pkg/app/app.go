@@ -4,12 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+
+	"github.com/kumadb/kuma/pkg/telemetry"
 
 	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 )
 
 // App is one Kuma process: the modules of its target, started in dependency
@@ -21,7 +25,9 @@ type App struct {
 	vault *keyvault.Service
 	// registry holds every module's metrics; one per App, never global.
 	registry *prometheus.Registry
-	started  []startedModule
+	// ownTP is the tracer provider the App built (and must flush on Stop).
+	ownTP   *sdktrace.TracerProvider
+	started []startedModule
 }
 
 type startedModule struct {
@@ -44,6 +50,13 @@ func (a *App) Registry() *prometheus.Registry { return a.registry }
 // Start starts every module of the target. On failure it stops what it had
 // started and returns the error.
 func (a *App) Start(ctx context.Context) error {
+	if a.cfg.TracerProvider == nil && a.cfg.Tracing != telemetry.ExportNone {
+		tp, err := telemetry.NewProvider(ctx, a.cfg.Tracing, os.Stdout, "kuma-"+a.cfg.Target)
+		if err != nil {
+			return err
+		}
+		a.ownTP, a.cfg.TracerProvider = tp, tp
+	}
 	for _, name := range order(a.cfg.Target) {
 		svc, err := a.build(name)
 		if err != nil {
@@ -69,6 +82,10 @@ func (a *App) Stop(ctx context.Context) error {
 		}
 	}
 	a.started = nil
+	if a.ownTP != nil {
+		errs = append(errs, a.ownTP.Shutdown(ctx)) // flush the last spans
+		a.ownTP = nil
+	}
 	return errors.Join(errs...)
 }
 

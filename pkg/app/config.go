@@ -14,6 +14,8 @@ import (
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/kumadb/kuma/pkg/telemetry"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Config is everything a Kuma process needs. Its zero value plus DataDir is a
@@ -41,6 +43,11 @@ type Config struct {
 	// <data>/keyvault/master.key and warns; other targets refuse to start.
 	MasterKey     []byte
 	MasterKeyFile string
+	// Tracing says where spans go: "" (off), "otlp" (configured by the
+	// standard OTEL_* variables) or "stdout". TracerProvider, when set,
+	// overrides it (tests record spans with it).
+	Tracing        telemetry.Exporter
+	TracerProvider trace.TracerProvider
 	// MetricsListen is where /metrics, /healthz and /readyz are served
 	// (host:port; empty: not served).
 	MetricsListen string

@@ -100,9 +100,10 @@ func (a *App) build(module string) (service, error) {
 		return &natsConnModule{app: a}, nil
 	case ModuleRouter:
 		return router.New(router.Config{
-			Contexts:   map[string]int{cfg.Context: cfg.Shards},
-			Registerer: a.registry,
-			Logger:     cfg.Logger.With("service", "router"),
+			Contexts:       map[string]int{cfg.Context: cfg.Shards},
+			Registerer:     a.registry,
+			TracerProvider: a.cfg.TracerProvider,
+			Logger:         cfg.Logger.With("service", "router"),
 		}, a.nc)
 	case ModuleKeyvault:
 		key, err := a.masterKey()
@@ -130,11 +131,12 @@ func (a *App) build(module string) (service, error) {
 			keys = a.vault
 		}
 		return shardnode.New(shardnode.Config{
-			Keys:       keys,
-			Failpoint:  cfg.Failpoint,
-			NodeName:   cfg.NodeName,
-			Registerer: a.registry,
-			DataDir:    cfg.DataDir,
+			Keys:           keys,
+			Failpoint:      cfg.Failpoint,
+			NodeName:       cfg.NodeName,
+			Registerer:     a.registry,
+			TracerProvider: cfg.TracerProvider,
+			DataDir:        cfg.DataDir,
 			Contexts: []shardnode.ContextConfig{{
 				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context],
 			}},

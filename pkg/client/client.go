@@ -19,7 +19,11 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Options configure a Client. The zero value is usable.
@@ -39,12 +43,16 @@ type Options struct {
 	NoAutoIdempotencyKey bool
 	// MaxBackoff caps the wait between retries (default 1s).
 	MaxBackoff time.Duration
+	// TracerProvider traces each call and carries its context to the server
+	// in the traceparent header (nil: no tracing).
+	TracerProvider trace.TracerProvider
 }
 
 // Client talks to Kuma over one NATS connection.
 type Client struct {
-	nc   *nats.Conn
-	opts Options
+	nc     *nats.Conn
+	opts   Options
+	tracer trace.Tracer
 }
 
 // New returns a client over nc, which the caller owns and closes.
@@ -67,7 +75,7 @@ func New(nc *nats.Conn, opts Options) (*Client, error) {
 	if opts.DirectShards < 0 {
 		return nil, fmt.Errorf("client: DirectShards must be 0 or more, got %d", opts.DirectShards)
 	}
-	return &Client{nc: nc, opts: opts}, nil
+	return &Client{nc: nc, opts: opts, tracer: telemetry.Tracer(opts.TracerProvider)}, nil
 }
 
 // AppendOption changes one append.
@@ -171,9 +179,23 @@ func (c *Client) call(ctx context.Context, op, entity string, req any, out any) 
 	return c.callWithHeader(ctx, op, entity, req, nil, out)
 }
 
-func (c *Client) callWithHeader(ctx context.Context, op, entity string, req any, hdr nats.Header, out any) error {
+func (c *Client) callWithHeader(ctx context.Context, op, entity string, req any, hdr nats.Header, out any) (err error) {
 	if err := kuma.ValidateEntityID(entity); err != nil {
 		return err
+	}
+	ctx, span := c.tracer.Start(ctx, "kuma "+op, trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(attribute.String("kuma.context", c.opts.Context), attribute.String("kuma.entity", entity)))
+	defer func() {
+		if err != nil {
+			span.SetStatus(codes.Error, string(kuma.ErrorCode(err)))
+		}
+		span.End()
+	}()
+	if span.SpanContext().IsValid() {
+		if hdr == nil {
+			hdr = nats.Header{}
+		}
+		telemetry.Inject(ctx, hdr)
 	}
 	var body []byte
 	if req != nil {

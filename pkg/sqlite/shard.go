@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 )
 
@@ -48,7 +50,10 @@ type Config struct {
 	// with its size and how long the transaction (with its fsync) took. It
 	// must be quick: it runs on the writer goroutine.
 	OnGroup func(commits, events int, took time.Duration)
-	Logger  *slog.Logger
+	// Tracer traces each group commit, linked to the span of every request
+	// it serves (nil: off).
+	Tracer trace.Tracer
+	Logger *slog.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -66,6 +71,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Tracer == nil {
+		c.Tracer = noop.NewTracerProvider().Tracer("")
 	}
 }
 

@@ -7,6 +7,10 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // ErrClosed is returned by Commit after Close.
@@ -53,6 +57,7 @@ type Commit struct {
 	apply      func(ctx context.Context, conn *sql.Conn) error
 	standalone func(ctx context.Context, conn *sql.Conn) error
 
+	span trace.SpanContext // of the request, linked from the group's span
 	done chan error
 }
 
@@ -67,6 +72,7 @@ func (s *Shard) Commit(ctx context.Context, c *Commit) error {
 		return errors.New("sqlite: commit with no events")
 	}
 	c.done = make(chan error, 1)
+	c.span = trace.SpanContextFromContext(ctx)
 	s.closeMu.RLock()
 	if s.closed {
 		s.closeMu.RUnlock()
@@ -124,6 +130,19 @@ func (s *Shard) writeLoop() {
 }
 
 func (s *Shard) writeGroup(group []*Commit) {
+	// One commit serves many requests: its span links to each of them
+	// rather than pretending to be any one's child.
+	var links []trace.Link
+	for _, c := range group {
+		if c.span.IsValid() {
+			links = append(links, trace.Link{SpanContext: c.span})
+		}
+	}
+	var span trace.Span
+	if links != nil {
+		_, span = s.cfg.Tracer.Start(context.Background(), "kuma.commit", trace.WithLinks(links...))
+		defer span.End()
+	}
 	start := time.Now()
 	err := s.writeTx(group)
 	if err != nil && len(group) > 1 {
@@ -158,6 +177,13 @@ func (s *Shard) writeGroup(group []*Commit) {
 	s.mu.Unlock()
 	if err == nil && s.cfg.OnGroup != nil {
 		s.cfg.OnGroup(len(group), events, elapsed)
+	}
+	if span != nil {
+		span.SetAttributes(attribute.Int("kuma.shard", s.cfg.Shard), attribute.Int("kuma.commit.requests", len(group)),
+			attribute.Int("kuma.commit.events", events), attribute.Float64("kuma.commit.fsync_ms", float64(elapsed.Microseconds())/1000))
+		if err != nil {
+			span.SetStatus(codes.Error, "commit failed")
+		}
 	}
 	if err == nil {
 		s.appendTail(group)

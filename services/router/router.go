@@ -15,9 +15,12 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Version is the router's semver, shown by `nats micro ls`.
@@ -32,7 +35,9 @@ type Config struct {
 	Contexts map[string]int
 	// Registerer receives the router's metrics (nil: not exported).
 	Registerer prometheus.Registerer
-	Logger     *slog.Logger
+	// TracerProvider traces each forward (nil: off).
+	TracerProvider trace.TracerProvider
+	Logger         *slog.Logger
 }
 
 // Validate reports every problem at once.
@@ -58,6 +63,7 @@ type Service struct {
 	nc        *nats.Conn
 	svc       micro.Service
 	forwarded atomic.Int64
+	tracer    trace.Tracer
 }
 
 // New builds a router over nc. It does no I/O.
@@ -71,7 +77,7 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if nc == nil {
 		return nil, errors.New("router: a NATS connection is required")
 	}
-	s := &Service{cfg: cfg, nc: nc}
+	s := &Service{cfg: cfg, nc: nc, tracer: telemetry.Tracer(cfg.TracerProvider)}
 	if cfg.Registerer != nil {
 		err := cfg.Registerer.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "kuma_router_forwarded_total",
@@ -129,11 +135,27 @@ func (s *Service) forward(req micro.Request) {
 		s.fail(req, err)
 		return
 	}
+	shard := placement.ShardOf(entity, shards)
+	hdr := nats.Header(req.Headers())
+	ctx, span := s.tracer.Start(telemetry.Extract(context.Background(), hdr), "kuma.router forward",
+		trace.WithSpanKind(trace.SpanKindServer),
+		trace.WithAttributes(attribute.String("kuma.op", op), attribute.String("kuma.entity", entity), attribute.Int("kuma.shard", shard)))
+	defer span.End()
+	if span.SpanContext().IsValid() {
+		// The shardnode's span is the router's child: a copy of the
+		// headers with the router's span context.
+		fwd := make(nats.Header, len(hdr)+1)
+		for k, v := range hdr {
+			fwd[k] = v
+		}
+		telemetry.Inject(ctx, fwd)
+		hdr = fwd
+	}
 	msg := &nats.Msg{
-		Subject: kuma.ShardSubject(ctxName, placement.ShardOf(entity, shards), op, entity),
+		Subject: kuma.ShardSubject(ctxName, shard, op, entity),
 		Reply:   req.Reply(),
 		Data:    req.Data(),
-		Header:  nats.Header(req.Headers()),
+		Header:  hdr,
 	}
 	if err := s.nc.PublishMsg(msg); err != nil {
 		s.fail(req, kuma.Errorf(kuma.CodeUnavailable, "router could not forward: %v", err))

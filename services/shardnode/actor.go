@@ -14,12 +14,16 @@ import (
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // request is one message for an actor.
 type request struct {
 	op  string
 	msg *nats.Msg
+	ctx context.Context // carries the caller's trace context
 }
 
 // ioTimeout bounds one request's reads from the shard file.
@@ -62,9 +66,15 @@ func (a *actor) run() {
 }
 
 func (a *actor) handle(req *request) {
-	ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
+	ctx, span := a.sh.node.tracer.Start(req.ctx, "kuma.shardnode "+req.op, trace.WithSpanKind(trace.SpanKindServer),
+		trace.WithAttributes(attribute.String("kuma.entity", a.id), attribute.Int("kuma.shard", a.sh.n)))
+	defer span.End()
+	ctx, cancel := context.WithTimeout(ctx, ioTimeout)
 	defer cancel()
 	reply, err := a.serve(ctx, req)
+	if err != nil {
+		span.SetStatus(codes.Error, string(kuma.ErrorCode(err)))
+	}
 	m := a.sh.node.metrics
 	if err != nil {
 		m.requests.WithLabelValues(req.op, string(kuma.ErrorCode(err))).Inc()
@@ -77,7 +87,7 @@ func (a *actor) handle(req *request) {
 	nc := a.sh.node.nc
 	if err != nil {
 		if kuma.ErrorCode(err) == kuma.CodeInternal {
-			a.sh.node.cfg.Logger.Error("request failed", "context", a.sh.cc.Name, "shard", a.sh.n,
+			a.sh.node.cfg.Logger.ErrorContext(ctx, "request failed", "context", a.sh.cc.Name, "shard", a.sh.n,
 				"entity", a.id, "op", req.op, "err", err)
 		}
 		err = natsbus.RespondError(nc, req.msg, err)

@@ -16,6 +16,7 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // ContextConfig describes one context served by the node.
@@ -59,6 +60,9 @@ type Config struct {
 	// Registerer receives the node's Prometheus collectors (nil: a private
 	// registry nobody scrapes).
 	Registerer prometheus.Registerer
+	// TracerProvider traces requests, commits, key fetches and relay
+	// publishes (nil: off).
+	TracerProvider trace.TracerProvider
 	// NodeName names this node in status (default "kuma").
 	NodeName string
 	Logger   *slog.Logger

@@ -11,6 +11,8 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // KeyVault is what a shardnode needs of the keyvault. The keyvault service
@@ -31,10 +33,11 @@ type KeyVault interface {
 // with a TTL, so a key shredded by another node cannot live here for long
 // even if its broadcast were missed. Safe for concurrent use.
 type keyCache struct {
-	vault KeyVault
-	max   int
-	ttl   time.Duration
-	now   func() time.Time
+	vault  KeyVault
+	tracer trace.Tracer
+	max    int
+	ttl    time.Duration
+	now    func() time.Time
 
 	mu      sync.Mutex
 	entries map[cacheKey]*list.Element
@@ -51,8 +54,8 @@ type cacheEntry struct {
 	fetched time.Time
 }
 
-func newKeyCache(vault KeyVault, max int, ttl time.Duration, now func() time.Time) *keyCache {
-	return &keyCache{vault: vault, max: max, ttl: ttl, now: now, entries: map[cacheKey]*list.Element{}, lru: list.New()}
+func newKeyCache(vault KeyVault, max int, ttl time.Duration, now func() time.Time, tracer trace.Tracer) *keyCache {
+	return &keyCache{vault: vault, tracer: tracer, max: max, ttl: ttl, now: now, entries: map[cacheKey]*list.Element{}, lru: list.New()}
 }
 
 // get returns the entity's key from the cache or the vault.
@@ -72,7 +75,10 @@ func (c *keyCache) get(ctx context.Context, kctx, entity string, create bool) (*
 	c.misses++
 	c.mu.Unlock()
 
+	ctx, span := c.tracer.Start(ctx, "kuma.keyvault DataKey", trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(attribute.Bool("kuma.key.create", create)))
 	raw, err := c.vault.DataKey(ctx, kctx, entity, create)
+	span.End()
 	if err != nil {
 		return nil, err
 	}

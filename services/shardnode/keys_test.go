@@ -10,6 +10,7 @@ import (
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/nats-io/nats.go"
 )
@@ -51,7 +52,7 @@ func TestKeyCacheHitsBoundTTLAndShredBroadcast(t *testing.T) {
 	vault := &countingVault{keys: map[string][]byte{}}
 	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	var clock sync.Mutex
-	c := newKeyCache(vault, 2, time.Minute, func() time.Time { clock.Lock(); defer clock.Unlock(); return now })
+	c := newKeyCache(vault, 2, time.Minute, func() time.Time { clock.Lock(); defer clock.Unlock(); return now }, telemetry.Tracer(nil))
 
 	a1, err := c.get(ctx, "default", "a", true)
 	if err != nil {

@@ -13,6 +13,8 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // relay is a shard's outbox relay: it publishes the shard's committed events,
@@ -165,6 +167,9 @@ func (r *relay) publishOnce() (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	_, span := r.sh.node.tracer.Start(ctx, "kuma.relay publish", trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(attribute.Int("kuma.shard", r.sh.n), attribute.Int("kuma.relay.events", len(body.Events))))
+	defer span.End()
 	r.sh.node.cfg.Failpoint("relay-before-publish")
 	msg := nats.NewMsg(r.subject)
 	msg.Data = data

@@ -11,10 +11,12 @@ import (
 
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Service is a shardnode. Start opens every shard of every configured context
@@ -29,6 +31,7 @@ type Service struct {
 	js       jetstream.JetStream
 	micro    micro.Service
 	metrics  *metrics
+	tracer   trace.Tracer
 
 	mu     sync.Mutex
 	shards []*shard
@@ -43,7 +46,8 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if nc == nil {
 		return nil, errors.New("shardnode: a NATS connection is required")
 	}
-	s := &Service{cfg: cfg, nc: nc, keys: newKeyCache(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now)}
+	tracer := telemetry.Tracer(cfg.TracerProvider)
+	s := &Service{cfg: cfg, nc: nc, tracer: tracer, keys: newKeyCache(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer)}
 	reg := cfg.Registerer
 	if reg == nil {
 		reg = prometheus.NewRegistry() // counted, just not exported
@@ -169,6 +173,7 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n, maxActors
 		Synchronous: s.cfg.Synchronous,
 		Logger:      s.cfg.Logger,
 		OnGroup:     s.metrics.onGroup,
+		Tracer:      s.tracer,
 	})
 	if err != nil {
 		return nil, err

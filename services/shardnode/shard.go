@@ -11,6 +11,7 @@ import (
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/placement"
 	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 )
 
@@ -90,7 +91,7 @@ func (sh *shard) onMsg(msg *nats.Msg) {
 			"entity %q belongs to shard %d of %d, not shard %d", entity, want, sh.cc.Shards, sh.n))
 		return
 	}
-	sh.dispatch(entity, &request{op: op, msg: msg})
+	sh.dispatch(entity, &request{op: op, msg: msg, ctx: telemetry.Extract(context.Background(), msg.Header)})
 }
 
 func knownOp(op string) bool {
