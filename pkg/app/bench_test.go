@@ -17,6 +17,7 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/nats-io/nats.go"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 )
 
 // benchPayload is a ~200-byte event, as in the seed's benchmark.
@@ -27,13 +28,25 @@ var benchPayload = json.RawMessage(`{"name":"Dwighson","role":"architect","email
 // over TCP NATS to the router (or straight to the shard), acknowledged only
 // once fsynced (synchronous=FULL). One op is one batch of 100 events.
 func BenchmarkAppendE2E(b *testing.B) {
-	for _, direct := range []bool{false, true} {
-		name := "via-router"
-		if direct {
-			name = "direct"
-		}
-		b.Run(name, func(b *testing.B) {
-			n := kumatest.Start(b, func(c *app.Config) { c.Shards = 16 })
+	for _, v := range []struct {
+		name   string
+		direct bool
+		sample float64 // < 0: tracing off
+	}{{"via-router", false, -1}, {"direct", true, -1}, {"via-router-traced-1pct", false, 0.01}} {
+		direct := v.direct
+		b.Run(v.name, func(b *testing.B) {
+			var tp *sdktrace.TracerProvider
+			if v.sample >= 0 {
+				tp = sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.TraceIDRatioBased(v.sample))),
+					sdktrace.WithBatcher(discardExporter{}))
+				defer tp.Shutdown(context.Background())
+			}
+			n := kumatest.Start(b, func(c *app.Config) {
+				c.Shards = 16
+				if tp != nil {
+					c.TracerProvider = tp
+				}
+			})
 			clients := make([]*client.Client, 4)
 			for i := range clients {
 				nc, err := nats.Connect(n.App.ClientURL())
@@ -42,6 +55,9 @@ func BenchmarkAppendE2E(b *testing.B) {
 				}
 				defer nc.Close()
 				opts := client.Options{NoAutoIdempotencyKey: true}
+				if tp != nil {
+					opts.TracerProvider = tp
+				}
 				if direct {
 					opts.DirectShards = 16
 				}
@@ -139,3 +155,10 @@ func BenchmarkManyEntities(b *testing.B) {
 	b.ReportMetric(float64(liveActors(n)), "live-actors")
 	b.ReportMetric(float64(ms.HeapInuse)/(1<<20), "heap-MiB")
 }
+
+// discardExporter drops spans: the benchmark measures the cost of tracing
+// in the process, not of a collector.
+type discardExporter struct{}
+
+func (discardExporter) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
+func (discardExporter) Shutdown(context.Context) error                             { return nil }
