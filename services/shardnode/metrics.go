@@ -60,6 +60,9 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 }
 
 func (m *metrics) onGroup(commits, events int, took time.Duration) {
+	if events == 0 {
+		return // bookkeeping (the relay's note, a forget), not appends
+	}
 	m.commitTime.Observe(took.Seconds())
 	m.commitBatch.Observe(float64(events))
 }
