@@ -4,24 +4,62 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+	"time"
 )
 
-// TestLoadtestSmall runs the tool end to end on a small workload and checks
-// that what it reports adds up.
+func small() config {
+	return config{events: 20_000, writers: 20, batch: 100, entities: 50, shards: 4, conns: 2, payloadBytes: 200,
+		sync: "FULL", ctxName: "default", timeout: 30 * time.Second}
+}
+
+// TestLoadtestSmall runs the tool end to end on a small workload, with the
+// verification pass and the baseline, and checks that what it reports adds
+// up.
 func TestLoadtestSmall(t *testing.T) {
 	var out bytes.Buffer
-	r, err := run(t.Context(), config{events: 20_000, writers: 20, batch: 100, entities: 50, shards: 4, conns: 2, sync: "FULL", ctxName: "default", timeout: 30e9}, &out)
+	c := small()
+	c.verify, c.baseline, c.readRatio = true, "sqlite", 0.2
+	rep, err := runAll(t.Context(), c, &out)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
-	if r.Events != 20_000 || r.Appends != 200 || r.Errors != 0 {
-		t.Fatalf("result %+v, want 20,000 events in 200 appends", r)
+	r := rep.Kuma
+	if r.Events != 20_000 || r.Appends != 200 || r.Errors != 0 || !r.Verified || r.Reads == 0 {
+		t.Fatalf("result %+v, want 20,000 verified events in 200 appends and some reads", r)
 	}
-	if r.P50 <= 0 || r.P50 > r.P99 || r.P99 > r.Max || r.EventsSec <= 0 {
-		t.Fatalf("percentiles out of order: %+v", r)
+	if r.Append.P50 <= 0 || r.Append.P50 > r.Append.P99 || r.Append.P99 > r.Append.Max || r.EventsSec <= 0 {
+		t.Fatalf("percentiles out of order: %+v", r.Append)
 	}
-	if !strings.Contains(out.String(), "throughput:") || !strings.Contains(out.String(), "event stream caught up") {
-		t.Fatalf("output lacks the throughput line:\n%s", out.String())
+	if b := rep.Baseline; b == nil || b.Events != 20_000 || rep.Ratio <= 0 {
+		t.Fatalf("baseline %+v ratio %v", b, rep.Ratio)
+	}
+	for _, want := range []string{"throughput:", "event stream caught up", "verified", "kuma / baseline"} {
+		if !strings.Contains(out.String(), want) {
+			t.Fatalf("output lacks %q:\n%s", want, out.String())
+		}
 	}
 	t.Log(out.String())
+}
+
+// TestLoadtestFixedRate runs a paced (latency) run to the end.
+func TestLoadtestFixedRate(t *testing.T) {
+	c := small()
+	c.events, c.rate = 2_000, 200
+	var out bytes.Buffer
+	r, err := run(t.Context(), c, &out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Appends != 20 || r.Errors != 0 || !strings.Contains(out.String(), "200 appends/s") {
+		t.Fatalf("%d appends, %d errors:\n%s", r.Appends, r.Errors, out.String())
+	}
+}
+
+func TestPayloadSize(t *testing.T) {
+	for _, n := range []int{50, 200, 1000} {
+		p := payload(n)
+		if n >= 100 && (len(p) < n-2 || len(p) > n+2) {
+			t.Fatalf("payload(%d) is %d bytes", n, len(p))
+		}
+	}
 }

@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/nats-io/nats.go"
+)
+
+// result is what one run measured.
+type result struct {
+	Target    string           `json:"target"`
+	Events    int64            `json:"events"`
+	Appends   int64            `json:"appends"`
+	Reads     int64            `json:"reads"`
+	Errors    int64            `json:"errors"`
+	ErrorsBy  map[string]int64 `json:"errors_by_code,omitempty"`
+	Elapsed   time.Duration    `json:"elapsed_ns"`
+	EventsSec float64          `json:"events_per_sec"`
+	Append    percentiles      `json:"append_latency"`
+	Read      percentiles      `json:"read_latency,omitempty"`
+	// StreamCatchUp is how long after the last acknowledgement the event
+	// stream held every event (relay lag 0 in status).
+	StreamCatchUp time.Duration `json:"stream_catch_up_ns,omitempty"`
+	Verified      bool          `json:"verified,omitempty"`
+}
+
+// percentiles are exact: every latency is kept and sorted (an append is a
+// batch, so a million events are ten thousand samples).
+type percentiles struct {
+	P50, P90, P99, P999, Max time.Duration
+}
+
+func percentilesOf(lats []time.Duration) percentiles {
+	if len(lats) == 0 {
+		return percentiles{}
+	}
+	sort.Slice(lats, func(i, j int) bool { return lats[i] < lats[j] })
+	at := func(p float64) time.Duration { return lats[min(len(lats)-1, int(p*float64(len(lats))))] }
+	return percentiles{P50: at(0.50), P90: at(0.90), P99: at(0.99), P999: at(0.999), Max: lats[len(lats)-1]}
+}
+
+func (p percentiles) String() string {
+	r := func(d time.Duration) time.Duration { return d.Round(time.Microsecond) }
+	return fmt.Sprintf("p50 %s  p90 %s  p99 %s  p99.9 %s  max %s", r(p.P50), r(p.P90), r(p.P99), r(p.P999), r(p.Max))
+}
+
+// payload makes one event's data of about n bytes.
+func payload(n int) json.RawMessage {
+	base := `{"name":"Dwighson","role":"architect","email":"dwighson@example.com","level":7,"note":""}`
+	pad := max(0, n-len(base))
+	return json.RawMessage(strings.Replace(base, `"note":""`, `"note":"`+strings.Repeat("x", pad)+`"`, 1))
+}
+
+func validate(c config) error {
+	if c.events < c.batch || c.batch < 1 || c.writers < 1 || c.entities < 1 || c.conns < 1 || c.shards < 1 {
+		return fmt.Errorf("need events >= batch >= 1 and writers, entities, conns, shards >= 1")
+	}
+	if c.readRatio < 0 || c.readRatio >= 1 {
+		return fmt.Errorf("--read-ratio must be in [0, 1)")
+	}
+	return nil
+}
+
+func run(ctx context.Context, c config, out io.Writer) (*result, error) {
+	if err := validate(c); err != nil {
+		return nil, err
+	}
+	url := c.natsURL
+	if url == "" {
+		dir, err := os.MkdirTemp("", "kuma-loadtest-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(dir)
+		a, err := app.New(app.Config{DataDir: dir, Shards: c.shards, NATSListen: "127.0.0.1:-1",
+			Synchronous: c.sync, Context: c.ctxName, Logger: discardLog})
+		if err != nil {
+			return nil, err
+		}
+		if err := a.Start(ctx); err != nil {
+			return nil, err
+		}
+		defer a.Stop(context.Background())
+		url = a.ClientURL()
+		fmt.Fprintf(out, "embedded node: %d shards, synchronous=%s, data in %s\n", c.shards, c.sync, dir)
+	}
+	clients := make([]*client.Client, c.conns)
+	var statusConn *nats.Conn
+	for i := range clients {
+		nc, err := nats.Connect(url)
+		if err != nil {
+			return nil, fmt.Errorf("connect %s: %w", url, err)
+		}
+		defer nc.Close()
+		statusConn = nc
+		opts := client.Options{Context: c.ctxName, Timeout: c.timeout}
+		if c.direct {
+			opts.DirectShards = c.shards
+		}
+		if clients[i], err = client.New(nc, opts); err != nil {
+			return nil, err
+		}
+	}
+	batch := make([]kuma.EventInput, c.batch)
+	data := payload(c.payloadBytes)
+	for i := range batch {
+		batch[i] = kuma.EventInput{Type: "UserUpdated", Data: data}
+	}
+
+	appends := int64(c.events / c.batch)
+	var next, failed, reads atomic.Int64
+	var errMu sync.Mutex
+	errorsBy := map[string]int64{}
+	acked := make([]atomic.Int64, c.entities) // events acknowledged per entity
+	appendLats := make([][]time.Duration, c.writers)
+	readLats := make([][]time.Duration, c.writers)
+
+	// A latency run paces appends: each writer takes a slot, and latency
+	// counts from when the slot was due, so a stall is not hidden
+	// (coordinated omission).
+	var slots chan time.Time
+	stopPacer := make(chan struct{})
+	if c.rate > 0 {
+		slots = make(chan time.Time, c.writers)
+		go func() {
+			interval := time.Duration(float64(time.Second) / c.rate)
+			due := time.Now()
+			for {
+				due = due.Add(interval)
+				time.Sleep(time.Until(due))
+				select {
+				case slots <- due:
+				case <-stopPacer:
+					return
+				}
+			}
+		}()
+	}
+	how := "saturation"
+	if c.rate > 0 {
+		how = fmt.Sprintf("%.0f appends/s", c.rate)
+	}
+	fmt.Fprintf(out, "appending %d events: %d writers, batches of %d, %d entities, ~%d-byte events, %s, via %s\n",
+		appends*int64(c.batch), c.writers, c.batch, c.entities, len(data), how, map[bool]string{true: "shard subjects", false: "router"}[c.direct])
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := 0; w < c.writers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			cl := clients[w%len(clients)]
+			rng := rand.New(rand.NewPCG(uint64(w), uint64(start.UnixNano())))
+			for {
+				if c.readRatio > 0 && rng.Float64() < c.readRatio {
+					t0 := time.Now()
+					if _, err := cl.Read(ctx, fmt.Sprintf("user-%d", rng.IntN(c.entities))); err == nil || kuma.ErrorCode(err) == kuma.CodeNotFound {
+						readLats[w] = append(readLats[w], time.Since(t0))
+						reads.Add(1)
+					}
+					continue
+				}
+				if next.Add(1) > appends {
+					return
+				}
+				t0 := time.Now()
+				if slots != nil {
+					t0 = <-slots
+				}
+				e := rng.IntN(c.entities)
+				if _, err := cl.Append(ctx, fmt.Sprintf("user-%d", e), batch); err != nil {
+					failed.Add(1)
+					errMu.Lock()
+					errorsBy[string(kuma.ErrorCode(err))]++
+					errMu.Unlock()
+					continue
+				}
+				appendLats[w] = append(appendLats[w], time.Since(t0))
+				acked[e].Add(int64(c.batch))
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(stopPacer)
+	elapsed := time.Since(start)
+
+	var alls, allr []time.Duration
+	for w := range appendLats {
+		alls = append(alls, appendLats[w]...)
+		allr = append(allr, readLats[w]...)
+	}
+	r := &result{Target: "kuma " + url, Appends: int64(len(alls)), Events: int64(len(alls)) * int64(c.batch), Reads: reads.Load(),
+		Errors: failed.Load(), ErrorsBy: errorsBy, Elapsed: elapsed,
+		Append: percentilesOf(alls), Read: percentilesOf(allr)}
+	r.EventsSec = float64(r.Events) / elapsed.Seconds()
+	fmt.Fprintf(out, "acknowledged %d events in %d appends (%d failed %v) in %s\n", r.Events, r.Appends, r.Errors, errorsBy, elapsed.Round(time.Millisecond))
+	fmt.Fprintf(out, "throughput: %.0f events/s\n", r.EventsSec)
+	fmt.Fprintf(out, "append latency: %s\n", r.Append)
+	if r.Reads > 0 {
+		fmt.Fprintf(out, "reads: %d, latency: %s\n", r.Reads, r.Read)
+	}
+	catchUp, err := waitForStream(ctx, statusConn, c.ctxName)
+	if err != nil {
+		return r, err
+	}
+	r.StreamCatchUp = catchUp
+	fmt.Fprintf(out, "event stream caught up %s after the last acknowledgement\n", catchUp.Round(time.Millisecond))
+	if c.verify {
+		if err := verify(ctx, clients[0], acked); err != nil {
+			return r, err
+		}
+		r.Verified = true
+		fmt.Fprintln(out, "verified: every acknowledged event is there")
+	}
+	if r.Errors > 0 {
+		return r, fmt.Errorf("%d appends failed", r.Errors)
+	}
+	return r, nil
+}
+
+// verify reads every entity back: it must hold at least the events that
+// were acknowledged for it (an append that timed out may have committed too),
+// and its versions must be dense.
+func verify(ctx context.Context, c *client.Client, acked []atomic.Int64) error {
+	for e := range acked {
+		want := acked[e].Load()
+		if want == 0 {
+			continue
+		}
+		id := fmt.Sprintf("user-%d", e)
+		r, err := c.Read(ctx, id)
+		if err != nil {
+			return fmt.Errorf("verify %s: %w", id, err)
+		}
+		if r.Version < want {
+			return fmt.Errorf("verify %s: %d events acknowledged, the entity holds %d", id, want, r.Version)
+		}
+		h, err := c.History(ctx, id, r.Version, 1)
+		if err != nil || len(h.Events) != 1 || h.Events[0].Version != r.Version {
+			return fmt.Errorf("verify %s: the last version %d is not readable (%v)", id, r.Version, err)
+		}
+	}
+	return nil
+}
+
+// waitForStream polls kuma.<ctx>.status until no shard has relay lag.
+func waitForStream(ctx context.Context, nc *nats.Conn, kctx string) (time.Duration, error) {
+	start := time.Now()
+	for time.Since(start) < time.Minute {
+		msg, err := nc.Request("kuma."+kctx+".status", nil, 5*time.Second)
+		if err != nil {
+			return 0, fmt.Errorf("status: %w", err)
+		}
+		var st kuma.StatusReply
+		if err := json.Unmarshal(msg.Data, &st); err != nil {
+			return 0, fmt.Errorf("status: %w", err)
+		}
+		var lag int64
+		for _, s := range st.Shards {
+			lag += s.RelayLag
+		}
+		if lag == 0 {
+			return time.Since(start), nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return 0, fmt.Errorf("the event stream did not catch up within a minute")
+}
