@@ -8,6 +8,7 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$ctx/kuma" ../../cmd/kuma
 cp Dockerfile "$ctx/"
-cp -r rootfs "$ctx/"
-rm -f "$ctx/rootfs/data/tmp/.keep"
+# The image's only directories: an empty /data (the volume) with a tmp/ for
+# SQLite, owned by the image's user through COPY --chown.
+mkdir -p "$ctx/rootfs/data/tmp"
 docker build -q -t "$tag" "$ctx"
