@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -154,6 +157,24 @@ func BenchmarkManyEntities(b *testing.B) {
 	runtime.ReadMemStats(&ms)
 	b.ReportMetric(float64(liveActors(n)), "live-actors")
 	b.ReportMetric(float64(ms.HeapInuse)/(1<<20), "heap-MiB")
+	if rss := residentMiB(); rss > 0 {
+		b.ReportMetric(rss, "rss-MiB")
+	}
+}
+
+// residentMiB reads the process's resident set from /proc (Linux), or 0.
+func residentMiB() float64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
 }
 
 // discardExporter drops spans: the benchmark measures the cost of tracing
