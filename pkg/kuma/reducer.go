@@ -65,13 +65,13 @@ type rawDoc struct {
 }
 
 func (d *rawDoc) set(v json.RawMessage) error {
+	if !json.Valid(v) {
+		return errors.New("invalid JSON")
+	}
 	if isObject(v) {
 		d.val = nil
 		d.obj = map[string]json.RawMessage{}
-		return json.Unmarshal(v, &d.obj)
-	}
-	if !json.Valid(v) {
-		return errors.New("invalid JSON")
+		return members(v, func(k string, val []byte) error { d.obj[k] = val; return nil })
 	}
 	d.obj, d.val = nil, v
 	return nil
@@ -82,14 +82,13 @@ func (d *rawDoc) apply(patch json.RawMessage) error {
 	if !isObject(patch) {
 		return d.set(patch)
 	}
-	var p map[string]json.RawMessage
-	if err := json.Unmarshal(patch, &p); err != nil {
-		return err
+	if !json.Valid(patch) {
+		return errors.New("invalid JSON")
 	}
 	if d.obj == nil {
-		d.obj, d.val = make(map[string]json.RawMessage, len(p)), nil
+		d.obj, d.val = map[string]json.RawMessage{}, nil
 	}
-	for k, v := range p {
+	return members(patch, func(k string, v []byte) error {
 		switch {
 		case isNull(v):
 			delete(d.obj, k)
@@ -102,8 +101,94 @@ func (d *rawDoc) apply(patch json.RawMessage) error {
 		default:
 			d.obj[k] = v
 		}
+		return nil
+	})
+}
+
+// members calls fn with each member of a JSON object, in order, without
+// decoding the values: each is a sub-slice of obj. obj must be valid JSON
+// (callers check with json.Valid, which is far cheaper than decoding).
+func members(obj []byte, fn func(key string, val []byte) error) error {
+	i := skipSpace(obj, 0)
+	if i >= len(obj) || obj[i] != '{' {
+		return errors.New("not a JSON object")
 	}
-	return nil
+	i++
+	for {
+		i = skipSpace(obj, i)
+		if i < len(obj) && obj[i] == '}' {
+			return nil
+		}
+		if i < len(obj) && obj[i] == ',' {
+			i = skipSpace(obj, i+1)
+		}
+		end := stringEnd(obj, i)
+		rawKey := obj[i:end]
+		var key string
+		if bytes.IndexByte(rawKey, '\\') >= 0 {
+			if err := json.Unmarshal(rawKey, &key); err != nil {
+				return err
+			}
+		} else {
+			key = string(rawKey[1 : len(rawKey)-1])
+		}
+		i = skipSpace(obj, end)
+		i = skipSpace(obj, i+1) // the colon
+		vend := valueEnd(obj, i)
+		if err := fn(key, obj[i:vend:vend]); err != nil {
+			return err
+		}
+		i = vend
+	}
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// stringEnd returns the index just past the JSON string starting at b[i].
+func stringEnd(b []byte, i int) int {
+	for j := i + 1; j < len(b); j++ {
+		switch b[j] {
+		case '\\':
+			j++
+		case '"':
+			return j + 1
+		}
+	}
+	return len(b)
+}
+
+// valueEnd returns the index just past the JSON value starting at b[i].
+func valueEnd(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		return stringEnd(b, i)
+	case '{', '[':
+		depth := 0
+		for j := i; j < len(b); j++ {
+			switch b[j] {
+			case '"':
+				j = stringEnd(b, j) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return j + 1
+				}
+			}
+		}
+		return len(b)
+	}
+	j := i
+	for j < len(b) && b[j] != ',' && b[j] != '}' && b[j] != ']' && b[j] != ' ' && b[j] != '\t' && b[j] != '\n' && b[j] != '\r' {
+		j++
+	}
+	return j
 }
 
 func (d *rawDoc) encode() (json.RawMessage, error) {
