@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"time"
+	"unicode/utf8"
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
@@ -23,7 +24,7 @@ import (
 // A restart finds any mark left by a crash and does 2 and 3 again; both are
 // idempotent, and so is forget itself.
 func (a *actor) forget(ctx context.Context, r *kuma.ForgetRequest, requestedBy string) (*kuma.ForgetReply, error) {
-	if len([]rune(r.Reason)) > kuma.MaxForgetReasonLen {
+	if utf8.RuneCountInString(r.Reason) > kuma.MaxForgetReasonLen {
 		return nil, kuma.Errorf(kuma.CodeBadRequest, "reason must be at most %d characters", kuma.MaxForgetReasonLen)
 	}
 	if a.forgotten != nil {
@@ -37,11 +38,12 @@ func (a *actor) forget(ctx context.Context, r *kuma.ForgetRequest, requestedBy s
 	}
 	sh := a.sh
 	now := sh.node.cfg.Now().UTC().Truncate(time.Microsecond)
-	if err := sh.store.MarkForget(ctx, sqlite.PendingForget{Entity: a.id, Reason: r.Reason, RequestedBy: requestedBy, RequestedAt: now}); err != nil {
+	mark := sqlite.PendingForget{Entity: a.id, Reason: r.Reason, RequestedBy: requestedBy, RequestedAt: now}
+	if err := sh.store.MarkForget(ctx, mark); err != nil {
 		return nil, err
 	}
 	sh.node.cfg.Failpoint("forget-after-mark")
-	rec, err := sh.erase(ctx, sqlite.PendingForget{Entity: a.id, Reason: r.Reason, RequestedBy: requestedBy, RequestedAt: now}, a.version)
+	rec, err := sh.erase(ctx, mark, a.version)
 	if err != nil {
 		return nil, err
 	}

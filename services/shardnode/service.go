@@ -234,7 +234,8 @@ type ShardStats struct {
 	Shard      int
 	LiveActors int
 	Passivated int64
-	RelayLag   int64
+	Published  int64 // last position in the event stream
+	RelayLag   int64 // committed but not yet published
 	Store      sqlite.Stats
 }
 

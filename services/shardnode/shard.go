@@ -233,6 +233,7 @@ func (sh *shard) stats() ShardStats {
 	live, passivated := len(sh.actors), sh.passivated
 	sh.mu.Unlock()
 	st := sh.store.Stats()
+	pub := sh.relay.published.Load()
 	return ShardStats{Context: sh.cc.Name, Shard: sh.n, LiveActors: live, Passivated: passivated, Store: st,
-		RelayLag: max(0, st.LastSeq-sh.relay.published.Load())}
+		Published: pub, RelayLag: max(0, st.LastSeq-pub)}
 }

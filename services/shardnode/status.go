@@ -61,9 +61,9 @@ func (s *Service) Status(ctx context.Context, kctx string) (*kuma.StatusReply, e
 			return nil, err
 		}
 		st := sh.stats()
-		last, pub := st.Store.LastSeq, sh.relay.published.Load()
+		last, pub := st.Store.LastSeq, st.Published
 		line := kuma.ShardStatus{Shard: sh.n, Owner: s.cfg.NodeName, Entities: entities, Events: last,
-			RelayLag: max(0, last-pub), LiveActors: st.LiveActors}
+			RelayLag: st.RelayLag, LiveActors: st.LiveActors}
 		if last > 0 {
 			line.Position = kuma.Position{Shard: sh.n, Seq: last}.String()
 		}
