@@ -3,14 +3,14 @@ package client
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/envelope"
+	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -130,7 +130,13 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions, handler f
 	if err != nil {
 		return nil, fmt.Errorf("client: subscribe to %s: %w", kuma.StreamName(kctx), err)
 	}
-	keys := newOpener(vaultclient.New(c.nc, c.opts.Timeout), kctx)
+	// A subscription's own bounded cache: a key shredded meanwhile is
+	// dropped by the broadcast, or at the latest after the TTL.
+	keys := keycache.New(vaultclient.New(c.nc, c.opts.Timeout), 10_000, time.Minute, time.Now, telemetry.Tracer(nil))
+	shreds, err := keys.SubscribeShredded(c.nc)
+	if err != nil {
+		return nil, err
+	}
 	sub := &Subscription{done: make(chan struct{})}
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		if sub.ended() {
@@ -150,11 +156,13 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions, handler f
 					continue
 				}
 			}
-			ev, err := keys.open(context.Background(), se)
+			op, err := keys.Open(context.Background(), kctx, se)
 			if err != nil {
-				sub.finish(err)
+				sub.finish(fmt.Errorf("client: %w", err))
 				return
 			}
+			ev := Event{Entity: se.Entity, Version: se.Version, Time: se.Time, Position: se.Position,
+				Type: op.Type, Data: op.Data, Forgotten: op.Forgotten}
 			if err := handler(ev); err != nil {
 				sub.finish(err)
 				return
@@ -162,6 +170,7 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions, handler f
 		}
 	})
 	if err != nil {
+		_ = shreds.Unsubscribe()
 		return nil, fmt.Errorf("client: consume: %w", err)
 	}
 	sub.mu.Lock()
@@ -176,52 +185,7 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions, handler f
 			sub.finish(ctx.Err())
 		case <-sub.done:
 		}
+		_ = shreds.Unsubscribe()
 	}()
 	return sub, nil
-}
-
-// opener opens stream events with keys from the keyvault, caching them.
-type opener struct {
-	vault *vaultclient.Client
-	kctx  string
-	keys  map[string]*envelope.Key // nil value: forgotten
-}
-
-func newOpener(v *vaultclient.Client, kctx string) *opener {
-	return &opener{vault: v, kctx: kctx, keys: map[string]*envelope.Key{}}
-}
-
-func (o *opener) open(ctx context.Context, se kuma.StreamEvent) (Event, error) {
-	ev := Event{Entity: se.Entity, Version: se.Version, Time: se.Time, Position: se.Position}
-	key, known := o.keys[se.Entity]
-	if !known {
-		raw, err := o.vault.DataKey(ctx, o.kctx, se.Entity, false)
-		switch {
-		case errors.Is(err, kuma.ErrEntityForgotten):
-		case err != nil:
-			return ev, fmt.Errorf("client: key of %s: %w", se.Entity, err)
-		default:
-			if key, err = envelope.NewKey(raw); err != nil {
-				return ev, err
-			}
-		}
-		if len(o.keys) > 10_000 { // bounded: start over rather than grow
-			clear(o.keys)
-		}
-		o.keys[se.Entity] = key
-	}
-	if key == nil {
-		ev.Forgotten = true
-		return ev, nil
-	}
-	plain, err := key.Open(se.Payload, envelope.AAD(envelope.PurposeEvent, o.kctx, se.Entity, se.Version))
-	if err != nil {
-		return ev, kuma.Errorf(kuma.CodeInternal, "event %s of %s does not open: tampered or misplaced", se.Position, se.Entity)
-	}
-	typ, data, err := envelope.DecodeEvent(plain)
-	if err != nil {
-		return ev, kuma.Errorf(kuma.CodeInternal, "event %s of %s is malformed", se.Position, se.Entity)
-	}
-	ev.Type, ev.Data = typ, data
-	return ev, nil
 }

@@ -159,7 +159,7 @@ func (a *actor) load(ctx context.Context) error {
 		a.loaded = true
 		return nil
 	}
-	key, err := a.sh.node.keys.get(ctx, a.sh.cc.Name, a.id, false)
+	key, err := a.sh.node.keys.Get(ctx, a.sh.cc.Name, a.id, false)
 	if errors.Is(err, kuma.ErrEntityForgotten) {
 		// The key was shredded but the rows were not deleted yet (a forget
 		// interrupted in this process's life): finish it now.
@@ -254,7 +254,7 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 		return nil, kuma.VersionConflict(*ev, a.version)
 	}
 	if a.key == nil {
-		key, err := a.sh.node.keys.get(ctx, a.sh.cc.Name, a.id, true)
+		key, err := a.sh.node.keys.Get(ctx, a.sh.cc.Name, a.id, true)
 		if errors.Is(err, kuma.ErrEntityForgotten) {
 			fr, ferr := a.sh.node.cfg.Keys.Forgotten(ctx, a.sh.cc.Name, a.id)
 			if ferr != nil {

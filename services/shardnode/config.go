@@ -6,6 +6,7 @@
 package shardnode
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,8 +14,10 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -26,6 +29,17 @@ type ContextConfig struct {
 	// Reducer folds events into state; nil means kuma.MergePatch.
 	Reducer kuma.Reducer
 	Limits  kuma.Limits
+}
+
+// KeyVault is what a shardnode needs of the keyvault. The keyvault service
+// implements it in process; vaultclient.Client implements it over NATS; the
+// wiring chooses.
+type KeyVault interface {
+	keycache.Vault
+	// Shred destroys the key; again, it returns the first record.
+	Shred(ctx context.Context, r vaultclient.ShredRequest) (*kuma.ForgetReply, error)
+	// Forgotten returns the forget record, or nil.
+	Forgotten(ctx context.Context, kctx, entity string) (*kuma.ForgetReply, error)
 }
 
 // Config of a shardnode.

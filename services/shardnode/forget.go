@@ -69,7 +69,7 @@ func (sh *shard) erase(ctx context.Context, p sqlite.PendingForget, events int64
 	if err != nil {
 		return nil, err
 	}
-	node.keys.drop(sh.cc.Name, p.Entity)
+	node.keys.Drop(sh.cc.Name, p.Entity)
 	node.cfg.Failpoint("forget-after-shred")
 	if _, err := sh.store.Purge(ctx, p.Entity); err != nil {
 		return nil, err

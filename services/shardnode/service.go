@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
@@ -26,7 +27,7 @@ import (
 type Service struct {
 	cfg      Config
 	nc       *nats.Conn
-	keys     *keyCache
+	keys     *keycache.Cache
 	shredSub *nats.Subscription
 	js       jetstream.JetStream
 	micro    micro.Service
@@ -47,7 +48,7 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		return nil, errors.New("shardnode: a NATS connection is required")
 	}
 	tracer := telemetry.Tracer(cfg.TracerProvider)
-	s := &Service{cfg: cfg, nc: nc, tracer: tracer, keys: newKeyCache(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer)}
+	s := &Service{cfg: cfg, nc: nc, tracer: tracer, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer)}
 	reg := cfg.Registerer
 	if reg == nil {
 		reg = prometheus.NewRegistry() // counted, just not exported
@@ -62,7 +63,7 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 
 // Start opens all shards and begins serving them.
 func (s *Service) Start(ctx context.Context) error {
-	sub, err := s.keys.subscribeShredded(s.nc)
+	sub, err := s.keys.SubscribeShredded(s.nc)
 	if err != nil {
 		return fmt.Errorf("shardnode: subscribe to shreds: %w", err)
 	}
@@ -251,4 +252,4 @@ func (s *Service) Stats() []ShardStats {
 }
 
 // KeyCacheStats returns the data-key cache's hits and misses.
-func (s *Service) KeyCacheStats() (hits, misses int64) { return s.keys.stats() }
+func (s *Service) KeyCacheStats() (hits, misses int64) { return s.keys.Stats() }

@@ -1,4 +1,4 @@
-package shardnode
+package keycache
 
 import (
 	"context"
@@ -15,7 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// countingVault is a KeyVault over a map that counts DataKey calls, so the
+// countingVault is a Vault over a map that counts DataKey calls, so the
 // cache's hits and misses can be seen.
 type countingVault struct {
 	mu    sync.Mutex
@@ -38,12 +38,6 @@ func (v *countingVault) DataKey(_ context.Context, kctx, entity string, create b
 	return append([]byte(nil), k...), nil
 }
 
-func (v *countingVault) Shred(context.Context, vaultclient.ShredRequest) (*kuma.ForgetReply, error) {
-	return nil, nil
-}
-func (v *countingVault) Forgotten(context.Context, string, string) (*kuma.ForgetReply, error) {
-	return nil, nil
-}
 
 func (v *countingVault) count() int { v.mu.Lock(); defer v.mu.Unlock(); return v.calls }
 
@@ -52,26 +46,26 @@ func TestKeyCacheHitsBoundTTLAndShredBroadcast(t *testing.T) {
 	vault := &countingVault{keys: map[string][]byte{}}
 	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	var clock sync.Mutex
-	c := newKeyCache(vault, 2, time.Minute, func() time.Time { clock.Lock(); defer clock.Unlock(); return now }, telemetry.Tracer(nil))
+	c := New(vault, 2, time.Minute, func() time.Time { clock.Lock(); defer clock.Unlock(); return now }, telemetry.Tracer(nil))
 
-	a1, err := c.get(ctx, "default", "a", true)
+	a1, err := c.Get(ctx, "default", "a", true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a2, _ := c.get(ctx, "default", "a", false)
+	a2, _ := c.Get(ctx, "default", "a", false)
 	if a1 != a2 || vault.count() != 1 {
 		t.Fatalf("second get: same key %v, vault calls %d; want a cache hit", a1 == a2, vault.count())
 	}
 	// Bounded: a third entity evicts the least recently used.
-	c.get(ctx, "default", "b", true)
-	c.get(ctx, "default", "a", false) // a is now most recent
-	c.get(ctx, "default", "c", true)  // evicts b
+	c.Get(ctx, "default", "b", true)
+	c.Get(ctx, "default", "a", false) // a is now most recent
+	c.Get(ctx, "default", "c", true)  // evicts b
 	before := vault.count()
-	c.get(ctx, "default", "a", false)
+	c.Get(ctx, "default", "a", false)
 	if vault.count() != before {
 		t.Fatal("a was evicted although b was older")
 	}
-	c.get(ctx, "default", "b", false)
+	c.Get(ctx, "default", "b", false)
 	if vault.count() != before+1 {
 		t.Fatal("b was not evicted: the cache holds more than its bound")
 	}
@@ -80,11 +74,11 @@ func TestKeyCacheHitsBoundTTLAndShredBroadcast(t *testing.T) {
 	now = now.Add(2 * time.Minute)
 	clock.Unlock()
 	before = vault.count()
-	c.get(ctx, "default", "b", false)
+	c.Get(ctx, "default", "b", false)
 	if vault.count() != before+1 {
 		t.Fatal("an entry older than the TTL was served from the cache")
 	}
-	if hits, misses := c.stats(); hits != 3 || misses != 5 {
+	if hits, misses := c.Stats(); hits != 3 || misses != 5 {
 		t.Fatalf("stats = %d hits, %d misses; want 3 and 5", hits, misses)
 	}
 
@@ -99,7 +93,7 @@ func TestKeyCacheHitsBoundTTLAndShredBroadcast(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	sub, err := c.subscribeShredded(nc)
+	sub, err := c.SubscribeShredded(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
