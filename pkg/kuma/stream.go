@@ -26,3 +26,16 @@ type StreamEvent struct {
 
 // HeaderLastPosition names the last event's position in a stream message.
 const HeaderLastPosition = "Kuma-Last-Position"
+
+// ForgottenNotice is the body of a message on kuma.<ctx>.events.<shard>.forgotten:
+// the entity was forgotten at At. Its key is already destroyed when the notice
+// is published; read models drop what they hold of it. Nats-Msg-Id is
+// "<ctx>.<shard>.forgotten.<entity>", so a forget finished again after a crash
+// is not announced twice within the stream's duplicate window (and a second
+// notice would be harmless: forgetting is idempotent).
+type ForgottenNotice struct {
+	Context string    `json:"context"`
+	Shard   int       `json:"shard"`
+	Entity  string    `json:"entity"`
+	At      time.Time `json:"at"`
+}

@@ -66,5 +66,16 @@ func EventsSubject(ctx string, shard int) string {
 	return PublicPrefix + "." + ctx + ".events." + strconv.Itoa(shard)
 }
 
+// ForgottenSubject is where a shard announces, in its context's stream, that
+// an entity was forgotten: kuma.<ctx>.events.<shard>.forgotten. It sits
+// beside the shard's events subject (the stream holds kuma.<ctx>.events.>), so
+// a consumer of both sees the notice after the entity's published events.
+func ForgottenSubject(ctx string, shard int) string {
+	return EventsSubject(ctx, shard) + ".forgotten"
+}
+
+// EventsWildcard matches every events and forget-notice subject of a context.
+func EventsWildcard(ctx string) string { return PublicPrefix + "." + ctx + ".events.>" }
+
 // StreamName is the JetStream stream of a context's events.
 func StreamName(ctx string) string { return "KUMA_" + ctx }

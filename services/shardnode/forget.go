@@ -19,9 +19,10 @@ import (
 //  1. mark the forget as pending in the shard file (durable);
 //  2. shred the key in the keyvault: from here every copy of the entity's
 //     sealed events and snapshots, anywhere, is noise;
-//  3. delete the entity's rows and the mark in one transaction.
+//  3. announce the forget in the event stream, for read models to drop it;
+//  4. delete the entity's rows and the mark in one transaction.
 //
-// A restart finds any mark left by a crash and does 2 and 3 again; both are
+// A restart finds any mark left by a crash and does 2 to 4 again; all are
 // idempotent, and so is forget itself.
 func (a *actor) forget(ctx context.Context, r *kuma.ForgetRequest, requestedBy string) (*kuma.ForgetReply, error) {
 	if utf8.RuneCountInString(r.Reason) > kuma.MaxForgetReasonLen {
@@ -59,7 +60,7 @@ func (a *actor) becomeForgotten(rec *kuma.ForgetReply) {
 	a.createdAt, a.updatedAt = time.Time{}, time.Time{}
 }
 
-// erase is steps 2 and 3 of forget: shred the key, then delete the rows.
+// erase is steps 2 to 4 of forget: shred the key, announce, delete the rows.
 func (sh *shard) erase(ctx context.Context, p sqlite.PendingForget, events int64) (*kuma.ForgetReply, error) {
 	node := sh.node
 	rec, err := node.cfg.Keys.Shred(ctx, vaultclient.ShredRequest{
@@ -71,6 +72,10 @@ func (sh *shard) erase(ctx context.Context, p sqlite.PendingForget, events int64
 	}
 	node.keys.Drop(sh.cc.Name, p.Entity)
 	node.cfg.Failpoint("forget-after-shred")
+	if err := sh.relay.announceForgotten(ctx, p.Entity, p.RequestedAt); err != nil {
+		node.cfg.Logger.Warn("forget notice not published", "context", sh.cc.Name, "shard", sh.n, "err", err)
+		return nil, err
+	}
 	if _, err := sh.store.Purge(ctx, p.Entity); err != nil {
 		return nil, err
 	}

@@ -203,7 +203,7 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, name string, repl
 	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:        kuma.StreamName(name),
 		Description: "Kuma events of context " + name,
-		Subjects:    []string{kuma.PublicPrefix + "." + name + ".events.*"},
+		Subjects:    []string{kuma.EventsWildcard(name)},
 		Storage:     jetstream.FileStorage,
 		Retention:   jetstream.LimitsPolicy,
 		Duplicates:  2 * time.Minute,
@@ -212,6 +212,23 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, name string, repl
 	})
 	if err != nil {
 		return fmt.Errorf("shardnode: stream %s: %w", kuma.StreamName(name), err)
+	}
+	return nil
+}
+
+// announceForgotten publishes the forget notice of an entity to the stream,
+// after its key is shredded and before its rows go: a crash in between
+// leaves the pending mark, and the restart announces again.
+func (r *relay) announceForgotten(ctx context.Context, entity string, at time.Time) error {
+	data, err := json.Marshal(kuma.ForgottenNotice{Context: r.sh.cc.Name, Shard: r.sh.n, Entity: entity, At: at})
+	if err != nil {
+		return err
+	}
+	msg := nats.NewMsg(kuma.ForgottenSubject(r.sh.cc.Name, r.sh.n))
+	msg.Data = data
+	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".forgotten." + entity
+	if _, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name))); err != nil {
+		return kuma.Errorf(kuma.CodeUnavailable, "the event stream did not take the forget notice; retry the forget")
 	}
 	return nil
 }
