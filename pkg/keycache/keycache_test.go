@@ -38,7 +38,6 @@ func (v *countingVault) DataKey(_ context.Context, kctx, entity string, create b
 	return append([]byte(nil), k...), nil
 }
 
-
 func (v *countingVault) count() int { v.mu.Lock(); defer v.mu.Unlock(); return v.calls }
 
 func TestKeyCacheHitsBoundTTLAndShredBroadcast(t *testing.T) {
