@@ -101,25 +101,15 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, 
 		}
 		out, err = c.Forget(ctx, entity, *reason, requester(getenv))
 	}
-	if err != nil {
-		var kerr *kuma.Error
-		if errors.As(err, &kerr) {
-			b, _ := json.MarshalIndent(kuma.ErrorReply{Error: kerr}, "", "  ")
-			fmt.Fprintln(stderr, string(b))
-			return exitError{code: 1}
-		}
-		return err
+	if *outFile == "" || err != nil {
+		return printReply(out, err, stdout, stderr)
 	}
 	b, err := json.MarshalIndent(out, "", "  ")
 	if err != nil {
 		return err
 	}
-	if *outFile != "" {
-		// The export is personal data: readable by its owner only.
-		return os.WriteFile(*outFile, append(b, '\n'), 0o600)
-	}
-	_, err = fmt.Fprintln(stdout, string(b))
-	return err
+	// The export is personal data: readable by its owner only.
+	return os.WriteFile(*outFile, append(b, '\n'), 0o600)
 }
 
 // requester names the CLI's user for the audit log: user@host.

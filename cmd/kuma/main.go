@@ -15,12 +15,17 @@ const usage = `kuma: an entity-native, event-sourced store over NATS and SQLite
 
 Usage:
   kuma up [flags]                       run everything in one process (embedded NATS)
-  kuma serve --target T [flags]         run one service (router, shardnode) against --nats-url
+  kuma serve --target T [flags]         run one service (router, shardnode, projector, keyvault) against --nats-url
   kuma append ENTITY TYPE [JSON]        append one event (JSON defaults to {})
   kuma read ENTITY [--at-version N | --at-time T]
   kuma history ENTITY [--from N] [--limit N]
   kuma export ENTITY [--out FILE]
   kuma forget ENTITY --reason TEXT [--yes]   erase the entity (asks to confirm)
+  kuma query PROJECTION [--query NAME] [--param K=JSON]... [--where K=JSON]... [--prefix P] [--after POS]
+  kuma projection rebuild NAME          rebuild a read model beside the live one (progress bar)
+  kuma projection retry NAME            try the event a stopped projection failed on again
+  kuma projection skip NAME POSITION    skip that event (recorded)
+  kuma status                           shards, nodes and projections
   kuma keyvault rotate --data DIR --master-key-file OLD --new-master-key-file NEW
   kuma version
 
@@ -50,6 +55,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = cmdServe(ctx, rest, stderr, getenv)
 	case "append", "read", "history", "export", "forget":
 		err = cmdClient(ctx, cmd, rest, stdin, stdout, stderr, getenv)
+	case "query", "projection", "status":
+		err = cmdProjection(ctx, cmd, rest, stdout, stderr, getenv)
 	case "keyvault":
 		err = cmdKeyvault(ctx, rest, stdout, stderr, getenv)
 	case "version", "--version":

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
 	"go.opentelemetry.io/otel/trace"
@@ -21,7 +22,8 @@ import (
 // Config is everything a Kuma process needs. Its zero value plus DataDir is a
 // working single-node store.
 type Config struct {
-	// Target is a module name or bundle: all (default), router, shardnode.
+	// Target is a module name or bundle: all (default), router, shardnode,
+	// projector, keyvault.
 	Target string
 	// DataDir holds the shard files and the embedded server's JetStream store.
 	DataDir string
@@ -55,6 +57,11 @@ type Config struct {
 	NodeName string
 	// Failpoint is the shardnode's fault-test hook (nil in production).
 	Failpoint func(name string)
+	// ProjectionsFile declares read-model projections (YAML, see
+	// pkg/projection); Projections adds or declares them in Go. The
+	// built-in entities projection is always there.
+	ProjectionsFile string
+	Projections     []projection.Spec
 	// Reducers maps a context to its reducer; absent means JSON Merge Patch.
 	Reducers map[string]kuma.Reducer
 	Logger   *slog.Logger

@@ -9,8 +9,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kumadb/kuma/pkg/app"
 	"github.com/kumadb/kuma/pkg/client"
@@ -18,6 +20,7 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	_ "modernc.org/sqlite"
 )
@@ -41,11 +44,15 @@ func sameShard(prefix string, n, shards int) []string {
 	return out
 }
 
-// filesContaining lists the files under dir whose bytes contain s.
-func filesContaining(t *testing.T, dir, s string) []string {
+// filesContaining lists the files under dir whose bytes contain s, leaving
+// out the directories named in skip.
+func filesContaining(t *testing.T, dir, s string, skip ...string) []string {
 	t.Helper()
 	var hits []string
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() && slices.Contains(skip, d.Name()) {
+			return filepath.SkipDir
+		}
 		if err != nil || d.IsDir() {
 			return err
 		}
@@ -73,8 +80,11 @@ func markerEvents(n int) []kuma.EventInput {
 }
 
 // TestMarkerIsNeverAtRest writes a distinctive marker in event data (enough
-// events for snapshots too) and finds it in no file under the data dir, while
-// the node runs and after it stops, although reads return it.
+// events for snapshots too) and finds it in no file of the event store (the
+// shards, the keyvault, the JetStream store), while the node runs and after it
+// stops, although reads return it. Read models are the exception by design:
+// they exist to be queried, so they hold state in the clear; forget reaches
+// them (TestForgetLeavesTheMarkerNowhere).
 func TestMarkerIsNeverAtRest(t *testing.T) {
 	n := kumatest.Start(t, func(c *app.Config) { c.SnapshotEvery = 5 })
 	c := n.Client(client.Options{})
@@ -88,11 +98,11 @@ func TestMarkerIsNeverAtRest(t *testing.T) {
 		t.Fatalf("read = %+v, %v; the marker must read back", r, err)
 	}
 	kumatest.StreamEvents(t, n.NC, "default", 28) // the JetStream store holds them too
-	if hits := filesContaining(t, n.Cfg.DataDir, marker); len(hits) > 0 {
+	if hits := filesContaining(t, n.Cfg.DataDir, marker, "projector"); len(hits) > 0 {
 		t.Fatalf("marker found at rest while running in %v", hits)
 	}
 	n.Stop()
-	if hits := filesContaining(t, n.Cfg.DataDir, marker); len(hits) > 0 {
+	if hits := filesContaining(t, n.Cfg.DataDir, marker, "projector"); len(hits) > 0 {
 		t.Fatalf("marker found at rest after stop in %v", hits)
 	}
 	// The check can fail: the marker is there in the clear in a plain file.
@@ -100,8 +110,63 @@ func TestMarkerIsNeverAtRest(t *testing.T) {
 	if err := os.WriteFile(probe, []byte("x"+marker), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if hits := filesContaining(t, n.Cfg.DataDir, marker); len(hits) != 1 {
+	if hits := filesContaining(t, n.Cfg.DataDir, marker, "projector"); len(hits) != 1 {
 		t.Fatalf("negative control: found the marker in %v, want exactly the probe", hits)
+	}
+}
+
+// TestForgetLeavesTheMarkerNowhere: once an entity is forgotten, its data
+// is in no file under the data dir, read models included (the entities
+// projection and a declared one), while running and after stop.
+func TestForgetLeavesTheMarkerNowhere(t *testing.T) {
+	n := kumatest.Start(t, func(c *app.Config) {
+		c.SnapshotEvery = 5
+		c.Projections = []projection.Spec{{
+			Name:    "notes",
+			Tables:  []string{`CREATE TABLE notes (entity TEXT NOT NULL, note TEXT NOT NULL)`},
+			On:      map[string]string{"Noted": `INSERT INTO notes (entity, note) VALUES (:entity, :note)`},
+			Forget:  `DELETE FROM notes WHERE entity = :entity`,
+			Queries: map[string]projection.Query{"of": {SQL: `SELECT note FROM notes WHERE entity = :entity`}},
+		}}
+	})
+	c := n.Client(client.Options{})
+	var last *kuma.AppendReply
+	for i := 0; i < 4; i++ {
+		var err error
+		if last, err = c.Append(t.Context(), "subject-1", markerEvents(7)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []string{"entities", "notes"} {
+		req := &kuma.QueryRequest{After: last.Position}
+		if p == "notes" {
+			req.Query, req.Params = "of", map[string]json.RawMessage{"entity": json.RawMessage(`"subject-1"`)}
+		}
+		if _, err := c.Query(t.Context(), p, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The check can fail: the read models hold the marker now.
+	if hits := filesContaining(t, n.Cfg.DataDir, marker); len(hits) == 0 {
+		t.Fatal("the read models do not hold the marker before forget: the check below would prove nothing")
+	}
+	if _, err := c.Forget(t.Context(), "subject-1", "test", ""); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		hits := filesContaining(t, n.Cfg.DataDir, marker)
+		if len(hits) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after forget, the marker is still in %v", hits)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	n.Stop()
+	if hits := filesContaining(t, n.Cfg.DataDir, marker); len(hits) > 0 {
+		t.Fatalf("after forget and stop, the marker is in %v", hits)
 	}
 }
 

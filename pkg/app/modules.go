@@ -8,9 +8,12 @@ import (
 	"sort"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/kumadb/kuma/services/keyvault"
+	"github.com/kumadb/kuma/services/projector"
 	"github.com/kumadb/kuma/services/router"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats.go"
@@ -23,6 +26,7 @@ const (
 	ModuleRouter     = "router"
 	ModuleShardnode  = "shardnode"
 	ModuleKeyvault   = "keyvault"
+	ModuleProjector  = "projector"
 	ModuleOps        = "ops" // /metrics, /healthz, /readyz
 	TargetAll        = "all"
 )
@@ -34,6 +38,7 @@ var deps = map[string][]string{
 	ModuleRouter:     {ModuleNATSConn},
 	ModuleShardnode:  {ModuleNATSConn},
 	ModuleKeyvault:   {ModuleNATSConn},
+	ModuleProjector:  {ModuleNATSConn},
 	ModuleOps:        {ModuleNATSConn},
 }
 
@@ -41,7 +46,8 @@ var deps = map[string][]string{
 // start before routers so nothing is forwarded to a shard that is not open,
 // and routers stop first.
 var targets = map[string][]string{
-	TargetAll:       {ModuleNATSServer, ModuleKeyvault, ModuleShardnode, ModuleRouter},
+	TargetAll:       {ModuleNATSServer, ModuleKeyvault, ModuleShardnode, ModuleProjector, ModuleRouter},
+	ModuleProjector: {ModuleProjector},
 	ModuleRouter:    {ModuleRouter},
 	ModuleShardnode: {ModuleShardnode},
 	ModuleKeyvault:  {ModuleKeyvault},
@@ -123,6 +129,32 @@ func (a *App) build(module string) (service, error) {
 		return kv, nil
 	case ModuleOps:
 		return &opsModule{app: a}, nil
+	case ModuleProjector:
+		specs := append([]projection.Spec(nil), cfg.Projections...)
+		if cfg.ProjectionsFile != "" {
+			fromFile, err := projection.Load(cfg.ProjectionsFile)
+			if err != nil {
+				return nil, err
+			}
+			specs = append(specs, fromFile...)
+		}
+		var keys keycache.Vault = vaultclient.New(a.nc, 0)
+		if a.vault != nil {
+			keys = a.vault
+		}
+		return projector.New(projector.Config{
+			Context:        cfg.Context,
+			Reducer:        cfg.Reducers[cfg.Context],
+			DataDir:        cfg.DataDir,
+			NodeName:       cfg.NodeName,
+			Specs:          specs,
+			Keys:           keys,
+			Dial:           a.dial,
+			Registerer:     a.registry,
+			TracerProvider: cfg.TracerProvider,
+			Logger:         cfg.Logger.With("service", "projector"),
+			Now:            cfg.Now,
+		}, a.nc)
 	case ModuleShardnode:
 		// In one process the shardnode calls the keyvault directly; alone,
 		// it reaches a keyvault over NATS.
@@ -181,13 +213,25 @@ func (m *natsServerModule) Stop(ctx context.Context) error {
 type natsConnModule struct{ app *App }
 
 func (m *natsConnModule) Start(ctx context.Context) error {
+	nc, err := m.app.dial()
+	if err != nil {
+		return err
+	}
+	m.app.nc = nc
+	return nil
+}
+
+// dial opens a NATS connection of this process: in-process to the embedded
+// server when there is one, else to NATSURL. The projector opens one per
+// subscriber with it.
+func (a *App) dial() (*nats.Conn, error) {
 	opts := []nats.Option{
-		nats.Name("kuma-" + m.app.cfg.Target),
+		nats.Name("kuma-" + a.cfg.Target),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250 * time.Millisecond),
 	}
-	url := m.app.cfg.NATSURL
-	if srv := m.app.srv; srv != nil {
+	url := a.cfg.NATSURL
+	if srv := a.srv; srv != nil {
 		opts = append(opts, nats.InProcessServer(srv))
 		url = srv.ClientURL()
 	} else {
@@ -195,10 +239,9 @@ func (m *natsConnModule) Start(ctx context.Context) error {
 	}
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
-		return fmt.Errorf("nats: connect to %s: %w", url, err)
+		return nil, fmt.Errorf("nats: connect to %s: %w", url, err)
 	}
-	m.app.nc = nc
-	return nil
+	return nc, nil
 }
 
 func (m *natsConnModule) Stop(ctx context.Context) error {

@@ -25,7 +25,7 @@ func TestServicesRunAloneAgainstExternalNATS(t *testing.T) {
 	if a, _ := app.New(app.Config{Target: app.ModuleKeyvault, NATSURL: srv.ClientURL(), DataDir: data}); a.Start(ctx) == nil {
 		t.Fatal("a keyvault started without a master key")
 	}
-	for _, target := range []string{app.ModuleKeyvault, app.ModuleShardnode, app.ModuleRouter, app.ModuleRouter} {
+	for _, target := range []string{app.ModuleKeyvault, app.ModuleShardnode, app.ModuleProjector, app.ModuleRouter, app.ModuleRouter} {
 		a, err := app.New(app.Config{Target: target, NATSURL: srv.ClientURL(), DataDir: data, Shards: 4, MasterKey: masterKey, Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			t.Fatal(err)
@@ -39,14 +39,20 @@ func TestServicesRunAloneAgainstExternalNATS(t *testing.T) {
 		}
 	}
 	c, _ := client.New(nc, client.Options{})
-	if _, err := c.Append(ctx, "split-1", []kuma.EventInput{{Type: "Created"}}); err != nil {
+	ar, err := c.Append(ctx, "split-1", []kuma.EventInput{{Type: "Created", Data: []byte(`{"n":1}`)}})
+	if err != nil {
 		t.Fatal(err)
+	}
+	// The projector, alone too, opens the event through the keyvault.
+	q, err := c.Query(ctx, "entities", &kuma.QueryRequest{After: ar.Position})
+	if err != nil || len(q.Rows) != 1 || q.Rows[0]["entity"] != "split-1" {
+		t.Fatalf("query entities after %s = %+v, %v; want the entity", ar.Position, q, err)
 	}
 	r, err := c.Read(ctx, "split-1")
 	if err != nil || r.Version != 1 {
 		t.Fatalf("read = %+v, %v", r, err)
 	}
-	if _, err := app.New(app.Config{Target: "projector"}); err == nil {
+	if _, err := app.New(app.Config{Target: "projectorz"}); err == nil {
 		t.Fatal("an unknown target was accepted")
 	}
 }

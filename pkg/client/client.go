@@ -167,6 +167,61 @@ func (c *Client) Forget(ctx context.Context, entity, reason, requestedBy string)
 	return &out, nil
 }
 
+// Query asks a projection (the built-in "entities" or a declared one). With
+// r.After (an append's position) it answers once the projection has applied
+// that position: read-your-writes.
+func (c *Client) Query(ctx context.Context, projection string, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
+	if _, ok := ctx.Deadline(); !ok && r.After != "" {
+		wait := kuma.DefaultQueryWait
+		if r.WaitMS != nil {
+			wait = *r.WaitMS
+		}
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.opts.Timeout+time.Duration(wait)*time.Millisecond)
+		defer cancel()
+	}
+	var out kuma.QueryReply
+	err := c.request(ctx, "query", projection, kuma.QuerySubject(c.opts.Context, projection), r, nil, &out,
+		attribute.String("kuma.context", c.opts.Context), attribute.String("kuma.projection", projection))
+	if err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Rebuild starts rebuilding a projection beside its live copy; Status shows
+// the progress.
+func (c *Client) Rebuild(ctx context.Context, projection string) (*kuma.RebuildReply, error) {
+	var out kuma.RebuildReply
+	if err := c.request(ctx, "rebuild", projection, kuma.ProjectionAdminSubject(c.opts.Context, "rebuild", projection), nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// RetryProjection makes a projection stopped at a failed event try it again.
+func (c *Client) RetryProjection(ctx context.Context, projection string) error {
+	var out map[string]any
+	return c.request(ctx, "retry", projection, kuma.ProjectionAdminSubject(c.opts.Context, "retry", projection), nil, nil, &out)
+}
+
+// SkipProjection makes a projection stopped at the event at position skip
+// it (recorded, and counted in status).
+func (c *Client) SkipProjection(ctx context.Context, projection, position string) error {
+	var out map[string]any
+	return c.request(ctx, "skip", projection, kuma.ProjectionAdminSubject(c.opts.Context, "skip", projection),
+		kuma.SkipRequest{Position: position}, nil, &out)
+}
+
+// Status returns the context's shard map and projections.
+func (c *Client) Status(ctx context.Context) (*kuma.StatusReply, error) {
+	var out kuma.StatusReply
+	if err := c.request(ctx, "status", c.opts.Context, kuma.PublicPrefix+"."+c.opts.Context+".status", nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
 func (c *Client) subject(op, entity string) string {
 	if n := c.opts.DirectShards; n > 0 {
 		return kuma.ShardSubject(c.opts.Context, placement.ShardOf(entity, n), op, entity)
@@ -183,8 +238,15 @@ func (c *Client) callWithHeader(ctx context.Context, op, entity string, req any,
 	if err := kuma.ValidateEntityID(entity); err != nil {
 		return err
 	}
-	ctx, span := c.tracer.Start(ctx, "kuma "+op, trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(attribute.String("kuma.context", c.opts.Context), attribute.String("kuma.entity", entity)))
+	return c.request(ctx, op, entity, c.subject(op, entity), req, hdr, out,
+		attribute.String("kuma.context", c.opts.Context), attribute.String("kuma.entity", entity))
+}
+
+// request sends one request to subject, retrying while nothing is there to
+// answer (no responders or unavailable), and decodes the reply into out.
+// what names the request in errors.
+func (c *Client) request(ctx context.Context, op, what, subject string, req any, hdr nats.Header, out any, attrs ...attribute.KeyValue) (err error) {
+	ctx, span := c.tracer.Start(ctx, "kuma "+op, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(attrs...))
 	defer func() {
 		if err != nil {
 			span.SetStatus(codes.Error, string(kuma.ErrorCode(err)))
@@ -209,7 +271,6 @@ func (c *Client) callWithHeader(ctx context.Context, op, entity string, req any,
 		ctx, cancel = context.WithTimeout(ctx, c.opts.Timeout)
 		defer cancel()
 	}
-	subject := c.subject(op, entity)
 	backoff := 20 * time.Millisecond
 	for {
 		msg, err := c.nc.RequestMsgWithContext(ctx, &nats.Msg{Subject: subject, Data: body, Header: hdr})
@@ -228,15 +289,15 @@ func (c *Client) callWithHeader(ctx context.Context, op, entity string, req any,
 			}
 			retry = rerr
 		case natsbus.IsNoResponders(err):
-			retry = kuma.Errorf(kuma.CodeUnavailable, "no shard owner answered %s", subject)
+			retry = kuma.Errorf(kuma.CodeUnavailable, "no service answered %s", subject)
 		case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
-			return kuma.Errorf(kuma.CodeTimeout, "%s %s: no reply in time; retry with the same idempotency key", op, entity)
+			return kuma.Errorf(kuma.CodeTimeout, "%s %s: no reply in time; retry (appends with the same idempotency key)", op, what)
 		case errors.Is(err, context.Canceled):
 			return err
 		case errors.Is(err, nats.ErrMaxPayload):
 			return kuma.Errorf(kuma.CodePayloadTooLarge, "request is over the server's message limit of %d bytes", c.nc.MaxPayload())
 		default:
-			return kuma.Errorf(kuma.CodeUnavailable, "%s %s: %v", op, entity, err)
+			return kuma.Errorf(kuma.CodeUnavailable, "%s %s: %v", op, what, err)
 		}
 		t := time.NewTimer(backoff)
 		select {

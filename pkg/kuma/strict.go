@@ -22,6 +22,10 @@ func (*AppendRequest) fields() fieldSet {
 		arrays: map[string][]string{"events": {"type", "data"}},
 	}
 }
+func (*QueryRequest) fields() fieldSet {
+	return fieldSet{top: []string{"query", "params", "limit", "cursor", "after", "wait_ms"}}
+}
+func (*SkipRequest) fields() fieldSet    { return fieldSet{top: []string{"position"}} }
 func (*ReadRequest) fields() fieldSet    { return fieldSet{top: []string{"at_version", "at_time"}} }
 func (*HistoryRequest) fields() fieldSet { return fieldSet{top: []string{"from_version", "limit"}} }
 

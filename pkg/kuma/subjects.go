@@ -77,5 +77,20 @@ func ForgottenSubject(ctx string, shard int) string {
 // EventsWildcard matches every events and forget-notice subject of a context.
 func EventsWildcard(ctx string) string { return PublicPrefix + "." + ctx + ".events.>" }
 
+// QuerySubject is where a projection answers queries: kuma.<ctx>.query.<name>.
+func QuerySubject(ctx, projection string) string {
+	return PublicPrefix + "." + ctx + ".query." + projection
+}
+
+// ProjectionAdminSubject is kuma.<ctx>.projection.<op>.<name>, with op one
+// of rebuild, retry and skip.
+func ProjectionAdminSubject(ctx, op, projection string) string {
+	return PublicPrefix + "." + ctx + ".projection." + op + "." + projection
+}
+
+// ProjectorStatusSubject is where projectors tell a shardnode's status
+// answer about their projections (internal).
+func ProjectorStatusSubject(ctx string) string { return "_kuma." + ctx + ".projector.status" }
+
 // StreamName is the JetStream stream of a context's events.
 func StreamName(ctx string) string { return "KUMA_" + ctx }

@@ -271,9 +271,115 @@ type NodeStatus struct {
 	Shards int    `json:"shards"`
 }
 
-// ProjectionStatus is one projection's progress (none until projections exist).
+// ProjectionStatus is one projection's progress. Positions holds, per shard,
+// the last position it applied; Lag is the number of stream messages it has
+// yet to apply. A projection that failed on an event is "stopped" with the
+// error and that event's position until an operator retries or skips it.
 type ProjectionStatus struct {
-	Name     string `json:"name"`
-	Position string `json:"position,omitempty"`
-	Lag      int64  `json:"lag"`
+	Name       string            `json:"name"`
+	Node       string            `json:"node,omitempty"`
+	State      string            `json:"state"` // running, stopped, retrying
+	Generation int64             `json:"generation"`
+	Position   string            `json:"position,omitempty"`
+	Positions  map[string]string `json:"positions"`
+	Applied    uint64            `json:"applied_stream_seq"`
+	Lag        int64             `json:"lag"`
+	Error      *ProjectionError  `json:"error,omitempty"`
+	Rebuild    *RebuildStatus    `json:"rebuild,omitempty"`
+	Skipped    int64             `json:"skipped"`
+}
+
+// ProjectionError is why a projection stopped (or is retrying).
+type ProjectionError struct {
+	Position  string    `json:"position,omitempty"`
+	EventType string    `json:"event_type,omitempty"`
+	Entity    string    `json:"entity,omitempty"`
+	Message   string    `json:"message"`
+	Since     time.Time `json:"since"`
+}
+
+// RebuildStatus is the progress of a rebuild: a fresh copy built beside the
+// live one, which answers queries until the copy has caught up.
+type RebuildStatus struct {
+	Generation int64            `json:"generation"`
+	Applied    uint64           `json:"applied_stream_seq"`
+	Target     uint64           `json:"target_stream_seq"`
+	Progress   float64          `json:"progress"` // 0 to 1
+	State      string           `json:"state"`
+	Error      *ProjectionError `json:"error,omitempty"`
+	StartedAt  time.Time        `json:"started_at"`
+}
+
+// QueryRequest is the body of kuma.<ctx>.query.<projection>.
+type QueryRequest struct {
+	Query  string                     `json:"query,omitempty"`
+	Params map[string]json.RawMessage `json:"params,omitempty"`
+	Limit  int                        `json:"limit,omitempty"`
+	Cursor string                     `json:"cursor,omitempty"`
+	After  string                     `json:"after,omitempty"`
+	WaitMS *int                       `json:"wait_ms,omitempty"`
+}
+
+// Query limits.
+const (
+	DefaultQueryLimit = 100
+	MaxQueryLimit     = 1000
+	DefaultQueryWait  = 2000 // ms
+	MaxQueryWait      = 10000
+)
+
+// Validate checks the request and fills defaults; it returns the position to
+// wait for (zero without after) and how long to wait for it.
+func (r *QueryRequest) Validate() (Position, time.Duration, error) {
+	switch {
+	case r.Limit == 0:
+		r.Limit = DefaultQueryLimit
+	case r.Limit < 0 || r.Limit > MaxQueryLimit:
+		return Position{}, 0, Errorf(CodeBadRequest, "limit must be 1 to %d", MaxQueryLimit)
+	}
+	wait := DefaultQueryWait
+	if r.WaitMS != nil {
+		if *r.WaitMS < 0 || *r.WaitMS > MaxQueryWait {
+			return Position{}, 0, Errorf(CodeBadRequest, "wait_ms must be 0 to %d", MaxQueryWait)
+		}
+		wait = *r.WaitMS
+	}
+	if r.After == "" {
+		return Position{}, 0, nil
+	}
+	p, err := ParsePosition(r.After)
+	if err != nil {
+		return Position{}, 0, err
+	}
+	return p, time.Duration(wait) * time.Millisecond, nil
+}
+
+// QueryReply answers a query. Position is the last position the projection
+// had applied when the rows were read; NextCursor is empty on the last page.
+type QueryReply struct {
+	Rows       []map[string]any `json:"rows"`
+	NextCursor string           `json:"next_cursor,omitempty"`
+	Position   string           `json:"position,omitempty"`
+}
+
+// EntityRow is a row of the built-in entities projection.
+type EntityRow struct {
+	Entity    string          `json:"entity"`
+	Version   int64           `json:"version"`
+	State     json.RawMessage `json:"state"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// RebuildReply answers kuma.<ctx>.projection.rebuild.<name> at once.
+type RebuildReply struct {
+	Projection string `json:"projection"`
+	Generation int64  `json:"generation"`
+	Started    bool   `json:"started"` // false: a rebuild was already running
+}
+
+// SkipRequest is the body of kuma.<ctx>.projection.skip.<name>: the position
+// of the event the projection stopped at, so that an operator skips exactly
+// the event they looked at.
+type SkipRequest struct {
+	Position string `json:"position"`
 }

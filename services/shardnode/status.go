@@ -2,6 +2,7 @@ package shardnode
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -73,5 +74,22 @@ func (s *Service) Status(ctx context.Context, kctx string) (*kuma.StatusReply, e
 		out.Shards = append(out.Shards, line)
 	}
 	out.Nodes = []kuma.NodeStatus{{Name: s.cfg.NodeName, Shards: len(out.Shards)}}
+	out.Projections = s.projections(ctx, kctx)
 	return out, nil
+}
+
+// projections asks a projector of the context for its projections' status;
+// with none running (or none answering quickly) the list is empty.
+func (s *Service) projections(ctx context.Context, kctx string) []kuma.ProjectionStatus {
+	ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	msg, err := s.nc.RequestWithContext(ctx, kuma.ProjectorStatusSubject(kctx), nil)
+	if err != nil {
+		return []kuma.ProjectionStatus{}
+	}
+	var ps []kuma.ProjectionStatus
+	if natsbus.ReplyError(msg) != nil || json.Unmarshal(msg.Data, &ps) != nil || ps == nil {
+		return []kuma.ProjectionStatus{}
+	}
+	return ps
 }

@@ -1,0 +1,505 @@
+package projector
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	wmjs "github.com/ThreeDotsLabs/watermill-nats/v2/pkg/jetstream"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/projection"
+	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// projectionRT is one projection at run time: the generation that answers
+// queries and, during a rebuild, the one being built beside it.
+type projectionRT struct {
+	svc  *Service
+	name string
+
+	rebuilding sync.Mutex // one rebuild request at a time
+
+	mu       sync.Mutex
+	live     *generation
+	next     *generation // being rebuilt; nil otherwise
+	changed  chan struct{}
+	nextSpec string // the spec a rebuild builds with
+	newModel func(spec string) (model, error)
+}
+
+// generation is one copy of a read model with the Watermill handler and
+// durable consumer that feed it.
+type generation struct {
+	p        *projectionRT
+	gen      int64
+	rm       *readModel
+	consumer string
+	spec     string
+
+	handler  *message.Handler
+	sub      *wmjs.Subscriber
+	nc       *nats.Conn
+	stopping atomic.Bool
+
+	started time.Time
+	target  atomic.Uint64 // stream's last sequence when the rebuild began
+
+	mu       sync.Mutex
+	failure  *kuma.ProjectionError // set while stopped or retrying
+	stopped  bool                  // failed on an event; waits for an operator
+	retry    bool                  // operator asked to try the failed event again
+	skip     string                // operator asked to skip the event at this position
+	skipNote skipNote
+}
+
+func (p *projectionRT) path(gen int64) string {
+	return filepath.Join(p.svc.dir, p.name+"."+strconv.FormatInt(gen, 10)+".db")
+}
+
+// open opens a generation's read model and starts feeding it.
+func (p *projectionRT) open(ctx context.Context, gen int64, spec string) (*generation, error) {
+	m, err := p.newModel(spec)
+	if err != nil {
+		return nil, err
+	}
+	rm, err := openReadModel(ctx, p.path(gen), m, spec)
+	if err != nil {
+		return nil, err
+	}
+	g := &generation{p: p, gen: gen, rm: rm, spec: spec, started: p.svc.cfg.Now(),
+		consumer: consumerName(p.svc.cfg.NodeName, p.svc.cfg.Context, p.name, gen)}
+	if err := g.run(ctx); err != nil {
+		rm.close()
+		return nil, err
+	}
+	return g, nil
+}
+
+// run subscribes the generation through its own Watermill subscriber (and
+// NATS connection: closing a subscriber drains its connection) and adds its
+// handler to the service's router.
+func (g *generation) run(ctx context.Context) error {
+	svc := g.p.svc
+	nc, err := svc.cfg.Dial()
+	if err != nil {
+		return fmt.Errorf("projector: connect: %w", err)
+	}
+	sub, err := wmjs.NewSubscriber(wmjs.SubscriberConfig{
+		Conn:                nc,
+		Logger:              svc.wlog,
+		AckWaitTimeout:      svc.cfg.AckWait,
+		ResourceInitializer: g.resources(svc.cfg.AckWait + 5*time.Second),
+		NakDelay:            backoff{max: svc.cfg.StoppedRetryEvery},
+		Unmarshaler:         unmarshaler{},
+		// A lost ack only means a redelivery, which the read model's
+		// positions recognise; waiting for the server to confirm each ack
+		// would cost a round trip per message.
+		AckAsync: true,
+	})
+	if err != nil {
+		nc.Close()
+		return err
+	}
+	g.nc, g.sub = nc, sub
+	g.handler = svc.router.AddNoPublisherHandler(g.consumer, kuma.EventsWildcard(svc.cfg.Context), sub, g.handle)
+	// The handler lives as long as the router's run, not the caller's ctx.
+	if err := svc.router.RunHandlers(svc.runCtx); err != nil {
+		sub.Close()
+		return err
+	}
+	return nil
+}
+
+// stop ends the generation's consumption (the durable stays unless drop).
+func (g *generation) stop(ctx context.Context, drop bool) error {
+	g.stopping.Store(true)
+	if g.handler != nil {
+		select {
+		case <-g.handler.Started():
+			g.handler.Stop()
+			select {
+			case <-g.handler.Stopped():
+			case <-ctx.Done():
+			}
+		default:
+		}
+	}
+	var err error
+	if g.sub != nil {
+		err = g.sub.Close()
+	}
+	if drop {
+		js, jerr := g.p.svc.jetstream()
+		if jerr == nil {
+			if s, serr := js.Stream(ctx, kuma.StreamName(g.p.svc.cfg.Context)); serr == nil {
+				_ = s.DeleteConsumer(ctx, g.consumer)
+			}
+		}
+		return errors.Join(err, g.rm.remove())
+	}
+	return errors.Join(err, g.rm.close())
+}
+
+// handle is the Watermill handler: one stream message, applied in one
+// transaction with the positions it reaches.
+func (g *generation) handle(msg *message.Message) error {
+	svc := g.p.svc
+	ctx := telemetry.Extract(msg.Context(), metadataCarrier(msg.Metadata))
+	ctx, span := svc.tracer.Start(ctx, "kuma.projector apply", trace.WithSpanKind(trace.SpanKindConsumer),
+		trace.WithAttributes(attribute.String("kuma.projection", g.p.name), attribute.Int64("kuma.generation", g.gen)))
+	defer span.End()
+
+	b, err := g.decode(ctx, msg)
+	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
+		return err
+	}
+	g.mu.Lock()
+	if g.stopped && !g.retry && g.skip == "" {
+		g.mu.Unlock()
+		return errStopped
+	}
+	if g.skip != "" {
+		b.skip = map[string]skipNote{g.skip: g.skipNote}
+	}
+	g.mu.Unlock()
+
+	start := time.Now()
+	err = g.rm.apply(ctx, b, svc.cfg.Now())
+	svc.metrics.applySeconds.Observe(time.Since(start).Seconds())
+	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
+		g.fail(err)
+		return err
+	}
+	span.SetAttributes(attribute.Int("kuma.events", len(b.events)))
+	svc.metrics.applied.WithLabelValues(g.p.name).Add(float64(len(b.events)))
+	g.mu.Lock()
+	if g.failure != nil {
+		svc.log.Info("projection moves on", "projection", g.p.name, "generation", g.gen, "after", g.failure.Message)
+	}
+	g.failure, g.stopped, g.retry, g.skip = nil, false, false, ""
+	g.mu.Unlock()
+	g.p.applied(g)
+	return nil
+}
+
+// fail records why a message did not apply: a failed event stops the
+// projection there until an operator acts; anything else is retried.
+func (g *generation) fail(err error) {
+	now := g.p.svc.cfg.Now().UTC()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var ae *applyError
+	if errors.As(err, &ae) {
+		first := !g.stopped || g.failure == nil || g.failure.Position != ae.event.Position
+		g.stopped, g.retry, g.skip = true, false, ""
+		g.failure = &kuma.ProjectionError{Position: ae.event.Position, EventType: ae.event.Type,
+			Entity: ae.event.Entity, Message: ae.err.Error(), Since: now}
+		g.skipNote = skipNote{entity: ae.event.Entity, eventType: ae.event.Type, err: ae.err.Error()}
+		if first {
+			g.p.svc.log.Error("projection stopped at an event; retry or skip it", "projection", g.p.name,
+				"generation", g.gen, "position", ae.event.Position, "type", ae.event.Type, "err", ae.err)
+		}
+		return
+	}
+	if g.failure == nil || g.failure.Message != err.Error() {
+		g.p.svc.log.Warn("projection apply failed; retrying", "projection", g.p.name, "err", err)
+		g.failure = &kuma.ProjectionError{Message: err.Error(), Since: now}
+	}
+}
+
+// decode reads a stream message into a batch, opening every payload. An
+// event of a forgotten entity is left out: its key is gone, and its notice
+// (or an earlier one) removes whatever the read model held of it.
+func (g *generation) decode(ctx context.Context, msg *message.Message) (*batch, error) {
+	svc := g.p.svc
+	seq, err := strconv.ParseUint(msg.Metadata.Get(metaStreamSeq), 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("projector: message without a stream sequence")
+	}
+	b := &batch{streamSeq: seq}
+	if strings.HasSuffix(msg.Metadata.Get(metaSubject), ".forgotten") {
+		var n kuma.ForgottenNotice
+		if err := json.Unmarshal(msg.Payload, &n); err != nil || n.Entity == "" {
+			return nil, fmt.Errorf("projector: malformed forget notice at stream sequence %d", seq)
+		}
+		b.shard, b.forget = n.Shard, n.Entity
+		return b, nil
+	}
+	var sm kuma.StreamMessage
+	if err := json.Unmarshal(msg.Payload, &sm); err != nil {
+		return nil, fmt.Errorf("projector: malformed stream message at sequence %d: %w", seq, err)
+	}
+	b.shard = sm.Shard
+	b.events = make([]projection.Event, 0, len(sm.Events))
+	for _, se := range sm.Events {
+		p, err := kuma.ParsePosition(se.Position)
+		if err != nil || p.Shard != sm.Shard {
+			return nil, fmt.Errorf("projector: bad position %q at stream sequence %d", se.Position, seq)
+		}
+		b.lastSeq = p.Seq
+		op, err := svc.keys.Open(ctx, svc.cfg.Context, se)
+		if err != nil {
+			return nil, err
+		}
+		if op.Forgotten {
+			continue
+		}
+		b.events = append(b.events, projection.Event{Entity: se.Entity, Version: se.Version, Time: se.Time,
+			Position: se.Position, Type: op.Type, Data: op.Data})
+	}
+	return b, nil
+}
+
+// applied is called after each commit of a generation: it wakes readers
+// waiting for a position and, during a rebuild, swaps the new copy in once it
+// has caught up with the live one.
+func (p *projectionRT) applied(g *generation) {
+	p.mu.Lock()
+	if g == p.next && g.rm.seq() >= p.live.rm.seq() {
+		p.mu.Unlock()
+		p.swap(g)
+		return
+	}
+	if g == p.live {
+		close(p.changed)
+		p.changed = make(chan struct{})
+	}
+	p.mu.Unlock()
+}
+
+// swap makes a caught-up rebuild the live generation. The catalog is
+// updated first, so a crash right after still opens the new copy; queries
+// running on the old copy finish before its file goes.
+func (p *projectionRT) swap(g *generation) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p.mu.Lock()
+	if p.next != g {
+		p.mu.Unlock()
+		return
+	}
+	if err := p.svc.catalog.setLive(ctx, p.name, g.gen); err != nil {
+		p.mu.Unlock()
+		p.svc.log.Error("rebuild could not be swapped in; will try again", "projection", p.name, "err", err)
+		return
+	}
+	old := p.live
+	p.live, p.next = g, nil
+	close(p.changed)
+	p.changed = make(chan struct{})
+	p.mu.Unlock()
+	p.svc.log.Info("rebuild caught up and swapped in", "projection", p.name, "generation", g.gen,
+		"took", p.svc.cfg.Now().Sub(g.started).String())
+	// The old generation stops in the background: its handler may be the
+	// one running this very call.
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := old.stop(ctx, true); err != nil {
+			p.svc.log.Warn("old generation not fully removed", "projection", p.name, "generation", old.gen, "err", err)
+		}
+	}()
+}
+
+// rebuild starts building a fresh generation from the first event, unless
+// one is being built.
+func (p *projectionRT) rebuild(ctx context.Context) (*kuma.RebuildReply, error) {
+	p.rebuilding.Lock()
+	defer p.rebuilding.Unlock()
+	p.mu.Lock()
+	if p.next != nil {
+		gen := p.next.gen
+		p.mu.Unlock()
+		return &kuma.RebuildReply{Projection: p.name, Generation: gen, Started: false}, nil
+	}
+	gen := p.live.gen + 1
+	spec := p.nextSpec
+	p.mu.Unlock()
+	next, err := p.start(ctx, gen, spec)
+	if err != nil {
+		return nil, err
+	}
+	return &kuma.RebuildReply{Projection: p.name, Generation: next.gen, Started: true}, nil
+}
+
+// start opens a new generation for a rebuild, from an empty file.
+func (p *projectionRT) start(ctx context.Context, gen int64, spec string) (*generation, error) {
+	svc := p.svc
+	// A leftover of a rebuild interrupted by a crash is started over.
+	if err := removeFiles(p.path(gen)); err != nil {
+		return nil, err
+	}
+	var target uint64
+	js, err := svc.jetstream()
+	if err != nil {
+		return nil, err
+	}
+	s, err := js.Stream(ctx, kuma.StreamName(svc.cfg.Context))
+	if err != nil {
+		return nil, fmt.Errorf("projector: stream: %w", err)
+	}
+	if err := s.DeleteConsumer(ctx, consumerName(svc.cfg.NodeName, svc.cfg.Context, p.name, gen)); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil, err
+	}
+	if info, err := s.Info(ctx); err == nil {
+		target = info.State.LastSeq
+	}
+	if err := svc.catalog.setBuilding(ctx, p.name, gen); err != nil {
+		return nil, err
+	}
+	g, err := p.open(ctx, gen, spec)
+	if err != nil {
+		return nil, err
+	}
+	g.target.Store(target)
+	p.mu.Lock()
+	p.next = g
+	p.mu.Unlock()
+	svc.log.Info("rebuild started", "projection", p.name, "generation", gen)
+	// An empty stream, or one the live copy has not moved in, never calls
+	// applied: check once now; the status ticker checks again.
+	p.checkCaughtUp()
+	return g, nil
+}
+
+// checkCaughtUp swaps a rebuild in when it is as far as the live copy.
+func (p *projectionRT) checkCaughtUp() {
+	p.mu.Lock()
+	next := p.next
+	ready := next != nil && next.rm.seq() >= p.live.rm.seq() && next.target.Load() <= next.rm.seq()
+	p.mu.Unlock()
+	if ready {
+		p.swap(next)
+	}
+}
+
+// wait blocks until the live generation has applied pos, or d passes.
+func (p *projectionRT) wait(ctx context.Context, pos kuma.Position, d time.Duration) error {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	for {
+		p.mu.Lock()
+		live, ch := p.live, p.changed
+		p.mu.Unlock()
+		if live.rm.applied(pos) {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-timer.C:
+			return kuma.Errorf(kuma.CodeTimeout, "projection %q has not applied %s yet; retry, or wait longer with wait_ms", p.name, pos)
+		case <-ctx.Done():
+			return kuma.Errorf(kuma.CodeTimeout, "projection %q has not applied %s yet", p.name, pos)
+		}
+	}
+}
+
+// query answers from the live generation; if a swap closed the copy under
+// it, it asks the new live one.
+func (p *projectionRT) query(ctx context.Context, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
+	for {
+		p.mu.Lock()
+		live := p.live
+		p.mu.Unlock()
+		out, ok, err := live.rm.query(ctx, r)
+		if ok {
+			return out, err
+		}
+	}
+}
+
+// act is an operator's retry or skip of the event a generation stopped at.
+// skip must name that event's position, so that the event skipped is the
+// one the operator looked at.
+func (p *projectionRT) act(op, position string) error {
+	p.mu.Lock()
+	gens := []*generation{p.live}
+	if p.next != nil {
+		gens = append(gens, p.next)
+	}
+	p.mu.Unlock()
+	for _, g := range gens {
+		g.mu.Lock()
+		stopped, at := g.stopped, ""
+		if g.failure != nil {
+			at = g.failure.Position
+		}
+		if !stopped {
+			g.mu.Unlock()
+			continue
+		}
+		switch op {
+		case "retry":
+			g.retry = true
+		case "skip":
+			if position != at {
+				g.mu.Unlock()
+				return kuma.Errorf(kuma.CodeBadRequest, "projection %q is stopped at %s, not %q; skip names the event it stopped at", p.name, at, position)
+			}
+			g.skip = position
+		}
+		g.mu.Unlock()
+		p.svc.log.Info("operator "+op, "projection", p.name, "generation", g.gen, "position", at)
+		return nil
+	}
+	return kuma.Errorf(kuma.CodeBadRequest, "projection %q is not stopped at an event", p.name)
+}
+
+// status reports the live generation and any rebuild.
+func (p *projectionRT) status(last uint64) kuma.ProjectionStatus {
+	p.mu.Lock()
+	live, next := p.live, p.next
+	p.mu.Unlock()
+	pos, lastPos, seq, skipped := live.rm.snapshot()
+	st := kuma.ProjectionStatus{Name: p.name, Node: p.svc.cfg.NodeName, Generation: live.gen,
+		Positions: pos, Applied: seq, Skipped: skipped, State: "running"}
+	if lastPos.Seq > 0 {
+		st.Position = lastPos.String()
+	}
+	if last > seq {
+		st.Lag = int64(last - seq)
+	}
+	st.State, st.Error = live.health()
+	if next != nil {
+		_, _, nseq, _ := next.rm.snapshot()
+		target := max(next.target.Load(), seq)
+		rs := &kuma.RebuildStatus{Generation: next.gen, Applied: nseq, Target: target, StartedAt: next.started, State: "running"}
+		if target > 0 {
+			rs.Progress = min(1, float64(nseq)/float64(target))
+		} else {
+			rs.Progress = 1
+		}
+		rs.State, rs.Error = next.health()
+		st.Rebuild = rs
+	}
+	return st
+}
+
+func (g *generation) health() (string, *kuma.ProjectionError) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	switch {
+	case g.stopped:
+		f := *g.failure
+		return "stopped", &f
+	case g.failure != nil:
+		f := *g.failure
+		return "retrying", &f
+	}
+	return "running", nil
+}

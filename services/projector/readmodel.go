@@ -1,0 +1,287 @@
+package projector
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/projection"
+	"github.com/kumadb/kuma/pkg/sqlite"
+)
+
+// readModel is one generation of a projection: its own SQLite file with the
+// model's tables and Kuma's bookkeeping (the last applied position per shard,
+// the last applied stream sequence, the events an operator skipped). One
+// writer applies; queries run on a separate read-only pool.
+type readModel struct {
+	path  string
+	model model
+	w     *sql.DB // one connection: the only writer
+	r     *sql.DB // query_only connections
+
+	mu        sync.RWMutex // guards the fields below; closing takes it for writing
+	closed    bool
+	positions map[int]int64
+	streamSeq uint64
+	lastPos   kuma.Position
+	skipped   int64
+}
+
+const bookkeeping = `
+CREATE TABLE IF NOT EXISTS _kuma_positions (shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS _kuma_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS _kuma_skipped (
+	position   TEXT PRIMARY KEY,
+	entity     TEXT NOT NULL,
+	event_type TEXT NOT NULL,
+	error      TEXT NOT NULL,
+	skipped_at TEXT NOT NULL
+);`
+
+// openReadModel opens (creating when new) a generation's file. fresh files
+// get the model's schema and the spec they were built with, so an old
+// generation can keep answering with its own spec while a new one builds.
+func openReadModel(ctx context.Context, path string, m model, specJSON string) (*readModel, error) {
+	_, statErr := os.Stat(path)
+	fresh := errors.Is(statErr, os.ErrNotExist)
+	// synchronous NORMAL: a power loss may cost the last transactions, but
+	// the read model's positions fall back with them, and a consumer whose
+	// acks are ahead of the read model is recreated at its position (see
+	// resources), so nothing is missed; a process crash loses nothing.
+	w, err := sql.Open("sqlite", sqlite.DSN(path,
+		"busy_timeout(10000)", "journal_mode(WAL)", "synchronous(NORMAL)",
+		// Forgotten entities' rows are overwritten, not only unlinked.
+		"secure_delete(ON)"))
+	if err != nil {
+		return nil, err
+	}
+	w.SetMaxOpenConns(1)
+	rm := &readModel{path: path, model: m, w: w, positions: map[int]int64{}}
+	if err := rm.init(ctx, fresh, specJSON); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("projector: open %s: %w", path, err)
+	}
+	rm.r, err = sql.Open("sqlite", sqlite.DSN(path, "busy_timeout(10000)", "query_only(1)"))
+	if err != nil {
+		w.Close()
+		return nil, err
+	}
+	rm.r.SetMaxOpenConns(4)
+	return rm, nil
+}
+
+func (rm *readModel) init(ctx context.Context, fresh bool, specJSON string) error {
+	if fresh {
+		tx, err := rm.w.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		for _, ddl := range append(rm.model.schema(), bookkeeping) {
+			if _, err := tx.ExecContext(ctx, ddl); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO _kuma_meta (key, value) VALUES ('spec', ?), ('stream_seq', '0')`, specJSON); err != nil {
+			return err
+		}
+		if err := tx.Commit(); err != nil {
+			return err
+		}
+	}
+	rows, err := rm.w.QueryContext(ctx, `SELECT shard, seq FROM _kuma_positions`)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var shard int
+		var seq int64
+		if err := rows.Scan(&shard, &seq); err != nil {
+			return err
+		}
+		rm.positions[shard] = seq
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	var seq string
+	if err := rm.w.QueryRowContext(ctx, `SELECT value FROM _kuma_meta WHERE key = 'stream_seq'`).Scan(&seq); err != nil {
+		return err
+	}
+	if rm.streamSeq, err = strconv.ParseUint(seq, 10, 64); err != nil {
+		return err
+	}
+	return rm.w.QueryRowContext(ctx, `SELECT count(*) FROM _kuma_skipped`).Scan(&rm.skipped)
+}
+
+// storedSpec reads the spec a generation was built with.
+func storedSpec(ctx context.Context, path string) (string, error) {
+	db, err := sql.Open("sqlite", sqlite.DSN(path, "query_only(1)"))
+	if err != nil {
+		return "", err
+	}
+	defer db.Close()
+	var s string
+	err = db.QueryRowContext(ctx, `SELECT value FROM _kuma_meta WHERE key = 'spec'`).Scan(&s)
+	return s, err
+}
+
+// batch is what one stream message asks of a read model.
+type batch struct {
+	streamSeq uint64
+	shard     int
+	lastSeq   int64 // the message's last position in its shard (0 for a notice)
+	events    []projection.Event
+	forget    string // entity of a forget notice
+	skip      map[string]skipNote
+}
+
+type skipNote struct{ entity, eventType, err string }
+
+// applyError is an event the model failed on: the projection stops there.
+type applyError struct {
+	index int
+	event projection.Event
+	err   error
+}
+
+func (e *applyError) Error() string {
+	return fmt.Sprintf("event %s (%s of %s) failed: %v", e.event.Position, e.event.Type, e.event.Entity, e.err)
+}
+
+func (e *applyError) Unwrap() error { return e.err }
+
+// apply commits a batch's effect with the positions it moves to, in one
+// transaction: a redelivered message finds its positions already there and
+// changes nothing.
+func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
+	rm.mu.RLock()
+	done := b.lastSeq > 0 && rm.positions[b.shard] >= b.lastSeq
+	from := rm.positions[b.shard]
+	rm.mu.RUnlock()
+	if done {
+		return nil // a redelivery: already applied
+	}
+	tx, err := rm.w.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if b.forget != "" {
+		if err := rm.model.forget(ctx, tx, b.forget); err != nil {
+			return &applyError{event: projection.Event{Entity: b.forget, Type: "(forgotten)"}, err: err}
+		}
+	}
+	evs := b.events[:0:0]
+	for _, ev := range b.events {
+		p, _ := kuma.ParsePosition(ev.Position)
+		if p.Seq <= from {
+			continue
+		}
+		if note, ok := b.skip[ev.Position]; ok {
+			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO _kuma_skipped (position, entity, event_type, error, skipped_at) VALUES (?, ?, ?, ?, ?)`,
+				ev.Position, ev.Entity, note.eventType, note.err, now.UTC().Format(time.RFC3339Nano)); err != nil {
+				return err
+			}
+			continue
+		}
+		evs = append(evs, ev)
+	}
+	if len(evs) > 0 {
+		if i, err := rm.model.apply(ctx, tx, evs); err != nil {
+			return &applyError{index: i, event: evs[i], err: err}
+		}
+	}
+	if b.lastSeq > 0 {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO _kuma_positions (shard, seq) VALUES (?, ?)
+			ON CONFLICT (shard) DO UPDATE SET seq = excluded.seq`, b.shard, b.lastSeq); err != nil {
+			return err
+		}
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE _kuma_meta SET value = ? WHERE key = 'stream_seq'`, strconv.FormatUint(b.streamSeq, 10)); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	if b.forget != "" {
+		// The WAL still holds the pages as they were before the delete;
+		// a truncating checkpoint leaves no copy of the entity on disk.
+		if _, err := rm.w.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+			return err
+		}
+	}
+	rm.mu.Lock()
+	if b.lastSeq > 0 {
+		rm.positions[b.shard] = b.lastSeq
+		rm.lastPos = kuma.Position{Shard: b.shard, Seq: b.lastSeq}
+	}
+	if b.streamSeq > rm.streamSeq {
+		rm.streamSeq = b.streamSeq
+	}
+	rm.skipped += int64(len(b.skip))
+	rm.mu.Unlock()
+	return nil
+}
+
+// applied reports whether the read model has applied position p.
+func (rm *readModel) applied(p kuma.Position) bool {
+	rm.mu.RLock()
+	defer rm.mu.RUnlock()
+	return rm.positions[p.Shard] >= p.Seq
+}
+
+func (rm *readModel) seq() uint64 {
+	rm.mu.RLock()
+	defer rm.mu.RUnlock()
+	return rm.streamSeq
+}
+
+// query runs a query unless the read model was closed (swapped out by a
+// rebuild meanwhile): the caller then asks the live generation.
+func (rm *readModel) query(ctx context.Context, r *kuma.QueryRequest) (*kuma.QueryReply, bool, error) {
+	rm.mu.RLock()
+	defer rm.mu.RUnlock()
+	if rm.closed {
+		return nil, false, nil
+	}
+	out, err := rm.model.query(ctx, rm.r, r)
+	if out != nil && rm.lastPos.Seq > 0 {
+		out.Position = rm.lastPos.String()
+	}
+	return out, true, err
+}
+
+// snapshot returns the bookkeeping for status.
+func (rm *readModel) snapshot() (map[string]string, kuma.Position, uint64, int64) {
+	rm.mu.RLock()
+	defer rm.mu.RUnlock()
+	pos := make(map[string]string, len(rm.positions))
+	for s, seq := range rm.positions {
+		pos[strconv.Itoa(s)] = kuma.Position{Shard: s, Seq: seq}.String()
+	}
+	return pos, rm.lastPos, rm.streamSeq, rm.skipped
+}
+
+// close waits for running queries and closes the file.
+func (rm *readModel) close() error {
+	rm.mu.Lock()
+	defer rm.mu.Unlock()
+	if rm.closed {
+		return nil
+	}
+	rm.closed = true
+	return errors.Join(rm.r.Close(), rm.w.Close())
+}
+
+// remove closes the file and deletes it with its WAL.
+func (rm *readModel) remove() error {
+	return errors.Join(rm.close(), removeFiles(rm.path))
+}

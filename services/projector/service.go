@@ -1,0 +1,586 @@
+// Package projector keeps read models built from a context's event stream:
+// the built-in entities projection (every entity's latest state) and the
+// projections users declare (pkg/projection). It consumes the stream through
+// Watermill's Router over watermill-nats's JetStream subscriber, one durable
+// consumer per projection and generation with explicit acks and one message
+// in flight, applies each message in one SQLite transaction together with the
+// positions it reaches (a redelivery changes nothing), answers
+// kuma.<ctx>.query.<name> (waiting for a position on request) and rebuilds
+// any projection beside the live copy, swapping it in once it has caught up.
+package projector
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"github.com/kumadb/kuma/pkg/keycache"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/projection"
+	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// Version is the projector's semver, shown by `nats micro ls`.
+const Version = "0.1.0"
+
+// Config configures a projector for one context.
+type Config struct {
+	Context string
+	// Reducer folds the entities projection's states; nil is merge patch,
+	// as in the shardnode. It must be the shardnode's reducer.
+	Reducer kuma.Reducer
+	// DataDir holds the read models, under <DataDir>/projector/<context>.
+	DataDir string
+	// NodeName names this projector's durable consumers: each projector
+	// instance keeps its own read models.
+	NodeName string
+	// Specs are the declared projections.
+	Specs []projection.Spec
+	// Keys opens payloads: the keyvault in process or over NATS.
+	Keys keycache.Vault
+	// Dial opens a NATS connection for one generation's subscriber (closing
+	// a Watermill subscriber drains its connection, so none is shared).
+	Dial func() (*nats.Conn, error)
+
+	QueryTimeout      time.Duration // a query's time limit (default 2s)
+	AckWait           time.Duration // longest apply of one message (default 30s)
+	StoppedRetryEvery time.Duration // how often a stopped projection looks for an operator's action (default 1s)
+	KeyCacheSize      int
+	KeyCacheTTL       time.Duration
+
+	Logger         *slog.Logger
+	Now            func() time.Time
+	Registerer     prometheus.Registerer
+	TracerProvider trace.TracerProvider
+}
+
+func (c *Config) setDefaults() {
+	if c.Reducer == nil {
+		c.Reducer = kuma.MergePatch{}
+	}
+	if c.NodeName == "" {
+		c.NodeName, _ = os.Hostname()
+	}
+	if c.QueryTimeout == 0 {
+		c.QueryTimeout = 2 * time.Second
+	}
+	if c.AckWait == 0 {
+		c.AckWait = 30 * time.Second
+	}
+	if c.StoppedRetryEvery == 0 {
+		c.StoppedRetryEvery = time.Second
+	}
+	if c.KeyCacheSize == 0 {
+		c.KeyCacheSize = 100_000
+	}
+	if c.KeyCacheTTL == 0 {
+		c.KeyCacheTTL = 5 * time.Minute
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Registerer == nil {
+		c.Registerer = prometheus.NewRegistry()
+	}
+}
+
+// Validate reports every problem of the config at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if err := kuma.ValidateContext(c.Context); err != nil {
+		errs = append(errs, err)
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("projector: DataDir is required (read models live under it)"))
+	}
+	if c.Keys == nil {
+		errs = append(errs, errors.New("projector: Keys is required to open event payloads"))
+	}
+	if c.Dial == nil {
+		errs = append(errs, errors.New("projector: Dial is required (each subscriber has its own connection)"))
+	}
+	return errors.Join(errs...)
+}
+
+// Service is a running projector. Its methods are safe for concurrent use.
+type Service struct {
+	cfg     Config
+	nc      *nats.Conn
+	dir     string
+	log     *slog.Logger
+	wlog    watermill.LoggerAdapter
+	tracer  trace.Tracer
+	keys    *keycache.Cache
+	metrics *metrics
+
+	specs   map[string]*projection.Compiled
+	router  *message.Router
+	catalog *catalog
+	micro   micro.Service
+	shreds  *nats.Subscription
+	runCtx  context.Context
+	cancel  context.CancelFunc
+	done    chan struct{}
+
+	mu    sync.Mutex
+	projs map[string]*projectionRT
+	js    jetstream.JetStream
+}
+
+// New validates the config and the declared projections; Start runs them.
+func New(cfg Config, nc *nats.Conn) (*Service, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	compiled, err := projection.CompileAll(context.Background(), cfg.Specs)
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{cfg: cfg, nc: nc, log: cfg.Logger, tracer: telemetry.Tracer(cfg.TracerProvider),
+		dir: filepath.Join(cfg.DataDir, "projector", cfg.Context), specs: map[string]*projection.Compiled{},
+		projs: map[string]*projectionRT{}}
+	for _, c := range compiled {
+		if c.Spec.Name == EntitiesProjection {
+			return nil, fmt.Errorf("projector: %q is the built-in projection's name", EntitiesProjection)
+		}
+		s.specs[c.Spec.Name] = c
+	}
+	// Watermill's per-message Info lines are debug detail here.
+	s.wlog = watermill.NewSlogLoggerWithLevelMapping(cfg.Logger.With("component", "watermill"), map[slog.Level]slog.Level{
+		slog.LevelInfo: slog.LevelDebug,
+	})
+	s.keys = keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, s.tracer)
+	if s.metrics, err = newMetrics(cfg.Registerer, s); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Service) jetstream() (jetstream.JetStream, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.js == nil {
+		js, err := jetstream.New(s.nc)
+		if err != nil {
+			return nil, err
+		}
+		s.js = js
+	}
+	return s.js, nil
+}
+
+// Start opens every projection's live generation (rebuilding one whose
+// declaration changed, beside the old copy), starts consuming and answers
+// queries. The context's stream must exist (the shardnode creates it); Start
+// waits for it up to ctx.
+func (s *Service) Start(ctx context.Context) error {
+	if err := os.MkdirAll(s.dir, 0o755); err != nil {
+		return err
+	}
+	if err := s.waitForStream(ctx); err != nil {
+		return err
+	}
+	var err error
+	if s.catalog, err = openCatalog(ctx, filepath.Join(s.dir, "catalog.db")); err != nil {
+		return err
+	}
+	s.router, err = message.NewRouter(message.RouterConfig{CloseTimeout: 10 * time.Second}, s.wlog)
+	if err != nil {
+		return err
+	}
+	s.router.AddMiddleware(
+		middleware.CorrelationID,
+		middleware.Retry{
+			MaxRetries: 3, InitialInterval: 50 * time.Millisecond, MaxInterval: time.Second, Multiplier: 2,
+			ShouldRetry: retryable, Logger: s.wlog,
+		}.Middleware,
+		// Innermost, so a panic becomes an error that Retry sees.
+		middleware.Recoverer,
+	)
+	runCtx, cancel := context.WithCancel(context.Background())
+	s.runCtx, s.cancel, s.done = runCtx, cancel, make(chan struct{})
+	go func() {
+		defer close(s.done)
+		if err := s.router.Run(runCtx); err != nil {
+			s.log.Error("projector router stopped", "err", err)
+		}
+	}()
+	<-s.router.Running()
+
+	names := []string{EntitiesProjection}
+	for n := range s.specs {
+		names = append(names, n)
+	}
+	sort.Strings(names[1:])
+	for _, n := range names {
+		if err := s.openProjection(ctx, n); err != nil {
+			s.Stop(context.Background())
+			return err
+		}
+	}
+	if s.shreds, err = s.keys.SubscribeShredded(s.nc); err != nil {
+		s.Stop(context.Background())
+		return err
+	}
+	if err := s.serve(ctx); err != nil {
+		s.Stop(context.Background())
+		return err
+	}
+	go s.watch(runCtx)
+	return nil
+}
+
+func (s *Service) waitForStream(ctx context.Context) error {
+	js, err := s.jetstream()
+	if err != nil {
+		return err
+	}
+	for {
+		_, err := js.Stream(ctx, kuma.StreamName(s.cfg.Context))
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, jetstream.ErrStreamNotFound) && !errors.Is(err, nats.ErrNoResponders) && !errors.Is(err, jetstream.ErrJetStreamNotEnabled) {
+			return fmt.Errorf("projector: stream %s: %w", kuma.StreamName(s.cfg.Context), err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("projector: stream %s does not exist yet (is a shardnode running?): %w", kuma.StreamName(s.cfg.Context), ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// openProjection opens the live generation of one projection. A
+// declaration that changed since that generation was built starts a
+// rebuild; the old copy answers, with its own declaration, until the new one
+// has caught up.
+func (s *Service) openProjection(ctx context.Context, name string) error {
+	want, err := s.specJSON(name)
+	if err != nil {
+		return err
+	}
+	p := &projectionRT{svc: s, name: name, changed: make(chan struct{}), nextSpec: want}
+	p.newModel = func(spec string) (model, error) { return s.model(ctx, name, spec) }
+	live, building, err := s.catalog.get(ctx, name)
+	if err != nil {
+		return err
+	}
+	spec := want
+	if live > 0 {
+		if stored, err := storedSpec(ctx, p.path(live)); err == nil {
+			spec = stored
+		} else {
+			s.log.Warn("live read model unreadable; building it again", "projection", name, "err", err)
+			live = 0
+		}
+	}
+	if live == 0 {
+		// First start (or an unreadable file): this generation is built
+		// from the first event while it answers.
+		live = max(building, 1)
+		if err := removeFiles(p.path(live)); err != nil {
+			return err
+		}
+		if err := s.catalog.setLive(ctx, name, live); err != nil {
+			return err
+		}
+		spec = want
+	}
+	g, err := p.open(ctx, live, spec)
+	if err != nil {
+		return err
+	}
+	p.live = g
+	s.mu.Lock()
+	s.projs[name] = p
+	s.mu.Unlock()
+	if spec != want || building > live {
+		if spec != want {
+			s.log.Info("projection declaration changed; rebuilding beside the live copy", "projection", name)
+		}
+		if _, err := p.rebuild(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// specJSON is the canonical form of a projection's declaration; a change
+// of it means the read model must be rebuilt.
+func (s *Service) specJSON(name string) (string, error) {
+	if name == EntitiesProjection {
+		return `{"name":"entities","builtin":1}`, nil
+	}
+	b, err := json.Marshal(s.specs[name].Spec)
+	return string(b), err
+}
+
+func (s *Service) model(ctx context.Context, name, spec string) (model, error) {
+	if name == EntitiesProjection {
+		return &entities{reducer: s.cfg.Reducer}, nil
+	}
+	if want, _ := s.specJSON(name); spec == want {
+		return &declared{c: s.specs[name]}, nil
+	}
+	var sp projection.Spec
+	if err := json.Unmarshal([]byte(spec), &sp); err != nil {
+		return nil, err
+	}
+	c, err := projection.Compile(ctx, sp)
+	if err != nil {
+		return nil, fmt.Errorf("projector: the stored declaration of %q no longer compiles: %w", name, err)
+	}
+	return &declared{c: c}, nil
+}
+
+// watch completes rebuilds that have nothing left to apply and keeps the
+// lag gauge fresh.
+func (s *Service) watch(ctx context.Context) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, p := range s.projections() {
+			p.checkCaughtUp()
+		}
+	}
+}
+
+func (s *Service) projections() []*projectionRT {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*projectionRT, 0, len(s.projs))
+	for _, p := range s.projs {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+func (s *Service) projection(name string) (*projectionRT, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.projs[name]
+	if p == nil {
+		return nil, kuma.Errorf(kuma.CodeNotFound, "no projection %q in context %q", name, s.cfg.Context)
+	}
+	return p, nil
+}
+
+// Query answers a query, waiting first for r.After when given.
+func (s *Service) Query(ctx context.Context, name string, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
+	p, err := s.projection(name)
+	if err != nil {
+		return nil, err
+	}
+	after, wait, err := r.Validate()
+	if err != nil {
+		return nil, err
+	}
+	ctx, span := s.tracer.Start(ctx, "kuma.projector query "+name, trace.WithSpanKind(trace.SpanKindServer))
+	defer span.End()
+	if after.Seq > 0 {
+		if err := p.wait(ctx, after, wait); err != nil {
+			return nil, err
+		}
+	}
+	qctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
+	defer cancel()
+	return p.query(qctx, r)
+}
+
+// Rebuild starts a rebuild of one projection and returns at once.
+func (s *Service) Rebuild(ctx context.Context, name string) (*kuma.RebuildReply, error) {
+	p, err := s.projection(name)
+	if err != nil {
+		return nil, err
+	}
+	return p.rebuild(ctx)
+}
+
+// Retry makes a projection stopped at a failed event try it again.
+func (s *Service) Retry(name string) error {
+	p, err := s.projection(name)
+	if err != nil {
+		return err
+	}
+	return p.act("retry", "")
+}
+
+// Skip makes a projection stopped at the event at position skip it; the
+// skip is recorded in the read model (_kuma_skipped) and counted in status.
+func (s *Service) Skip(name, position string) error {
+	p, err := s.projection(name)
+	if err != nil {
+		return err
+	}
+	if _, err := kuma.ParsePosition(position); err != nil {
+		return err
+	}
+	return p.act("skip", position)
+}
+
+// Status reports every projection, in name order.
+func (s *Service) Status(ctx context.Context) ([]kuma.ProjectionStatus, error) {
+	var last uint64
+	if js, err := s.jetstream(); err == nil {
+		if st, err := js.Stream(ctx, kuma.StreamName(s.cfg.Context)); err == nil {
+			if info, err := st.Info(ctx); err == nil {
+				last = info.State.LastSeq
+			}
+		}
+	}
+	out := []kuma.ProjectionStatus{}
+	for _, p := range s.projections() {
+		out = append(out, p.status(last))
+	}
+	return out, nil
+}
+
+// Stop stops answering, then stops every consumer; the read models keep
+// their positions, so the next start goes on where this one stopped.
+func (s *Service) Stop(ctx context.Context) error {
+	var errs []error
+	if s.micro != nil {
+		errs = append(errs, s.micro.Stop())
+	}
+	if s.shreds != nil {
+		_ = s.shreds.Unsubscribe()
+	}
+	for _, p := range s.projections() {
+		p.mu.Lock()
+		gens := []*generation{p.live, p.next}
+		p.mu.Unlock()
+		for _, g := range gens {
+			if g != nil {
+				errs = append(errs, g.stop(ctx, false))
+			}
+		}
+	}
+	if s.router != nil {
+		errs = append(errs, s.router.Close())
+		s.cancel()
+		<-s.done
+	}
+	if s.catalog != nil {
+		errs = append(errs, s.catalog.close())
+	}
+	return errors.Join(errs...)
+}
+
+// serve registers the NATS micro service "kuma-projector": queries, the
+// admin subjects and the status part a shardnode includes in its answer.
+func (s *Service) serve(ctx context.Context) error {
+	svc, err := micro.AddService(s.nc, micro.Config{
+		Name: "kuma-projector", Version: Version,
+		Description: "Read models from the event stream: queries, rebuilds",
+		QueueGroup:  "kuma-projector",
+	})
+	if err != nil {
+		return fmt.Errorf("projector: register micro service: %w", err)
+	}
+	s.micro = svc
+	kctx := s.cfg.Context
+	name := func(req micro.Request) string {
+		subj := req.Subject()
+		return subj[strings.LastIndexByte(subj, '.')+1:]
+	}
+	endpoints := []struct {
+		name, subject string
+		h             func(ctx context.Context, req micro.Request) (any, error)
+	}{
+		{"query", kuma.QuerySubject(kctx, "*"), func(ctx context.Context, req micro.Request) (any, error) {
+			var r kuma.QueryRequest
+			if err := kuma.Decode(req.Data(), &r); err != nil {
+				return nil, err
+			}
+			return s.Query(ctx, name(req), &r)
+		}},
+		{"rebuild", kuma.ProjectionAdminSubject(kctx, "rebuild", "*"), func(ctx context.Context, req micro.Request) (any, error) {
+			return s.Rebuild(ctx, name(req))
+		}},
+		{"retry", kuma.ProjectionAdminSubject(kctx, "retry", "*"), func(ctx context.Context, req micro.Request) (any, error) {
+			return map[string]any{"projection": name(req), "retrying": true}, s.Retry(name(req))
+		}},
+		{"skip", kuma.ProjectionAdminSubject(kctx, "skip", "*"), func(ctx context.Context, req micro.Request) (any, error) {
+			var r kuma.SkipRequest
+			if err := kuma.Decode(req.Data(), &r); err != nil {
+				return nil, err
+			}
+			return map[string]any{"projection": name(req), "skipped": r.Position}, s.Skip(name(req), r.Position)
+		}},
+		{"status", kuma.ProjectorStatusSubject(kctx), func(ctx context.Context, req micro.Request) (any, error) {
+			return s.Status(ctx)
+		}},
+	}
+	for _, e := range endpoints {
+		h := e.h
+		err := svc.AddEndpoint(e.name+"-"+kctx, micro.HandlerFunc(func(req micro.Request) {
+			ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
+			ctx, cancel := context.WithTimeout(ctx, kuma.MaxQueryWait*time.Millisecond+s.cfg.QueryTimeout+time.Second)
+			defer cancel()
+			out, err := h(ctx, req)
+			code := "ok"
+			if err != nil {
+				code = string(kuma.ErrorCode(err))
+				s.log.Debug("projector request failed", "subject", req.Subject(), "err", err)
+				_ = natsbus.MicroError(req, err)
+			} else {
+				_ = req.RespondJSON(out)
+			}
+			s.metrics.requests.WithLabelValues(e.name, code).Inc()
+		}), micro.WithEndpointSubject(e.subject))
+		if err != nil {
+			return fmt.Errorf("projector: endpoint %s: %w", e.name, err)
+		}
+	}
+	return natsbus.Flush(ctx, s.nc)
+}
+
+// metadataCarrier exposes a Watermill message's trace headers to the
+// propagator.
+func metadataCarrier(md message.Metadata) nats.Header {
+	h := nats.Header{}
+	for k, v := range md {
+		if strings.EqualFold(k, "traceparent") || strings.EqualFold(k, "tracestate") {
+			h[strings.ToLower(k)] = []string{v}
+		}
+	}
+	return h
+}
+
+func removeFiles(path string) error {
+	var errs []error
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		if err := os.Remove(path + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
