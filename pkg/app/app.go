@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
+	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/telemetry"
 
 	"github.com/kumadb/kuma/services/keyvault"
@@ -28,6 +30,8 @@ type App struct {
 	// ownTP is the tracer provider the App built (and must flush on Stop).
 	ownTP   *sdktrace.TracerProvider
 	started []startedModule
+	// specs are the declared projections, checked in New.
+	specs []projection.Spec
 }
 
 type startedModule struct {
@@ -35,13 +39,31 @@ type startedModule struct {
 	svc  service
 }
 
-// New checks cfg and builds an App; it does no I/O.
+// New checks cfg (and the projections it declares) and builds an App; the
+// only I/O is reading the projections file.
 func New(cfg Config) (*App, error) {
 	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &App{cfg: cfg, registry: prometheus.NewRegistry()}, nil
+	a := &App{cfg: cfg, registry: prometheus.NewRegistry()}
+	// A projections file is checked before anything starts, so a typo is
+	// reported with its line and nothing runs half-way.
+	if slices.Contains(order(cfg.Target), ModuleProjector) {
+		specs := append([]projection.Spec(nil), cfg.Projections...)
+		if cfg.ProjectionsFile != "" {
+			fromFile, err := projection.Load(cfg.ProjectionsFile)
+			if err != nil {
+				return nil, err
+			}
+			specs = append(specs, fromFile...)
+		}
+		if _, err := projection.CompileAll(context.Background(), specs); err != nil {
+			return nil, err
+		}
+		a.specs = specs
+	}
+	return a, nil
 }
 
 // Registry is the App's Prometheus registry.

@@ -10,7 +10,6 @@ import (
 
 	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/natsbus"
-	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/projector"
@@ -130,14 +129,6 @@ func (a *App) build(module string) (service, error) {
 	case ModuleOps:
 		return &opsModule{app: a}, nil
 	case ModuleProjector:
-		specs := append([]projection.Spec(nil), cfg.Projections...)
-		if cfg.ProjectionsFile != "" {
-			fromFile, err := projection.Load(cfg.ProjectionsFile)
-			if err != nil {
-				return nil, err
-			}
-			specs = append(specs, fromFile...)
-		}
 		var keys keycache.Vault = vaultclient.New(a.nc, 0)
 		if a.vault != nil {
 			keys = a.vault
@@ -147,9 +138,10 @@ func (a *App) build(module string) (service, error) {
 			Reducer:        cfg.Reducers[cfg.Context],
 			DataDir:        cfg.DataDir,
 			NodeName:       cfg.NodeName,
-			Specs:          specs,
+			Specs:          a.specs,
 			Keys:           keys,
 			Dial:           a.dial,
+			Failpoint:      cfg.Failpoint,
 			Registerer:     a.registry,
 			TracerProvider: cfg.TracerProvider,
 			Logger:         cfg.Logger.With("service", "projector"),

@@ -4,10 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -91,7 +90,7 @@ func (g *generation) resources(ackWait time.Duration) wmjs.ResourceInitializer {
 			// ran out; recreating at the read model's position is quicker.
 			if info.AckFloor.Stream <= applied && info.NumAckPending == 0 &&
 				info.Config.MaxAckPending == 1 && info.Config.AckPolicy == jetstream.AckExplicitPolicy {
-				return guarded{Consumer: c, stopping: &g.stopping}, nil, nil
+				return guarded{Consumer: c, g: &g.gate}, nil, nil
 			}
 			g.p.svc.log.Warn("recreating a durable consumer at its read model's position",
 				"consumer", g.consumer, "acked", info.AckFloor.Stream, "applied", applied)
@@ -129,33 +128,40 @@ func (g *generation) resources(ackWait time.Duration) wmjs.ResourceInitializer {
 		if err != nil {
 			return nil, nil, err
 		}
-		return guarded{Consumer: c, stopping: &g.stopping}, nil, nil
+		return guarded{Consumer: c, g: &g.gate}, nil, nil
 	}
 }
 
-// guarded wraps a consumer so that stopping a generation is clean: once
-// stopping is set, deliveries are dropped unacknowledged (JetStream delivers
-// them again to the next consumer), and the panic the Watermill subscriber
-// can raise when it closes its output while a delivery is under way is
-// contained; that message was not acknowledged either.
+// guarded wraps a consumer so that stopping a generation is clean. The
+// Watermill subscriber closes its output channel when the handler stops, and
+// a delivery under way at that moment would send on the closed channel. So a
+// delivery holds the gate while it runs, and stop takes the gate (waiting for
+// the delivery in flight) and sets stopping before the handler is stopped;
+// later deliveries are dropped unacknowledged, for the next consumer.
 type guarded struct {
 	jetstream.Consumer
-	stopping *atomic.Bool
+	g *gate
+}
+
+type gate struct {
+	mu       sync.Mutex
+	stopping bool
+}
+
+// close waits for the delivery in flight and lets no other through.
+func (g *gate) close() {
+	g.mu.Lock()
+	g.stopping = true
+	g.mu.Unlock()
 }
 
 func (c guarded) Consume(h jetstream.MessageHandler, opts ...jetstream.PullConsumeOpt) (jetstream.ConsumeContext, error) {
 	return c.Consumer.Consume(func(m jetstream.Msg) {
-		if c.stopping.Load() {
+		c.g.mu.Lock()
+		defer c.g.mu.Unlock()
+		if c.g.stopping {
 			return
 		}
-		defer func() {
-			if r := recover(); r != nil {
-				if e, ok := r.(runtime.Error); ok && strings.Contains(e.Error(), "closed channel") {
-					return
-				}
-				panic(r)
-			}
-		}()
 		h(m)
 	}, opts...)
 }

@@ -52,7 +52,7 @@ type generation struct {
 	handler  *message.Handler
 	sub      *wmjs.Subscriber
 	nc       *nats.Conn
-	stopping atomic.Bool
+	gate     gate
 
 	started time.Time
 	target  atomic.Uint64 // stream's last sequence when the rebuild began
@@ -125,7 +125,7 @@ func (g *generation) run(ctx context.Context) error {
 
 // stop ends the generation's consumption (the durable stays unless drop).
 func (g *generation) stop(ctx context.Context, drop bool) error {
-	g.stopping.Store(true)
+	g.gate.close()
 	if g.handler != nil {
 		select {
 		case <-g.handler.Started():
@@ -177,6 +177,7 @@ func (g *generation) handle(msg *message.Message) error {
 	}
 	g.mu.Unlock()
 
+	svc.cfg.Failpoint("projector-before-apply")
 	start := time.Now()
 	err = g.rm.apply(ctx, b, svc.cfg.Now())
 	svc.metrics.applySeconds.Observe(time.Since(start).Seconds())
@@ -185,6 +186,7 @@ func (g *generation) handle(msg *message.Message) error {
 		g.fail(err)
 		return err
 	}
+	svc.cfg.Failpoint("projector-after-apply")
 	span.SetAttributes(attribute.Int("kuma.events", len(b.events)))
 	svc.metrics.applied.WithLabelValues(g.p.name).Add(float64(len(b.events)))
 	g.mu.Lock()

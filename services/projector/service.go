@@ -65,6 +65,10 @@ type Config struct {
 	KeyCacheSize      int
 	KeyCacheTTL       time.Duration
 
+	// Failpoint is the fault tests' hook: projector-before-apply and
+	// projector-after-apply (committed, not yet acknowledged).
+	Failpoint func(name string)
+
 	Logger         *slog.Logger
 	Now            func() time.Time
 	Registerer     prometheus.Registerer
@@ -98,6 +102,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.Failpoint == nil {
+		c.Failpoint = func(string) {}
 	}
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()
