@@ -49,10 +49,10 @@ type generation struct {
 	consumer string
 	spec     string
 
-	handler  *message.Handler
-	sub      *wmjs.Subscriber
-	nc       *nats.Conn
-	gate     gate
+	handler *message.Handler
+	sub     *wmjs.Subscriber
+	nc      *nats.Conn
+	gate    gate
 
 	started time.Time
 	target  atomic.Uint64 // stream's last sequence when the rebuild began
