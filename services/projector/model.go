@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -23,9 +24,9 @@ type model interface {
 	schema() []string
 	// apply applies events in order; on failure it returns the index of the
 	// event that failed.
-	apply(ctx context.Context, tx *sql.Tx, evs []projection.Event) (int, error)
+	apply(t txn, evs []projection.Event) (int, error)
 	// forget drops what the model holds of an entity.
-	forget(ctx context.Context, tx *sql.Tx, entity string) error
+	forget(t txn, entity string) error
 	// query answers a query on a read-only connection.
 	query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) (*kuma.QueryReply, error)
 }
@@ -37,7 +38,7 @@ type declared struct {
 
 func (d *declared) schema() []string { return d.c.Spec.Tables }
 
-func (d *declared) apply(ctx context.Context, tx *sql.Tx, evs []projection.Event) (int, error) {
+func (d *declared) apply(t txn, evs []projection.Event) (int, error) {
 	for i, ev := range evs {
 		st := d.c.On[ev.Type]
 		if st == nil {
@@ -50,14 +51,14 @@ func (d *declared) apply(ctx context.Context, tx *sql.Tx, evs []projection.Event
 		if err != nil {
 			return i, err
 		}
-		if _, err := tx.ExecContext(ctx, st.SQL, args...); err != nil {
+		if err := t.exec(st.SQL, args...); err != nil {
 			return i, err
 		}
 	}
 	return 0, nil
 }
 
-func (d *declared) forget(ctx context.Context, tx *sql.Tx, entity string) error {
+func (d *declared) forget(t txn, entity string) error {
 	if d.c.Forget == nil {
 		return nil
 	}
@@ -65,8 +66,7 @@ func (d *declared) forget(ctx context.Context, tx *sql.Tx, entity string) error 
 	if err != nil {
 		return err
 	}
-	_, err = tx.ExecContext(ctx, d.c.Forget.SQL, args...)
-	return err
+	return t.exec(d.c.Forget.SQL, args...)
 }
 
 func (d *declared) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
@@ -168,7 +168,7 @@ func (m *entities) schema() []string {
 	) WITHOUT ROWID`}
 }
 
-func (m *entities) apply(ctx context.Context, tx *sql.Tx, evs []projection.Event) (int, error) {
+func (m *entities) apply(t txn, evs []projection.Event) (int, error) {
 	// Fold each entity's run of events in memory and write it once: a
 	// message often holds several events of one entity.
 	type run struct {
@@ -189,7 +189,10 @@ func (m *entities) apply(ctx context.Context, tx *sql.Tx, evs []projection.Event
 		}
 		if !r.loaded {
 			var state []byte
-			err := tx.QueryRowContext(ctx, `SELECT state FROM entities WHERE entity = ?`, ev.Entity).Scan(&state)
+			row, err := t.queryRow(`SELECT state FROM entities WHERE entity = ?`, ev.Entity)
+			if err == nil {
+				err = row.Scan(&state)
+			}
 			if err != nil && err != sql.ErrNoRows {
 				return i, err
 			}
@@ -203,7 +206,7 @@ func (m *entities) apply(ctx context.Context, tx *sql.Tx, evs []projection.Event
 	}
 	for _, e := range order {
 		r := runs[e]
-		_, err := tx.ExecContext(ctx, `INSERT INTO entities (entity, version, state, updated_at) VALUES (?, ?, ?, ?)
+		err := t.exec(`INSERT INTO entities (entity, version, state, updated_at) VALUES (?, ?, ?, ?)
 			ON CONFLICT (entity) DO UPDATE SET version = excluded.version, state = excluded.state, updated_at = excluded.updated_at`,
 			e, r.version, string(r.state), r.at.UnixMicro())
 		if err != nil {
@@ -213,9 +216,8 @@ func (m *entities) apply(ctx context.Context, tx *sql.Tx, evs []projection.Event
 	return 0, nil
 }
 
-func (m *entities) forget(ctx context.Context, tx *sql.Tx, entity string) error {
-	_, err := tx.ExecContext(ctx, `DELETE FROM entities WHERE entity = ?`, entity)
-	return err
+func (m *entities) forget(t txn, entity string) error {
+	return t.exec(`DELETE FROM entities WHERE entity = ?`, entity)
 }
 
 // query answers {"params": {"where": {...}, "prefix": "..."}}: equality on
@@ -262,6 +264,7 @@ func (m *entities) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) 
 	for k := range where {
 		keys = append(keys, k)
 	}
+	sort.Strings(keys) // the same request, the same SQL
 	for _, k := range keys {
 		cond, val, err := whereClause(k, where[k])
 		if err != nil {
