@@ -3,7 +3,6 @@ package projector
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -54,9 +53,10 @@ func (unmarshaler) Unmarshal(m jetstream.Msg) (*message.Message, error) {
 	return wm, nil
 }
 
-// consumerName is a generation's durable consumer: per node (each projector
-// keeps its own read models), per projection, per generation.
-func consumerName(node, kctx, projection string, gen int64) string {
+// consumerPrefix begins the names of a generation's durable consumers: per
+// node (each projector keeps its own read models), per projection, per
+// generation.
+func consumerPrefix(node, kctx, projection string, gen int64) string {
 	clean := func(s string) string {
 		return strings.Map(func(r rune) rune {
 			if r < 128 && (r == '_' || r == '-' || ('a' <= r && r <= 'z') || ('A' <= r && r <= 'Z') || ('0' <= r && r <= '9')) {
@@ -68,67 +68,87 @@ func consumerName(node, kctx, projection string, gen int64) string {
 	return "kuma_proj_" + clean(node) + "_" + kctx + "_" + projection + "_" + strconv.FormatInt(gen, 10)
 }
 
-// resources makes the ResourceInitializer of a generation. The read model,
-// not the consumer, is the source of truth for where to resume: an existing
-// durable whose acks are not ahead of the read model is kept (what it
-// redelivers is recognised and skipped); a missing one, or one ahead of the
-// read model (its file was restored, or the durable was recreated with
-// other settings), is created anew at the read model's stream sequence.
-func (g *generation) resources(ackWait time.Duration) wmjs.ResourceInitializer {
-	return func(ctx context.Context, js jetstream.JetStream, _ string) (jetstream.Consumer, func(context.Context, watermill.LoggerAdapter), error) {
-		stream, err := js.Stream(ctx, kuma.StreamName(g.p.svc.cfg.Context))
+// ensureConsumer creates the durable consumer of one subscription of the
+// generation, at the read model's position: the read model, not a consumer,
+// is the source of truth for where to resume. Durables left by earlier
+// subscriptions of the generation (an earlier run of the process, or one
+// deleted and replaced while running) are deleted first. Each subscription's
+// durable has a name of its own, so a pull still pending from a replaced
+// subscription can never be served by its successor's consumer.
+//
+// It runs before the Watermill handler is added, so that the subscriber's
+// ResourceInitializer (resources) does no I/O and cannot fail: Watermill's
+// router keeps a handler whose subscribe failed and tries it again on every
+// later RunHandlers.
+func (g *generation) ensureConsumer(ctx context.Context, ackWait time.Duration) (jetstream.Consumer, error) {
+	stream, err := g.p.svc.stream(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := deleteConsumers(ctx, stream, g.prefix); err != nil {
+		return nil, err
+	}
+	applied := g.rm.seq()
+	name := g.prefix + "_" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	cfg := jetstream.ConsumerConfig{
+		Durable:       name,
+		Description:   "Kuma projection " + g.p.name + " generation " + strconv.FormatInt(g.gen, 10),
+		FilterSubject: kuma.EventsWildcard(g.p.svc.cfg.Context),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		// One message at a time: per shard, events apply in commit order.
+		MaxAckPending: 1,
+		AckWait:       ackWait,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+	if applied > 0 {
+		si, err := stream.Info(ctx)
 		if err != nil {
-			return nil, nil, fmt.Errorf("projector: stream %s: %w", kuma.StreamName(g.p.svc.cfg.Context), err)
+			return nil, err
 		}
-		applied := g.rm.seq()
-		c, err := stream.Consumer(ctx, g.consumer)
-		switch {
-		case err == nil:
-			info := c.CachedInfo()
-			// A message delivered to a previous run and never acked would
-			// hold the consumer (one pending at most) until its ack wait
-			// ran out; recreating at the read model's position is quicker.
-			if info.AckFloor.Stream <= applied && info.NumAckPending == 0 &&
-				info.Config.MaxAckPending == 1 && info.Config.AckPolicy == jetstream.AckExplicitPolicy {
-				return guarded{Consumer: c, g: &g.gate}, nil, nil
-			}
-			g.p.svc.log.Warn("recreating a durable consumer at its read model's position",
-				"consumer", g.consumer, "acked", info.AckFloor.Stream, "applied", applied)
-			if err := stream.DeleteConsumer(ctx, g.consumer); err != nil {
-				return nil, nil, err
-			}
-		case !errors.Is(err, jetstream.ErrConsumerNotFound):
-			return nil, nil, err
+		if applied <= si.State.LastSeq {
+			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, applied+1
+		} else {
+			// The stream is younger than the read model (recreated and
+			// refilled by the relays): read it all; positions per shard
+			// skip what is already applied.
+			g.p.svc.log.Warn("the stream is behind the read model; reading it from the start", "consumer", name)
 		}
-		cfg := jetstream.ConsumerConfig{
-			Durable:       g.consumer,
-			Description:   "Kuma projection " + g.p.name + " generation " + strconv.FormatInt(g.gen, 10),
-			FilterSubject: kuma.EventsWildcard(g.p.svc.cfg.Context),
-			AckPolicy:     jetstream.AckExplicitPolicy,
-			// One message at a time: per shard, events apply in commit order.
-			MaxAckPending: 1,
-			AckWait:       ackWait,
-			DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+	c, err := stream.CreateConsumer(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	g.mu.Lock()
+	g.consumer = name
+	g.mu.Unlock()
+	return c, nil
+}
+
+// deleteConsumers deletes the durables whose names start with prefix.
+func deleteConsumers(ctx context.Context, stream jetstream.Stream, prefix string) error {
+	names := stream.ConsumerNames(ctx)
+	var old []string
+	for n := range names.Name() {
+		if strings.HasPrefix(n, prefix+"_") {
+			old = append(old, n)
 		}
-		if applied > 0 {
-			si, err := stream.Info(ctx)
-			if err != nil {
-				return nil, nil, err
-			}
-			if applied <= si.State.LastSeq {
-				cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, applied+1
-			} else {
-				// The stream is younger than the read model (recreated and
-				// refilled by the relays): read it all; positions per shard
-				// skip what is already applied.
-				g.p.svc.log.Warn("the stream is behind the read model; reading it from the start", "consumer", g.consumer)
-			}
+	}
+	if err := names.Err(); err != nil {
+		return err
+	}
+	for _, n := range old {
+		if err := stream.DeleteConsumer(ctx, n); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+			return err
 		}
-		c, err = stream.CreateOrUpdateConsumer(ctx, cfg)
-		if err != nil {
-			return nil, nil, err
-		}
-		return guarded{Consumer: c, g: &g.gate}, nil, nil
+	}
+	return nil
+}
+
+// resources hands the consumer made by ensureConsumer to the subscriber,
+// behind the generation's gate.
+func resources(c jetstream.Consumer, gt *gate) wmjs.ResourceInitializer {
+	return func(context.Context, jetstream.JetStream, string) (jetstream.Consumer, func(context.Context, watermill.LoggerAdapter), error) {
+		return guarded{Consumer: c, g: gt}, nil, nil
 	}
 }
 
@@ -137,7 +157,7 @@ func (g *generation) resources(ackWait time.Duration) wmjs.ResourceInitializer {
 // a delivery under way at that moment would send on the closed channel. So a
 // delivery holds the gate while it runs, and stop takes the gate (waiting for
 // the delivery in flight) and sets stopping before the handler is stopped;
-// later deliveries are dropped unacknowledged, for the next consumer.
+// later deliveries are handed back (nak) for the next subscription.
 type guarded struct {
 	jetstream.Consumer
 	g *gate
@@ -160,6 +180,10 @@ func (c guarded) Consume(h jetstream.MessageHandler, opts ...jetstream.PullConsu
 		c.g.mu.Lock()
 		defer c.g.mu.Unlock()
 		if c.g.stopping {
+			// Handed back at once: left unacknowledged, it would hold
+			// the durable (one message in flight) for a whole ack wait
+			// when a new subscription takes it over.
+			_ = m.Nak()
 			return
 		}
 		h(m)

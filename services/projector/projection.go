@@ -46,18 +46,21 @@ type generation struct {
 	p        *projectionRT
 	gen      int64
 	rm       *readModel
-	consumer string
+	prefix   string // of its durables' names
+	consumer string // the current durable (guarded by mu)
 	spec     string
 
 	handler *message.Handler
 	sub     *wmjs.Subscriber
 	nc      *nats.Conn
-	gate    gate
+	gate    *gate // of the current subscription
+	resubMu sync.Mutex
 
 	started time.Time
 	target  atomic.Uint64 // stream's last sequence when the rebuild began
 
 	mu       sync.Mutex
+	done     bool                  // stopped for good
 	failure  *kuma.ProjectionError // set while stopped or retrying
 	stopped  bool                  // failed on an event; waits for an operator
 	retry    bool                  // operator asked to try the failed event again
@@ -80,7 +83,7 @@ func (p *projectionRT) open(ctx context.Context, gen int64, spec string) (*gener
 		return nil, err
 	}
 	g := &generation{p: p, gen: gen, rm: rm, spec: spec, started: p.svc.cfg.Now(),
-		consumer: consumerName(p.svc.cfg.NodeName, p.svc.cfg.Context, p.name, gen)}
+		prefix: consumerPrefix(p.svc.cfg.NodeName, p.svc.cfg.Context, p.name, gen)}
 	if err := g.run(ctx); err != nil {
 		rm.close()
 		return nil, err
@@ -97,24 +100,39 @@ func (g *generation) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("projector: connect: %w", err)
 	}
+	cons, err := g.ensureConsumer(ctx, svc.cfg.AckWait+5*time.Second)
+	if err != nil {
+		nc.Close()
+		return err
+	}
+	gt := &gate{}
+	g.mu.Lock()
+	g.gate = gt
+	g.mu.Unlock()
 	sub, err := wmjs.NewSubscriber(wmjs.SubscriberConfig{
 		Conn:                nc,
 		Logger:              svc.wlog,
 		AckWaitTimeout:      svc.cfg.AckWait,
-		ResourceInitializer: g.resources(svc.cfg.AckWait + 5*time.Second),
+		ResourceInitializer: resources(cons, gt),
 		NakDelay:            backoff{max: svc.cfg.StoppedRetryEvery},
 		Unmarshaler:         unmarshaler{},
 		// A lost ack only means a redelivery, which the read model's
 		// positions recognise; waiting for the server to confirm each ack
 		// would cost a round trip per message.
 		AckAsync: true,
+		// A deleted durable shows as ErrConsumerDeleted, or as missed
+		// heartbeats and failed pulls: on any error, look whether it is
+		// still there.
+		ConsumeOptions: []jetstream.PullConsumeOpt{jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			go g.checkConsumer(err)
+		})},
 	})
 	if err != nil {
 		nc.Close()
 		return err
 	}
 	g.nc, g.sub = nc, sub
-	g.handler = svc.router.AddNoPublisherHandler(g.consumer, kuma.EventsWildcard(svc.cfg.Context), sub, g.handle)
+	g.handler = svc.router.AddNoPublisherHandler(g.currentConsumer(), kuma.EventsWildcard(svc.cfg.Context), sub, g.handle)
 	// The handler lives as long as the router's run, not the caller's ctx.
 	if err := svc.router.RunHandlers(svc.runCtx); err != nil {
 		sub.Close()
@@ -123,20 +141,93 @@ func (g *generation) run(ctx context.Context) error {
 	return nil
 }
 
+// checkConsumer resubscribes when the generation's durable is gone.
+func (g *generation) checkConsumer(error) {
+	// Only the durable's absence counts: a late error of a subscription
+	// already replaced must not replace a healthy one.
+	if g.consumerGone() {
+		g.resubscribe()
+	}
+}
+
+// consumerGone tells whether the generation's durable no longer exists.
+func (g *generation) consumerGone() bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	js, err := g.p.svc.jetstream()
+	if err != nil {
+		return false
+	}
+	s, err := js.Stream(ctx, kuma.StreamName(g.p.svc.cfg.Context))
+	if err != nil {
+		return false
+	}
+	_, err = s.Consumer(ctx, g.currentConsumer())
+	return errors.Is(err, jetstream.ErrConsumerNotFound)
+}
+
+func (g *generation) currentConsumer() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.consumer
+}
+
+// resubscribe replaces a subscription whose durable consumer was deleted
+// under it (by an operator, or lost with a server): the new one is created
+// at the read model's position, so nothing is missed.
+func (g *generation) resubscribe() {
+	// One at a time; one asked for meanwhile runs after (the consumer it
+	// finds may be the one being deleted).
+	g.resubMu.Lock()
+	defer g.resubMu.Unlock()
+	if g.ended() || !g.consumerGone() {
+		return
+	}
+	log := g.p.svc.log
+	log.Warn("durable consumer deleted; recreating it at the read model's position", "consumer", g.currentConsumer())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// The new subscription runs before the old handler stops: a Watermill
+	// router whose handlers have all stopped closes for good. The old one
+	// delivers nothing meanwhile (its gate is closed).
+	g.closeGate()
+	oldHandler, oldSub := g.handler, g.sub
+	if g.p.svc.runCtx.Err() != nil {
+		return // the service is stopping
+	}
+	for g.run(ctx) != nil && ctx.Err() == nil {
+		time.Sleep(500 * time.Millisecond)
+	}
+	stopHandler(ctx, oldHandler)
+	if oldSub != nil {
+		_ = oldSub.Close()
+	}
+}
+
+func stopHandler(ctx context.Context, h *message.Handler) {
+	if h == nil {
+		return
+	}
+	select {
+	case <-h.Started():
+		h.Stop()
+		select {
+		case <-h.Stopped():
+		case <-ctx.Done():
+		}
+	default:
+	}
+}
+
 // stop ends the generation's consumption (the durable stays unless drop).
 func (g *generation) stop(ctx context.Context, drop bool) error {
-	g.gate.close()
-	if g.handler != nil {
-		select {
-		case <-g.handler.Started():
-			g.handler.Stop()
-			select {
-			case <-g.handler.Stopped():
-			case <-ctx.Done():
-			}
-		default:
-		}
-	}
+	g.mu.Lock()
+	g.done = true
+	g.mu.Unlock()
+	g.resubMu.Lock() // no resubscription under way or to come
+	defer g.resubMu.Unlock()
+	g.closeGate()
+	stopHandler(ctx, g.handler)
 	var err error
 	if g.sub != nil {
 		err = g.sub.Close()
@@ -145,7 +236,7 @@ func (g *generation) stop(ctx context.Context, drop bool) error {
 		js, jerr := g.p.svc.jetstream()
 		if jerr == nil {
 			if s, serr := js.Stream(ctx, kuma.StreamName(g.p.svc.cfg.Context)); serr == nil {
-				_ = s.DeleteConsumer(ctx, g.consumer)
+				_ = deleteConsumers(ctx, s, g.prefix)
 			}
 		}
 		return errors.Join(err, g.rm.remove())
@@ -170,7 +261,11 @@ func (g *generation) handle(msg *message.Message) error {
 	g.mu.Lock()
 	if g.stopped && !g.retry && g.skip == "" {
 		g.mu.Unlock()
-		return errStopped
+		// Stopped: give the message back (redelivered after the nack
+		// delay) without an error, which Watermill would log each time;
+		// status shows why.
+		msg.Nack()
+		return nil
 	}
 	if g.skip != "" {
 		b.skip = map[string]skipNote{g.skip: g.skipNote}
@@ -307,8 +402,8 @@ func (p *projectionRT) swap(g *generation) {
 	p.mu.Unlock()
 	p.svc.log.Info("rebuild caught up and swapped in", "projection", p.name, "generation", g.gen,
 		"took", p.svc.cfg.Now().Sub(g.started).String())
-	// The old generation stops in the background: its handler may be the
-	// one running this very call.
+	// The old generation stops in the background: stopping waits for its
+	// delivery in flight, which may be waiting for this projection's lock.
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -355,7 +450,7 @@ func (p *projectionRT) start(ctx context.Context, gen int64, spec string) (*gene
 	if err != nil {
 		return nil, fmt.Errorf("projector: stream: %w", err)
 	}
-	if err := s.DeleteConsumer(ctx, consumerName(svc.cfg.NodeName, svc.cfg.Context, p.name, gen)); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+	if err := deleteConsumers(ctx, s, consumerPrefix(svc.cfg.NodeName, svc.cfg.Context, p.name, gen)); err != nil {
 		return nil, err
 	}
 	if info, err := s.Info(ctx); err == nil {
@@ -435,29 +530,32 @@ func (p *projectionRT) act(op, position string) error {
 		gens = append(gens, p.next)
 	}
 	p.mu.Unlock()
+	acted := false
+	var stoppedAt []string
 	for _, g := range gens {
 		g.mu.Lock()
-		stopped, at := g.stopped, ""
-		if g.failure != nil {
-			at = g.failure.Position
-		}
-		if !stopped {
+		if !g.stopped {
 			g.mu.Unlock()
 			continue
 		}
-		switch op {
-		case "retry":
-			g.retry = true
-		case "skip":
-			if position != at {
-				g.mu.Unlock()
-				return kuma.Errorf(kuma.CodeBadRequest, "projection %q is stopped at %s, not %q; skip names the event it stopped at", p.name, at, position)
-			}
-			g.skip = position
+		at := g.failure.Position
+		switch {
+		case op == "retry":
+			g.retry, acted = true, true
+		case position == at:
+			g.skip, acted = position, true
+		default:
+			stoppedAt = append(stoppedAt, at)
 		}
 		g.mu.Unlock()
-		p.svc.log.Info("operator "+op, "projection", p.name, "generation", g.gen, "position", at)
+		p.svc.log.Info("operator "+op, "projection", p.name, "generation", g.gen, "position", at, "acted", acted)
+	}
+	switch {
+	case acted:
 		return nil
+	case len(stoppedAt) > 0:
+		return kuma.Errorf(kuma.CodeBadRequest, "projection %q is stopped at %s, not %q; skip names the event it stopped at",
+			p.name, strings.Join(stoppedAt, " and "), position)
 	}
 	return kuma.Errorf(kuma.CodeBadRequest, "projection %q is not stopped at an event", p.name)
 }
@@ -504,4 +602,21 @@ func (g *generation) health() (string, *kuma.ProjectionError) {
 		return "retrying", &f
 	}
 	return "running", nil
+}
+
+// ended tells whether the generation was stopped for good.
+func (g *generation) ended() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.done
+}
+
+// closeGate waits for the delivery in flight and lets no other through.
+func (g *generation) closeGate() {
+	g.mu.Lock()
+	gt := g.gate
+	g.mu.Unlock()
+	if gt != nil {
+		gt.close()
+	}
 }

@@ -221,6 +221,8 @@ func poison() projection.Spec {
 		Name:   "strict",
 		Tables: []string{`CREATE TABLE seen (entity TEXT NOT NULL, version INTEGER NOT NULL, amount INTEGER NOT NULL CHECK (amount >= 0), PRIMARY KEY (entity, version))`},
 		On:     map[string]string{"Deposited": `INSERT INTO seen (entity, version, amount) VALUES (:entity, :version, :amount)`},
+		// A forget statement that fails, for the skip of a forget.
+		Forget: `INSERT INTO seen (entity, version, amount) VALUES (:entity, -1, -1)`,
 		Queries: map[string]projection.Query{
 			"count": {SQL: `SELECT count(*) AS n FROM seen`},
 		},
@@ -310,6 +312,26 @@ func TestPoisonEventStopsVisiblyRetryAndSkip(t *testing.T) {
 	if err := c.RetryProjection(ctx, "strict"); kuma.ErrorCode(err) != kuma.CodeBadRequest {
 		t.Fatalf("retry of a running projection: %v; want bad_request", err)
 	}
+
+	// A forget whose statement fails stops the projection at "forget",
+	// and can be skipped too.
+	if _, err := c.Forget(ctx, "acct-1", "test", ""); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the projection stops at the forget", func() bool {
+		st = projectionStatus(t, c, "strict")
+		return st.State == "stopped"
+	})
+	if st.Error.Position != "forget" {
+		t.Fatalf("stopped at %q; want forget", st.Error.Position)
+	}
+	if err := c.SkipProjection(ctx, "strict", "forget"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the forget is skipped", func() bool {
+		st = projectionStatus(t, c, "strict")
+		return st.State == "running" && st.Skipped == 2
+	})
 }
 
 // TestRebuildUnderLoad: queries never fail while a rebuild runs beside the
@@ -434,6 +456,10 @@ func TestRestartResumesExactly(t *testing.T) {
 
 	n.Restart()
 	c, _ = client.New(n.NC, client.Options{})
+	// The last applied position survives the restart.
+	if q, err := c.Query(ctx, "counts", &kuma.QueryRequest{Query: "totals"}); err != nil || q.Position == "" {
+		t.Fatalf("after restart: %+v, %v; want the last applied position", q, err)
+	}
 	for i := range 50 {
 		deposit(t, c, fmt.Sprintf("acct-%d", i%10), 1)
 	}
@@ -462,8 +488,26 @@ func TestRestartResumesExactly(t *testing.T) {
 	deposit(t, c, "acct-x", 1000)
 	total += 1000
 	check("after the durables were recreated", total)
+
+	// And while it runs: the subscription notices and recreates it.
+	js, _ = jetstream.New(n.NC)
+	if s, err = js.Stream(ctx, kuma.StreamName(kuma.DefaultContext)); err != nil {
+		t.Fatal(err)
+	}
+	deleted = 0
+	for name := range s.ConsumerNames(ctx).Name() {
+		if err := s.DeleteConsumer(ctx, name); err == nil {
+			deleted++
+		}
+	}
+	if deleted == 0 {
+		t.Fatal("found no durable consumer to delete")
+	}
+	deposit(t, c, "acct-y", 10)
+	total += 10
+	check("after the durables were deleted while running", total)
 	q, _ := c.Query(ctx, "counts", &kuma.QueryRequest{Query: "totals"})
-	if q.Rows[0]["events"] != float64(151) {
-		t.Fatalf("events counted %v; want 151", q.Rows[0]["events"])
+	if q.Rows[0]["events"] != float64(152) {
+		t.Fatalf("events counted %v; want 152", q.Rows[0]["events"])
 	}
 }

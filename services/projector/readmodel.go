@@ -122,7 +122,22 @@ func (rm *readModel) init(ctx context.Context, fresh bool, specJSON string) erro
 	if rm.streamSeq, err = strconv.ParseUint(seq, 10, 64); err != nil {
 		return err
 	}
-	return rm.w.QueryRowContext(ctx, `SELECT count(*) FROM _kuma_skipped`).Scan(&rm.skipped)
+	var last string
+	switch err := rm.w.QueryRowContext(ctx, `SELECT value FROM _kuma_meta WHERE key = 'last_position'`).Scan(&last); {
+	case err == sql.ErrNoRows:
+	case err != nil:
+		return err
+	default:
+		if rm.lastPos, err = kuma.ParsePosition(last); err != nil {
+			return err
+		}
+	}
+	if err := rm.w.QueryRowContext(ctx, `SELECT count(*) FROM _kuma_skipped`).Scan(&rm.skipped); err != nil {
+		return err
+	}
+	// A crash between a forget's commit and its checkpoint left the old
+	// pages in the WAL: empty it before anything else.
+	return rm.truncateWAL(ctx)
 }
 
 // storedSpec reads the spec a generation was built with.
@@ -229,9 +244,26 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 	defer rm.prepareNew(ctx)
 	defer tx.Rollback()
 	t := txn{ctx: ctx, tx: tx, rm: rm}
+	skipped := 0
+	skip := func(position, entity string, note skipNote) error {
+		skipped++
+		return t.exec(`INSERT OR REPLACE INTO _kuma_skipped (position, entity, event_type, error, skipped_at) VALUES (?, ?, ?, ?, ?)`,
+			position, entity, note.eventType, note.err, now.UTC().Format(time.RFC3339Nano))
+	}
 	if b.forget != "" {
-		if err := rm.model.forget(t, b.forget); err != nil {
-			return &applyError{event: projection.Event{Entity: b.forget, Type: "(forgotten)"}, err: err}
+		if note, ok := b.skip[forgetPosition]; ok {
+			// The id is not kept: the entity is forgotten.
+			if err := skip(forgetPosition+strconv.FormatUint(b.streamSeq, 10), "", note); err != nil {
+				return err
+			}
+		} else {
+			if err := rm.model.forget(t, b.forget); err != nil {
+				return rm.failed(ctx, &applyError{event: projection.Event{Position: forgetPosition, Entity: b.forget, Type: "(forgotten)"}, err: err})
+			}
+			// What an operator skipped of the entity goes too.
+			if err := t.exec(`DELETE FROM _kuma_skipped WHERE entity = ?`, b.forget); err != nil {
+				return err
+			}
 		}
 	}
 	evs := b.events[:0:0]
@@ -241,8 +273,7 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 			continue
 		}
 		if note, ok := b.skip[ev.Position]; ok {
-			if err := t.exec(`INSERT OR REPLACE INTO _kuma_skipped (position, entity, event_type, error, skipped_at) VALUES (?, ?, ?, ?, ?)`,
-				ev.Position, ev.Entity, note.eventType, note.err, now.UTC().Format(time.RFC3339Nano)); err != nil {
+			if err := skip(ev.Position, ev.Entity, note); err != nil {
 				return err
 			}
 			continue
@@ -251,7 +282,7 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 	}
 	if len(evs) > 0 {
 		if i, err := rm.model.apply(t, evs); err != nil {
-			return &applyError{index: i, event: evs[i], err: err}
+			return rm.failed(ctx, &applyError{index: i, event: evs[i], err: err})
 		}
 	}
 	if b.lastSeq > 0 {
@@ -259,17 +290,20 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 			ON CONFLICT (shard) DO UPDATE SET seq = excluded.seq`, b.shard, b.lastSeq); err != nil {
 			return err
 		}
+		if err := t.exec(`INSERT OR REPLACE INTO _kuma_meta (key, value) VALUES ('last_position', ?)`,
+			kuma.Position{Shard: b.shard, Seq: b.lastSeq}.String()); err != nil {
+			return err
+		}
 	}
-	if err := t.exec(`UPDATE _kuma_meta SET value = ? WHERE key = 'stream_seq'`, strconv.FormatUint(b.streamSeq, 10)); err != nil {
+	// max: a redelivered notice (no position) must not move it back.
+	if err := t.exec(`UPDATE _kuma_meta SET value = max(CAST(value AS INTEGER), ?) WHERE key = 'stream_seq'`, int64(b.streamSeq)); err != nil {
 		return err
 	}
 	if err := tx.Commit(); err != nil {
 		return err
 	}
 	if b.forget != "" {
-		// The WAL still holds the pages as they were before the delete;
-		// a truncating checkpoint leaves no copy of the entity on disk.
-		if _, err := rm.w.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+		if err := rm.truncateWAL(ctx); err != nil {
 			return err
 		}
 	}
@@ -281,9 +315,47 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 	if b.streamSeq > rm.streamSeq {
 		rm.streamSeq = b.streamSeq
 	}
-	rm.skipped += int64(len(b.skip))
+	rm.skipped += int64(skipped)
 	rm.mu.Unlock()
 	return nil
+}
+
+// forgetPosition stands for a forget notice (which has no position) where a
+// position is expected: in status and in a skip request.
+const forgetPosition = "forget"
+
+// failed tells a failed statement from a transient failure: with the
+// context done (stopping, or the ack wait ran out) it is not the event's
+// fault, so the projection does not stop on it.
+func (rm *readModel) failed(ctx context.Context, ae *applyError) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("projector: apply interrupted: %w", ctx.Err())
+	}
+	return ae
+}
+
+// truncateWAL checkpoints the WAL into the file and empties it: after a
+// forget, the WAL still holds the pages as they were before the delete. A
+// reader can hold the checkpoint back for a moment, so it is retried; if it
+// cannot finish, the forget is retried as a whole (it is idempotent).
+func (rm *readModel) truncateWAL(ctx context.Context) error {
+	for i := 0; ; i++ {
+		var busy, logFrames, done int
+		if err := rm.w.QueryRowContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`).Scan(&busy, &logFrames, &done); err != nil {
+			return err
+		}
+		if busy == 0 {
+			return nil
+		}
+		if i == 50 {
+			return fmt.Errorf("projector: the WAL of %s could not be truncated after a forget (readers hold it)", rm.path)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // applied reports whether the read model has applied position p.

@@ -184,6 +184,19 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	return s, nil
 }
 
+// stream is the context's event stream.
+func (s *Service) stream(ctx context.Context) (jetstream.Stream, error) {
+	js, err := s.jetstream()
+	if err != nil {
+		return nil, err
+	}
+	st, err := js.Stream(ctx, kuma.StreamName(s.cfg.Context))
+	if err != nil {
+		return nil, fmt.Errorf("projector: stream %s: %w", kuma.StreamName(s.cfg.Context), err)
+	}
+	return st, nil
+}
+
 func (s *Service) jetstream() (jetstream.JetStream, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -367,6 +380,7 @@ func (s *Service) model(ctx context.Context, name, spec string) (model, error) {
 func (s *Service) watch(ctx context.Context) {
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
+	tick := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -375,6 +389,20 @@ func (s *Service) watch(ctx context.Context) {
 		}
 		for _, p := range s.projections() {
 			p.checkCaughtUp()
+		}
+		// A durable deleted under a subscription is normally reported
+		// by it; this catches the case where it is not.
+		if tick++; tick%5 == 0 {
+			for _, p := range s.projections() {
+				p.mu.Lock()
+				gens := []*generation{p.live, p.next}
+				p.mu.Unlock()
+				for _, g := range gens {
+					if g != nil && !g.ended() && g.consumerGone() {
+						g.resubscribe()
+					}
+				}
+			}
 		}
 	}
 }
@@ -447,8 +475,10 @@ func (s *Service) Skip(name, position string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := kuma.ParsePosition(position); err != nil {
-		return err
+	if position != forgetPosition {
+		if _, err := kuma.ParsePosition(position); err != nil {
+			return err
+		}
 	}
 	return p.act("skip", position)
 }
@@ -480,20 +510,28 @@ func (s *Service) Stop(ctx context.Context) error {
 	if s.shreds != nil {
 		_ = s.shreds.Unsubscribe()
 	}
+	var gens []*generation
 	for _, p := range s.projections() {
 		p.mu.Lock()
-		gens := []*generation{p.live, p.next}
-		p.mu.Unlock()
-		for _, g := range gens {
+		for _, g := range []*generation{p.live, p.next} {
 			if g != nil {
-				errs = append(errs, g.stop(ctx, false))
+				gens = append(gens, g)
 			}
 		}
+		p.mu.Unlock()
+	}
+	// Let the deliveries in flight finish and no other start; then the
+	// router closes every subscriber at once.
+	for _, g := range gens {
+		g.closeGate()
 	}
 	if s.router != nil {
 		errs = append(errs, s.router.Close())
 		s.cancel()
 		<-s.done
+	}
+	for _, g := range gens {
+		errs = append(errs, g.stop(ctx, false))
 	}
 	if s.catalog != nil {
 		errs = append(errs, s.catalog.close())
