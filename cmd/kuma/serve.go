@@ -121,14 +121,14 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	var cfg app.Config
 	var logLevel, logFormat string
 	serverFlags(fs, &cfg, &logLevel, &logFormat)
-	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode or keyvault (all = kuma up)")
+	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode, projector or keyvault (all = kuma up)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (target all only)")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
 	if cfg.Target == "" {
-		return usageError{errors.New("--target is required: router, shardnode, keyvault or all")}
+		return usageError{errors.New("--target is required: router, shardnode, projector, keyvault or all")}
 	}
 	if err := secretsAndHooks(&cfg, getenv); err != nil {
 		return err
