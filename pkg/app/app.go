@@ -11,6 +11,7 @@ import (
 	"github.com/kumadb/kuma/pkg/telemetry"
 
 	"github.com/kumadb/kuma/services/keyvault"
+	"github.com/kumadb/kuma/services/projector"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -128,6 +129,16 @@ func (a *App) Config() Config { return a.cfg }
 
 // Shardnode returns the running shardnode service, or nil when the target
 // has none. Status and tests read its stats.
+// Projector returns the running projector, or nil when the target has none.
+func (a *App) Projector() *projector.Service {
+	for _, m := range a.started {
+		if s, ok := m.svc.(*projector.Service); ok {
+			return s
+		}
+	}
+	return nil
+}
+
 func (a *App) Shardnode() *shardnode.Service {
 	for _, m := range a.started {
 		if s, ok := m.svc.(*shardnode.Service); ok {

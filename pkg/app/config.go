@@ -53,6 +53,9 @@ type Config struct {
 	// MetricsListen is where /metrics, /healthz and /readyz are served
 	// (host:port; empty: not served).
 	MetricsListen string
+	// ReadyMaxLag is how many stream messages a projection may be behind
+	// while /readyz says ready (default 1,000).
+	ReadyMaxLag int64
 	// NodeName names this process in status (default: the host name).
 	NodeName string
 	// Failpoint is the shardnode's fault-test hook (nil in production).
@@ -109,6 +112,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.NodeName == "" {
 		c.NodeName, _ = os.Hostname()
+	}
+	if c.ReadyMaxLag == 0 {
+		c.ReadyMaxLag = 1000
 	}
 }
 

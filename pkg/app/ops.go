@@ -99,5 +99,18 @@ func (a *App) notReady() []string {
 			out = append(out, fmt.Sprintf("%d of %d shards open", open, want))
 		}
 	}
+	if pr := a.Projector(); pr != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		st, err := pr.Status(ctx)
+		if err != nil {
+			out = append(out, "projections: "+err.Error())
+		}
+		for _, p := range st {
+			if p.Lag > a.cfg.ReadyMaxLag {
+				out = append(out, fmt.Sprintf("projection %s is %d stream messages behind (ready at %d)", p.Name, p.Lag, a.cfg.ReadyMaxLag))
+			}
+		}
+	}
 	return out
 }

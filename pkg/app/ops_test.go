@@ -1,6 +1,7 @@
 package app_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/projection"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -91,6 +93,17 @@ func TestMetricsCountTheWorkload(t *testing.T) {
 		t.Fatal(err)
 	}
 	kumatest.StreamEvents(t, n.NC, "default", 30)
+	// Wait until the entities projection has applied all 30 events.
+	deadline := time.Now().Add(10 * time.Second)
+	for value(scrape(t, n.App.MetricsAddr()), "kuma_projection_events_applied_total", "projection", "entities") < 30 {
+		if time.Now().After(deadline) {
+			t.Fatal("the entities projection did not apply the workload")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := c.Query(ctx, "entities", &kuma.QueryRequest{Limit: 2}); err != nil {
+		t.Fatal(err)
+	}
 
 	f := scrape(t, n.App.MetricsAddr())
 	for _, w := range []struct {
@@ -107,6 +120,9 @@ func TestMetricsCountTheWorkload(t *testing.T) {
 		{"kuma_nats_connected", nil, 1},
 		{"kuma_shards_open", nil, float64(n.Cfg.Shards)},
 		{"kuma_relay_lag_events", nil, 0},
+		{"kuma_projection_events_applied_total", []string{"projection", "entities"}, 30},
+		{"kuma_projector_requests_total", []string{"op", "query", "code", "ok"}, 1},
+		{"kuma_projection_lag_messages_max", nil, 0},
 	} {
 		if got := value(f, w.name, w.labels...); got != w.want {
 			t.Errorf("%s%v = %v, want %v", w.name, w.labels, got, w.want)
@@ -191,4 +207,51 @@ func TestReadyzFollowsNATS(t *testing.T) {
 	}
 	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
 	waitFor(http.StatusOK)
+}
+
+// TestReadyzFollowsProjectionLag: a projection further behind than
+// ReadyMaxLag makes /readyz say so; once it has caught up, ready again.
+func TestReadyzFollowsProjectionLag(t *testing.T) {
+	n := kumatest.Start(t, func(c *app.Config) {
+		c.MetricsListen = "127.0.0.1:0"
+		c.ReadyMaxLag = 2
+		c.Projections = []projection.Spec{{
+			Name:    "strict",
+			Tables:  []string{`CREATE TABLE seen (entity TEXT NOT NULL, n INTEGER NOT NULL CHECK (n >= 0))`},
+			On:      map[string]string{"Counted": `INSERT INTO seen VALUES (:entity, :n)`},
+			Queries: map[string]projection.Query{"all": {SQL: `SELECT * FROM seen`}},
+		}}
+	})
+	c := n.Client(client.Options{})
+	base := "http://" + n.App.MetricsAddr()
+	waitFor := func(wantCode int, wantText string) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			code, body := get(t, base+"/readyz")
+			if code == wantCode && strings.Contains(body, wantText) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("/readyz = %d %q, want %d with %q", code, body, wantCode, wantText)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitFor(http.StatusOK, "ready")
+	// A poison event stops the projection; the events after it pile up.
+	bad, err := c.Append(t.Context(), "e-0", []kuma.EventInput{{Type: "Counted", Data: json.RawMessage(`{"n":-1}`)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 5; i++ {
+		if _, err := c.Append(t.Context(), fmt.Sprintf("e-%d", i), []kuma.EventInput{{Type: "Counted", Data: json.RawMessage(`{"n":1}`)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(http.StatusServiceUnavailable, "projection strict is")
+	if err := c.SkipProjection(t.Context(), "strict", bad.Position); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(http.StatusOK, "ready")
 }

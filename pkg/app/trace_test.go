@@ -42,7 +42,8 @@ func TestOneTraceFromCallerToCommit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantOK(t, reply, &kuma.AppendReply{})
+	var ar kuma.AppendReply
+	wantOK(t, reply, &ar)
 
 	var router, shardnode, commit sdktrace.ReadOnlySpan
 	deadline := time.Now().Add(5 * time.Second)
@@ -88,6 +89,50 @@ func TestOneTraceFromCallerToCommit(t *testing.T) {
 	kv := spansNamed(rec, "kuma.keyvault DataKey")
 	if len(kv) == 0 || kv[0].SpanContext().TraceID().String() != traceID {
 		t.Fatalf("no keyvault span in the caller's trace")
+	}
+
+	// Past the commit: the relay's publish continues the caller's trace,
+	// the projector's apply is its child (the context rides in the stream
+	// message's headers and the Watermill metadata), and a query that
+	// waited for the append's position links to that apply.
+	q := nats.NewMsg("kuma.default.query.entities")
+	q.Data = []byte(`{"after":"` + ar.Position + `"}`)
+	if _, err := n.NC.RequestMsg(q, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	var relay, apply, query sdktrace.ReadOnlySpan
+	for relay == nil || apply == nil || query == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("spans: relay %v apply %v query %v", relay != nil, apply != nil, query != nil)
+		}
+		time.Sleep(10 * time.Millisecond)
+		for _, s := range spansNamed(rec, "kuma.relay publish") {
+			if s.SpanContext().TraceID().String() == traceID {
+				relay = s
+			}
+		}
+		for _, s := range spansNamed(rec, "kuma.projector apply") {
+			if relay != nil && s.Parent().SpanID() == relay.SpanContext().SpanID() {
+				apply = s
+			}
+		}
+		query = nil
+		for _, s := range spansNamed(rec, "kuma.projector query entities") {
+			query = s
+		}
+	}
+	if relay.Parent().SpanID() != shardnode.SpanContext().SpanID() {
+		t.Fatalf("the relay span's parent is %s, want the shardnode's span", relay.Parent().SpanID())
+	}
+	if apply.SpanContext().TraceID().String() != traceID {
+		t.Fatalf("the projector's apply is not in the caller's trace")
+	}
+	joined := false
+	for _, l := range query.Links() {
+		joined = joined || l.SpanContext.SpanID() == apply.SpanContext().SpanID()
+	}
+	if !joined {
+		t.Fatalf("the query span does not link to the apply of the position it waited for")
 	}
 }
 

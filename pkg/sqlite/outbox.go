@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"go.opentelemetry.io/otel/trace"
 	"strconv"
 )
 
@@ -15,6 +16,10 @@ type OutboxEvent struct {
 	Version int64
 	Payload []byte
 	Time    int64 // unix nanoseconds
+	// Trace is the span of the request that appended the event, while the
+	// event is in the in-memory tail (not stored): the relay's publish
+	// continues that trace.
+	Trace trace.SpanContext
 }
 
 // EventsAfter returns up to limit events with a position above seq, in
@@ -49,7 +54,7 @@ func (s *Shard) appendTail(group []*Commit) {
 			continue
 		}
 		for i, e := range c.Events {
-			s.tail = append(s.tail, OutboxEvent{Seq: c.FirstSeq + int64(i), Entity: c.Entity, Version: e.Version, Payload: e.Payload, Time: e.Time.UnixNano()})
+			s.tail = append(s.tail, OutboxEvent{Seq: c.FirstSeq + int64(i), Entity: c.Entity, Version: e.Version, Payload: e.Payload, Time: e.Time.UnixNano(), Trace: c.span})
 		}
 	}
 	if over := len(s.tail) - maxTail; over > 0 {

@@ -283,6 +283,9 @@ func (g *generation) handle(msg *message.Message) error {
 	}
 	svc.cfg.Failpoint("projector-after-apply")
 	span.SetAttributes(attribute.Int("kuma.events", len(b.events)))
+	if b.lastSeq > 0 && span.SpanContext().IsValid() {
+		g.rm.noteSpan(b.shard, span.SpanContext())
+	}
 	svc.metrics.applied.WithLabelValues(g.p.name).Add(float64(len(b.events)))
 	g.mu.Lock()
 	if g.failure != nil {
@@ -504,6 +507,14 @@ func (p *projectionRT) wait(ctx context.Context, pos kuma.Position, d time.Durat
 			return kuma.Errorf(kuma.CodeTimeout, "projection %q has not applied %s yet", p.name, pos)
 		}
 	}
+}
+
+// appliedSpan is the span of the live copy's last apply in a shard.
+func (p *projectionRT) appliedSpan(shard int) trace.SpanContext {
+	p.mu.Lock()
+	live := p.live
+	p.mu.Unlock()
+	return live.rm.spanOf(shard)
 }
 
 // query answers from the live generation; if a swap closed the copy under

@@ -13,6 +13,7 @@ import (
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/sqlite"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // readModel is one generation of a projection: its own SQLite file with the
@@ -34,6 +35,7 @@ type readModel struct {
 	streamSeq uint64
 	lastPos   kuma.Position
 	skipped   int64
+	spans     map[int]trace.SpanContext // per shard, the last apply's span
 }
 
 const bookkeeping = `
@@ -65,7 +67,7 @@ func openReadModel(ctx context.Context, path string, m model, specJSON string) (
 		return nil, err
 	}
 	w.SetMaxOpenConns(1)
-	rm := &readModel{path: path, model: m, w: w, positions: map[int]int64{},
+	rm := &readModel{path: path, model: m, w: w, positions: map[int]int64{}, spans: map[int]trace.SpanContext{},
 		stmts: map[string]*sql.Stmt{}, unprepared: map[string]bool{}}
 	if err := rm.init(ctx, fresh, specJSON); err != nil {
 		w.Close()
@@ -356,6 +358,20 @@ func (rm *readModel) truncateWAL(ctx context.Context) error {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// noteSpan remembers the span of the apply that reached a shard's position,
+// for queries that waited for it to link to.
+func (rm *readModel) noteSpan(shard int, sc trace.SpanContext) {
+	rm.mu.Lock()
+	defer rm.mu.Unlock()
+	rm.spans[shard] = sc
+}
+
+func (rm *readModel) spanOf(shard int) trace.SpanContext {
+	rm.mu.RLock()
+	defer rm.mu.RUnlock()
+	return rm.spans[shard]
 }
 
 // applied reports whether the read model has applied position p.

@@ -444,6 +444,11 @@ func (s *Service) Query(ctx context.Context, name string, r *kuma.QueryRequest) 
 		if err := p.wait(ctx, after, wait); err != nil {
 			return nil, err
 		}
+		// The query joins the trace of the write it waited for, through
+		// the apply that brought it in.
+		if sc := p.appliedSpan(after.Shard); sc.IsValid() {
+			span.AddLink(trace.Link{SpanContext: sc})
+		}
 	}
 	qctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
 	defer cancel()

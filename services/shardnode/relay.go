@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
@@ -167,13 +168,34 @@ func (r *relay) publishOnce() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	_, span := r.sh.node.tracer.Start(ctx, "kuma.relay publish", trace.WithSpanKind(trace.SpanKindProducer),
+	// The publish continues the trace of the first traced request in the
+	// message and links the others, and its context travels in the message
+	// headers, so the projector's apply joins the trace too.
+	var parent trace.SpanContext
+	var links []trace.Link
+	for _, e := range evs[:len(body.Events)] {
+		switch {
+		case !e.Trace.IsValid():
+		case !parent.IsValid():
+			parent = e.Trace
+		case !e.Trace.Equal(parent) && len(links) < 32:
+			links = append(links, trace.Link{SpanContext: e.Trace})
+		}
+	}
+	pctx := ctx
+	if parent.IsValid() {
+		pctx = trace.ContextWithRemoteSpanContext(ctx, parent)
+	}
+	pctx, span := r.sh.node.tracer.Start(pctx, "kuma.relay publish", trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
 		trace.WithAttributes(attribute.Int("kuma.shard", r.sh.n), attribute.Int("kuma.relay.events", len(body.Events))))
 	defer span.End()
 	r.sh.node.cfg.Failpoint("relay-before-publish")
 	msg := nats.NewMsg(r.subject)
 	msg.Data = data
 	msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.sh.n, Seq: last}.String())
+	if span.SpanContext().IsValid() {
+		telemetry.Inject(pctx, msg.Header)
+	}
 	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + "." + strconv.FormatInt(last, 10)
 	if _, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name))); err != nil {
 		return 0, err
