@@ -133,6 +133,9 @@ func TestMetricsCountTheWorkload(t *testing.T) {
 	if g := value(f, "kuma_commit_duration_seconds"); g < 1 || g > 10 {
 		t.Errorf("kuma_commit_duration_seconds count = %v, want 1..10", g)
 	}
+	if g, c := value(f, "kuma_commit_fsync_duration_seconds"), value(f, "kuma_commit_duration_seconds"); g != c {
+		t.Errorf("fsync observed %v times, commit groups %v; want one each", g, c)
+	}
 	if v := value(f, "kuma_key_cache_misses_total"); v < 4 {
 		t.Errorf("key cache misses = %v, want at least one per new entity (4)", v)
 	}

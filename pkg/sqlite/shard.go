@@ -49,7 +49,7 @@ type Config struct {
 	// OnGroup, when set, is called by the writer after every committed group
 	// with its size and how long the transaction (with its fsync) took. It
 	// must be quick: it runs on the writer goroutine.
-	OnGroup func(commits, events int, took time.Duration)
+	OnGroup func(commits, events int, took, sync time.Duration)
 	// Tracer traces each group commit, linked to the span of every request
 	// it serves (nil: off).
 	Tracer trace.Tracer
@@ -121,6 +121,8 @@ type Shard struct {
 	tailMu   sync.Mutex
 	tail     []OutboxEvent
 	tailFrom int64 // every committed, unforgotten event from here on is in tail
+
+	lastSync time.Duration // the last COMMIT's duration; the writer's own
 
 	mu      sync.Mutex // guards lastSeq, which the writer advances and Stats reads
 	lastSeq int64

@@ -176,11 +176,12 @@ func (s *Shard) writeGroup(group []*Commit) {
 	}
 	s.mu.Unlock()
 	if err == nil && s.cfg.OnGroup != nil {
-		s.cfg.OnGroup(len(group), events, elapsed)
+		s.cfg.OnGroup(len(group), events, elapsed, s.lastSync)
 	}
 	if span != nil {
 		span.SetAttributes(attribute.Int("kuma.shard", s.cfg.Shard), attribute.Int("kuma.commit.requests", len(group)),
-			attribute.Int("kuma.commit.events", events), attribute.Float64("kuma.commit.fsync_ms", float64(elapsed.Microseconds())/1000))
+			attribute.Int("kuma.commit.events", events), attribute.Float64("kuma.commit.fsync_ms", float64(s.lastSync.Microseconds())/1000),
+			attribute.Float64("kuma.commit.ms", float64(elapsed.Microseconds())/1000))
 		if err != nil {
 			span.SetStatus(codes.Error, "commit failed")
 		}
@@ -284,9 +285,12 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 			}
 		}
 	}
+	// In WAL mode the COMMIT is where the fsync happens.
+	syncStart := time.Now()
 	if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
 		return fmt.Errorf("sqlite: commit: %w", err)
 	}
+	s.lastSync = time.Since(syncStart)
 	s.mu.Lock()
 	s.lastSeq = seq
 	s.mu.Unlock()
