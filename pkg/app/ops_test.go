@@ -123,6 +123,7 @@ func TestMetricsCountTheWorkload(t *testing.T) {
 		{"kuma_projection_events_applied_total", []string{"projection", "entities"}, 30},
 		{"kuma_projector_requests_total", []string{"op", "query", "code", "ok"}, 1},
 		{"kuma_projection_lag_messages_max", nil, 0},
+		{"kuma_stream_reachable", []string{"context", "default"}, 1},
 	} {
 		if got := value(f, w.name, w.labels...); got != w.want {
 			t.Errorf("%s%v = %v, want %v", w.name, w.labels, got, w.want)
@@ -132,6 +133,9 @@ func TestMetricsCountTheWorkload(t *testing.T) {
 	// and at most ten.
 	if g := value(f, "kuma_commit_duration_seconds"); g < 1 || g > 10 {
 		t.Errorf("kuma_commit_duration_seconds count = %v, want 1..10", g)
+	}
+	if m := value(f, "kuma_stream_messages", "context", "default"); m < 1 || m > 10 {
+		t.Errorf("kuma_stream_messages = %v, want the relay's 1 to 10 messages for 10 appends", m)
 	}
 	if g, c := value(f, "kuma_commit_fsync_duration_seconds"), value(f, "kuma_commit_duration_seconds"); g != c {
 		t.Errorf("fsync observed %v times, commit groups %v; want one each", g, c)

@@ -1,7 +1,10 @@
 package shardnode
 
 import (
+	"context"
 	"time"
+
+	"github.com/kumadb/kuma/pkg/kuma"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -56,6 +59,36 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			func() float64 { return float64(s.sum(func(st ShardStats) int64 { return st.RelayLag })) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_shards_open", Help: "Shards this node has open."},
 			func() float64 { return float64(len(s.Stats())) }),
+	}
+	for _, cc := range s.cfg.Contexts {
+		name := cc.Name
+		info := func() (uint64, bool) {
+			if s.js == nil { // not started
+				return 0, false
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			st, err := s.js.Stream(ctx, kuma.StreamName(name))
+			if err != nil {
+				return 0, false
+			}
+			i, err := st.Info(ctx)
+			if err != nil {
+				return 0, false
+			}
+			return i.State.Msgs, true
+		}
+		labels := prometheus.Labels{"context": name}
+		gauges = append(gauges,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_stream_reachable", Help: "1 while the context's event stream answers.", ConstLabels: labels},
+				func() float64 {
+					if _, ok := info(); ok {
+						return 1
+					}
+					return 0
+				}),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_stream_messages", Help: "Messages the context's event stream holds.", ConstLabels: labels},
+				func() float64 { n, _ := info(); return float64(n) }))
 	}
 	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime}, gauges...) {
 		if err := reg.Register(c); err != nil {
