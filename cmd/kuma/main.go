@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/kumadb/kuma/loadtest/bench"
 )
 
 const usage = `kuma: an entity-native, event-sourced store over NATS and SQLite
@@ -26,6 +28,7 @@ Usage:
   kuma projection retry NAME            try the event a stopped projection failed on again
   kuma projection skip NAME POSITION    skip that event (recorded)
   kuma status                           shards, nodes and projections
+  kuma bench [--events N] [--baseline sqlite] [--verify] [--rate R] ...   the load test (see loadtest/README.md)
   kuma keyvault rotate --data DIR --master-key-file OLD --new-master-key-file NEW
   kuma version
 
@@ -59,6 +62,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = cmdProjection(ctx, cmd, rest, stdout, stderr, getenv)
 	case "keyvault":
 		err = cmdKeyvault(ctx, rest, stdout, stderr, getenv)
+	case "bench":
+		return bench.Main(ctx, "kuma bench", rest, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "kuma", version)
 		return 0

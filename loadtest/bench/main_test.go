@@ -1,7 +1,8 @@
-package main
+package bench
 
 import (
 	"bytes"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -33,7 +34,13 @@ func TestLoadtestSmall(t *testing.T) {
 	if b := rep.Baseline; b == nil || b.Events != 20_000 || rep.Ratio <= 0 {
 		t.Fatalf("baseline %+v ratio %v", b, rep.Ratio)
 	}
-	for _, want := range []string{"throughput:", "event stream caught up", "verified", "kuma / baseline"} {
+	if r.Node == nil || r.Node.CPUSeconds <= 0 || r.Node.RSSBytes <= 0 {
+		t.Fatalf("node usage %+v, want CPU and memory measured", r.Node)
+	}
+	if r.ProjectionsCatchUp < r.StreamCatchUp {
+		t.Fatalf("projections caught up at %s, before the stream (%s)", r.ProjectionsCatchUp, r.StreamCatchUp)
+	}
+	for _, want := range []string{"throughput:", "event stream caught up", "projections (1) caught up", "node:", "verified", "kuma / baseline"} {
 		if !strings.Contains(out.String(), want) {
 			t.Fatalf("output lacks %q:\n%s", want, out.String())
 		}
@@ -61,5 +68,24 @@ func TestPayloadSize(t *testing.T) {
 		if n >= 100 && (len(p) < n-2 || len(p) > n+2) {
 			t.Fatalf("payload(%d) is %d bytes", n, len(p))
 		}
+	}
+}
+
+// TestMainFlagsAndJSON runs Main as `kuma bench` would: bad flags exit 2;
+// --json prints a report that parses, with the progress bar off.
+func TestMainFlagsAndJSON(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := Main(t.Context(), "kuma bench", []string{"--writers", "x"}, &out, &errb); code != 2 {
+		t.Fatalf("bad flag: exit %d, want 2", code)
+	}
+	out.Reset()
+	code := Main(t.Context(), "kuma bench", []string{"--events", "2000", "--writers", "4", "--entities", "10", "--shards", "2",
+		"--json", "--progress", "off"}, &out, &errb)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	var rep report
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil || rep.Kuma == nil || rep.Kuma.Events != 2000 {
+		t.Fatalf("--json printed %q (%v)", out.String(), err)
 	}
 }

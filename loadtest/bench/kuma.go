@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,7 +35,12 @@ type result struct {
 	// StreamCatchUp is how long after the last acknowledgement the event
 	// stream held every event (relay lag 0 in status).
 	StreamCatchUp time.Duration `json:"stream_catch_up_ns,omitempty"`
-	Verified      bool          `json:"verified,omitempty"`
+	// ProjectionsCatchUp is how long after the last acknowledgement every
+	// projection had applied every shard's last position.
+	ProjectionsCatchUp time.Duration `json:"projections_catch_up_ns,omitempty"`
+	// Node is the CPU and memory the node used during the run.
+	Node     *usage `json:"node,omitempty"`
+	Verified bool   `json:"verified,omitempty"`
 }
 
 // percentiles are exact: every latency is kept and sorted (an append is a
@@ -155,6 +161,11 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	}
 	fmt.Fprintf(out, "appending %d events: %d writers, batches of %d, %d entities, ~%d-byte events, %s, via %s\n",
 		appends*int64(c.batch), c.writers, c.batch, c.entities, len(data), how, map[bool]string{true: "shard subjects", false: "router"}[c.direct])
+	var bar *progressBar
+	if c.progressTo != nil {
+		bar = newProgressBar(c.progressTo, appends*int64(c.batch))
+	}
+	before, meter := c.meter(url)
 	start := time.Now()
 	var wg sync.WaitGroup
 	for w := 0; w < c.writers; w++ {
@@ -189,12 +200,14 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 				}
 				appendLats[w] = append(appendLats[w], time.Since(t0))
 				acked[e].Add(int64(c.batch))
+				bar.add(int64(c.batch))
 			}
 		}(w)
 	}
 	wg.Wait()
 	close(stopPacer)
 	elapsed := time.Since(start)
+	bar.done()
 
 	var alls, allr []time.Duration
 	for w := range appendLats {
@@ -217,6 +230,19 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	}
 	r.StreamCatchUp = catchUp
 	fmt.Fprintf(out, "event stream caught up %s after the last acknowledgement\n", catchUp.Round(time.Millisecond))
+	if pc, n, err := waitForProjections(ctx, statusConn, c.ctxName); err != nil {
+		fmt.Fprintf(out, "projections: %v\n", err)
+	} else if n > 0 {
+		r.ProjectionsCatchUp = pc
+		fmt.Fprintf(out, "projections (%d) caught up %s after the last acknowledgement\n", n, (catchUp + pc).Round(time.Millisecond))
+		r.ProjectionsCatchUp = catchUp + pc
+	}
+	if after, err := meter(); err == nil && before != nil {
+		r.Node = after.since(before)
+		fmt.Fprintf(out, "node: %s\n", r.Node)
+	} else if err != nil {
+		fmt.Fprintf(out, "node: CPU and memory not measured: %v\n", err)
+	}
 	if c.verify {
 		if err := verify(ctx, clients[0], acked); err != nil {
 			return r, err
@@ -253,6 +279,36 @@ func verify(ctx context.Context, c *client.Client, acked []atomic.Int64) error {
 		}
 	}
 	return nil
+}
+
+// waitForProjections polls kuma.<ctx>.status until every projection has
+// applied every shard's last position; it returns how long that took and how
+// many projections there are.
+func waitForProjections(ctx context.Context, nc *nats.Conn, kctx string) (time.Duration, int, error) {
+	start := time.Now()
+	for time.Since(start) < 5*time.Minute {
+		msg, err := nc.Request("kuma."+kctx+".status", nil, 5*time.Second)
+		if err != nil {
+			return 0, 0, fmt.Errorf("status: %w", err)
+		}
+		var st kuma.StatusReply
+		if err := json.Unmarshal(msg.Data, &st); err != nil {
+			return 0, 0, fmt.Errorf("status: %w", err)
+		}
+		behind := false
+		for _, p := range st.Projections {
+			for _, sh := range st.Shards {
+				if sh.Position != "" && p.Positions[strconv.Itoa(sh.Shard)] != sh.Position {
+					behind = true
+				}
+			}
+		}
+		if !behind {
+			return time.Since(start), len(st.Projections), nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return 0, 0, fmt.Errorf("not caught up within 5 minutes")
 }
 
 // waitForStream polls kuma.<ctx>.status until no shard has relay lag.

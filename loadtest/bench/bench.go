@@ -1,0 +1,129 @@
+// Package bench is Kuma's load test, run as `go run ./loadtest` or `kuma
+// bench`: W concurrent writers append batches of B events (~200-byte JSON
+// each) to random entities until N events are acknowledged, then it prints
+// events/s and the latency of one append (one batch), acknowledged only once
+// durable, the resources the node used, and how long the event stream and
+// the projections took to catch up.
+//
+//	kuma bench                                    # embedded node in a temp dir
+//	kuma bench --nats-url nats://127.0.0.1:4222   # a running `kuma up` (--metrics-url for its CPU and memory)
+//	kuma bench --baseline sqlite                  # and the raw shard writer, same workload
+//	kuma bench --rate 250 --events 200000         # latency at a fixed rate (appends/s)
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"time"
+)
+
+type config struct {
+	events, writers, batch, entities, shards, conns int
+	payloadBytes                                    int
+	readRatio                                       float64
+	rate                                            float64 // appends per second; 0: as fast as possible
+	natsURL, metricsURL, sync, ctxName, baseline    string
+	progress                                        string
+	progressTo                                      io.Writer
+	direct, verify, jsonOut                         bool
+	timeout                                         time.Duration
+}
+
+// Main runs the load test with the command line args (without the program
+// name) and returns the exit status: 0, 1 when the run failed or an
+// acknowledged event is missing, 2 for bad flags.
+func Main(ctx context.Context, name string, args []string, stdout, stderr io.Writer) int {
+	var c config
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.IntVar(&c.events, "events", 1_000_000, "events to append in all")
+	fs.IntVar(&c.writers, "writers", 200, "concurrent writers")
+	fs.IntVar(&c.batch, "batch", 100, "events per append")
+	fs.IntVar(&c.entities, "entities", 10_000, "distinct entities written")
+	fs.IntVar(&c.payloadBytes, "payload-bytes", 200, "approximate size of one event's JSON data")
+	fs.Float64Var(&c.readRatio, "read-ratio", 0, "fraction of operations that are reads of a live entity (0 to 0.99)")
+	fs.Float64Var(&c.rate, "rate", 0, "appends per second for a latency run (0: saturation)")
+	fs.IntVar(&c.shards, "shards", 16, "shards of the embedded node (and of --direct routing)")
+	fs.IntVar(&c.conns, "conns", 4, "NATS connections shared by the writers")
+	fs.StringVar(&c.natsURL, "nats-url", "", "a running Kuma's NATS; empty starts an embedded node in a temp dir")
+	fs.StringVar(&c.metricsURL, "metrics-url", "", "with --nats-url: the node's metrics address (host:port), for its CPU and memory")
+	fs.StringVar(&c.sync, "sync", "FULL", "embedded node: SQLite synchronous FULL or NORMAL")
+	fs.StringVar(&c.ctxName, "context", "default", "Kuma context")
+	fs.StringVar(&c.baseline, "baseline", "", "also run the same workload on a baseline: sqlite (Kuma's raw shard writer, no NATS)")
+	fs.StringVar(&c.progress, "progress", "auto", "live progress bar on stderr: auto (on a terminal), on, off")
+	fs.BoolVar(&c.direct, "direct", false, "route to shard subjects directly, skipping the router")
+	fs.BoolVar(&c.verify, "verify", false, "afterwards, read every entity back and check every acknowledged event is there")
+	fs.BoolVar(&c.jsonOut, "json", false, "print the results as JSON instead of text")
+	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "per append")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	c.progressTo = progressWriter(c.progress, stderr)
+	out := stdout
+	if c.jsonOut {
+		out = io.Discard
+	}
+	rep, err := runAll(ctx, c, out)
+	if c.jsonOut && rep != nil {
+		b, _ := json.MarshalIndent(rep, "", "  ")
+		fmt.Fprintln(stdout, string(b))
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return 1
+	}
+	return 0
+}
+
+// progressWriter is where the progress bar goes, or nil for none.
+func progressWriter(mode string, stderr io.Writer) io.Writer {
+	switch mode {
+	case "on":
+		return stderr
+	case "off":
+		return nil
+	}
+	if f, ok := stderr.(*os.File); ok {
+		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
+			return stderr
+		}
+	}
+	return nil
+}
+
+// report is everything one invocation measured.
+type report struct {
+	Kuma     *result `json:"kuma"`
+	Baseline *result `json:"baseline,omitempty"`
+	// Ratio is Kuma's events/s over the baseline's.
+	Ratio float64 `json:"ratio,omitempty"`
+}
+
+func runAll(ctx context.Context, c config, out io.Writer) (*report, error) {
+	r, err := run(ctx, c, out)
+	rep := &report{Kuma: r}
+	if err != nil || c.baseline == "" {
+		return rep, err
+	}
+	if c.baseline != "sqlite" {
+		return rep, fmt.Errorf("unknown baseline %q (want sqlite)", c.baseline)
+	}
+	b, err := runSQLiteBaseline(ctx, c, out)
+	rep.Baseline = b
+	if err == nil && b.EventsSec > 0 {
+		rep.Ratio = r.EventsSec / b.EventsSec
+		fmt.Fprintf(out, "kuma / baseline: %.2f\n", rep.Ratio)
+	}
+	return rep, err
+}
+
+var discardLog = slog.New(slog.DiscardHandler)
