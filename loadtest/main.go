@@ -15,7 +15,7 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
-	code := bench.Main(ctx, "loadtest", os.Args[1:], os.Stdout, os.Stderr)
+	code := bench.Main(ctx, "loadtest", os.Args[1:], bench.Options{}, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
 }

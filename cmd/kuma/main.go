@@ -63,7 +63,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	case "keyvault":
 		err = cmdKeyvault(ctx, rest, stdout, stderr, getenv)
 	case "bench":
-		return bench.Main(ctx, "kuma bench", rest, stdout, stderr)
+		self, _ := os.Executable()
+		return bench.Main(ctx, "kuma bench", rest, bench.Options{KumaBinary: self}, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "kuma", version)
 		return 0

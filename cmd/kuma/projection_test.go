@@ -144,3 +144,20 @@ func TestUpRefusesABadProjectionsFile(t *testing.T) {
 		})
 	}
 }
+
+// TestBenchStartsItsOwnNode runs `kuma bench` as users do: it starts
+// `kuma up` in a process of its own, writes, verifies every acknowledged
+// event, and reports the node's own CPU and memory.
+func TestBenchStartsItsOwnNode(t *testing.T) {
+	t.Setenv("KUMA_TEST_AS_MAIN", "1") // the child is this test binary standing in for kuma
+	out, errs, code := runCLI(t, map[string]string{}, "bench", "--events", "4000", "--writers", "8", "--entities", "20",
+		"--shards", "2", "--verify", "--progress", "off")
+	if code != 0 {
+		t.Fatalf("exit %d:\n%s\n%s", code, out, errs)
+	}
+	for _, want := range []string{"node: kuma up (pid", "acknowledged 4000 events", "verified", "(the node's process, from its /metrics)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+}

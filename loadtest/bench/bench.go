@@ -29,17 +29,29 @@ type config struct {
 	readRatio                                       float64
 	rate                                            float64 // appends per second; 0: as fast as possible
 	natsURL, metricsURL, sync, ctxName, baseline    string
-	progress                                        string
+	progress, node, kumaBinary                      string
 	progressTo                                      io.Writer
 	direct, verify, jsonOut                         bool
 	timeout                                         time.Duration
 }
 
+// Options are what the calling program knows.
+type Options struct {
+	// KumaBinary is the kuma executable, to start the node in a process of
+	// its own (`--node process`); empty allows only an embedded node.
+	KumaBinary string
+}
+
 // Main runs the load test with the command line args (without the program
 // name) and returns the exit status: 0, 1 when the run failed or an
 // acknowledged event is missing, 2 for bad flags.
-func Main(ctx context.Context, name string, args []string, stdout, stderr io.Writer) int {
+func Main(ctx context.Context, name string, args []string, opts Options, stdout, stderr io.Writer) int {
 	var c config
+	c.kumaBinary = opts.KumaBinary
+	defaultNode := "embedded"
+	if opts.KumaBinary != "" {
+		defaultNode = "process"
+	}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.IntVar(&c.events, "events", 1_000_000, "events to append in all")
@@ -51,7 +63,8 @@ func Main(ctx context.Context, name string, args []string, stdout, stderr io.Wri
 	fs.Float64Var(&c.rate, "rate", 0, "appends per second for a latency run (0: saturation)")
 	fs.IntVar(&c.shards, "shards", 16, "shards of the embedded node (and of --direct routing)")
 	fs.IntVar(&c.conns, "conns", 4, "NATS connections shared by the writers")
-	fs.StringVar(&c.natsURL, "nats-url", "", "a running Kuma's NATS; empty starts an embedded node in a temp dir")
+	fs.StringVar(&c.natsURL, "nats-url", "", "a running Kuma's NATS; empty starts a node in a temp dir (see --node)")
+	fs.StringVar(&c.node, "node", defaultNode, "without --nats-url: process (`kuma up` in a process of its own, measured apart) or embedded (in this process)")
 	fs.StringVar(&c.metricsURL, "metrics-url", "", "with --nats-url: the node's metrics address (host:port), for its CPU and memory")
 	fs.StringVar(&c.sync, "sync", "FULL", "embedded node: SQLite synchronous FULL or NORMAL")
 	fs.StringVar(&c.ctxName, "context", "default", "Kuma context")

@@ -85,7 +85,18 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		return nil, err
 	}
 	url := c.natsURL
+	if url == "" && c.node == "process" {
+		n, err := startNode(ctx, c, out)
+		if err != nil {
+			return nil, err
+		}
+		defer n.stop()
+		url, c.natsURL, c.metricsURL = n.natsURL, n.natsURL, n.metricsAddr
+	}
 	if url == "" {
+		if c.node != "embedded" && c.node != "" {
+			return nil, fmt.Errorf("--node %q: want process or embedded", c.node)
+		}
 		dir, err := os.MkdirTemp("", "kuma-loadtest-")
 		if err != nil {
 			return nil, err

@@ -75,12 +75,12 @@ func TestPayloadSize(t *testing.T) {
 // --json prints a report that parses, with the progress bar off.
 func TestMainFlagsAndJSON(t *testing.T) {
 	var out, errb bytes.Buffer
-	if code := Main(t.Context(), "kuma bench", []string{"--writers", "x"}, &out, &errb); code != 2 {
+	if code := Main(t.Context(), "kuma bench", []string{"--writers", "x"}, Options{}, &out, &errb); code != 2 {
 		t.Fatalf("bad flag: exit %d, want 2", code)
 	}
 	out.Reset()
 	code := Main(t.Context(), "kuma bench", []string{"--events", "2000", "--writers", "4", "--entities", "10", "--shards", "2",
-		"--json", "--progress", "off"}, &out, &errb)
+		"--json", "--progress", "off"}, Options{}, &out, &errb)
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, errb.String())
 	}
