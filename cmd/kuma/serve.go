@@ -30,6 +30,7 @@ func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string)
 	fs.StringVar(&cfg.ProjectionsFile, "projections", "", "YAML file declaring read-model projections (see docs/projections.md)")
 	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "host:port for /metrics, /healthz and /readyz (empty: off)")
+	fs.StringVar(&cfg.ConsoleListen, "console-listen", "", "host:port of the web console (empty: off; see docs/console.md)")
 	fs.StringVar(logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
 	fs.BoolFunc("trace-stdout", "print spans to stdout (debugging); OTLP export is configured by OTEL_* variables", func(string) error {
 		cfg.Tracing = telemetry.ExportStdout
@@ -109,6 +110,12 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	if !flagSet(fs, "metrics-listen") && getenv("KUMA_METRICS_LISTEN") == "" {
 		cfg.MetricsListen = app.DefaultMetricsListen
 	}
+	// ... and the web console, which may change data only when it listens on
+	// loopback (kuma serve's console is read-only).
+	if !flagSet(fs, "console-listen") && getenv("KUMA_CONSOLE_LISTEN") == "" {
+		cfg.ConsoleListen = app.DefaultConsoleListen
+	}
+	cfg.ConsoleAllowWrites = app.ConsoleLoopback(cfg.ConsoleListen)
 	cfg.Target = app.TargetAll
 	if err := secretsAndHooks(&cfg, getenv); err != nil {
 		return err
@@ -121,14 +128,14 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	var cfg app.Config
 	var logLevel, logFormat string
 	serverFlags(fs, &cfg, &logLevel, &logFormat)
-	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode, projector or keyvault (all = kuma up)")
+	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode, projector, keyvault or console (all = kuma up)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (target all only)")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
 	if cfg.Target == "" {
-		return usageError{errors.New("--target is required: router, shardnode, projector, keyvault or all")}
+		return usageError{errors.New("--target is required: router, shardnode, projector, keyvault, console or all")}
 	}
 	if err := secretsAndHooks(&cfg, getenv); err != nil {
 		return err
@@ -165,8 +172,13 @@ func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stde
 		return err
 	}
 	c := a.Config()
+	consoleURL := ""
+	if con := a.Console(); con != nil {
+		consoleURL = con.URL()
+	}
 	log.Info("kuma ready", "target", c.Target, "nats", a.ClientURL(), "data", c.DataDir,
-		"context", c.Context, "shards", c.Shards, "sync", c.Synchronous, "metrics", a.MetricsAddr())
+		"context", c.Context, "shards", c.Shards, "sync", c.Synchronous, "metrics", a.MetricsAddr(),
+		"console", consoleURL)
 	<-ctx.Done()
 	log.Info("kuma stopping")
 	stopCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -10,6 +10,7 @@ import (
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/telemetry"
 
+	"github.com/kumadb/kuma/services/console"
 	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/projector"
 	"github.com/kumadb/kuma/services/shardnode"
@@ -143,6 +144,16 @@ func (a *App) Shardnode() *shardnode.Service {
 	for _, m := range a.started {
 		if s, ok := m.svc.(*shardnode.Service); ok {
 			return s
+		}
+	}
+	return nil
+}
+
+// Console returns the running web console, or nil when none is served.
+func (a *App) Console() *console.Service {
+	for _, m := range a.started {
+		if c, ok := m.svc.(*consoleModule); ok && c.serving {
+			return c.Service
 		}
 	}
 	return nil

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/kumadb/kuma/services/console"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -23,7 +25,7 @@ import (
 // working single-node store.
 type Config struct {
 	// Target is a module name or bundle: all (default), router, shardnode,
-	// projector, keyvault.
+	// projector, keyvault, console.
 	Target string
 	// DataDir holds the shard files and the embedded server's JetStream store.
 	DataDir string
@@ -53,6 +55,12 @@ type Config struct {
 	// MetricsListen is where /metrics, /healthz and /readyz are served
 	// (host:port; empty: not served).
 	MetricsListen string
+	// ConsoleListen is where the web console is served (host:port; empty:
+	// not served). ConsoleAllowWrites lets it forget entities and retry,
+	// skip or rebuild projections; `kuma up` sets it only when the console
+	// listens on loopback (see ConsoleLoopback).
+	ConsoleListen      string
+	ConsoleAllowWrites bool
 	// ReadyMaxLag is how many stream messages a projection may be behind
 	// while /readyz says ready (default 1,000).
 	ReadyMaxLag int64
@@ -80,7 +88,14 @@ const (
 	// DefaultMetricsListen is where `kuma up` serves /metrics, /healthz and
 	// /readyz (the port OpenTelemetry's Prometheus exporter uses).
 	DefaultMetricsListen = "127.0.0.1:9464"
+	// DefaultConsoleListen is where `kuma up` serves the web console.
+	DefaultConsoleListen = "127.0.0.1:9480"
 )
+
+// ConsoleLoopback reports whether a console address listens on loopback
+// only: `kuma up` lets the console change data only then, so that nobody on
+// the network can forget an entity through it.
+func ConsoleLoopback(listen string) bool { return console.IsLoopback(listen) }
 
 func (c *Config) setDefaults() {
 	if c.Target == "" {
@@ -129,6 +144,13 @@ func (c *Config) Validate() error {
 	}
 	if c.Shards < 1 || c.Shards > 4096 {
 		errs = append(errs, fmt.Errorf("--shards must be 1 to 4096, got %d", c.Shards))
+	}
+	if c.ConsoleListen != "" {
+		if _, _, err := net.SplitHostPort(c.ConsoleListen); err != nil {
+			errs = append(errs, fmt.Errorf("--console-listen %q: want host:port such as %s", c.ConsoleListen, DefaultConsoleListen))
+		}
+	} else if c.Target == ModuleConsole {
+		errs = append(errs, fmt.Errorf("target console needs --console-listen (host:port such as %s)", DefaultConsoleListen))
 	}
 	switch c.Synchronous {
 	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:

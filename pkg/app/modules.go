@@ -2,15 +2,18 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
 	"sort"
+	"syscall"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/vaultclient"
+	"github.com/kumadb/kuma/services/console"
 	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/projector"
 	"github.com/kumadb/kuma/services/router"
@@ -26,7 +29,8 @@ const (
 	ModuleShardnode  = "shardnode"
 	ModuleKeyvault   = "keyvault"
 	ModuleProjector  = "projector"
-	ModuleOps        = "ops" // /metrics, /healthz, /readyz
+	ModuleOps        = "ops"     // /metrics, /healthz, /readyz
+	ModuleConsole    = "console" // the web console, when ConsoleListen is set
 	TargetAll        = "all"
 )
 
@@ -39,13 +43,16 @@ var deps = map[string][]string{
 	ModuleKeyvault:   {ModuleNATSConn},
 	ModuleProjector:  {ModuleNATSConn},
 	ModuleOps:        {ModuleNATSConn},
+	ModuleConsole:    {ModuleNATSConn},
 }
 
 // targets are what `kuma serve --target` accepts; all is `kuma up`. Shards
 // start before routers so nothing is forwarded to a shard that is not open,
-// and routers stop first.
+// and routers stop first. The console starts last, once there is something
+// to show, and stops first.
 var targets = map[string][]string{
-	TargetAll:       {ModuleNATSServer, ModuleKeyvault, ModuleShardnode, ModuleProjector, ModuleRouter},
+	TargetAll:       {ModuleNATSServer, ModuleKeyvault, ModuleShardnode, ModuleProjector, ModuleRouter, ModuleConsole},
+	ModuleConsole:   {ModuleConsole},
 	ModuleProjector: {ModuleProjector},
 	ModuleRouter:    {ModuleRouter},
 	ModuleShardnode: {ModuleShardnode},
@@ -128,6 +135,24 @@ func (a *App) build(module string) (service, error) {
 		return kv, nil
 	case ModuleOps:
 		return &opsModule{app: a}, nil
+	case ModuleConsole:
+		if cfg.ConsoleListen == "" {
+			return offModule{}, nil // target all without a console
+		}
+		svc, err := console.New(console.Config{
+			Context:     cfg.Context,
+			Shards:      cfg.Shards,
+			Listen:      cfg.ConsoleListen,
+			AllowWrites: cfg.ConsoleAllowWrites,
+			Gatherer:    a.registry,
+			NodeName:    cfg.NodeName,
+			Logger:      cfg.Logger.With("service", "console"),
+			Now:         cfg.Now,
+		}, a.nc)
+		if err != nil {
+			return nil, err
+		}
+		return &consoleModule{Service: svc, app: a}, nil
 	case ModuleProjector:
 		var keys keycache.Vault = vaultclient.New(a.nc, 0)
 		if a.vault != nil {
@@ -173,6 +198,40 @@ func (a *App) build(module string) (service, error) {
 		}, a.nc)
 	}
 	return nil, fmt.Errorf("app: no module %q", module)
+}
+
+// offModule stands for a module the configuration leaves off.
+type offModule struct{}
+
+func (offModule) Start(context.Context) error { return nil }
+func (offModule) Stop(context.Context) error  { return nil }
+
+// consoleModule runs the web console. At the default address it is a
+// convenience, not a duty: when another process (often another kuma up)
+// holds the port, the console is left off with a warning instead of failing
+// the start. An address given on purpose must be free.
+type consoleModule struct {
+	*console.Service
+	app     *App
+	serving bool
+}
+
+func (m *consoleModule) Start(ctx context.Context) error {
+	err := m.Service.Start(ctx)
+	if err != nil && m.app.cfg.ConsoleListen == DefaultConsoleListen && errors.Is(err, syscall.EADDRINUSE) {
+		m.app.cfg.Logger.Warn("console not served: its default address is in use; give --console-listen host:port",
+			"addr", DefaultConsoleListen)
+		return nil
+	}
+	m.serving = err == nil
+	return err
+}
+
+func (m *consoleModule) Stop(ctx context.Context) error {
+	if !m.serving {
+		return nil
+	}
+	return m.Service.Stop(ctx)
 }
 
 // natsServerModule runs the embedded nats-server with JetStream under
