@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -112,8 +113,28 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
+// logBuffer collects a child's stderr; String is safe while it is written,
+// and closed tells when the child's stderr has been read to its end.
+type logBuffer struct {
+	mu     sync.Mutex
+	b      bytes.Buffer
+	closed chan struct{}
+}
+
+func (l *logBuffer) write(line string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.b.WriteString(line + "\n")
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 // startUp runs `kuma up` as a child process and waits for its ready line.
-func startUp(t *testing.T, dir string, port int, env ...string) (*exec.Cmd, *bytes.Buffer) {
+func startUp(t *testing.T, dir string, port int, env ...string) (*exec.Cmd, *logBuffer) {
 	t.Helper()
 	args := []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4", "--metrics-listen", "127.0.0.1:0"}
 	cmd := exec.Command(os.Args[0], args...)
@@ -124,13 +145,14 @@ func startUp(t *testing.T, dir string, port int, env ...string) (*exec.Cmd, *byt
 		t.Fatal(err)
 	}
 	pw.Close()
-	logs := &bytes.Buffer{}
+	logs := &logBuffer{closed: make(chan struct{})}
 	ready := make(chan bool, 1)
 	go func() {
+		defer close(logs.closed)
 		sc := bufio.NewScanner(pr)
 		sent := false
 		for sc.Scan() {
-			logs.WriteString(sc.Text() + "\n")
+			logs.write(sc.Text())
 			if !sent && strings.Contains(sc.Text(), "kuma ready") {
 				ready <- true
 				sent = true
@@ -173,6 +195,7 @@ func TestUpServesStopsOnSIGTERMAndComesBack(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("kuma up after SIGTERM: %v\n%s", err, logs)
 	}
+	<-logs.closed // every line the process wrote is in
 	if !strings.Contains(logs.String(), "kuma stopped") {
 		t.Fatalf("no clean stop in the logs:\n%s", logs)
 	}
