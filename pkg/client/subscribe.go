@@ -143,7 +143,7 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions, handler f
 			return
 		}
 		var body kuma.StreamMessage
-		if err := json.Unmarshal(m.Data(), &body); err != nil {
+		if err := kuma.DecodeStreamMessage(m.Data(), &body); err != nil {
 			sub.finish(fmt.Errorf("client: malformed stream message on %s: %w", m.Subject(), err))
 			return
 		}

@@ -341,7 +341,7 @@ func (g *generation) decode(ctx context.Context, msg *message.Message) (*batch, 
 		return b, nil
 	}
 	var sm kuma.StreamMessage
-	if err := json.Unmarshal(msg.Payload, &sm); err != nil {
+	if err := kuma.DecodeStreamMessage(msg.Payload, &sm); err != nil {
 		return nil, fmt.Errorf("projector: malformed stream message at sequence %d: %w", seq, err)
 	}
 	b.shard = sm.Shard
