@@ -272,6 +272,7 @@ func (g *generation) handle(msg *message.Message) error {
 	}
 	g.mu.Unlock()
 
+	b.span = span.SpanContext()
 	svc.cfg.Failpoint("projector-before-apply")
 	start := time.Now()
 	err = g.rm.apply(ctx, b, svc.cfg.Now())
@@ -283,9 +284,6 @@ func (g *generation) handle(msg *message.Message) error {
 	}
 	svc.cfg.Failpoint("projector-after-apply")
 	span.SetAttributes(attribute.Int("kuma.events", len(b.events)))
-	if b.lastSeq > 0 && span.SpanContext().IsValid() {
-		g.rm.noteSpan(b.shard, span.SpanContext())
-	}
 	svc.metrics.applied.WithLabelValues(g.p.name).Add(float64(len(b.events)))
 	g.mu.Lock()
 	if g.failure != nil {

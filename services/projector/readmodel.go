@@ -211,6 +211,7 @@ type batch struct {
 	events    []projection.Event
 	forget    string // entity of a forget notice
 	skip      map[string]skipNote
+	span      trace.SpanContext // of the apply, for queries that wait for its position
 }
 
 type skipNote struct{ entity, eventType, err string }
@@ -313,6 +314,11 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 	if b.lastSeq > 0 {
 		rm.positions[b.shard] = b.lastSeq
 		rm.lastPos = kuma.Position{Shard: b.shard, Seq: b.lastSeq}
+		// Under the same lock as the position: a query that sees the
+		// position applied finds this apply's span.
+		if b.span.IsValid() {
+			rm.spans[b.shard] = b.span
+		}
 	}
 	if b.streamSeq > rm.streamSeq {
 		rm.streamSeq = b.streamSeq
@@ -358,14 +364,6 @@ func (rm *readModel) truncateWAL(ctx context.Context) error {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-// noteSpan remembers the span of the apply that reached a shard's position,
-// for queries that waited for it to link to.
-func (rm *readModel) noteSpan(shard int, sc trace.SpanContext) {
-	rm.mu.Lock()
-	defer rm.mu.Unlock()
-	rm.spans[shard] = sc
 }
 
 func (rm *readModel) spanOf(shard int) trace.SpanContext {

@@ -599,12 +599,16 @@ func (s *Service) serve(ctx context.Context) error {
 			code := "ok"
 			if err != nil {
 				code = string(kuma.ErrorCode(err))
+			}
+			// Counted before the reply goes: whoever got a reply finds it
+			// counted.
+			s.metrics.requests.WithLabelValues(e.name, code).Inc()
+			if err != nil {
 				s.log.Debug("projector request failed", "subject", req.Subject(), "err", err)
 				_ = natsbus.MicroError(req, err)
 			} else {
 				_ = req.RespondJSON(out)
 			}
-			s.metrics.requests.WithLabelValues(e.name, code).Inc()
 		}), micro.WithEndpointSubject(e.subject))
 		if err != nil {
 			return fmt.Errorf("projector: endpoint %s: %w", e.name, err)
