@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
@@ -32,8 +33,15 @@ type Config struct {
 	// Context is the served context and Shards its shard count.
 	Context string
 	Shards  int
-	// NATSListen is where the embedded server listens (target all).
+	// NATSListen is where the embedded server listens (target all). A
+	// non-loopback address is refused unless Insecure is set: the embedded
+	// server has no authentication, so anyone who reaches it could read
+	// and erase everything.
 	NATSListen string
+	// Insecure allows NATSListen on a non-loopback address without
+	// authentication (`--insecure`), for a private network or a container
+	// whose port only trusted peers reach.
+	Insecure bool
 	// NATSURL is the external NATS to join (every target but all).
 	NATSURL string
 	// Synchronous is SQLite's durability setting: FULL (default) or NORMAL.
@@ -151,6 +159,11 @@ func (c *Config) Validate() error {
 		}
 	} else if c.Target == ModuleConsole {
 		errs = append(errs, fmt.Errorf("target console needs --console-listen (host:port such as %s)", DefaultConsoleListen))
+	}
+	if slices.Contains(order(c.Target), ModuleNATSServer) && !c.Insecure && !ConsoleLoopback(c.NATSListen) {
+		errs = append(errs, fmt.Errorf("--nats-listen %s is not a loopback address, and the embedded NATS server has no authentication: "+
+			"anyone who reaches it could read and erase everything; listen on 127.0.0.1, or pass --insecure (KUMA_INSECURE=true) "+
+			"if only trusted peers can reach it", c.NATSListen))
 	}
 	switch c.Synchronous {
 	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:

@@ -3,6 +3,7 @@ package app_test
 import (
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/kumadb/kuma/pkg/app"
@@ -54,5 +55,35 @@ func TestServicesRunAloneAgainstExternalNATS(t *testing.T) {
 	}
 	if _, err := app.New(app.Config{Target: "projectorz"}); err == nil {
 		t.Fatal("an unknown target was accepted")
+	}
+}
+
+// TestNonLoopbackListenNeedsInsecure: the embedded NATS server, having no
+// authentication, listens beyond loopback only when told --insecure.
+func TestNonLoopbackListenNeedsInsecure(t *testing.T) {
+	for _, tc := range []struct {
+		listen   string
+		insecure bool
+		ok       bool
+	}{
+		{"127.0.0.1:4222", false, true},
+		{"localhost:4222", false, true},
+		{"[::1]:4222", false, true},
+		{"0.0.0.0:4222", false, false},
+		{":4222", false, false},
+		{"10.1.2.3:4222", false, false},
+		{"0.0.0.0:4222", true, true},
+	} {
+		_, err := app.New(app.Config{DataDir: t.TempDir(), NATSListen: tc.listen, Insecure: tc.insecure})
+		if (err == nil) != tc.ok {
+			t.Errorf("listen %s insecure %v: %v; want ok %v", tc.listen, tc.insecure, err, tc.ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "--insecure") {
+			t.Errorf("listen %s: %v does not say how to allow it", tc.listen, err)
+		}
+	}
+	// A service alone runs no server, so its --nats-listen does not matter.
+	if _, err := app.New(app.Config{Target: app.ModuleRouter, DataDir: t.TempDir(), NATSListen: "0.0.0.0:4222"}); err != nil {
+		t.Errorf("router alone: %v", err)
 	}
 }
