@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -21,9 +22,7 @@ import (
 // JSON on stdout; on failure it prints {"error": {...}} on stderr and exits 1.
 func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet(cmd, stderr)
-	natsURL := fs.String("nats-url", app.DefaultNATSURL, "NATS server")
-	ctxName := fs.String("context", kuma.DefaultContext, "Kuma context")
-	timeout := fs.Duration("timeout", 10*time.Second, "give up after this long")
+	conn := connectFlags(fs, "give up after this long")
 	var (
 		expected  = fs.Int64("expected-version", -1, "append: fail unless the entity is at this version (0: must not exist)")
 		idemKey   = fs.String("idempotency-key", "", "append: retry-safe key")
@@ -43,17 +42,13 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, 
 	if len(pos) < want[0] || len(pos) > want[1] {
 		return usageError{fmt.Errorf("wrong number of arguments; see kuma --help")}
 	}
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	ctx, cancel := context.WithTimeout(ctx, *conn.timeout)
 	defer cancel()
-	nc, err := nats.Connect(*natsURL, nats.Name("kuma-cli"), nats.Timeout(*timeout))
+	c, closeConn, err := conn.client()
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w (is `kuma up` running?)", *natsURL, err)
+		return err
 	}
-	defer nc.Close()
-	c, err := client.New(nc, client.Options{Context: *ctxName, Timeout: *timeout})
-	if err != nil {
-		return usageError{err}
-	}
+	defer closeConn()
 
 	entity := pos[0]
 	var out any
@@ -120,4 +115,33 @@ func requester(getenv func(string) string) string {
 	}
 	host, _ := os.Hostname()
 	return user + "@" + host + " (kuma cli)"
+}
+
+// connection is the flags every client command has, and what they connect.
+type connection struct {
+	natsURL, ctxName *string
+	timeout          *time.Duration
+}
+
+// connectFlags registers --nats-url, --context and --timeout.
+func connectFlags(fs *flag.FlagSet, timeoutUsage string) connection {
+	return connection{
+		natsURL: fs.String("nats-url", app.DefaultNATSURL, "NATS server"),
+		ctxName: fs.String("context", kuma.DefaultContext, "Kuma context"),
+		timeout: fs.Duration("timeout", 10*time.Second, timeoutUsage),
+	}
+}
+
+// client connects to NATS and returns a Go client and the way to close it.
+func (c connection) client() (*client.Client, func(), error) {
+	nc, err := nats.Connect(*c.natsURL, nats.Name("kuma-cli"), nats.Timeout(*c.timeout))
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to %s: %w (is `kuma up` running?)", *c.natsURL, err)
+	}
+	cl, err := client.New(nc, client.Options{Context: *c.ctxName, Timeout: *c.timeout})
+	if err != nil {
+		nc.Close()
+		return nil, nil, usageError{err}
+	}
+	return cl, nc.Close, nil
 }

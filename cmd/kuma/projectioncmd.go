@@ -9,10 +9,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/nats-io/nats.go"
 )
 
 // keyJSON collects repeated K=JSON flags; a value that is not JSON is taken
@@ -38,9 +36,7 @@ func (k keyJSON) Set(v string) error {
 // cmdProjection runs query, projection rebuild|retry|skip and status.
 func cmdProjection(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet(cmd, stderr)
-	natsURL := fs.String("nats-url", app.DefaultNATSURL, "NATS server")
-	ctxName := fs.String("context", kuma.DefaultContext, "Kuma context")
-	timeout := fs.Duration("timeout", 10*time.Second, "give up on a request after this long")
+	conn := connectFlags(fs, "give up on a request after this long")
 	params, where := keyJSON{}, keyJSON{}
 	var (
 		query  = fs.String("query", "", "query: the named query of a declared projection")
@@ -69,15 +65,11 @@ func cmdProjection(ctx context.Context, cmd string, args []string, stdout, stder
 	if !ok || len(pos) != n {
 		return usageError{fmt.Errorf("wrong arguments for %s; see kuma --help", op)}
 	}
-	nc, err := nats.Connect(*natsURL, nats.Name("kuma-cli"), nats.Timeout(*timeout))
+	c, closeConn, err := conn.client()
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w (is `kuma up` running?)", *natsURL, err)
+		return err
 	}
-	defer nc.Close()
-	c, err := client.New(nc, client.Options{Context: *ctxName, Timeout: *timeout})
-	if err != nil {
-		return usageError{err}
-	}
+	defer closeConn()
 	var out any
 	switch op {
 	case "query":

@@ -115,14 +115,12 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		fmt.Fprintf(out, "embedded node: %d shards, synchronous=%s, data in %s\n", c.shards, c.sync, dir)
 	}
 	clients := make([]*client.Client, c.conns)
-	var statusConn *nats.Conn
 	for i := range clients {
 		nc, err := nats.Connect(url)
 		if err != nil {
 			return nil, fmt.Errorf("connect %s: %w", url, err)
 		}
 		defer nc.Close()
-		statusConn = nc
 		opts := client.Options{Context: c.ctxName, Timeout: c.timeout}
 		if c.direct {
 			opts.DirectShards = c.shards
@@ -235,18 +233,17 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	if r.Reads > 0 {
 		fmt.Fprintf(out, "reads: %d, latency: %s\n", r.Reads, r.Read)
 	}
-	catchUp, err := waitForStream(ctx, statusConn, c.ctxName)
+	catchUp, _, err := waitForStatus(ctx, clients[0], time.Minute, streamCaughtUp)
 	if err != nil {
-		return r, err
+		return r, fmt.Errorf("the event stream: %w", err)
 	}
 	r.StreamCatchUp = catchUp
 	fmt.Fprintf(out, "event stream caught up %s after the last acknowledgement\n", catchUp.Round(time.Millisecond))
-	if pc, n, err := waitForProjections(ctx, statusConn, c.ctxName); err != nil {
+	if pc, st, err := waitForStatus(ctx, clients[0], 5*time.Minute, projectionsCaughtUp); err != nil {
 		fmt.Fprintf(out, "projections: %v\n", err)
-	} else if n > 0 {
-		r.ProjectionsCatchUp = pc
-		fmt.Fprintf(out, "projections (%d) caught up %s after the last acknowledgement\n", n, (catchUp + pc).Round(time.Millisecond))
+	} else if len(st.Projections) > 0 {
 		r.ProjectionsCatchUp = catchUp + pc
+		fmt.Fprintf(out, "projections (%d) caught up %s after the last acknowledgement\n", len(st.Projections), r.ProjectionsCatchUp.Round(time.Millisecond))
 	}
 	if after, err := meter(); err == nil && before != nil {
 		r.Node = after.since(before)
@@ -292,56 +289,42 @@ func verify(ctx context.Context, c *client.Client, acked []atomic.Int64) error {
 	return nil
 }
 
-// waitForProjections polls kuma.<ctx>.status until every projection has
-// applied every shard's last position; it returns how long that took and how
-// many projections there are.
-func waitForProjections(ctx context.Context, nc *nats.Conn, kctx string) (time.Duration, int, error) {
+// waitForStatus polls kuma.<ctx>.status until done says so, for at most
+// limit; it returns how long that took and the last status.
+func waitForStatus(ctx context.Context, c *client.Client, limit time.Duration, done func(*kuma.StatusReply) bool) (time.Duration, *kuma.StatusReply, error) {
 	start := time.Now()
-	for time.Since(start) < 5*time.Minute {
-		msg, err := nc.Request("kuma."+kctx+".status", nil, 5*time.Second)
+	for time.Since(start) < limit {
+		st, err := c.Status(ctx)
 		if err != nil {
-			return 0, 0, fmt.Errorf("status: %w", err)
+			return 0, nil, fmt.Errorf("status: %w", err)
 		}
-		var st kuma.StatusReply
-		if err := json.Unmarshal(msg.Data, &st); err != nil {
-			return 0, 0, fmt.Errorf("status: %w", err)
-		}
-		behind := false
-		for _, p := range st.Projections {
-			for _, sh := range st.Shards {
-				if sh.Position != "" && p.Positions[strconv.Itoa(sh.Shard)] != sh.Position {
-					behind = true
-				}
-			}
-		}
-		if !behind {
-			return time.Since(start), len(st.Projections), nil
+		if done(st) {
+			return time.Since(start), st, nil
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	return 0, 0, fmt.Errorf("not caught up within 5 minutes")
+	return 0, nil, fmt.Errorf("not caught up within %s", limit)
 }
 
-// waitForStream polls kuma.<ctx>.status until no shard has relay lag.
-func waitForStream(ctx context.Context, nc *nats.Conn, kctx string) (time.Duration, error) {
-	start := time.Now()
-	for time.Since(start) < time.Minute {
-		msg, err := nc.Request("kuma."+kctx+".status", nil, 5*time.Second)
-		if err != nil {
-			return 0, fmt.Errorf("status: %w", err)
+// streamCaughtUp: no shard has relay lag.
+func streamCaughtUp(st *kuma.StatusReply) bool {
+	for _, s := range st.Shards {
+		if s.RelayLag != 0 {
+			return false
 		}
-		var st kuma.StatusReply
-		if err := json.Unmarshal(msg.Data, &st); err != nil {
-			return 0, fmt.Errorf("status: %w", err)
-		}
-		var lag int64
-		for _, s := range st.Shards {
-			lag += s.RelayLag
-		}
-		if lag == 0 {
-			return time.Since(start), nil
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
-	return 0, fmt.Errorf("the event stream did not catch up within a minute")
+	return true
+}
+
+// projectionsCaughtUp: every projection has applied every shard's last
+// position.
+func projectionsCaughtUp(st *kuma.StatusReply) bool {
+	for _, p := range st.Projections {
+		for _, sh := range st.Shards {
+			if sh.Position != "" && p.Positions[strconv.Itoa(sh.Shard)] != sh.Position {
+				return false
+			}
+		}
+	}
+	return true
 }

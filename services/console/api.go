@@ -48,14 +48,12 @@ func (s *Service) listEntities(w http.ResponseWriter, r *http.Request) {
 		b, _ := json.Marshal(p)
 		req.Params = map[string]json.RawMessage{"prefix": b}
 	}
-	if l := q.Get("limit"); l != "" {
-		n, err := strconv.Atoi(l)
-		if err != nil || n < 1 || n > kuma.MaxQueryLimit {
-			writeError(w, kuma.Errorf(kuma.CodeBadRequest, "limit must be 1 to %d, got %q", kuma.MaxQueryLimit, l))
-			return
-		}
-		req.Limit = n
+	limit, err := intParam(q, "limit", 50, kuma.MaxQueryLimit)
+	if err != nil {
+		writeError(w, err)
+		return
 	}
+	req.Limit = int(limit)
 	out, err := s.client.Query(r.Context(), "entities", req)
 	if err != nil {
 		writeError(w, err)
@@ -73,10 +71,10 @@ func (s *Service) readEntity(w http.ResponseWriter, r *http.Request) {
 	}
 	q := r.URL.Query()
 	var opts []client.ReadOption
-	if v := q.Get("at_version"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n < 1 {
-			writeError(w, kuma.Errorf(kuma.CodeBadRequest, "at_version must be a version, 1 or more, got %q", v))
+	if q.Get("at_version") != "" {
+		n, err := intParam(q, "at_version", 0, 0)
+		if err != nil {
+			writeError(w, err)
 			return
 		}
 		opts = append(opts, client.AtVersion(n))
@@ -108,24 +106,17 @@ func (s *Service) history(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query()
-	from, limit := int64(1), kuma.DefaultHistoryLimit
-	if v := q.Get("from"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n < 1 {
-			writeError(w, kuma.Errorf(kuma.CodeBadRequest, "from must be a version, 1 or more, got %q", v))
-			return
-		}
-		from = n
+	from, err := intParam(q, "from", 1, 0)
+	if err != nil {
+		writeError(w, err)
+		return
 	}
-	if v := q.Get("limit"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > kuma.MaxHistoryLimit {
-			writeError(w, kuma.Errorf(kuma.CodeBadRequest, "limit must be 1 to %d, got %q", kuma.MaxHistoryLimit, v))
-			return
-		}
-		limit = n
+	limit, err := intParam(q, "limit", kuma.DefaultHistoryLimit, kuma.MaxHistoryLimit)
+	if err != nil {
+		writeError(w, err)
+		return
 	}
-	out, err := s.client.History(r.Context(), id, from, limit)
+	out, err := s.client.History(r.Context(), id, from, int(limit))
 	if err != nil {
 		writeError(w, err)
 		return
@@ -334,4 +325,21 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 func writeError(w http.ResponseWriter, err error) {
 	e := kuma.AsError(err)
 	writeJSON(w, e.Code.Status(), kuma.ErrorReply{Error: e})
+}
+
+// intParam reads a query parameter that must be a whole number from 1 to max
+// (no upper bound when max is 0), or def when it is absent.
+func intParam(q url.Values, name string, def, max int64) (int64, error) {
+	v := q.Get(name)
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	switch {
+	case err != nil || n < 1:
+		return 0, kuma.Errorf(kuma.CodeBadRequest, "%s must be a whole number, 1 or more, got %q", name, v)
+	case max > 0 && n > max:
+		return 0, kuma.Errorf(kuma.CodeBadRequest, "%s must be 1 to %d, got %q", name, max, v)
+	}
+	return n, nil
 }

@@ -154,11 +154,7 @@ func (g *generation) checkConsumer(error) {
 func (g *generation) consumerGone() bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	js, err := g.p.svc.jetstream()
-	if err != nil {
-		return false
-	}
-	s, err := js.Stream(ctx, kuma.StreamName(g.p.svc.cfg.Context))
+	s, err := g.p.svc.stream(ctx)
 	if err != nil {
 		return false
 	}
@@ -233,11 +229,8 @@ func (g *generation) stop(ctx context.Context, drop bool) error {
 		err = g.sub.Close()
 	}
 	if drop {
-		js, jerr := g.p.svc.jetstream()
-		if jerr == nil {
-			if s, serr := js.Stream(ctx, kuma.StreamName(g.p.svc.cfg.Context)); serr == nil {
-				_ = deleteConsumers(ctx, s, g.prefix)
-			}
+		if s, serr := g.p.svc.stream(ctx); serr == nil {
+			_ = deleteConsumers(ctx, s, g.prefix)
 		}
 		return errors.Join(err, g.rm.remove())
 	}
@@ -443,13 +436,9 @@ func (p *projectionRT) start(ctx context.Context, gen int64, spec string) (*gene
 		return nil, err
 	}
 	var target uint64
-	js, err := svc.jetstream()
+	s, err := svc.stream(ctx)
 	if err != nil {
 		return nil, err
-	}
-	s, err := js.Stream(ctx, kuma.StreamName(svc.cfg.Context))
-	if err != nil {
-		return nil, fmt.Errorf("projector: stream: %w", err)
 	}
 	if err := deleteConsumers(ctx, s, consumerPrefix(svc.cfg.NodeName, svc.cfg.Context, p.name, gen)); err != nil {
 		return nil, err

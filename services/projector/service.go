@@ -491,11 +491,9 @@ func (s *Service) Skip(name, position string) error {
 // Status reports every projection, in name order.
 func (s *Service) Status(ctx context.Context) ([]kuma.ProjectionStatus, error) {
 	var last uint64
-	if js, err := s.jetstream(); err == nil {
-		if st, err := js.Stream(ctx, kuma.StreamName(s.cfg.Context)); err == nil {
-			if info, err := st.Info(ctx); err == nil {
-				last = info.State.LastSeq
-			}
+	if st, err := s.stream(ctx); err == nil {
+		if info, err := st.Info(ctx); err == nil {
+			last = info.State.LastSeq
 		}
 	}
 	out := []kuma.ProjectionStatus{}

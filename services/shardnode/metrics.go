@@ -60,36 +60,11 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_shards_open", Help: "Shards this node has open."},
 			func() float64 { return float64(len(s.Stats())) }),
 	}
-	for _, cc := range s.cfg.Contexts {
-		name := cc.Name
-		info := func() (uint64, bool) {
-			if s.js == nil { // not started
-				return 0, false
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			defer cancel()
-			st, err := s.js.Stream(ctx, kuma.StreamName(name))
-			if err != nil {
-				return 0, false
-			}
-			i, err := st.Info(ctx)
-			if err != nil {
-				return 0, false
-			}
-			return i.State.Msgs, true
-		}
-		labels := prometheus.Labels{"context": name}
-		gauges = append(gauges,
-			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_stream_reachable", Help: "1 while the context's event stream answers.", ConstLabels: labels},
-				func() float64 {
-					if _, ok := info(); ok {
-						return 1
-					}
-					return 0
-				}),
-			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_stream_messages", Help: "Messages the context's event stream holds.", ConstLabels: labels},
-				func() float64 { n, _ := info(); return float64(n) }))
-	}
+	// One stream info request per scrape gives both stream gauges.
+	gauges = append(gauges, &streamCollector{s: s,
+		reachable: prometheus.NewDesc("kuma_stream_reachable", "1 while the context's event stream answers.", []string{"context"}, nil),
+		messages:  prometheus.NewDesc("kuma_stream_messages", "Messages the context's event stream holds.", []string{"context"}, nil),
+	})
 	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime}, gauges...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -113,4 +88,44 @@ func (s *Service) sum(f func(ShardStats) int64) int64 {
 		n += f(st)
 	}
 	return n
+}
+
+// streamCollector reports each context's event stream from one info request
+// per context and scrape.
+type streamCollector struct {
+	s                   *Service
+	reachable, messages *prometheus.Desc
+}
+
+func (c *streamCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.reachable
+	ch <- c.messages
+}
+
+func (c *streamCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, cc := range c.s.cfg.Contexts {
+		var up, msgs float64
+		if n, ok := c.info(cc.Name); ok {
+			up, msgs = 1, float64(n)
+		}
+		ch <- prometheus.MustNewConstMetric(c.reachable, prometheus.GaugeValue, up, cc.Name)
+		ch <- prometheus.MustNewConstMetric(c.messages, prometheus.GaugeValue, msgs, cc.Name)
+	}
+}
+
+func (c *streamCollector) info(name string) (uint64, bool) {
+	if c.s.js == nil { // not started
+		return 0, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	st, err := c.s.js.Stream(ctx, kuma.StreamName(name))
+	if err != nil {
+		return 0, false
+	}
+	i, err := st.Info(ctx)
+	if err != nil {
+		return 0, false
+	}
+	return i.State.Msgs, true
 }
