@@ -121,20 +121,29 @@ func requester(getenv func(string) string) string {
 type connection struct {
 	natsURL, ctxName *string
 	timeout          *time.Duration
+	auth             *app.Config // only its NATS credential and TLS fields
 }
 
-// connectFlags registers --nats-url, --context and --timeout.
+// connectFlags registers --nats-url, --context, --timeout and the NATS
+// credential and TLS flags.
 func connectFlags(fs *flag.FlagSet, timeoutUsage string) connection {
-	return connection{
+	c := connection{
 		natsURL: fs.String("nats-url", app.DefaultNATSURL, "NATS server"),
 		ctxName: fs.String("context", kuma.DefaultContext, "Kuma context"),
 		timeout: fs.Duration("timeout", 10*time.Second, timeoutUsage),
+		auth:    &app.Config{},
 	}
+	natsAuthFlags(fs, c.auth)
+	return c
 }
 
 // client connects to NATS and returns a Go client and the way to close it.
 func (c connection) client() (*client.Client, func(), error) {
-	nc, err := nats.Connect(*c.natsURL, nats.Name("kuma-cli"), nats.Timeout(*c.timeout))
+	auth, err := c.auth.NATSOptions()
+	if err != nil {
+		return nil, nil, usageError{err}
+	}
+	nc, err := nats.Connect(*c.natsURL, append([]nats.Option{nats.Name("kuma-cli"), nats.Timeout(*c.timeout)}, auth...)...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("connect to %s: %w (is `kuma up` running?)", *c.natsURL, err)
 	}

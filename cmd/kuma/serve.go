@@ -131,6 +131,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	serverFlags(fs, &cfg, &logLevel, &logFormat)
 	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode, projector, keyvault or console (all = kuma up)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
+	natsAuthFlags(fs, &cfg)
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (target all only)")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)

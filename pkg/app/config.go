@@ -44,6 +44,13 @@ type Config struct {
 	Insecure bool
 	// NATSURL is the external NATS to join (every target but all).
 	NATSURL string
+	// NATSUser and NATSPassword, or NATSCredsFile (a .creds file), or
+	// NATSNKeyFile (an NKey seed) authenticate this process to that NATS;
+	// NATSTLSCA is the CA of its certificate, NATSTLSCert and NATSTLSKey
+	// this process's client certificate. NATSInboxPrefix defaults to
+	// _INBOX.<NATSUser>. See natsauth.go and deployments/nats/kuma.conf.
+	NATSUser, NATSPassword, NATSCredsFile, NATSNKeyFile string
+	NATSTLSCA, NATSTLSCert, NATSTLSKey, NATSInboxPrefix string
 	// Synchronous is SQLite's durability setting: FULL (default) or NORMAL.
 	Synchronous string
 	// SnapshotEvery, IdleTimeout and MaxActors tune the shardnode's actors.
@@ -164,6 +171,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("--nats-listen %s is not a loopback address, and the embedded NATS server has no authentication: "+
 			"anyone who reaches it could read and erase everything; listen on 127.0.0.1, or pass --insecure (KUMA_INSECURE=true) "+
 			"if only trusted peers can reach it", c.NATSListen))
+	}
+	if err := c.validateNATSAuth(); err != nil {
+		errs = append(errs, err)
 	}
 	switch c.Synchronous {
 	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:

@@ -288,6 +288,7 @@ func (a *App) dial() (*nats.Conn, error) {
 	} else {
 		opts = append(opts, nats.RetryOnFailedConnect(true))
 	}
+	opts = append(opts, a.cfg.natsAuth()) // credentials and TLS, natsauth.go
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("nats: connect to %s: %w", url, err)
