@@ -22,10 +22,22 @@ type StreamEvent struct {
 	Position string    `json:"position"`
 	Time     time.Time `json:"time"`
 	Payload  []byte    `json:"payload"`
+	// IdempotencyKey is set on the last event of an append that carried an
+	// idempotency key: the key's SHA-256 ("sha256:<base64url>", never the
+	// key itself), with FirstVersion the append's first version. A node that
+	// rebuilds the shard from the stream recognises the client's retry.
+	IdempotencyKey string `json:"idempotency_key,omitempty"`
+	FirstVersion   int64  `json:"first_version,omitempty"`
 }
 
 // HeaderLastPosition names the last event's position in a stream message.
 const HeaderLastPosition = "Kuma-Last-Position"
+
+// HeaderEpoch marks a shard's epoch claim: a message of no events that a
+// node publishes when it takes a shard over, carrying its lease epoch and,
+// in Kuma-Last-Position, the position the shard stands at. Consumers skip it
+// (it has no events); it fences the previous owner out of the stream.
+const HeaderEpoch = "Kuma-Epoch"
 
 // ForgottenNotice is the body of a message on kuma.<ctx>.events.<shard>.forgotten:
 // the entity was forgotten at At. Its key is already destroyed when the notice

@@ -172,6 +172,22 @@ func (r *fastReader) event() (StreamEvent, error) {
 		}
 		ev.Payload = ev.Payload[:n]
 	}
+	if r.lit(`,"idempotency_key":"`) == nil {
+		k, err := r.str()
+		if err != nil {
+			return ev, err
+		}
+		ev.IdempotencyKey = string(k)
+		if r.lit(`,"first_version":`) == nil {
+			if ev.FirstVersion, err = r.int(); err != nil {
+				return ev, err
+			}
+		}
+	} else if r.lit(`,"first_version":`) == nil {
+		if ev.FirstVersion, err = r.int(); err != nil {
+			return ev, err
+		}
+	}
 	if err := r.lit(`}`); err != nil {
 		return ev, err
 	}

@@ -22,6 +22,10 @@ func randomMessage(rng *rand.Rand) StreamMessage {
 			Time:     time.Unix(rng.Int64N(4e9), rng.Int64N(1e9)).UTC().Truncate(time.Duration(rng.IntN(3)) * time.Microsecond),
 			Payload:  p,
 		})
+		if rng.IntN(3) == 0 { // the last event of an idempotent append
+			e := &m.Events[len(m.Events)-1]
+			e.IdempotencyKey, e.FirstVersion = "sha256:"+strings.Repeat("k", 43), max(1, e.Version-rng.Int64N(5))
+		}
 	}
 	return m
 }

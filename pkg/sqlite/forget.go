@@ -42,17 +42,7 @@ func (s *Shard) Purge(ctx context.Context, entity string) (int64, error) {
 			return err
 		}
 		n, _ = res.RowsAffected()
-		for _, q := range []string{
-			`DELETE FROM snapshots WHERE entity = ?`,
-			`DELETE FROM idempotency WHERE entity = ?`,
-			`DELETE FROM entities WHERE entity = ?`,
-			`DELETE FROM forget_pending WHERE entity = ?`,
-		} {
-			if _, err := conn.ExecContext(ctx, q, entity); err != nil {
-				return err
-			}
-		}
-		return nil
+		return purgeRows(ctx, conn, entity)
 	})
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: purge: %w", err)

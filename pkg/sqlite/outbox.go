@@ -16,6 +16,11 @@ type OutboxEvent struct {
 	Version int64
 	Payload []byte
 	Time    int64 // unix nanoseconds
+	// Idempotency is the digest of the append's idempotency key, on the last
+	// event of a batch that had one, and FirstVersion that batch's first
+	// version: a shard rebuilt from the stream recognises the retry too.
+	Idempotency  string
+	FirstVersion int64
 	// Trace is the span of the request that appended the event, while the
 	// event is in the in-memory tail (not stored): the relay's publish
 	// continues that trace.
@@ -27,7 +32,9 @@ type OutboxEvent struct {
 // sequence is dense as committed, not after erasure.
 func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]OutboxEvent, error) {
 	rows, err := s.rdb.QueryContext(ctx,
-		`SELECT pos, entity, version, payload, time FROM events WHERE pos > ? ORDER BY pos LIMIT ?`, seq, limit)
+		`SELECT e.pos, e.entity, e.version, e.payload, e.time, COALESCE(i.key, ''), COALESCE(i.first_version, 0)
+		   FROM events e LEFT JOIN idempotency i ON i.pos = e.pos
+		  WHERE e.pos > ? ORDER BY e.pos LIMIT ?`, seq, limit)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: read outbox: %w", err)
 	}
@@ -35,7 +42,7 @@ func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]Outbox
 	out := make([]OutboxEvent, 0, limit)
 	for rows.Next() {
 		var e OutboxEvent
-		if err := rows.Scan(&e.Seq, &e.Entity, &e.Version, &e.Payload, &e.Time); err != nil {
+		if err := rows.Scan(&e.Seq, &e.Entity, &e.Version, &e.Payload, &e.Time, &e.Idempotency, &e.FirstVersion); err != nil {
 			return nil, fmt.Errorf("sqlite: read outbox: %w", err)
 		}
 		out = append(out, e)
@@ -55,6 +62,10 @@ func (s *Shard) appendTail(group []*Commit) {
 		}
 		for i, e := range c.Events {
 			s.tail = append(s.tail, OutboxEvent{Seq: c.FirstSeq + int64(i), Entity: c.Entity, Version: e.Version, Payload: e.Payload, Time: e.Time.UnixNano(), Trace: c.span})
+		}
+		if r := c.Idempotency; r != nil {
+			last := &s.tail[len(s.tail)-1]
+			last.Idempotency, last.FirstVersion = IdempotencyDigest(r.Key), r.FirstVersion
 		}
 	}
 	if over := len(s.tail) - maxTail; over > 0 {

@@ -108,8 +108,8 @@ func (s *Shard) Idempotency(ctx context.Context, entity, key string) (*Idempoten
 	r := IdempotencyRecord{Key: key}
 	var t int64
 	err := s.rdb.QueryRowContext(ctx,
-		`SELECT first_version, last_version, time, pos FROM idempotency WHERE entity = ? AND key = ?`,
-		entity, key).Scan(&r.FirstVersion, &r.LastVersion, &t, &r.Seq)
+		`SELECT first_version, last_version, time, pos FROM idempotency WHERE entity = ? AND key IN (?, ?)`,
+		entity, IdempotencyDigest(key), key).Scan(&r.FirstVersion, &r.LastVersion, &t, &r.Seq)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}

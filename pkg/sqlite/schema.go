@@ -46,13 +46,17 @@ CREATE TABLE IF NOT EXISTS forget_pending (
 	requested_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 
+-- key is the SHA-256 of the client's key (IdempotencyDigest); files from
+-- before that hold it in clear, and lookups accept both.
 CREATE TABLE IF NOT EXISTS idempotency (
 	entity        TEXT    NOT NULL,
 	key           TEXT    NOT NULL,
 	first_version INTEGER NOT NULL,
 	last_version  INTEGER NOT NULL,
 	time          INTEGER NOT NULL,
-	pos           INTEGER NOT NULL,
+	pos           INTEGER NOT NULL, -- of the batch's last event
 	PRIMARY KEY (entity, key)
 ) WITHOUT ROWID;
+-- The relay finds the key of a batch's last event by position.
+CREATE INDEX IF NOT EXISTS idempotency_pos ON idempotency (pos);
 `

@@ -53,6 +53,14 @@ type Config struct {
 	// Tracer traces each group commit, linked to the span of every request
 	// it serves (nil: off).
 	Tracer trace.Tracer
+	// Epoch is the lease epoch this writer holds the shard under (0: not
+	// clustered, no check). Open records it in the file; a commit is refused
+	// with ErrFenced once the file carries a newer one.
+	Epoch int64
+	// Fence, when set, runs inside every write transaction just before
+	// COMMIT; an error (the lease ran out) rolls the transaction back and is
+	// returned to every commit of the group.
+	Fence  func() error
 	Logger *slog.Logger
 }
 
@@ -194,6 +202,9 @@ func (s *Shard) open(ctx context.Context) error {
 		return fmt.Errorf("sqlite: create schema in %s: %w", s.cfg.Path, err)
 	}
 	if err := s.checkMeta(ctx); err != nil {
+		return err
+	}
+	if err := s.claimEpoch(ctx); err != nil {
 		return err
 	}
 	if err := s.wconn.QueryRowContext(ctx, `SELECT COALESCE(MAX(pos), 0) FROM events`).Scan(&s.lastSeq); err != nil {

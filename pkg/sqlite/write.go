@@ -145,7 +145,12 @@ func (s *Shard) writeGroup(group []*Commit) {
 	}
 	start := time.Now()
 	err := s.writeTx(group)
-	if err != nil && len(group) > 1 {
+	var fe fenceError
+	if errors.As(err, &fe) {
+		// Not any one commit's fault, and retrying alone would fail the same.
+		err = fe.err
+	}
+	if err != nil && len(group) > 1 && fe.err == nil {
 		// One bad commit must not fail its neighbours: retry each alone.
 		s.cfg.Logger.Warn("group commit failed; retrying commits one by one",
 			"shard", s.cfg.Shard, "commits", len(group), "err", err)
@@ -274,7 +279,7 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 		}
 		if r := c.Idempotency; r != nil {
 			if _, err := s.stmts.insertIdem.ExecContext(ctx,
-				c.Entity, r.Key, r.FirstVersion, r.LastVersion, r.Time.UnixNano(), c.LastSeq); err != nil {
+				c.Entity, IdempotencyDigest(r.Key), r.FirstVersion, r.LastVersion, r.Time.UnixNano(), c.LastSeq); err != nil {
 				return fmt.Errorf("sqlite: insert idempotency key: %w", err)
 			}
 		}
@@ -284,6 +289,9 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 				return fmt.Errorf("sqlite: insert snapshot: %w", err)
 			}
 		}
+	}
+	if err := s.fenced(ctx); err != nil {
+		return fenceError{err}
 	}
 	// In WAL mode the COMMIT is where the fsync happens.
 	syncStart := time.Now()
@@ -296,6 +304,13 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 	s.mu.Unlock()
 	return nil
 }
+
+// fenceError marks a transaction refused by the fence rather than by any of
+// its commits.
+type fenceError struct{ err error }
+
+func (e fenceError) Error() string { return e.err.Error() }
+func (e fenceError) Unwrap() error { return e.err }
 
 // eventsPerStmt bounds a multi-row INSERT: 100 rows × 5 parameters stays far
 // below SQLite's parameter limit, and multi-row statements are what makes the

@@ -244,6 +244,9 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 			return nil, err
 		}
 		if rec != nil {
+			if err := a.durable(ctx, rec.Seq); err != nil {
+				return nil, err
+			}
 			return &kuma.AppendReply{
 				Entity: a.id, FirstVersion: rec.FirstVersion, LastVersion: rec.LastVersion, Time: rec.Time,
 				Position: kuma.Position{Shard: a.sh.n, Seq: rec.Seq}.String(), Duplicate: true,
@@ -316,10 +319,29 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 		if errors.Is(err, sqlite.ErrClosed) {
 			return nil, kuma.Errorf(kuma.CodeUnavailable, "shard %d is closing; retry", a.sh.n)
 		}
+		if errors.Is(err, sqlite.ErrFenced) {
+			return nil, kuma.Errorf(kuma.CodeUnavailable, "shard %d has a newer owner; retry", a.sh.n)
+		}
+		return nil, err
+	}
+	if err := a.durable(ctx, c.LastSeq); err != nil {
+		// Stored here, not yet acknowledged: the state moves (the events
+		// are the entity's history now), and a retry with the same
+		// idempotency key gets the reply once the stream has them.
+		a.advance(newState, now, last, n, snapshot)
 		return nil, err
 	}
 
 	// Only now, durable, does the actor's state move.
+	a.advance(newState, now, last, n, snapshot)
+	return &kuma.AppendReply{
+		Entity: a.id, FirstVersion: last - n + 1, LastVersion: last, Time: now,
+		Position: kuma.Position{Shard: a.sh.n, Seq: c.LastSeq}.String(),
+	}, nil
+}
+
+// advance moves the actor's state past a committed append.
+func (a *actor) advance(newState json.RawMessage, now time.Time, last, n int64, snapshot bool) {
 	if a.version == 0 {
 		a.createdAt = now
 	}
@@ -329,10 +351,15 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	} else {
 		a.sinceSnapshot += n
 	}
-	return &kuma.AppendReply{
-		Entity: a.id, FirstVersion: last - n + 1, LastVersion: last, Time: now,
-		Position: kuma.Position{Shard: a.sh.n, Seq: c.LastSeq}.String(),
-	}, nil
+}
+
+// durable waits, under the replicated durability setting, until the event
+// stream holds position seq; under local the fsync was enough.
+func (a *actor) durable(ctx context.Context, seq int64) error {
+	if a.sh.cc.Durability != DurabilityReplicated {
+		return nil
+	}
+	return a.sh.relay.waitPublished(ctx, seq)
 }
 
 // missing answers for an entity with no events here: entity_forgotten if the

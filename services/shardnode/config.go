@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
@@ -29,6 +30,8 @@ type ContextConfig struct {
 	// Reducer folds events into state; nil means kuma.MergePatch.
 	Reducer kuma.Reducer
 	Limits  kuma.Limits
+	// Durability is DurabilityLocal (default) or DurabilityReplicated.
+	Durability string
 }
 
 // KeyVault is what a shardnode needs of the keyvault. The keyvault service
@@ -77,10 +80,13 @@ type Config struct {
 	// TracerProvider traces requests, commits, key fetches and relay
 	// publishes (nil: off).
 	TracerProvider trace.TracerProvider
-	// NodeName names this node in status (default "kuma").
+	// NodeName names this node in status and in the cluster (default
+	// "kuma"); it must be unique among the cluster's shardnodes.
 	NodeName string
-	Logger   *slog.Logger
-	Now      func() time.Time
+	// Cluster tunes membership, leases and shard moves.
+	Cluster ClusterConfig
+	Logger  *slog.Logger
+	Now     func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -117,7 +123,11 @@ func (c *Config) setDefaults() {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	c.Cluster.setDefaults()
 	for i := range c.Contexts {
+		if c.Contexts[i].Durability == "" {
+			c.Contexts[i].Durability = DurabilityLocal
+		}
 		if c.Contexts[i].Reducer == nil {
 			c.Contexts[i].Reducer = kuma.MergePatch{}
 		}
@@ -134,6 +144,9 @@ func (c *Config) Validate() error {
 	if len(c.Contexts) == 0 {
 		errs = append(errs, errors.New("shardnode: at least one context is required"))
 	}
+	if err := cluster.ValidateNode(c.NodeName); err != nil && c.NodeName != "" {
+		errs = append(errs, fmt.Errorf("shardnode: %w", err))
+	}
 	if c.Keys == nil {
 		errs = append(errs, errors.New("shardnode: Keys (the keyvault) is required: event data is always sealed"))
 	}
@@ -146,6 +159,12 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("shardnode: context %q is listed twice", cc.Name))
 		}
 		seen[cc.Name] = true
+		switch cc.Durability {
+		case "", DurabilityLocal, DurabilityReplicated:
+		default:
+			errs = append(errs, fmt.Errorf("shardnode: context %q: durability must be %q or %q, got %q",
+				cc.Name, DurabilityLocal, DurabilityReplicated, cc.Durability))
+		}
 		if cc.Shards < 1 || cc.Shards > 4096 {
 			errs = append(errs, fmt.Errorf("shardnode: context %q: shards must be 1 to 4096, got %d", cc.Name, cc.Shards))
 		}

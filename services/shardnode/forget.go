@@ -79,6 +79,10 @@ func (sh *shard) erase(ctx context.Context, p sqlite.PendingForget, events int64
 	if _, err := sh.store.Purge(ctx, p.Entity); err != nil {
 		return nil, err
 	}
+	// The shard's uploaded copy still has the rows (sealed under a key
+	// that no longer exists, but with the entity's id and times): replace
+	// it at the next tick.
+	sh.snapshotDirty.Store(true)
 	return rec, nil
 }
 

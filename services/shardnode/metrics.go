@@ -18,6 +18,7 @@ type metrics struct {
 	commitTime  prometheus.Histogram
 	commitBatch prometheus.Histogram
 	syncTime    prometheus.Histogram
+	moves       *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
@@ -45,6 +46,10 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			Help:    "Events written by one group commit.",
 			Buckets: prometheus.ExponentialBuckets(1, 4, 9),
 		}),
+		moves: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kuma_shard_moves_total",
+			Help: "Shards this node took (in), handed off (out) or lost to a newer owner (lost).",
+		}, []string{"direction"}),
 	}
 	gauges := []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_live_actors", Help: "Entity actors in memory."},
@@ -65,7 +70,7 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 		reachable: prometheus.NewDesc("kuma_stream_reachable", "1 while the context's event stream answers.", []string{"context"}, nil),
 		messages:  prometheus.NewDesc("kuma_stream_messages", "Messages the context's event stream holds.", []string{"context"}, nil),
 	})
-	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime}, gauges...) {
+	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves}, gauges...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

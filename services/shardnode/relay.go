@@ -30,10 +30,20 @@ type relay struct {
 	subject string
 
 	published atomic.Int64 // position the stream is known to hold
-	running   atomic.Bool
-	stop      chan struct{}
-	done      chan struct{}
-	once      sync.Once
+	// subjSeq is the stream sequence of the last message on subject. Every
+	// publish expects it (JetStream's compare-and-set per subject), so once
+	// a new owner has claimed the shard in the stream, a stale owner can
+	// publish nothing more: the stream fences it.
+	subjSeq atomic.Uint64
+	fenced  atomic.Bool
+	// pubMu guards pubCh, closed and replaced whenever published moves, for
+	// appends that are acknowledged only once the stream has their events.
+	pubMu   sync.Mutex
+	pubCh   chan struct{}
+	running atomic.Bool
+	stop    chan struct{}
+	done    chan struct{}
+	once    sync.Once
 }
 
 // Relay batch limits: one message per event cannot keep up with a durable
@@ -46,7 +56,7 @@ const (
 
 func newRelay(sh *shard, js jetstream.JetStream) *relay {
 	return &relay{sh: sh, js: js, subject: kuma.EventsSubject(sh.cc.Name, sh.n),
-		stop: make(chan struct{}), done: make(chan struct{})}
+		stop: make(chan struct{}), done: make(chan struct{}), pubCh: make(chan struct{})}
 }
 
 // resume finds where the stream stands for this shard. The stream, not the
@@ -69,18 +79,81 @@ func (r *relay) resume(ctx context.Context) error {
 	case err != nil:
 		return fmt.Errorf("relay: last message of %s: %w", r.subject, err)
 	default:
-		p, perr := kuma.ParsePosition(msg.Header.Get(kuma.HeaderLastPosition))
+		p, perr := messagePosition(msg.Header)
 		if perr != nil {
-			return fmt.Errorf("relay: last message of %s has no valid %s header", r.subject, kuma.HeaderLastPosition)
+			return fmt.Errorf("relay: last message of %s: %w", r.subject, perr)
 		}
-		inStream = p.Seq
+		inStream = p
+		r.subjSeq.Store(msg.Sequence)
 	}
 	if inStream < noted {
 		r.sh.node.cfg.Logger.Warn("the stream is behind the shard's published position; republishing the gap",
 			"subject", r.subject, "stream", inStream, "noted", noted)
 	}
-	r.published.Store(inStream)
+	r.setPublished(inStream)
 	return nil
+}
+
+// setPublished moves the published position and wakes waiting appends.
+func (r *relay) setPublished(p int64) {
+	r.published.Store(p)
+	r.pubMu.Lock()
+	close(r.pubCh)
+	r.pubCh = make(chan struct{})
+	r.pubMu.Unlock()
+}
+
+// waitPublished returns once the stream holds position seq: the replicated
+// durability setting acknowledges an append only then.
+func (r *relay) waitPublished(ctx context.Context, seq int64) error {
+	for {
+		r.pubMu.Lock()
+		ch := r.pubCh
+		r.pubMu.Unlock()
+		if r.published.Load() >= seq {
+			return nil
+		}
+		if r.fenced.Load() {
+			return kuma.Errorf(kuma.CodeUnavailable, "shard %d moved to another node before the stream took the events; retry with the same idempotency key", r.sh.n)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return kuma.Errorf(kuma.CodeTimeout, "the events are stored on this node but the stream did not take them in time; retry with the same idempotency key")
+		}
+	}
+}
+
+// claim publishes the new owner's epoch marker: a message of no events on
+// the shard's subject, carrying the position the shard stands at. It is
+// published only if the subject's last message is the one the catch-up saw;
+// after it, a stale owner's publish fails its compare-and-set.
+func (r *relay) claim(ctx context.Context, epoch int64, pos int64) error {
+	data, err := json.Marshal(kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: []kuma.StreamEvent{}})
+	if err != nil {
+		return err
+	}
+	msg := nats.NewMsg(r.subject)
+	msg.Data = data
+	if pos > 0 { // an empty shard has no position yet
+		msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.sh.n, Seq: pos}.String())
+	}
+	msg.Header.Set(kuma.HeaderEpoch, strconv.FormatInt(epoch, 10))
+	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".epoch." + strconv.FormatInt(epoch, 10)
+	ack, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
+		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
+	if err != nil {
+		return err
+	}
+	r.subjSeq.Store(ack.Sequence)
+	return nil
+}
+
+// isWrongLastSequence tells a failed compare-and-set on the stream.
+func isWrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) &&
+		(apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
 // start runs the relay; close stops it. running is set before the goroutine
@@ -98,6 +171,12 @@ func (r *relay) run() {
 	defer tick.Stop()
 	for {
 		n, err := r.publishOnce()
+		if r.fenced.Load() {
+			log.Warn("relay stopped: another node claimed the shard in the stream", "subject", r.subject)
+			r.sh.node.lostShard(r.sh, "fenced by the stream")
+			<-r.stop
+			return
+		}
 		if err != nil {
 			log.Warn("relay publish failed; retrying", "subject", r.subject, "err", err)
 			select {
@@ -160,7 +239,8 @@ func (r *relay) publishOnce() (int, error) {
 		size += len(e.Payload)*4/3 + 200
 		body.Events = append(body.Events, kuma.StreamEvent{
 			Entity: e.Entity, Version: e.Version, Time: time.Unix(0, e.Time).UTC(), Payload: e.Payload,
-			Position: kuma.Position{Shard: r.sh.n, Seq: e.Seq}.String(),
+			Position:       kuma.Position{Shard: r.sh.n, Seq: e.Seq}.String(),
+			IdempotencyKey: e.Idempotency, FirstVersion: e.FirstVersion,
 		})
 	}
 	last := evs[len(body.Events)-1].Seq
@@ -197,12 +277,61 @@ func (r *relay) publishOnce() (int, error) {
 		telemetry.Inject(pctx, msg.Header)
 	}
 	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + "." + strconv.FormatInt(last, 10)
-	if _, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name))); err != nil {
+	ack, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
+		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
+	switch {
+	case isWrongLastSequence(err):
+		// Either an earlier attempt of this very message landed and its ack
+		// was lost, or another owner has published since.
+		seq, ok, cerr := r.landed(ctx, last)
+		if cerr != nil {
+			return 0, cerr
+		}
+		if !ok {
+			r.fenced.Store(true)
+			return 0, fmt.Errorf("relay: %s has a message of another owner", r.subject)
+		}
+		r.subjSeq.Store(seq)
+	case err != nil:
 		return 0, err
+	default:
+		r.subjSeq.Store(ack.Sequence)
 	}
-	r.published.Store(last)
+	r.setPublished(last)
 	r.sh.node.cfg.Failpoint("relay-after-publish")
 	return len(body.Events), nil
+}
+
+// landed reports whether the subject's last message is ours, ending at
+// position last, and its stream sequence.
+func (r *relay) landed(ctx context.Context, last int64) (uint64, bool, error) {
+	stream, err := r.js.Stream(ctx, kuma.StreamName(r.sh.cc.Name))
+	if err != nil {
+		return 0, false, err
+	}
+	msg, err := stream.GetLastMsgForSubject(ctx, r.subject)
+	if err != nil {
+		return 0, false, err
+	}
+	p, perr := kuma.ParsePosition(msg.Header.Get(kuma.HeaderLastPosition))
+	if perr != nil || msg.Header.Get(kuma.HeaderEpoch) != "" || p.Seq != last {
+		return 0, false, nil
+	}
+	return msg.Sequence, true, nil
+}
+
+// messagePosition is the shard position a stream message ends at: its
+// Kuma-Last-Position header, or 0 for the epoch claim of an empty shard.
+func messagePosition(h nats.Header) (int64, error) {
+	v := h.Get(kuma.HeaderLastPosition)
+	if v == "" && h.Get(kuma.HeaderEpoch) != "" {
+		return 0, nil
+	}
+	p, err := kuma.ParsePosition(v)
+	if err != nil {
+		return 0, fmt.Errorf("no valid %s header: %w", kuma.HeaderLastPosition, err)
+	}
+	return p.Seq, nil
 }
 
 // close publishes what is left (bounded by ctx) and stops the relay.

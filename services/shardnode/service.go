@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
@@ -33,6 +35,9 @@ type Service struct {
 	micro    micro.Service
 	metrics  *metrics
 	tracer   trace.Tracer
+
+	owner   *owner // membership, leases and moves (nil before Start)
+	started time.Time
 
 	mu     sync.Mutex
 	shards []*shard
@@ -61,8 +66,11 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	return s, nil
 }
 
-// Start opens all shards and begins serving them.
+// Start joins the cluster (a cluster of one when alone), takes the shards
+// this node should own that nobody holds, and begins serving them; shards
+// held by other nodes come over as they hand them off.
 func (s *Service) Start(ctx context.Context) error {
+	s.started = s.cfg.Now().UTC()
 	sub, err := s.keys.SubscribeShredded(s.nc)
 	if err != nil {
 		return fmt.Errorf("shardnode: subscribe to shreds: %w", err)
@@ -74,14 +82,10 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	s.js = js
 	for _, cc := range s.cfg.Contexts {
-		if err := ensureStream(ctx, js, cc.Name, 1); err != nil {
+		if err := ensureStream(ctx, js, cc.Name, s.cfg.Cluster.Replicas); err != nil {
 			_ = s.Stop(ctx)
 			return fmt.Errorf("%w (does the NATS server run JetStream?)", err)
 		}
-	}
-	total := 0
-	for _, cc := range s.cfg.Contexts {
-		total += cc.Shards
 	}
 	for i := range s.cfg.Contexts {
 		cc := &s.cfg.Contexts[i]
@@ -89,17 +93,23 @@ func (s *Service) Start(ctx context.Context) error {
 			_ = s.Stop(ctx)
 			return err
 		}
-		for n := 0; n < cc.Shards; n++ {
-			sh, err := s.openShard(ctx, cc, n, max(1, s.cfg.MaxActors/total))
-			if err != nil {
-				_ = s.Stop(ctx)
-				return err
-			}
-			s.mu.Lock()
-			s.shards = append(s.shards, sh)
-			s.mu.Unlock()
-		}
 	}
+	store, err := cluster.Open(ctx, js, cluster.Config{
+		Node: s.cfg.NodeName, Replicas: s.cfg.Cluster.Replicas,
+		MemberTTL: s.cfg.Cluster.MemberTTL, LeaseTTL: s.cfg.Cluster.LeaseTTL,
+		Logger: s.cfg.Logger, Now: s.cfg.Now,
+	})
+	if err != nil {
+		_ = s.Stop(ctx)
+		return fmt.Errorf("shardnode: %w", err)
+	}
+	s.owner = &owner{s: s, store: store, cfg: s.cfg.Cluster, base: time.Now(),
+		moving: map[shardKey]string{}, stop: make(chan struct{})}
+	if err := s.owner.heartbeat(ctx); err != nil {
+		_ = s.Stop(ctx)
+		return fmt.Errorf("shardnode: join the cluster: %w", err)
+	}
+	s.owner.reconcile(ctx, true)
 	if err := s.serveStatus(ctx); err != nil {
 		_ = s.Stop(ctx)
 		return err
@@ -110,7 +120,10 @@ func (s *Service) Start(ctx context.Context) error {
 		_ = s.Stop(ctx)
 		return fmt.Errorf("shardnode: flush subscriptions: %w", err)
 	}
-	s.cfg.Logger.Info("shardnode started", "contexts", len(s.cfg.Contexts), "shards", total, "data", s.cfg.DataDir)
+	s.owner.done.Add(1)
+	go s.owner.run()
+	s.cfg.Logger.Info("shardnode started", "node", s.cfg.NodeName, "contexts", len(s.cfg.Contexts),
+		"shards", len(s.allShards()), "members", len(store.Members()), "data", s.cfg.DataDir)
 	return nil
 }
 
@@ -165,7 +178,14 @@ func writeFileSync(path string, b []byte) error {
 	return os.Rename(tmp, path)
 }
 
-func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n, maxActors int) (*shard, error) {
+// openShard opens a leased shard's file under the lease's epoch, with the
+// lease deadline as its commit fence. It does not serve it yet.
+func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n int, lease cluster.Lease, sent time.Duration) (*shard, error) {
+	total := 0
+	for _, c := range s.cfg.Contexts {
+		total += c.Shards
+	}
+	var sh *shard
 	store, err := sqlite.Open(ctx, sqlite.Config{
 		Path:        shardPath(s.cfg.DataDir, cc.Name, n),
 		Context:     cc.Name,
@@ -175,34 +195,65 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n, maxActors
 		Logger:      s.cfg.Logger,
 		OnGroup:     s.metrics.onGroup,
 		Tracer:      s.tracer,
+		Epoch:       lease.Epoch,
+		Fence:       func() error { return sh.fence() },
 	})
 	if err != nil {
 		return nil, err
 	}
-	sh := newShard(s, cc, n, store, maxActors)
-	if err := sh.finishForgets(ctx); err != nil {
-		_ = sh.close(ctx)
-		return nil, err
-	}
-	if err := sh.relay.resume(ctx); err != nil {
-		_ = sh.close(ctx)
-		return nil, err
-	}
-	sh.relay.start()
-	if err := sh.subscribe(); err != nil {
-		_ = store.Close()
-		return nil, err
-	}
+	sh = newShard(s, cc, n, store, max(1, s.cfg.MaxActors/total))
+	sh.setLease(lease, sent, s.cfg.Cluster.LeaseTTL)
+	sh.acquired = s.owner.now()
+	sh.snapshotTried.Store(int64(sh.acquired))
 	return sh, nil
 }
 
-// Stop stops taking requests, waits for requests already taken (and their
-// commits) to finish, and closes every shard file. ctx bounds the wait.
-func (s *Service) Stop(ctx context.Context) error {
+func (s *Service) addShard(sh *shard) {
 	s.mu.Lock()
-	shards := s.shards
-	s.shards = nil
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	s.shards = append(s.shards, sh)
+}
+
+// removeShard takes sh out of the served set; false if it was not there.
+func (s *Service) removeShard(sh *shard) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, x := range s.shards {
+		if x == sh {
+			s.shards = append(s.shards[:i], s.shards[i+1:]...)
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Service) shardAt(k shardKey) *shard {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sh := range s.shards {
+		if sh.cc.Name == k.ctx && sh.n == k.n {
+			return sh
+		}
+	}
+	return nil
+}
+
+func (s *Service) allShards() []*shard {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*shard(nil), s.shards...)
+}
+
+// Stop hands the node's shards to the other members (when there are any),
+// stops taking requests, waits for requests already taken (and their
+// commits) to finish, closes every shard file and leaves the cluster. ctx
+// bounds the wait.
+func (s *Service) Stop(ctx context.Context) error {
+	if o := s.owner; o != nil {
+		close(o.stop)
+		o.done.Wait() // the control loop and the moves it started
+		o.drain(ctx)
+	}
 	if s.shredSub != nil {
 		_ = s.shredSub.Unsubscribe()
 		s.shredSub = nil
@@ -211,6 +262,10 @@ func (s *Service) Stop(ctx context.Context) error {
 		_ = s.micro.Stop()
 		s.micro = nil
 	}
+	s.mu.Lock()
+	shards := s.shards
+	s.shards = nil
+	s.mu.Unlock()
 	var errs []error
 	var wg sync.WaitGroup
 	errCh := make(chan error, len(shards))
@@ -218,13 +273,28 @@ func (s *Service) Stop(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errCh <- sh.close(ctx)
+			err := sh.close(ctx)
+			if o := s.owner; o != nil {
+				// Released, not left to run out: a restart (or anyone
+				// else) takes it at once.
+				if _, rerr := o.store.Release(ctx, sh.lease(), ""); rerr != nil && !errors.Is(rerr, cluster.ErrConflict) {
+					s.cfg.Logger.Warn("release failed", "shard", sh.n, "err", rerr)
+				}
+			}
+			errCh <- err
 		}()
 	}
 	wg.Wait()
 	close(errCh)
 	for err := range errCh {
 		errs = append(errs, err)
+	}
+	if o := s.owner; o != nil {
+		if err := o.store.Leave(ctx); err != nil {
+			s.cfg.Logger.Warn("could not leave the cluster; the membership runs out instead", "err", err)
+		}
+		o.store.Close()
+		s.owner = nil
 	}
 	return errors.Join(errs...)
 }

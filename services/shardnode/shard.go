@@ -5,7 +5,10 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/kumadb/kuma/pkg/cluster"
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
@@ -36,6 +39,18 @@ type shard struct {
 	maxActors  int
 	closed     bool
 	passivated int64
+
+	// Lease: the one this node serves the shard under. deadline is when
+	// (owner.now) writes must stop unless renewed; acquired when it was taken.
+	leaseMu       sync.Mutex
+	leaseVal      cluster.Lease
+	renewedAt     atomic.Int64
+	deadline      atomic.Int64
+	acquired      time.Duration
+	snapshotAt    atomic.Int64 // last position in the last uploaded snapshot
+	snapshotTried atomic.Int64
+	snapshotDirty atomic.Bool // a forget happened: the uploaded copy must go
+	stopOnce      sync.Once
 
 	actorsWG  sync.WaitGroup
 	sendsWG   sync.WaitGroup // dispatches between taking mu and filling a mailbox
@@ -192,9 +207,20 @@ func (sh *shard) sweepLoop() {
 	}
 }
 
-// close stops the subscription, waits for the messages it already took, then
-// passivates every actor and closes the store.
+// close stops serving and closes the store.
 func (sh *shard) close(ctx context.Context) error {
+	sh.stopServing(ctx)
+	return sh.store.Close()
+}
+
+// stopServing stops the subscription, waits for the messages it already
+// took, passivates every actor and lets the relay publish what was
+// committed. The store stays open (a hand-off copies it next).
+func (sh *shard) stopServing(ctx context.Context) {
+	sh.stopOnce.Do(func() { sh.stopServingOnce(ctx) })
+}
+
+func (sh *shard) stopServingOnce(ctx context.Context) {
 	if sh.sub != nil {
 		if err := sh.sub.Drain(); err == nil {
 			for sh.sub.IsValid() {
@@ -225,7 +251,6 @@ drained:
 	if sh.relay.running.Load() {
 		sh.relay.close(ctx) // publish what was committed
 	}
-	return sh.store.Close()
 }
 
 func (sh *shard) stats() ShardStats {

@@ -1,0 +1,330 @@
+package sqlite
+
+import (
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+)
+
+// ErrFenced is returned by a commit when the shard file belongs to a newer
+// lease epoch than the writer's: another node has owned the shard since, so
+// this writer must not write, whatever it believes about its lease.
+var ErrFenced = errors.New("sqlite: the shard file was taken over under a newer lease epoch")
+
+// IdempotencyDigest is how an idempotency key is kept: the shard file and the
+// event stream hold only its SHA-256, so a key that carries an order number
+// or a name is not kept in clear, and a node rebuilding a shard from the
+// stream can still recognise a client's retry.
+func IdempotencyDigest(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return "sha256:" + base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+// Epoch returns the lease epoch recorded in the file (0 if none).
+func (s *Shard) Epoch(ctx context.Context) (int64, error) {
+	return readEpoch(ctx, s.rdb)
+}
+
+type queryRower interface {
+	QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row
+}
+
+func readEpoch(ctx context.Context, db queryRower) (int64, error) {
+	var v string
+	err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'epoch'`).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: read epoch: %w", err)
+	}
+	return strconv.ParseInt(v, 10, 64)
+}
+
+// claimEpoch records cfg.Epoch in the file when it is newer, and refuses to
+// open a file that a newer epoch has written.
+func (s *Shard) claimEpoch(ctx context.Context) error {
+	if s.cfg.Epoch == 0 {
+		return nil
+	}
+	got, err := readEpoch(ctx, s.wconn)
+	if err != nil {
+		return err
+	}
+	if got > s.cfg.Epoch {
+		return fmt.Errorf("%w (file epoch %d, this writer's %d): %s", ErrFenced, got, s.cfg.Epoch, s.cfg.Path)
+	}
+	if got < s.cfg.Epoch {
+		if _, err := s.wconn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)`,
+			strconv.FormatInt(s.cfg.Epoch, 10)); err != nil {
+			return fmt.Errorf("sqlite: record epoch in %s: %w", s.cfg.Path, err)
+		}
+	}
+	return nil
+}
+
+// fenced runs inside every write transaction, just before COMMIT: the
+// caller's own lease check (Config.Fence), then the epoch in the file. A
+// paused owner that wakes up after its lease ran out is refused by the first;
+// a second process writing the same file under an older epoch by the second.
+func (s *Shard) fenced(ctx context.Context) error {
+	if s.cfg.Fence != nil {
+		if err := s.cfg.Fence(); err != nil {
+			return err
+		}
+	}
+	if s.cfg.Epoch == 0 {
+		return nil
+	}
+	got, err := readEpoch(ctx, s.wconn)
+	if err != nil {
+		return err
+	}
+	if got > s.cfg.Epoch {
+		return fmt.Errorf("%w (file epoch %d, this writer's %d)", ErrFenced, got, s.cfg.Epoch)
+	}
+	return nil
+}
+
+// BackupInfo describes a consistent copy of a shard file.
+type BackupInfo struct {
+	LastSeq   int64 // position of the last event in the copy
+	Published int64 // position the stream held when the copy was made
+	Epoch     int64
+	Bytes     int64
+}
+
+// Backup writes a consistent copy of the shard to dst (which must not exist)
+// while the writer goes on: VACUUM INTO reads one snapshot of the WAL
+// database from its own connection, so commits are not held up.
+func (s *Shard) Backup(ctx context.Context, dst string) (BackupInfo, error) {
+	db, err := sql.Open("sqlite", DSN(s.cfg.Path, "busy_timeout(10000)"))
+	if err != nil {
+		return BackupInfo{}, fmt.Errorf("sqlite: backup of %s: %w", s.cfg.Path, err)
+	}
+	defer db.Close()
+	if _, err := db.ExecContext(ctx, `VACUUM INTO ?`, dst); err != nil {
+		return BackupInfo{}, fmt.Errorf("sqlite: backup of %s: %w", s.cfg.Path, err)
+	}
+	info, err := Inspect(ctx, dst)
+	if err != nil {
+		_ = os.Remove(dst)
+		return BackupInfo{}, err
+	}
+	return info, nil
+}
+
+// Inspect reads what a (closed) shard file holds: its last position, its
+// published position and its epoch. A missing file is an error.
+func Inspect(ctx context.Context, path string) (BackupInfo, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return BackupInfo{}, fmt.Errorf("sqlite: inspect %s: %w", path, err)
+	}
+	db, err := sql.Open("sqlite", DSN(path, "query_only(1)"))
+	if err != nil {
+		return BackupInfo{}, fmt.Errorf("sqlite: inspect %s: %w", path, err)
+	}
+	defer db.Close()
+	info := BackupInfo{Bytes: st.Size()}
+	if err := db.QueryRowContext(ctx, `SELECT COALESCE(MAX(pos), 0) FROM events`).Scan(&info.LastSeq); err != nil {
+		return BackupInfo{}, fmt.Errorf("sqlite: inspect %s: %w", path, err)
+	}
+	var pub string
+	switch err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'published'`).Scan(&pub); {
+	case errors.Is(err, sql.ErrNoRows):
+	case err != nil:
+		return BackupInfo{}, fmt.Errorf("sqlite: inspect %s: %w", path, err)
+	default:
+		info.Published, _ = strconv.ParseInt(pub, 10, 64)
+	}
+	if info.Epoch, err = readEpoch(ctx, db); err != nil {
+		return BackupInfo{}, err
+	}
+	return info, nil
+}
+
+// CheckIntegrity runs PRAGMA integrity_check on a closed file.
+func CheckIntegrity(ctx context.Context, path string) error {
+	db, err := sql.Open("sqlite", DSN(path, "query_only(1)"))
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	var res string
+	if err := db.QueryRowContext(ctx, `PRAGMA integrity_check`).Scan(&res); err != nil {
+		return fmt.Errorf("sqlite: integrity check of %s: %w", path, err)
+	}
+	if res != "ok" {
+		return fmt.Errorf("sqlite: integrity check of %s: %s", path, res)
+	}
+	return nil
+}
+
+// ReplicatedEvent is an event as the event stream carries it, applied to a
+// shard that is being rebuilt on a new owner.
+type ReplicatedEvent struct {
+	OutboxEvent
+	// Forgotten, when set, is a forget notice for Entity rather than an
+	// event: the entity's rows go.
+	Forgotten bool
+}
+
+// ApplyReplicated writes events taken from the stream, in stream order, into
+// the shard: events at or below the shard's last position are already there
+// and skipped, so a catch-up can be re-run. It runs alone on the writer and
+// moves the shard's position; the events count as published.
+func (s *Shard) ApplyReplicated(ctx context.Context, evs []ReplicatedEvent) (applied int, err error) {
+	err = s.Commit(ctx, &Commit{standalone: func(ctx context.Context, conn *sql.Conn) (err error) {
+		s.mu.Lock()
+		seq := s.lastSeq
+		s.mu.Unlock()
+		if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				_, _ = conn.ExecContext(ctx, "ROLLBACK")
+			}
+		}()
+		for _, e := range evs {
+			if e.Forgotten {
+				if err := purgeRows(ctx, conn, e.Entity); err != nil {
+					return err
+				}
+				continue
+			}
+			if e.Seq <= seq {
+				continue
+			}
+			if _, err := conn.ExecContext(ctx, `INSERT INTO events (pos, entity, version, payload, time) VALUES (?, ?, ?, ?, ?)`,
+				e.Seq, e.Entity, e.Version, e.Payload, e.Time); err != nil {
+				return fmt.Errorf("sqlite: apply replicated event %d: %w", e.Seq, err)
+			}
+			if _, err := conn.ExecContext(ctx, `INSERT INTO entities (entity, version, created_at, updated_at) VALUES (?, ?, ?, ?)
+				ON CONFLICT (entity) DO UPDATE SET version = max(version, excluded.version), updated_at = max(updated_at, excluded.updated_at)`,
+				e.Entity, e.Version, e.Time, e.Time); err != nil {
+				return fmt.Errorf("sqlite: apply replicated event %d: %w", e.Seq, err)
+			}
+			if e.Idempotency != "" {
+				if _, err := conn.ExecContext(ctx, `INSERT OR IGNORE INTO idempotency (entity, key, first_version, last_version, time, pos) VALUES (?, ?, ?, ?, ?, ?)`,
+					e.Entity, e.Idempotency, e.FirstVersion, e.Version, e.Time, e.Seq); err != nil {
+					return fmt.Errorf("sqlite: apply replicated event %d: %w", e.Seq, err)
+				}
+			}
+			seq = e.Seq
+			applied++
+		}
+		if _, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)`, strconv.FormatInt(seq, 10)); err != nil {
+			return err
+		}
+		if err := s.fenced(ctx); err != nil {
+			return err
+		}
+		if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.lastSeq = seq
+		s.mu.Unlock()
+		s.tailMu.Lock()
+		s.tail, s.tailFrom = nil, seq+1
+		s.tailMu.Unlock()
+		return nil
+	}})
+	return applied, err
+}
+
+func purgeRows(ctx context.Context, conn *sql.Conn, entity string) error {
+	for _, q := range []string{
+		`DELETE FROM events WHERE entity = ?`,
+		`DELETE FROM snapshots WHERE entity = ?`,
+		`DELETE FROM idempotency WHERE entity = ?`,
+		`DELETE FROM entities WHERE entity = ?`,
+		`DELETE FROM forget_pending WHERE entity = ?`,
+	} {
+		if _, err := conn.ExecContext(ctx, q, entity); err != nil {
+			return fmt.Errorf("sqlite: purge %s: %w", entity, err)
+		}
+	}
+	return nil
+}
+
+// TruncateAfter deletes every event after position pos, with the
+// idempotency records and snapshots that only they backed, and rewinds the
+// entities to their last remaining event. A node regaining a shard that
+// another node has owned since uses it to drop what it had committed but
+// never published: the stream, not this file, has the shard's history from
+// there on.
+func (s *Shard) TruncateAfter(ctx context.Context, pos int64) (dropped int64, err error) {
+	err = s.Commit(ctx, &Commit{standalone: func(ctx context.Context, conn *sql.Conn) (err error) {
+		if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				_, _ = conn.ExecContext(ctx, "ROLLBACK")
+			}
+		}()
+		rows, err := conn.QueryContext(ctx, `SELECT DISTINCT entity FROM events WHERE pos > ?`, pos)
+		if err != nil {
+			return err
+		}
+		var touched []string
+		for rows.Next() {
+			var e string
+			if err := rows.Scan(&e); err != nil {
+				rows.Close()
+				return err
+			}
+			touched = append(touched, e)
+		}
+		rows.Close()
+		res, err := conn.ExecContext(ctx, `DELETE FROM events WHERE pos > ?`, pos)
+		if err != nil {
+			return err
+		}
+		dropped, _ = res.RowsAffected()
+		if _, err := conn.ExecContext(ctx, `DELETE FROM idempotency WHERE pos > ?`, pos); err != nil {
+			return err
+		}
+		for _, e := range touched {
+			var v, t sql.NullInt64
+			if err := conn.QueryRowContext(ctx, `SELECT MAX(version), MAX(time) FROM events WHERE entity = ?`, e).Scan(&v, &t); err != nil {
+				return err
+			}
+			if !v.Valid {
+				if err := purgeRows(ctx, conn, e); err != nil {
+					return err
+				}
+				continue
+			}
+			if _, err := conn.ExecContext(ctx, `UPDATE entities SET version = ?, updated_at = ? WHERE entity = ?`, v.Int64, t.Int64, e); err != nil {
+				return err
+			}
+			if _, err := conn.ExecContext(ctx, `DELETE FROM snapshots WHERE entity = ? AND version > ?`, e, v.Int64); err != nil {
+				return err
+			}
+		}
+		if _, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)`, strconv.FormatInt(pos, 10)); err != nil {
+			return err
+		}
+		if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.lastSeq = min(s.lastSeq, pos)
+		last := s.lastSeq
+		s.mu.Unlock()
+		s.tailMu.Lock()
+		s.tail, s.tailFrom = nil, last+1
+		s.tailMu.Unlock()
+		return nil
+	}})
+	return dropped, err
+}

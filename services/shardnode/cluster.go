@@ -1,0 +1,631 @@
+package shardnode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/cluster"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/sqlite"
+)
+
+// ClusterConfig tunes membership, leases and shard moves. The zero value
+// suits a LAN; tests shorten the times.
+type ClusterConfig struct {
+	// Replicas of the stream, the KV buckets and the snapshot store (default
+	// 1; 3 once the NATS cluster has three JetStream servers).
+	Replicas int
+	// Heartbeat is how often the node renews its membership (default 1 s);
+	// MemberTTL how long a silent member counts as alive (default 5 s).
+	Heartbeat time.Duration
+	MemberTTL time.Duration
+	// LeaseTTL is how long a shard lease lasts without renewal (default 6 s).
+	// The holder renews every LeaseTTL/4 and stops writing at 3/4 of it.
+	LeaseTTL time.Duration
+	// Tick is how often the node compares the shard map with where shards
+	// should be (default 500 ms).
+	Tick time.Duration
+	// MaxMoves bounds the shards this node hands off or takes at once
+	// (default 2), so a join is a trickle of moves, not a storm.
+	MaxMoves int
+	// MinHold is how long a node keeps a shard it just took before it may
+	// move it again (default 3 s), so views that disagree for a moment do
+	// not bounce a shard between two nodes.
+	MinHold time.Duration
+	// SnapshotEvery uploads a snapshot of each owned shard that changed, so
+	// a failover replays little of the stream (default 1 minute; negative:
+	// only on moves).
+	SnapshotEvery time.Duration
+}
+
+func (c *ClusterConfig) setDefaults() {
+	if c.Replicas <= 0 {
+		c.Replicas = 1
+	}
+	if c.Heartbeat <= 0 {
+		c.Heartbeat = time.Second
+	}
+	if c.MemberTTL <= 0 {
+		c.MemberTTL = 5 * c.Heartbeat
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = 6 * time.Second
+	}
+	if c.Tick <= 0 {
+		c.Tick = 500 * time.Millisecond
+	}
+	if c.MaxMoves <= 0 {
+		c.MaxMoves = 2
+	}
+	if c.MinHold <= 0 {
+		c.MinHold = 3 * time.Second
+	}
+	if c.SnapshotEvery == 0 {
+		c.SnapshotEvery = time.Minute
+	}
+}
+
+// Durability settings of a context: what an acknowledged append survives.
+const (
+	// DurabilityLocal acknowledges after the local fsync. Losing the node's
+	// disk for good loses what it had not yet published to the stream
+	// (normally a few milliseconds of appends; see relay lag in status).
+	DurabilityLocal = "local"
+	// DurabilityReplicated acknowledges once the stream (replicated by the
+	// NATS cluster) has the events too: losing a node loses nothing
+	// acknowledged.
+	DurabilityReplicated = "replicated"
+)
+
+type shardKey struct {
+	ctx string
+	n   int
+}
+
+// owner is the node's part in the cluster: it heartbeats, renews the
+// leases of the shards it serves, and moves shards to where they should be.
+type owner struct {
+	s     *Service
+	store *cluster.Store
+	cfg   ClusterConfig
+	base  time.Time // monotonic origin of lease deadlines
+
+	mu       sync.Mutex
+	moving   map[shardKey]string // shard → what is happening to it
+	draining bool
+
+	stop chan struct{}
+	done sync.WaitGroup
+}
+
+// ShardMove is a shard in motion, for status.
+type ShardMove struct {
+	Context string
+	Shard   int
+	What    string
+}
+
+func (o *owner) now() time.Duration { return time.Since(o.base) }
+
+// beginMove marks a shard busy; false when it already is or the node is at
+// MaxMoves (force skips the bound: start-up and shutdown).
+func (o *owner) beginMove(k shardKey, what string, force bool) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if _, busy := o.moving[k]; busy {
+		return false
+	}
+	if !force && len(o.moving) >= o.cfg.MaxMoves {
+		return false
+	}
+	o.moving[k] = what
+	return true
+}
+
+func (o *owner) endMove(k shardKey) {
+	o.mu.Lock()
+	delete(o.moving, k)
+	o.mu.Unlock()
+}
+
+// Moves lists the shards this node is moving.
+func (s *Service) Moves() []ShardMove {
+	if s.owner == nil {
+		return nil
+	}
+	s.owner.mu.Lock()
+	defer s.owner.mu.Unlock()
+	out := make([]ShardMove, 0, len(s.owner.moving))
+	for k, w := range s.owner.moving {
+		out = append(out, ShardMove{Context: k.ctx, Shard: k.n, What: w})
+	}
+	return out
+}
+
+func (o *owner) heartbeat(ctx context.Context) error {
+	o.mu.Lock()
+	draining := o.draining
+	o.mu.Unlock()
+	return o.store.Heartbeat(ctx, cluster.Member{Started: o.s.started, Draining: draining})
+}
+
+// members is the live members, this node always among them while it runs.
+func (o *owner) members() []cluster.Member {
+	ms := o.store.Members()
+	for i, m := range ms {
+		if m.Node == o.s.cfg.NodeName {
+			o.mu.Lock()
+			ms[i].Draining = o.draining
+			o.mu.Unlock()
+			return ms
+		}
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return append(ms, cluster.Member{Node: o.s.cfg.NodeName, Draining: o.draining})
+}
+
+func (o *owner) run() {
+	defer o.done.Done()
+	hb := time.NewTicker(o.cfg.Heartbeat)
+	defer hb.Stop()
+	tick := time.NewTicker(o.cfg.Tick)
+	defer tick.Stop()
+	for {
+		select {
+		case <-o.stop:
+			return
+		case <-hb.C:
+			ctx, cancel := context.WithTimeout(context.Background(), o.cfg.Heartbeat*2)
+			if err := o.heartbeat(ctx); err != nil {
+				o.s.cfg.Logger.Warn("heartbeat failed", "err", err)
+			}
+			cancel()
+		case <-tick.C:
+			o.reconcile(context.Background(), false)
+		}
+	}
+}
+
+// reconcile renews what the node serves and moves what is misplaced. At
+// start-up (sync) it takes its shards before returning.
+func (o *owner) reconcile(ctx context.Context, sync bool) {
+	me := o.s.cfg.NodeName
+	members := o.members()
+	now := o.s.cfg.Now()
+	for i := range o.s.cfg.Contexts {
+		cc := &o.s.cfg.Contexts[i]
+		for n := 0; n < cc.Shards; n++ {
+			k := shardKey{cc.Name, n}
+			if sh := o.s.shardAt(k); sh != nil {
+				o.renew(sh)
+				want := o.store.Desired(cc.Name, n, members)
+				if want != "" && want != me && o.store.Alive(want) && o.now()-sh.acquired > o.cfg.MinHold &&
+					o.beginMove(k, "handing off to "+want, false) {
+					o.goMove(func() { o.handoff(sh, want) })
+				}
+				o.snapshotIfDue(sh)
+				continue
+			}
+			lease, ok := o.store.Lease(cc.Name, n)
+			want := o.store.Desired(cc.Name, n, members)
+			var prev *cluster.Lease
+			switch {
+			case !ok:
+				if want != me {
+					continue
+				}
+			case lease.Owner == "" && (want == me || lease.HandoffTo == me):
+				prev = &lease
+			case lease.Owner == me && want == me:
+				// Our own earlier incarnation (a restart): no need to wait for
+				// the lease to run out.
+				prev = &lease
+			case lease.Owner != "" && lease.Owner != me && want == me &&
+				lease.Expired(now, o.cfg.LeaseTTL) && !o.store.Alive(lease.Owner):
+				prev = &lease // failover
+			default:
+				continue
+			}
+			what := "taking over"
+			if prev != nil && prev.Owner != "" && prev.Owner != me {
+				what = "failing over from " + prev.Owner
+			}
+			if !o.beginMove(k, what, sync) {
+				continue
+			}
+			if sync {
+				o.take(ctx, cc, n, prev)
+			} else {
+				o.goMove(func() { o.take(context.Background(), cc, n, prev) })
+			}
+		}
+	}
+}
+
+func (o *owner) goMove(fn func()) {
+	o.done.Add(1)
+	go func() {
+		defer o.done.Done()
+		fn()
+	}()
+}
+
+// renew moves the lease on when a third of it has passed. A conflict means
+// another node has the shard: this one stops serving it at once. Failing to
+// reach the bucket only lets the deadline run out, which stops the writes
+// by itself (the fence in every commit).
+func (o *owner) renew(sh *shard) {
+	if o.now()-time.Duration(sh.renewedAt.Load()) < o.cfg.LeaseTTL/4 {
+		return
+	}
+	sent := o.now()
+	ctx, cancel := context.WithTimeout(context.Background(), o.cfg.LeaseTTL/4)
+	defer cancel()
+	l, err := o.store.Renew(ctx, sh.lease())
+	switch {
+	case errors.Is(err, cluster.ErrConflict):
+		o.s.lostShard(sh, "its lease was taken")
+	case err != nil:
+		o.s.cfg.Logger.Warn("lease renewal failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
+		if o.now()-time.Duration(sh.renewedAt.Load()) > o.cfg.LeaseTTL {
+			o.s.lostShard(sh, "its lease ran out")
+		}
+	default:
+		sh.setLease(l, sent, o.cfg.LeaseTTL)
+	}
+}
+
+// take acquires a shard's lease and opens it: from the local file or the
+// uploaded snapshot, whichever is further, caught up from the stream, and
+// claimed in the stream before the first request is served.
+func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluster.Lease) {
+	k := shardKey{cc.Name, n}
+	defer o.endMove(k)
+	log := o.s.cfg.Logger.With("context", cc.Name, "shard", n)
+	start := time.Now()
+	// A first lease starts above any epoch a copy of the shard was written
+	// under (the buckets may be younger than the files).
+	floor := int64(1)
+	if prev == nil {
+		floor = o.s.highestEpoch(ctx, cc, n) + 1
+	}
+	sent := o.now()
+	actx, cancel := context.WithTimeout(ctx, o.cfg.LeaseTTL/2)
+	lease, err := o.store.Acquire(actx, cc.Name, n, prev, floor)
+	cancel()
+	if err != nil {
+		if !errors.Is(err, cluster.ErrConflict) {
+			log.Warn("could not take the shard's lease", "err", err)
+		}
+		return
+	}
+	sh, err := o.s.openOwned(ctx, cc, n, lease, prev, sent)
+	if err != nil {
+		log.Error("could not open the shard; releasing it", "err", err)
+		rctx, cancel := context.WithTimeout(context.Background(), o.cfg.LeaseTTL/2)
+		defer cancel()
+		if _, rerr := o.store.Release(rctx, lease, ""); rerr != nil {
+			log.Warn("release failed", "err", rerr)
+		}
+		return
+	}
+	o.s.addShard(sh)
+	o.s.metrics.moves.WithLabelValues("in").Inc()
+	log.Info("shard taken", "epoch", lease.Epoch, "events", sh.store.LastSeq(), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// handoff moves a shard to another node: stop taking requests, finish what
+// was taken, publish the outbox, upload a consistent copy, release the lease
+// naming the new owner. Requests in between find no responder (clients
+// retry, the Go client by itself).
+func (o *owner) handoff(sh *shard, to string) {
+	k := shardKey{sh.cc.Name, sh.n}
+	defer o.endMove(k)
+	log := o.s.cfg.Logger.With("context", sh.cc.Name, "shard", sh.n, "to", to)
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	o.s.removeShard(sh)
+	sh.stopServing(ctx)
+	err := o.upload(ctx, sh)
+	if err != nil {
+		// Keep the shard: reopen it under the same lease and try later.
+		log.Warn("hand-off failed; serving the shard again", "err", err)
+		if cerr := sh.store.Close(); cerr != nil {
+			log.Warn("close", "err", cerr)
+		}
+		l := sh.lease()
+		re, rerr := o.s.openOwned(ctx, sh.cc, sh.n, l, &l, time.Duration(sh.renewedAt.Load()))
+		if rerr != nil {
+			log.Error("could not reopen the shard; releasing it", "err", rerr)
+			_, _ = o.store.Release(ctx, l, "")
+			return
+		}
+		o.s.addShard(re)
+		return
+	}
+	if err := sh.store.Close(); err != nil {
+		log.Warn("close", "err", err)
+	}
+	if _, err := o.store.Release(ctx, sh.lease(), to); err != nil && !errors.Is(err, cluster.ErrConflict) {
+		log.Warn("release failed; the lease will run out instead", "err", err)
+	}
+	o.s.metrics.moves.WithLabelValues("out").Inc()
+	log.Info("shard handed off", "events", sh.store.LastSeq(), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// upload writes a consistent copy of the shard to the snapshot store.
+func (o *owner) upload(ctx context.Context, sh *shard) error {
+	// Published and the stream sequence are read before the copy is made:
+	// the copy holds at least that much, so a catch-up from StreamSeq never
+	// misses an event.
+	streamSeq, published := sh.relay.subjSeq.Load(), sh.relay.published.Load()
+	if err := sh.store.SetPublished(ctx, published); err != nil {
+		return err
+	}
+	tmp := shardPath(o.s.cfg.DataDir, sh.cc.Name, sh.n) + ".upload"
+	_ = os.Remove(tmp)
+	defer os.Remove(tmp)
+	info, err := sh.store.Backup(ctx, tmp)
+	if err != nil {
+		return err
+	}
+	err = o.store.PutSnapshot(ctx, tmp, cluster.Snapshot{Context: sh.cc.Name, Shard: sh.n, Epoch: sh.lease().Epoch,
+		LastSeq: info.LastSeq, Published: info.Published, StreamSeq: streamSeq, Bytes: info.Bytes})
+	if err == nil {
+		sh.snapshotAt.Store(info.LastSeq)
+	}
+	return err
+}
+
+// snapshotIfDue uploads a snapshot of a changed shard every SnapshotEvery,
+// in the background and at most one at a time per shard.
+func (o *owner) snapshotIfDue(sh *shard) {
+	if o.cfg.SnapshotEvery < 0 || sh.store.LastSeq() == sh.snapshotAt.Load() && !sh.snapshotDirty.Load() {
+		return
+	}
+	if !sh.snapshotDirty.Load() && o.now()-time.Duration(sh.snapshotTried.Load()) < o.cfg.SnapshotEvery {
+		return
+	}
+	k := shardKey{sh.cc.Name, sh.n}
+	if !o.beginMove(k, "uploading a snapshot", false) {
+		return
+	}
+	sh.snapshotTried.Store(int64(o.now()))
+	o.goMove(func() {
+		defer o.endMove(k)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		sh.snapshotDirty.Store(false)
+		if err := o.upload(ctx, sh); err != nil {
+			o.s.cfg.Logger.Warn("snapshot upload failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
+		}
+	})
+}
+
+// drain hands every shard off to the nodes that should have them once this
+// one is gone (a graceful stop), and releases what nobody can take.
+func (o *owner) drain(ctx context.Context) {
+	o.mu.Lock()
+	o.draining = true
+	o.mu.Unlock()
+	hctx, cancel := context.WithTimeout(ctx, o.cfg.Heartbeat*2)
+	if err := o.heartbeat(hctx); err != nil {
+		o.s.cfg.Logger.Warn("could not announce draining", "err", err)
+	}
+	cancel()
+	members := o.members()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, max(o.cfg.MaxMoves, 4))
+	for _, sh := range o.s.allShards() {
+		want := o.store.Desired(sh.cc.Name, sh.n, members)
+		if want == "" || want == o.s.cfg.NodeName {
+			continue // nobody to take it: it closes with the node
+		}
+		k := shardKey{sh.cc.Name, sh.n}
+		for !o.beginMove(k, "handing off to "+want, true) {
+			select { // a background move of this shard is finishing
+			case <-ctx.Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		if o.s.shardAt(k) != sh {
+			o.endMove(k)
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			o.handoff(sh, want)
+		}()
+	}
+	wg.Wait()
+}
+
+// lostShard stops serving a shard this node no longer owns (its lease was
+// taken, ran out, or the stream fenced it). It does not wait.
+func (s *Service) lostShard(sh *shard, why string) {
+	if !s.removeShard(sh) {
+		return // already going
+	}
+	s.cfg.Logger.Warn("shard lost; no longer serving it", "context", sh.cc.Name, "shard", sh.n, "why", why)
+	s.metrics.moves.WithLabelValues("lost").Inc()
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		sh.stopServing(ctx)
+		if err := sh.store.Close(); err != nil {
+			s.cfg.Logger.Warn("close", "shard", sh.n, "err", err)
+		}
+	}()
+}
+
+// fenceErr is what a commit gets once the shard's lease has run out.
+func (sh *shard) fence() error {
+	if sh.node.owner.now() > time.Duration(sh.deadline.Load()) {
+		return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q: this node's lease ran out (the shard may be moving); retry", sh.n, sh.cc.Name)
+	}
+	return nil
+}
+
+func (sh *shard) lease() cluster.Lease {
+	sh.leaseMu.Lock()
+	defer sh.leaseMu.Unlock()
+	return sh.leaseVal
+}
+
+// setLease records a renewal sent at sent (monotonic): writes stay allowed
+// until 3/4 of the TTL after it, well before others may take the lease.
+func (sh *shard) setLease(l cluster.Lease, sent time.Duration, ttl time.Duration) {
+	sh.leaseMu.Lock()
+	sh.leaseVal = l
+	sh.leaseMu.Unlock()
+	sh.renewedAt.Store(int64(sent))
+	sh.deadline.Store(int64(sent + ttl*3/4))
+}
+
+// openOwned opens a shard this node has just leased: it picks the
+// furthest trustworthy copy (local file or uploaded snapshot), catches it up
+// from the stream and claims the shard in the stream.
+func (s *Service) openOwned(ctx context.Context, cc *ContextConfig, n int, lease cluster.Lease, prev *cluster.Lease, sent time.Duration) (*shard, error) {
+	prevEpoch := int64(0)
+	if prev != nil {
+		prevEpoch = prev.Epoch
+	}
+	path := shardPath(s.cfg.DataDir, cc.Name, n)
+	base, err := s.chooseBase(ctx, cc, n, path, prevEpoch)
+	if err != nil {
+		return nil, err
+	}
+	sh, err := s.openShard(ctx, cc, n, lease, sent)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*shard, error) {
+		sh.stopServing(ctx)
+		_ = sh.store.Close()
+		return nil, err
+	}
+	if base.truncate {
+		dropped, err := sh.store.TruncateAfter(ctx, base.trusted)
+		if err != nil {
+			return fail(err)
+		}
+		if dropped > 0 {
+			s.cfg.Logger.Warn("dropped events this node committed but never published before another node took the shard over",
+				"context", cc.Name, "shard", n, "events", dropped)
+		}
+	}
+	if err := sh.catchUpAndClaim(ctx, base.fromStreamSeq, lease.Epoch); err != nil {
+		return fail(err)
+	}
+	if err := sh.finishForgets(ctx); err != nil {
+		return fail(err)
+	}
+	if err := sh.relay.resume(ctx); err != nil {
+		return fail(err)
+	}
+	sh.relay.start()
+	if err := sh.subscribe(); err != nil {
+		return fail(err)
+	}
+	return sh, nil
+}
+
+type baseChoice struct {
+	trusted       int64  // positions up to here are the shard's true history
+	truncate      bool   // drop what lies after trusted
+	fromStreamSeq uint64 // catch up from the stream after this sequence
+}
+
+// chooseBase puts the best starting copy at path. A copy written under the
+// lease's previous epoch is the latest owner's own and trusted whole; any
+// other copy only up to what it knew was published, since another owner may
+// have written different events after that.
+func (s *Service) chooseBase(ctx context.Context, cc *ContextConfig, n int, path string, prevEpoch int64) (baseChoice, error) {
+	var local *sqlite.BackupInfo
+	if _, err := os.Stat(path); err == nil {
+		info, err := sqlite.Inspect(ctx, path)
+		if err != nil {
+			return baseChoice{}, err
+		}
+		local = &info
+	}
+	// With no lease before this one, nobody else has ever owned the shard.
+	whole := func(epoch int64) bool { return prevEpoch == 0 || epoch == prevEpoch }
+	trust := func(info sqlite.BackupInfo) int64 {
+		if whole(info.Epoch) {
+			return info.LastSeq
+		}
+		return info.Published
+	}
+	choice := baseChoice{}
+	if local != nil {
+		choice.trusted = trust(*local)
+		choice.truncate = choice.trusted < local.LastSeq
+		if whole(local.Epoch) {
+			// The last owner was this file's writer: the stream holds
+			// nothing it lacks; the catch-up only reads to the end.
+			choice.fromStreamSeq = lastStreamSeqUnknown
+		}
+	}
+	snap, ok, err := s.owner.store.SnapshotInfo(ctx, cc.Name, n)
+	if err != nil {
+		return baseChoice{}, err
+	}
+	if ok {
+		st := snap.LastSeq
+		if !whole(snap.Epoch) {
+			st = snap.Published
+		}
+		if local == nil || st > choice.trusted {
+			tmp := path + ".download"
+			_ = os.Remove(tmp)
+			if err := s.owner.store.GetSnapshot(ctx, cc.Name, n, tmp); err != nil {
+				return baseChoice{}, err
+			}
+			if err := sqlite.CheckIntegrity(ctx, tmp); err != nil {
+				_ = os.Remove(tmp)
+				return baseChoice{}, fmt.Errorf("shardnode: the uploaded snapshot of shard %d is damaged: %w", n, err)
+			}
+			for _, suffix := range []string{"-wal", "-shm", ""} {
+				if err := os.Remove(path + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+					return baseChoice{}, err
+				}
+			}
+			if err := os.Rename(tmp, path); err != nil {
+				return baseChoice{}, err
+			}
+			choice = baseChoice{trusted: st, truncate: st < snap.LastSeq, fromStreamSeq: snap.StreamSeq}
+		}
+	}
+	return choice, nil
+}
+
+// highestEpoch is the newest epoch any copy of the shard carries.
+func (s *Service) highestEpoch(ctx context.Context, cc *ContextConfig, n int) int64 {
+	var e int64
+	if info, err := sqlite.Inspect(ctx, shardPath(s.cfg.DataDir, cc.Name, n)); err == nil {
+		e = info.Epoch
+	}
+	if snap, ok, err := s.owner.store.SnapshotInfo(ctx, cc.Name, n); err == nil && ok {
+		e = max(e, snap.Epoch)
+	}
+	return e
+}
+
+// lastStreamSeqUnknown asks the catch-up to start at the subject's current
+// end: nothing in the stream is missing from the file.
+const lastStreamSeqUnknown = ^uint64(0)
+
+// String names a shard in logs.
+func (k shardKey) String() string { return k.ctx + "/" + strconv.Itoa(k.n) }
