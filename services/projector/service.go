@@ -332,7 +332,11 @@ func (s *Service) openProjection(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
+	// The generation may already be applying (the stream is never empty
+	// once a shard is claimed), and applied reads live under p.mu.
+	p.mu.Lock()
 	p.live = g
+	p.mu.Unlock()
 	s.mu.Lock()
 	s.projs[name] = p
 	s.mu.Unlock()
