@@ -52,12 +52,9 @@ func (s *Shard) claimEpoch(ctx context.Context) error {
 	if s.cfg.Epoch == 0 {
 		return nil
 	}
-	got, err := readEpoch(ctx, s.wconn)
+	got, err := s.checkEpoch(ctx)
 	if err != nil {
-		return err
-	}
-	if got > s.cfg.Epoch {
-		return fmt.Errorf("%w (file epoch %d, this writer's %d): %s", ErrFenced, got, s.cfg.Epoch, s.cfg.Path)
+		return fmt.Errorf("%w: %s", err, s.cfg.Path)
 	}
 	if got < s.cfg.Epoch {
 		if _, err := s.wconn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)`,
@@ -66,6 +63,19 @@ func (s *Shard) claimEpoch(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// checkEpoch reads the file's epoch on the writer's connection and fails
+// with ErrFenced when it is newer than this writer's.
+func (s *Shard) checkEpoch(ctx context.Context) (int64, error) {
+	got, err := readEpoch(ctx, s.wconn)
+	if err != nil {
+		return 0, err
+	}
+	if got > s.cfg.Epoch {
+		return got, fmt.Errorf("%w (file epoch %d, this writer's %d)", ErrFenced, got, s.cfg.Epoch)
+	}
+	return got, nil
 }
 
 // fenced runs inside every write transaction, just before COMMIT: the
@@ -81,14 +91,8 @@ func (s *Shard) fenced(ctx context.Context) error {
 	if s.cfg.Epoch == 0 {
 		return nil
 	}
-	got, err := readEpoch(ctx, s.wconn)
-	if err != nil {
-		return err
-	}
-	if got > s.cfg.Epoch {
-		return fmt.Errorf("%w (file epoch %d, this writer's %d)", ErrFenced, got, s.cfg.Epoch)
-	}
-	return nil
+	_, err := s.checkEpoch(ctx)
+	return err
 }
 
 // BackupInfo describes a consistent copy of a shard file.
