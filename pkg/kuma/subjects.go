@@ -94,3 +94,18 @@ func ProjectorStatusSubject(ctx string) string { return "_kuma." + ctx + ".proje
 
 // StreamName is the JetStream stream of a context's events.
 func StreamName(ctx string) string { return "KUMA_" + ctx }
+
+// ReplyAllowed reports whether Kuma may answer a request on its reply
+// subject. A reply inside Kuma's own namespaces (kuma.>, _kuma.>) or NATS's
+// ($JS, $KV, $SYS...) is refused: otherwise a client could make a service
+// publish its answer into an event stream or call an API with it, using the
+// service's rights instead of its own. No reply (a plain publish) is allowed:
+// nothing is sent.
+func ReplyAllowed(reply string) bool {
+	for _, ns := range [...]string{PublicPrefix, InternalPrefix} {
+		if reply == ns || strings.HasPrefix(reply, ns+".") {
+			return false
+		}
+	}
+	return !strings.HasPrefix(reply, "$")
+}

@@ -142,3 +142,25 @@ func TestParseShardSubjectRejects(t *testing.T) {
 		}
 	}
 }
+
+func TestReplyAllowed(t *testing.T) {
+	for reply, want := range map[string]bool{
+		"":                           true,
+		"_INBOX.abc.1":               true,
+		"_INBOX.client.xyz":          true,
+		"my.own.inbox":               true,
+		"kumadb.replies.1":           true,
+		"kuma":                       false,
+		"kuma.default.events.0":      false,
+		"_kuma":                      false,
+		"_kuma.default.shard.0.x.y":  false,
+		"_kuma.keyvault.shredded":    false,
+		"$JS.API.STREAM.DELETE.KUMA": false,
+		"$KV.KUMA_LEASES.lease.x.0":  false,
+		"$SYS.REQ.SERVER.PING":       false,
+	} {
+		if got := kuma.ReplyAllowed(reply); got != want {
+			t.Errorf("ReplyAllowed(%q) = %v, want %v", reply, got, want)
+		}
+	}
+}

@@ -1,8 +1,23 @@
 // Package router is Kuma's stateless front door. It takes the public entity
 // subjects kuma.<ctx>.<op>.<entity>, hashes the entity onto its context's
-// shard and forwards the request to that shard's internal subject, keeping
-// the client's reply inbox so the answer goes straight back from the
-// shardnode. Routers share a queue group: run as many as you like.
+// shard, forwards the request to that shard's internal subject and relays
+// the shardnode's answer to the client. Routers share a queue group: run as
+// many as you like.
+//
+// The router asks with a reply inbox of its own rather than passing the
+// client's on. That costs one hop on the way back, and buys two things:
+//
+//   - While a shard moves between nodes nobody subscribes to its subject for
+//     a moment. NATS tells only the publisher of a request that nobody
+//     listened (a 503 status on the publisher's own reply subscription), so
+//     a router passing the client's inbox along could not know, and the
+//     client would wait for its whole timeout. Knowing, the router holds the
+//     request and sends it again until the new owner answers (HoldFor),
+//     then answers unavailable, which every client may retry. Nothing is
+//     lost by sending again: a 503 means no shardnode received it.
+//   - A client's reply subject is checked (kuma.ReplyAllowed) and only the
+//     router writes to it, so a client cannot make a shardnode publish its
+//     answer into an event stream.
 package router
 
 import (
@@ -10,7 +25,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
@@ -33,11 +51,39 @@ const QueueGroup = "kuma-router"
 type Config struct {
 	// Contexts maps each served context to its shard count.
 	Contexts map[string]int
+	// HoldFor is how long a request whose shard has no owner answering is
+	// held and sent again before the client gets unavailable (default 2 s:
+	// a live move leaves a shard unowned for a few hundred milliseconds; a
+	// failover takes about a lease TTL, and clients retry unavailable).
+	HoldFor time.Duration
+	// MaxPending bounds the requests forwarded and not yet answered
+	// (default 65,536); beyond it the router answers unavailable at once,
+	// so a flood cannot grow its memory without bound.
+	MaxPending int
+	// MaxWait is how long the router remembers a forwarded request with no
+	// answer (default 1 minute): its shardnode died holding it, and the
+	// client has long given up.
+	MaxWait time.Duration
 	// Registerer receives the router's metrics (nil: not exported).
 	Registerer prometheus.Registerer
 	// TracerProvider traces each forward (nil: off).
 	TracerProvider trace.TracerProvider
 	Logger         *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.HoldFor <= 0 {
+		c.HoldFor = 2 * time.Second
+	}
+	if c.MaxPending <= 0 {
+		c.MaxPending = 1 << 16
+	}
+	if c.MaxWait <= 0 {
+		c.MaxWait = time.Minute
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
 }
 
 // Validate reports every problem at once.
@@ -59,40 +105,91 @@ func (c *Config) Validate() error {
 
 // Service is a running router. Its methods are safe for concurrent use.
 type Service struct {
-	cfg       Config
-	nc        *nats.Conn
-	svc       micro.Service
-	forwarded atomic.Int64
-	tracer    trace.Tracer
+	cfg    Config
+	nc     *nats.Conn
+	svc    micro.Service
+	tracer trace.Tracer
+
+	// inbox roots the router's reply subjects: inbox.<token>, one token
+	// per forwarded request.
+	inbox  string
+	sub    *nats.Subscription
+	token  atomic.Uint64
+	mu     sync.Mutex
+	wait   map[string]*pending // token → request waiting for its answer
+	closed bool
+	sweep  chan struct{}
+	swept  sync.WaitGroup
+
+	forwarded, held, unavailable, dropped, refused atomic.Int64
+}
+
+// pending is a forwarded request waiting for its shardnode's answer.
+type pending struct {
+	reply string    // the client's reply subject
+	msg   *nats.Msg // what was sent, to send again while nobody answers
+	first time.Time // first sent (monotonic)
+	tries int
+	span  trace.Span
 }
 
 // New builds a router over nc. It does no I/O.
 func New(cfg Config, nc *nats.Conn) (*Service, error) {
-	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
+	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	if nc == nil {
 		return nil, errors.New("router: a NATS connection is required")
 	}
-	s := &Service{cfg: cfg, nc: nc, tracer: telemetry.Tracer(cfg.TracerProvider)}
+	s := &Service{cfg: cfg, nc: nc, tracer: telemetry.Tracer(cfg.TracerProvider), wait: map[string]*pending{}}
 	if cfg.Registerer != nil {
-		err := cfg.Registerer.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Name: "kuma_router_forwarded_total",
-			Help: "Requests the router forwarded to a shard subject.",
-		}, func() float64 { return float64(s.forwarded.Load()) }))
-		if err != nil {
-			return nil, fmt.Errorf("router: metrics: %w", err)
+		for _, c := range []prometheus.Collector{
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "kuma_router_forwarded_total",
+				Help: "Requests the router forwarded to a shard subject.",
+			}, func() float64 { return float64(s.forwarded.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "kuma_router_held_total",
+				Help: "Requests sent again because no shard owner was subscribed (a shard moving or failing over).",
+			}, func() float64 { return float64(s.held.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "kuma_router_unavailable_total",
+				Help: "Requests answered unavailable by the router: no owner within the hold time, or too many pending.",
+			}, func() float64 { return float64(s.unavailable.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "kuma_router_refused_replies_total",
+				Help: "Requests dropped because their reply subject lies in a Kuma or NATS namespace.",
+			}, func() float64 { return float64(s.refused.Load()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "kuma_router_pending",
+				Help: "Requests forwarded and not yet answered.",
+			}, func() float64 { return float64(s.Pending()) }),
+		} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("router: metrics: %w", err)
+			}
 		}
 	}
 	return s, nil
 }
 
-// Start registers the router as the NATS micro service "kuma-router" with one
-// endpoint per entity operation.
+// Start subscribes to the router's reply inbox and registers the router as
+// the NATS micro service "kuma-router" with one endpoint per entity
+// operation.
 func (s *Service) Start(ctx context.Context) error {
+	s.inbox = s.nc.NewInbox()
+	sub, err := s.nc.Subscribe(s.inbox+".*", s.onAnswer)
+	if err != nil {
+		return fmt.Errorf("router: subscribe to its inbox: %w", err)
+	}
+	// Answers are relayed as fast as they come; the buffer absorbs bursts
+	// of up to MaxPending answers.
+	if err := sub.SetPendingLimits(s.cfg.MaxPending, 512<<20); err != nil {
+		_ = sub.Unsubscribe()
+		return fmt.Errorf("router: %w", err)
+	}
+	s.sub = sub
 	svc, err := micro.AddService(s.nc, micro.Config{
 		Name:        "kuma-router",
 		Version:     Version,
@@ -100,27 +197,39 @@ func (s *Service) Start(ctx context.Context) error {
 		QueueGroup:  QueueGroup,
 	})
 	if err != nil {
+		_ = sub.Unsubscribe()
 		return fmt.Errorf("router: register micro service: %w", err)
 	}
 	for _, op := range kuma.EntityOps {
 		subject := kuma.PublicPrefix + ".*." + op + ".*"
 		if err := svc.AddEndpoint(op, micro.HandlerFunc(s.forward), micro.WithEndpointSubject(subject)); err != nil {
 			_ = svc.Stop()
+			_ = sub.Unsubscribe()
 			return fmt.Errorf("router: add endpoint %s: %w", subject, err)
 		}
 	}
 	if err := natsbus.Flush(ctx, s.nc); err != nil {
 		_ = svc.Stop()
+		_ = sub.Unsubscribe()
 		return fmt.Errorf("router: flush: %w", err)
 	}
 	s.svc = svc
+	s.sweep = make(chan struct{})
+	s.swept.Add(1)
+	go s.sweepLoop()
 	s.cfg.Logger.Info("router started", "contexts", len(s.cfg.Contexts))
 	return nil
 }
 
-// forward sends the request on to its shard. It answers only when it cannot
-// forward; otherwise the shardnode answers the client directly.
+// forward sends the request on to its shard. The answer comes back to the
+// router's inbox (onAnswer), which relays it to the client.
 func (s *Service) forward(req micro.Request) {
+	if !kuma.ReplyAllowed(req.Reply()) {
+		// Answering would publish into the namespace the reply names.
+		s.refused.Add(1)
+		s.cfg.Logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", req.Reply())
+		return
+	}
 	ctxName, op, entity, ok := kuma.ParseEntitySubject(req.Subject())
 	if !ok {
 		s.fail(req, kuma.Errorf(kuma.CodeBadRequest, "subject %q is not kuma.<ctx>.<op>.<entity>", req.Subject()))
@@ -140,7 +249,6 @@ func (s *Service) forward(req micro.Request) {
 	ctx, span := s.tracer.Start(telemetry.Extract(context.Background(), hdr), "kuma.router forward",
 		trace.WithSpanKind(trace.SpanKindServer),
 		trace.WithAttributes(attribute.String("kuma.op", op), attribute.String("kuma.entity", entity), attribute.Int("kuma.shard", shard)))
-	defer span.End()
 	if span.SpanContext().IsValid() {
 		// The shardnode's span is the router's child: a copy of the
 		// headers with the router's span context.
@@ -151,17 +259,157 @@ func (s *Service) forward(req micro.Request) {
 		telemetry.Inject(ctx, fwd)
 		hdr = fwd
 	}
-	msg := &nats.Msg{
-		Subject: kuma.ShardSubject(ctxName, shard, op, entity),
-		Reply:   req.Reply(),
-		Data:    req.Data(),
-		Header:  hdr,
+	msg := &nats.Msg{Subject: kuma.ShardSubject(ctxName, shard, op, entity), Data: req.Data(), Header: hdr}
+	if req.Reply() == "" {
+		// A plain publish: nobody waits for an answer.
+		defer span.End()
+		if err := s.nc.PublishMsg(msg); err != nil {
+			s.cfg.Logger.Warn("router could not forward", "subject", msg.Subject, "err", err)
+			return
+		}
+		s.forwarded.Add(1)
+		return
 	}
+	p := &pending{reply: req.Reply(), msg: msg, first: time.Now(), span: span}
+	token := strconv.FormatUint(s.token.Add(1), 36)
+	msg.Reply = s.inbox + "." + token
+	s.mu.Lock()
+	if s.closed || len(s.wait) >= s.cfg.MaxPending {
+		closed := s.closed
+		s.mu.Unlock()
+		span.End()
+		s.unavailable.Add(1)
+		why := "router is stopping"
+		if !closed {
+			why = fmt.Sprintf("router has %d requests waiting for their shards", s.cfg.MaxPending)
+		}
+		s.fail(req, kuma.Errorf(kuma.CodeUnavailable, "%s; retry", why))
+		return
+	}
+	s.wait[token] = p
+	s.mu.Unlock()
 	if err := s.nc.PublishMsg(msg); err != nil {
+		s.take(token)
+		span.End()
 		s.fail(req, kuma.Errorf(kuma.CodeUnavailable, "router could not forward: %v", err))
 		return
 	}
 	s.forwarded.Add(1)
+}
+
+// onAnswer relays a shardnode's answer to the client, or, when NATS says
+// nobody was subscribed to the shard, sends the request again a little
+// later until HoldFor has passed.
+func (s *Service) onAnswer(m *nats.Msg) {
+	token := m.Subject[len(s.inbox)+1:]
+	// Nobody subscribed (NATS's own 503), or the owner answered
+	// unavailable (it is handing the shard off and did not do the work):
+	// either way the request may be sent again.
+	if m.Header.Get("Status") == "503" && len(m.Data) == 0 || m.Header.Get(natsbus.HeaderErrorCode) == "503" {
+		s.noOwner(token, m)
+		return
+	}
+	p := s.take(token)
+	if p == nil {
+		return // answered already, or given up on
+	}
+	defer p.span.End()
+	out := &nats.Msg{Subject: p.reply, Header: m.Header, Data: m.Data}
+	if err := s.nc.PublishMsg(out); err != nil {
+		s.cfg.Logger.Warn("router could not relay an answer", "subject", p.msg.Subject, "err", err)
+	}
+}
+
+// noOwner handles a request no owner took: its shard is between owners. The
+// last answer is relayed when the hold time is over (an owner's own
+// unavailable says more than the router's).
+func (s *Service) noOwner(token string, last *nats.Msg) {
+	s.mu.Lock()
+	p := s.wait[token]
+	if p == nil {
+		s.mu.Unlock()
+		return
+	}
+	elapsed := time.Since(p.first)
+	if elapsed >= s.cfg.HoldFor || s.closed {
+		delete(s.wait, token)
+		s.mu.Unlock()
+		s.unavailable.Add(1)
+		p.span.AddEvent("no owner answered", trace.WithAttributes(attribute.Int("kuma.tries", p.tries+1)))
+		p.span.End()
+		if len(last.Data) > 0 {
+			if err := s.nc.PublishMsg(&nats.Msg{Subject: p.reply, Header: last.Header, Data: last.Data}); err != nil {
+				s.cfg.Logger.Warn("router reply failed", "err", err)
+			}
+			return
+		}
+		s.answer(p.reply, kuma.Errorf(kuma.CodeUnavailable,
+			"%s has no owner answering after %s (the shard is moving, or its node is down); retry with the same idempotency key",
+			p.msg.Subject, elapsed.Round(time.Millisecond)))
+		return
+	}
+	p.tries++
+	// 5, 10, 20, 40 ms, then every 50 ms: a live move leaves a gap of a
+	// few hundred milliseconds.
+	delay := min(5*time.Millisecond<<min(p.tries-1, 4), 50*time.Millisecond)
+	s.mu.Unlock()
+	s.held.Add(1)
+	time.AfterFunc(delay, func() {
+		s.mu.Lock()
+		still := s.wait[token] == p
+		s.mu.Unlock()
+		if !still {
+			return
+		}
+		if err := s.nc.PublishMsg(p.msg); err != nil && s.take(token) != nil {
+			p.span.End()
+			s.answer(p.reply, kuma.Errorf(kuma.CodeUnavailable, "router could not forward: %v", err))
+		}
+	})
+}
+
+// take removes and returns a waiting request (nil when it is not waiting).
+func (s *Service) take(token string) *pending {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.wait[token]
+	delete(s.wait, token)
+	return p
+}
+
+// answer sends a protocol error to a client's reply subject.
+func (s *Service) answer(reply string, err error) {
+	if perr := s.nc.PublishMsg(natsbus.ErrorMsg(reply, err)); perr != nil {
+		s.cfg.Logger.Warn("router reply failed", "err", perr)
+	}
+}
+
+// sweepLoop forgets requests whose shardnode never answered.
+func (s *Service) sweepLoop() {
+	defer s.swept.Done()
+	t := time.NewTicker(max(s.cfg.MaxWait/4, 10*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.sweep:
+			return
+		case <-t.C:
+		}
+		var gone []*pending
+		s.mu.Lock()
+		for token, p := range s.wait {
+			if time.Since(p.first) > s.cfg.MaxWait {
+				delete(s.wait, token)
+				gone = append(gone, p)
+			}
+		}
+		s.mu.Unlock()
+		for _, p := range gone {
+			s.dropped.Add(1)
+			p.span.AddEvent("no answer from the shardnode")
+			p.span.End()
+		}
+	}
 }
 
 func (s *Service) fail(req micro.Request, err error) {
@@ -173,10 +421,54 @@ func (s *Service) fail(req micro.Request, err error) {
 // Forwarded returns how many requests this router forwarded.
 func (s *Service) Forwarded() int64 { return s.forwarded.Load() }
 
-// Stop deregisters the service; requests already forwarded are unaffected.
+// Held returns how many times a request was sent again because no shard
+// owner was subscribed.
+func (s *Service) Held() int64 { return s.held.Load() }
+
+// Unavailable returns how many requests the router answered unavailable.
+func (s *Service) Unavailable() int64 { return s.unavailable.Load() }
+
+// Refused returns how many requests were dropped for a reserved reply subject.
+func (s *Service) Refused() int64 { return s.refused.Load() }
+
+// Pending returns how many forwarded requests wait for their answer.
+func (s *Service) Pending() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.wait)
+}
+
+// Stop deregisters the service, so no new request comes in, waits (within
+// ctx) for the answers to requests already forwarded, and answers the rest
+// unavailable before it stops listening: a client retries those elsewhere
+// instead of waiting out its timeout.
 func (s *Service) Stop(ctx context.Context) error {
 	if s.svc == nil {
 		return nil
 	}
-	return s.svc.Stop()
+	err := s.svc.Stop()
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	wait, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for s.Pending() > 0 && wait.Err() == nil {
+		select {
+		case <-wait.Done():
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	s.mu.Lock()
+	left := s.wait
+	s.wait = map[string]*pending{}
+	s.mu.Unlock()
+	for _, p := range left {
+		s.unavailable.Add(1)
+		p.span.End()
+		s.answer(p.reply, kuma.Errorf(kuma.CodeUnavailable, "router stopped before %s answered; retry with the same idempotency key", p.msg.Subject))
+	}
+	close(s.sweep)
+	s.swept.Wait()
+	s.svc = nil
+	return errors.Join(err, s.sub.Unsubscribe())
 }

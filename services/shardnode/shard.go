@@ -86,6 +86,13 @@ func (sh *shard) subscribe() error {
 // onMsg runs on the subscription's goroutine: it only checks the address and
 // hands the message to the entity's actor, which does the work.
 func (sh *shard) onMsg(msg *nats.Msg) {
+	if !kuma.ReplyAllowed(msg.Reply) {
+		// Answering would publish into the namespace the reply names
+		// (an event stream, a KV bucket): drop the request unanswered.
+		sh.node.metrics.requests.WithLabelValues("unknown", string(kuma.CodeForbidden)).Inc()
+		sh.node.cfg.Logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", msg.Reply)
+		return
+	}
 	op, entity, ok := kuma.ParseShardSubject(msg.Subject)
 	if !ok {
 		sh.replyError(msg, kuma.Errorf(kuma.CodeNotFound, "unknown subject %q", msg.Subject))
