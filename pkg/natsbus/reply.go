@@ -122,3 +122,16 @@ func MicroError(req micro.Request, err error) error {
 	m := ErrorMsg(req.Reply(), kerr)
 	return req.Error(m.Header.Get(HeaderErrorCode), kerr.Message, m.Data)
 }
+
+// Guard wraps a micro handler so that a request whose reply subject lies in
+// a reserved namespace (see kuma.ReplyAllowed) is dropped unanswered:
+// answering it would publish, with the service's rights, into an event
+// stream or a NATS API. Every endpoint clients can reach is guarded.
+func Guard(h micro.HandlerFunc) micro.HandlerFunc {
+	return func(req micro.Request) {
+		if !kuma.ReplyAllowed(req.Reply()) {
+			return
+		}
+		h(req)
+	}
+}

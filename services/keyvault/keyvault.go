@@ -246,7 +246,7 @@ func (s *Service) serve(ctx context.Context) error {
 	}
 	s.svc = svc
 	add := func(name, subject string, h func(context.Context, []byte) (any, error)) error {
-		return svc.AddEndpoint(name, micro.HandlerFunc(func(req micro.Request) {
+		return svc.AddEndpoint(name, natsbus.Guard(func(req micro.Request) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			out, err := h(ctx, req.Data())

@@ -593,7 +593,7 @@ func (s *Service) serve(ctx context.Context) error {
 	}
 	for _, e := range endpoints {
 		h := e.h
-		err := svc.AddEndpoint(e.name+"-"+kctx, micro.HandlerFunc(func(req micro.Request) {
+		err := svc.AddEndpoint(e.name+"-"+kctx, natsbus.Guard(func(req micro.Request) {
 			ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
 			ctx, cancel := context.WithTimeout(ctx, kuma.MaxQueryWait*time.Millisecond+s.cfg.QueryTimeout+time.Second)
 			defer cancel()
