@@ -81,8 +81,13 @@ func (s *Service) Start(ctx context.Context) error {
 		return fmt.Errorf("shardnode: jetstream: %w", err)
 	}
 	s.js = js
+	replicas, err := s.replicaFloor(ctx) // replicas.go: never below what they have
+	if err != nil {
+		_ = s.Stop(ctx)
+		return fmt.Errorf("%w (does the NATS server run JetStream?)", err)
+	}
 	for _, cc := range s.cfg.Contexts {
-		if err := ensureStream(ctx, js, cc.Name, s.cfg.Cluster.Replicas); err != nil {
+		if err := ensureStream(ctx, js, cc.Name, replicas); err != nil {
 			_ = s.Stop(ctx)
 			return fmt.Errorf("%w (does the NATS server run JetStream?)", err)
 		}
@@ -95,7 +100,7 @@ func (s *Service) Start(ctx context.Context) error {
 		}
 	}
 	store, err := cluster.Open(ctx, js, cluster.Config{
-		Node: s.cfg.NodeName, Replicas: s.cfg.Cluster.Replicas,
+		Node: s.cfg.NodeName, Replicas: replicas,
 		MemberTTL: s.cfg.Cluster.MemberTTL, LeaseTTL: s.cfg.Cluster.LeaseTTL,
 		Logger: s.cfg.Logger, Now: s.cfg.Now,
 	})
@@ -122,6 +127,11 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	s.owner.done.Add(1)
 	go s.owner.run()
+	if err := s.raiseAtStart(ctx); err != nil {
+		s.cfg.Logger.Warn("replicas not raised at start; trying again", "every", replicasEvery, "err", err)
+	}
+	s.owner.done.Add(1)
+	go s.followReplicas(s.owner.stop, s.owner.done.Done)
 	s.cfg.Logger.Info("shardnode started", "node", s.cfg.NodeName, "contexts", len(s.cfg.Contexts),
 		"shards", len(s.allShards()), "members", len(store.Members()), "data", s.cfg.DataDir)
 	return nil
