@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync/atomic"
 
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/telemetry"
@@ -30,8 +31,11 @@ type App struct {
 	// registry holds every module's metrics; one per App, never global.
 	registry *prometheus.Registry
 	// ownTP is the tracer provider the App built (and must flush on Stop).
-	ownTP   *sdktrace.TracerProvider
-	started []startedModule
+	ownTP *sdktrace.TracerProvider
+	// clusterAddr is the embedded server's route address (host:port), set
+	// once it listens; read concurrently with Start (see ClusterAddr).
+	clusterAddr atomic.Value
+	started     []startedModule
 	// specs are the declared projections, checked in New.
 	specs []projection.Spec
 }
@@ -123,6 +127,16 @@ func (a *App) ClientURL() string {
 		return a.srv.ClientURL()
 	}
 	return a.cfg.NATSURL
+}
+
+// ClusterAddr is the host:port the embedded server takes routes on (the
+// address other members --join as nats://host:port), or "" when it is not a
+// cluster member or not listening yet. Unlike the other accessors it may be
+// called while Start runs: a first member's Start waits for a second member,
+// which needs this address to join.
+func (a *App) ClusterAddr() string {
+	s, _ := a.clusterAddr.Load().(string)
+	return s
 }
 
 // Config returns the effective configuration, defaults filled in.

@@ -11,10 +11,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
@@ -42,6 +44,26 @@ type Config struct {
 	// authentication (`--insecure`), for a private network or a container
 	// whose port only trusted peers reach.
 	Insecure bool
+	// Join, ClusterListen and ClusterName make the embedded server (target
+	// all) a member of a NATS cluster with clustered JetStream; see
+	// natsbus.ServerConfig for what holds then. Join lists route URLs
+	// (nats://host:port) of running members, any of them: gossip finds the
+	// rest. ClusterListen is host:port for the other members' routes; alone
+	// (no Join) it makes this node the first member, whose JetStream waits
+	// for a second one. ClusterName defaults to "kuma" and must be the same
+	// on every member. The embedded server is named NodeName in a cluster.
+	// The cluster listener has no authentication either, so a non-loopback
+	// one needs Insecure, like NATSListen.
+	Join          []string
+	ClusterListen string
+	ClusterName   string
+	// Keyvault says where the keyvault of target all runs: KeyvaultLocal
+	// (default) in this process, KeyvaultRemote elsewhere in the cluster,
+	// reached over NATS as `kuma serve --target shardnode` does. The
+	// keyvault is not replicated yet: a cluster runs one (the first node's),
+	// and while it is down no entity can be created or forgotten; keys
+	// already cached keep working.
+	Keyvault string
 	// NATSURL is the external NATS to join (every target but all).
 	NATSURL string
 	// NATSUser and NATSPassword, or NATSCredsFile (a .creds file), or
@@ -105,6 +127,14 @@ const (
 	DefaultMetricsListen = "127.0.0.1:9464"
 	// DefaultConsoleListen is where `kuma up` serves the web console.
 	DefaultConsoleListen = "127.0.0.1:9480"
+	// DefaultClusterName names the NATS cluster of `kuma up --join`.
+	DefaultClusterName = "kuma"
+)
+
+// Where the keyvault of target all runs (Config.Keyvault).
+const (
+	KeyvaultLocal  = "local"
+	KeyvaultRemote = "remote"
 )
 
 // ConsoleLoopback reports whether a console address listens on loopback
@@ -146,6 +176,36 @@ func (c *Config) setDefaults() {
 	if c.ReadyMaxLag == 0 {
 		c.ReadyMaxLag = 1000
 	}
+	if c.ClusterName == "" {
+		c.ClusterName = DefaultClusterName
+	}
+	if c.Keyvault == "" {
+		c.Keyvault = KeyvaultLocal
+	}
+}
+
+// embedded reports whether the target runs the embedded NATS server.
+func (c *Config) embedded() bool { return slices.Contains(order(c.Target), ModuleNATSServer) }
+
+// clustered reports whether the embedded server joins a NATS cluster.
+func (c *Config) clustered() bool { return c.ClusterListen != "" || len(c.Join) > 0 }
+
+// natsServerConfig is the embedded server's configuration. A standalone
+// server keeps nats-server's name "kuma" as it always had; a cluster member
+// is named NodeName, which is unique in the cluster already.
+func (c *Config) natsServerConfig() natsbus.ServerConfig {
+	sc := natsbus.ServerConfig{
+		Listen:   c.NATSListen,
+		StoreDir: filepath.Join(c.DataDir, "nats"),
+		Logger:   c.Logger,
+	}
+	if c.clustered() {
+		sc.ServerName = c.NodeName
+		sc.ClusterName = c.ClusterName
+		sc.ClusterListen = c.ClusterListen
+		sc.Routes = c.Join
+	}
+	return sc
 }
 
 // Validate reports every problem at once, each with its fix.
@@ -167,13 +227,23 @@ func (c *Config) Validate() error {
 	} else if c.Target == ModuleConsole {
 		errs = append(errs, fmt.Errorf("target console needs --console-listen (host:port such as %s)", DefaultConsoleListen))
 	}
-	if slices.Contains(order(c.Target), ModuleNATSServer) && !c.Insecure && !ConsoleLoopback(c.NATSListen) {
+	if c.embedded() && !c.Insecure && !ConsoleLoopback(c.NATSListen) {
 		errs = append(errs, fmt.Errorf("--nats-listen %s is not a loopback address, and the embedded NATS server has no authentication: "+
 			"anyone who reaches it could read and erase everything; listen on 127.0.0.1, or pass --insecure (KUMA_INSECURE=true) "+
 			"if only trusted peers can reach it", c.NATSListen))
 	}
+	errs = append(errs, c.validateCluster()...)
 	if err := c.validateNATSAuth(); err != nil {
 		errs = append(errs, err)
+	}
+	switch c.Keyvault {
+	case KeyvaultLocal:
+	case KeyvaultRemote:
+		if c.Target != TargetAll {
+			errs = append(errs, fmt.Errorf("--keyvault %s is for kuma up (target all); other targets never run a keyvault beside their service", c.Keyvault))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--keyvault must be %s (run it in this process) or %s (use the cluster's, over NATS), got %q", KeyvaultLocal, KeyvaultRemote, c.Keyvault))
 	}
 	switch c.Synchronous {
 	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:
@@ -181,4 +251,28 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("--sync must be FULL or NORMAL, got %q", c.Synchronous))
 	}
 	return errors.Join(errs...)
+}
+
+// validateCluster checks the cluster settings of the embedded server.
+func (c *Config) validateCluster() []error {
+	if !c.clustered() {
+		return nil
+	}
+	if !c.embedded() {
+		return []error{fmt.Errorf("--join and --cluster-listen are for kuma up (the embedded NATS server); target %s joins a NATS cluster through --nats-url", c.Target)}
+	}
+	var errs []error
+	if len(c.Join) > 0 && c.ClusterListen == "" {
+		// natsbus says so too, in its own terms; this one names the flags.
+		errs = append(errs, errors.New("--join needs --cluster-listen: the host:port this node takes routes on, reachable by the other members "+
+			"(such as 0.0.0.0:6222), since the members found through the cluster dial back to it"))
+	} else if err := c.natsServerConfig().Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.ClusterListen != "" && !c.Insecure && !ConsoleLoopback(c.ClusterListen) {
+		errs = append(errs, fmt.Errorf("--cluster-listen %s is not a loopback address, and the embedded server's routes have no authentication: "+
+			"anyone who reaches it could join the cluster and read and erase everything; listen on 127.0.0.1, or pass --insecure "+
+			"(KUMA_INSECURE=true) if only trusted peers can reach it", c.ClusterListen))
+	}
+	return errs
 }

@@ -118,6 +118,12 @@ func (a *App) build(module string) (service, error) {
 			Logger:         cfg.Logger.With("service", "router"),
 		}, a.nc)
 	case ModuleKeyvault:
+		if cfg.Keyvault == KeyvaultRemote {
+			// The shardnode and projector reach the cluster's keyvault
+			// over NATS (a.vault stays nil). It is one keyvault, not
+			// replicated: see Config.Keyvault.
+			return offModule{}, nil
+		}
 		key, err := a.masterKey()
 		if err != nil {
 			return nil, err
@@ -239,15 +245,14 @@ func (m *consoleModule) Stop(ctx context.Context) error {
 type natsServerModule struct{ app *App }
 
 func (m *natsServerModule) Start(ctx context.Context) error {
-	srv, err := natsbus.StartServer(ctx, natsbus.ServerConfig{
-		Listen:   m.app.cfg.NATSListen,
-		StoreDir: filepath.Join(m.app.cfg.DataDir, "nats"),
-		Logger:   m.app.cfg.Logger,
-	})
+	srv, err := natsbus.StartServer(ctx, m.app.cfg.natsServerConfig())
 	if err != nil {
 		return err
 	}
 	m.app.srv = srv
+	if addr := srv.ClusterAddr(); addr != nil {
+		m.app.clusterAddr.Store(addr.String())
+	}
 	return nil
 }
 
@@ -269,6 +274,29 @@ func (m *natsConnModule) Start(ctx context.Context) error {
 		return err
 	}
 	m.app.nc = nc
+	if m.app.srv != nil && m.app.cfg.clustered() {
+		if err := m.app.waitJetStream(ctx); err != nil {
+			return errors.Join(err, m.Stop(ctx)) // not started: Stop would skip it
+		}
+	}
+	return nil
+}
+
+// waitJetStream holds the start of the modules that need JetStream (all that
+// follow) until the embedded cluster member's JetStream answers, or ctx ends.
+// A first member's answers only once a second member has joined.
+func (a *App) waitJetStream(ctx context.Context) error {
+	log := a.cfg.Logger
+	if len(a.cfg.Join) == 0 {
+		log.Info("first cluster member: JetStream waits for a second member to join; start another node with --join",
+			"join", "nats://"+a.ClusterAddr(), "cluster", a.cfg.ClusterName)
+	} else {
+		log.Debug("waiting for the cluster's JetStream", "join", a.cfg.Join)
+	}
+	if err := natsbus.WaitJetStream(ctx, a.nc); err != nil {
+		return err
+	}
+	log.Info("cluster JetStream ready", "node", a.cfg.NodeName, "cluster", a.cfg.ClusterName)
 	return nil
 }
 
