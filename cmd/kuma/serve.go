@@ -104,6 +104,10 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	var logLevel, logFormat string
 	serverFlags(fs, &cfg, &logLevel, &logFormat)
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server")
+	fs.Var((*listFlag)(&cfg.Join), "join", "route URL nats://host:port of a running cluster member to join; repeat it or separate URLs by commas (see docs/cluster.md)")
+	fs.StringVar(&cfg.ClusterListen, "cluster-listen", "", "host:port for the other cluster members' routes (empty: not a cluster member); needs --insecure unless loopback")
+	fs.StringVar(&cfg.ClusterName, "cluster-name", app.DefaultClusterName, "NATS cluster name, the same on every member")
+	fs.StringVar(&cfg.Keyvault, "keyvault", app.KeyvaultLocal, "local: run the keyvault in this process; remote: use the cluster's keyvault over NATS (every node but one)")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
@@ -167,7 +171,14 @@ func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stde
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// A cluster member's start waits for the cluster's JetStream, and the
+	// first member's for a second member to join, which takes what the
+	// operator takes: it is bounded by SIGINT/SIGTERM only.
 	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	if len(cfg.Join) > 0 || cfg.ClusterListen != "" {
+		cancel()
+		startCtx, cancel = context.WithCancel(ctx)
+	}
 	err = a.Start(startCtx)
 	cancel()
 	if err != nil {
@@ -196,4 +207,24 @@ func flagSet(fs *flag.FlagSet, name string) bool {
 	set := false
 	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
 	return set
+}
+
+// listFlag is a repeatable flag whose values may also be comma-separated,
+// so that one environment variable (KUMA_JOIN=a,b) can carry a list.
+type listFlag []string
+
+func (l *listFlag) String() string {
+	if l == nil {
+		return ""
+	}
+	return strings.Join(*l, ",")
+}
+
+func (l *listFlag) Set(v string) error {
+	for _, item := range strings.Split(v, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			*l = append(*l, item)
+		}
+	}
+	return nil
 }
