@@ -320,6 +320,7 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 			return nil, kuma.Errorf(kuma.CodeUnavailable, "shard %d is closing; retry", a.sh.n)
 		}
 		if errors.Is(err, sqlite.ErrFenced) {
+			a.sh.node.metrics.fenced.WithLabelValues("epoch").Inc()
 			return nil, kuma.Errorf(kuma.CodeUnavailable, "shard %d has a newer owner; retry", a.sh.n)
 		}
 		return nil, err

@@ -472,6 +472,7 @@ func (s *Service) lostShard(sh *shard, why string) {
 // fenceErr is what a commit gets once the shard's lease has run out.
 func (sh *shard) fence() error {
 	if sh.node.owner.now() > time.Duration(sh.deadline.Load()) {
+		sh.node.metrics.fenced.WithLabelValues("lease").Inc()
 		return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q: this node's lease ran out (the shard may be moving); retry", sh.n, sh.cc.Name)
 	}
 	return nil

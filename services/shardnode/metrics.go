@@ -19,6 +19,7 @@ type metrics struct {
 	commitBatch prometheus.Histogram
 	syncTime    prometheus.Histogram
 	moves       *prometheus.CounterVec
+	fenced      *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
@@ -50,6 +51,10 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			Name: "kuma_shard_moves_total",
 			Help: "Shards this node took (in), handed off (out) or lost to a newer owner (lost).",
 		}, []string{"direction"}),
+		fenced: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kuma_shard_fenced_total",
+			Help: "Writes refused because this node no longer owns the shard: its lease ran out (reason lease, per commit group) or the file carries a newer owner's epoch (reason epoch, per request).",
+		}, []string{"reason"}),
 	}
 	gauges := []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_live_actors", Help: "Entity actors in memory."},
@@ -70,7 +75,7 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 		reachable: prometheus.NewDesc("kuma_stream_reachable", "1 while the context's event stream answers.", []string{"context"}, nil),
 		messages:  prometheus.NewDesc("kuma_stream_messages", "Messages the context's event stream holds.", []string{"context"}, nil),
 	})
-	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves}, gauges...) {
+	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced}, gauges...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
