@@ -13,14 +13,17 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/kumadb/kuma/services/console"
+	"github.com/kumadb/kuma/services/shardnode"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -73,6 +76,10 @@ type Config struct {
 	// _INBOX.<NATSUser>. See natsauth.go and deployments/nats/kuma.conf.
 	NATSUser, NATSPassword, NATSCredsFile, NATSNKeyFile string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey, NATSInboxPrefix string
+	// Durability is the context's acknowledgement rule: "local" (default,
+	// after the local fsync) or "replicated" (once the event stream, which
+	// the NATS cluster replicates, has the events too).
+	Durability string
 	// Synchronous is SQLite's durability setting: FULL (default) or NORMAL.
 	Synchronous string
 	// SnapshotEvery, IdleTimeout and MaxActors tune the shardnode's actors.
@@ -171,7 +178,8 @@ func (c *Config) setDefaults() {
 		c.Now = time.Now
 	}
 	if c.NodeName == "" {
-		c.NodeName, _ = os.Hostname()
+		host, _ := os.Hostname()
+		c.NodeName = nodeNameFromHost(host)
 	}
 	if c.ReadyMaxLag == 0 {
 		c.ReadyMaxLag = 1000
@@ -208,9 +216,35 @@ func (c *Config) natsServerConfig() natsbus.ServerConfig {
 	return sc
 }
 
+// nodeNameFromHost makes a node name of a host name: its first label, with
+// anything a node name may not hold (see cluster.ValidateNode) replaced by
+// '-', so that a host named ip-10-0-0-7.ec2.internal is node ip-10-0-0-7.
+func nodeNameFromHost(host string) string {
+	host, _, _ = strings.Cut(host, ".")
+	b := []byte(host)
+	for i, ch := range b {
+		switch {
+		case i == 0 && (ch == '-' || ch == '_'):
+			b[i] = 'x' // a name starts with a letter or digit
+		case !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '-' || ch == '_'):
+			b[i] = '-'
+		}
+	}
+	if len(b) > 63 {
+		b = b[:63]
+	}
+	if len(b) == 0 {
+		return "kuma"
+	}
+	return string(b)
+}
+
 // Validate reports every problem at once, each with its fix.
 func (c *Config) Validate() error {
 	var errs []error
+	if err := cluster.ValidateNode(c.NodeName); err != nil {
+		errs = append(errs, fmt.Errorf("--node: %w", err))
+	}
 	if _, ok := targets[c.Target]; !ok {
 		errs = append(errs, fmt.Errorf("target %q is unknown; use one of %v", c.Target, targetNames()))
 	}
@@ -244,6 +278,11 @@ func (c *Config) Validate() error {
 		}
 	default:
 		errs = append(errs, fmt.Errorf("--keyvault must be %s (run it in this process) or %s (use the cluster's, over NATS), got %q", KeyvaultLocal, KeyvaultRemote, c.Keyvault))
+	}
+	switch c.Durability {
+	case "", shardnode.DurabilityLocal, shardnode.DurabilityReplicated:
+	default:
+		errs = append(errs, fmt.Errorf("--durability must be %s or %s, got %q", shardnode.DurabilityLocal, shardnode.DurabilityReplicated, c.Durability))
 	}
 	switch c.Synchronous {
 	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:

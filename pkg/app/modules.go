@@ -193,7 +193,7 @@ func (a *App) build(module string) (service, error) {
 			TracerProvider: cfg.TracerProvider,
 			DataDir:        cfg.DataDir,
 			Contexts: []shardnode.ContextConfig{{
-				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context],
+				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context], Durability: cfg.Durability,
 			}},
 			Synchronous:   cfg.Synchronous,
 			SnapshotEvery: cfg.SnapshotEvery,

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/nats-io/nats.go"
 )
 
@@ -158,4 +159,27 @@ func selfSigned(t *testing.T, dir string) (cert, key string) {
 		t.Fatal(err)
 	}
 	return cert, key
+}
+
+func TestNodeNameFromHost(t *testing.T) {
+	for host, want := range map[string]string{
+		"laptop":                   "laptop",
+		"ip-10-0-0-7.ec2.internal": "ip-10-0-0-7",
+		"kuma-0.kuma.default.svc":  "kuma-0",
+		"_weird+host":              "xweird-host",
+		"":                         "kuma",
+	} {
+		got := nodeNameFromHost(host)
+		if got != want {
+			t.Errorf("nodeNameFromHost(%q) = %q, want %q", host, got, want)
+		}
+		if err := cluster.ValidateNode(got); err != nil {
+			t.Errorf("nodeNameFromHost(%q) = %q is not a valid node name: %v", host, got, err)
+		}
+	}
+	c := Config{NodeName: "bad.name"}
+	c.setDefaults()
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--node") {
+		t.Fatalf("Validate with node bad.name = %v, want a --node error", err)
+	}
 }
