@@ -28,6 +28,7 @@ Usage:
   kuma projection retry NAME            try the event a stopped projection failed on again
   kuma projection skip NAME POSITION    skip that event (recorded)
   kuma status                           shards, nodes and projections
+  kuma migrate --shard N --to NODE [--wait 30s] [--unpin]   move a shard to a node (a pin; --unpin drops it)
   kuma bench [--events N] [--baseline sqlite] [--verify] [--rate R] ...   the load test (see loadtest/README.md)
   kuma keyvault rotate --data DIR --master-key-file OLD --new-master-key-file NEW
   kuma version
@@ -60,6 +61,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = cmdClient(ctx, cmd, rest, stdin, stdout, stderr, getenv)
 	case "query", "projection", "status":
 		err = cmdProjection(ctx, cmd, rest, stdout, stderr, getenv)
+	case "migrate":
+		err = cmdMigrate(ctx, rest, stdout, stderr, getenv)
 	case "keyvault":
 		err = cmdKeyvault(ctx, rest, stdout, stderr, getenv)
 	case "bench":
