@@ -55,6 +55,9 @@ func (s *Service) serveStatus(ctx context.Context) error {
 		return fmt.Errorf("shardnode: register micro service: %w", err)
 	}
 	s.micro = svc
+	// The handlers keep the owner of this run: Stop clears s.owner while a
+	// request may still be in a handler.
+	o := s.owner
 	for i := range s.cfg.Contexts {
 		cc := &s.cfg.Contexts[i]
 		name := cc.Name
@@ -63,11 +66,11 @@ func (s *Service) serveStatus(ctx context.Context) error {
 			answer        func(context.Context, []byte) (any, error)
 		}{
 			{"status-" + name, kuma.PublicPrefix + "." + name + ".status",
-				func(ctx context.Context, _ []byte) (any, error) { return s.Status(ctx, name) }},
+				func(ctx context.Context, _ []byte) (any, error) { return s.status(ctx, name, o) }},
 			{"node-status-" + name, nodeStatusSubject(name, s.cfg.NodeName),
-				func(ctx context.Context, _ []byte) (any, error) { return s.report(ctx, name) }},
+				func(ctx context.Context, _ []byte) (any, error) { return s.report(ctx, name, o) }},
 			{"migrate-" + name, kuma.MigrateSubject(name),
-				func(ctx context.Context, body []byte) (any, error) { return s.migrate(ctx, cc, body) }},
+				func(ctx context.Context, body []byte) (any, error) { return s.migrate(ctx, o, cc, body) }},
 		}
 		for _, ep := range endpoints {
 			answer := ep.answer
@@ -94,7 +97,7 @@ func (s *Service) serveStatus(ctx context.Context) error {
 
 // report lists the shards of one context this node serves, with their
 // counts, and the moves it has under way.
-func (s *Service) report(ctx context.Context, kctx string) (*nodeReport, error) {
+func (s *Service) report(ctx context.Context, kctx string, o *owner) (*nodeReport, error) {
 	out := &nodeReport{Node: s.cfg.NodeName, Shards: []kuma.ShardStatus{}, Moves: []kuma.ShardMove{}}
 	for _, sh := range s.allShards() {
 		if sh.cc.Name != kctx {
@@ -117,10 +120,14 @@ func (s *Service) report(ctx context.Context, kctx string) (*nodeReport, error) 
 		out.Shards = append(out.Shards, line)
 	}
 	sort.Slice(out.Shards, func(i, j int) bool { return out.Shards[i].Shard < out.Shards[j].Shard })
-	for _, m := range s.Moves() {
-		if m.Context == kctx {
-			out.Moves = append(out.Moves, kuma.ShardMove{Node: s.cfg.NodeName, Shard: m.Shard, What: m.What})
+	if o != nil {
+		o.mu.Lock()
+		for k, what := range o.moving {
+			if k.ctx == kctx {
+				out.Moves = append(out.Moves, kuma.ShardMove{Node: s.cfg.NodeName, Shard: k.n, What: what})
+			}
 		}
+		o.mu.Unlock()
 	}
 	sortMoves(out.Moves)
 	return out, nil
@@ -131,20 +138,25 @@ func (s *Service) report(ctx context.Context, kctx string) (*nodeReport, error) 
 // pin, the live members, the moves under way, and each shard's counts as
 // its owner reports them (members are asked in parallel, for at most
 // nodeAskTimeout). A node that is not a member (before Start or after
-// Stop) answers for the shards it serves, as a cluster of one would.
+// Stop) answers for the shards it serves, as a cluster of one would. Like
+// Start and Stop, it must not be called while Stop runs; the status
+// endpoint is safe then.
 func (s *Service) Status(ctx context.Context, kctx string) (*kuma.StatusReply, error) {
+	return s.status(ctx, kctx, s.owner)
+}
+
+func (s *Service) status(ctx context.Context, kctx string, o *owner) (*kuma.StatusReply, error) {
 	cc := s.contextConfig(kctx)
 	if cc == nil {
 		return nil, kuma.Errorf(kuma.CodeNotFound, "this shardnode does not serve context %q", kctx)
 	}
-	self, err := s.report(ctx, kctx)
+	self, err := s.report(ctx, kctx, o)
 	if err != nil {
 		return nil, err
 	}
 	out := &kuma.StatusReply{Context: kctx, AnsweredBy: s.cfg.NodeName, Moves: self.Moves}
 	projections := make(chan []kuma.ProjectionStatus, 1)
 	go func() { projections <- s.projections(ctx, kctx) }()
-	o := s.owner
 	if o == nil {
 		out.Shards = self.Shards
 		out.Nodes = []kuma.NodeStatus{{Name: s.cfg.NodeName, Shards: len(self.Shards), Started: s.started}}
@@ -296,7 +308,7 @@ func (s *Service) contextConfig(kctx string) *ContextConfig {
 // migrate pins a shard to a node, which makes the control loops move it
 // there (a pin wins over rendezvous hashing), or removes the pin. It
 // answers once the pin is written, with the shard's owner at that moment.
-func (s *Service) migrate(ctx context.Context, cc *ContextConfig, body []byte) (*kuma.MigrateReply, error) {
+func (s *Service) migrate(ctx context.Context, o *owner, cc *ContextConfig, body []byte) (*kuma.MigrateReply, error) {
 	var req kuma.MigrateRequest
 	if err := kuma.Decode(body, &req); err != nil {
 		return nil, err
@@ -310,7 +322,6 @@ func (s *Service) migrate(ctx context.Context, cc *ContextConfig, body []byte) (
 		return nil, kuma.Errorf(kuma.CodeBadRequest, `give either "to" (a node) or "unpin": true`)
 	}
 	n := *req.Shard
-	o := s.owner
 	if o == nil {
 		return nil, kuma.Errorf(kuma.CodeUnavailable, "this shardnode is not a cluster member yet; retry")
 	}
