@@ -97,6 +97,10 @@ type Lease struct {
 	Owner     string `json:"owner"`
 	Epoch     int64  `json:"epoch"`
 	HandoffTo string `json:"handoff_to,omitempty"` // set by a graceful release
+	// Serving is set by the owner once it answers the shard's requests:
+	// the previous owner keeps refusing them (so that none is lost in
+	// between) until it sees this.
+	Serving bool `json:"serving,omitempty"`
 	// Revision is the KV revision the lease was read at; Renewed the
 	// server's time of that write (neither is stored in the value).
 	Revision uint64    `json:"-"`
@@ -369,10 +373,17 @@ func (s *Store) Renew(ctx context.Context, l Lease) (Lease, error) {
 	return s.write(ctx, next, &l)
 }
 
+// Serve renews the lease marked Serving: its owner now answers requests.
+func (s *Store) Serve(ctx context.Context, l Lease) (Lease, error) {
+	next := l
+	next.HandoffTo, next.Serving = "", true
+	return s.write(ctx, next, &l)
+}
+
 // Release gives the lease up, naming the node it hands the shard to.
 func (s *Store) Release(ctx context.Context, l Lease, to string) (Lease, error) {
 	next := l
-	next.Owner, next.HandoffTo = "", to
+	next.Owner, next.HandoffTo, next.Serving = "", to, false
 	return s.write(ctx, next, &l)
 }
 

@@ -96,7 +96,8 @@ type owner struct {
 	base  time.Time // monotonic origin of lease deadlines
 
 	mu       sync.Mutex
-	moving   map[shardKey]string // shard → what is happening to it
+	moving   map[shardKey]string   // shard → what is happening to it
+	refusing map[shardKey]*refusal // shards handed off, refused until the next owner serves (refuse.go)
 	draining bool
 
 	stop chan struct{}
@@ -188,6 +189,7 @@ func (o *owner) run() {
 			cancel()
 		case <-tick.C:
 			o.reconcile(context.Background(), false)
+			o.endRefusals()
 		}
 	}
 }
@@ -315,7 +317,27 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 		}
 		return
 	}
+	// Tell the previous owner this node answers now, so that it stops
+	// refusing the shard's requests (refuse.go). Before addShard, so that
+	// no renewal races this write. Failing only keeps the previous owner
+	// refusing longer: every refused request is sent again.
+	served := o.now()
+	sctx, scancel := context.WithTimeout(ctx, o.cfg.LeaseTTL/4)
+	l, err := o.store.Serve(sctx, lease)
+	scancel()
+	switch {
+	case err == nil:
+		sh.setLease(l, served, o.cfg.LeaseTTL)
+	case errors.Is(err, cluster.ErrConflict):
+		log.Warn("the shard's lease changed while it was being opened; letting it go")
+		sh.stopServing(ctx)
+		_ = sh.store.Close()
+		return
+	default:
+		log.Warn("could not mark the lease serving", "err", err)
+	}
 	o.s.addShard(sh)
+	o.unrefuse(k) // this node had handed it off, and has it back
 	o.s.metrics.moves.WithLabelValues("in").Inc()
 	log.Info("shard taken", "epoch", lease.Epoch, "events", sh.store.LastSeq(), "took", time.Since(start).Round(time.Millisecond))
 }
@@ -332,6 +354,7 @@ func (o *owner) handoff(sh *shard, to string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	o.s.removeShard(sh)
+	o.refuse(sh) // before the serving member leaves: see refuse.go
 	sh.stopServing(ctx)
 	err := o.upload(ctx, sh)
 	if err != nil {
@@ -348,6 +371,7 @@ func (o *owner) handoff(sh *shard, to string) {
 			return
 		}
 		o.s.addShard(re)
+		o.unrefuse(k)
 		return
 	}
 	if err := sh.store.Close(); err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -81,35 +82,39 @@ func (s *Service) Start(ctx context.Context) error {
 		return fmt.Errorf("shardnode: jetstream: %w", err)
 	}
 	s.js = js
-	replicas, err := s.replicaFloor(ctx) // replicas.go: never below what they have
+	var replicas int
+	var store *cluster.Store
+	err = retryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
+		var err error
+		if replicas, err = s.replicaFloor(ctx); err != nil { // replicas.go: never below what they have
+			return err
+		}
+		for _, cc := range s.cfg.Contexts {
+			if err := ensureStream(ctx, js, cc.Name, replicas); err != nil {
+				return err
+			}
+		}
+		store, err = cluster.Open(ctx, js, cluster.Config{
+			Node: s.cfg.NodeName, Replicas: replicas,
+			MemberTTL: s.cfg.Cluster.MemberTTL, LeaseTTL: s.cfg.Cluster.LeaseTTL,
+			Logger: s.cfg.Logger, Now: s.cfg.Now,
+		})
+		return err
+	})
 	if err != nil {
 		_ = s.Stop(ctx)
-		return fmt.Errorf("%w (does the NATS server run JetStream?)", err)
-	}
-	for _, cc := range s.cfg.Contexts {
-		if err := ensureStream(ctx, js, cc.Name, replicas); err != nil {
-			_ = s.Stop(ctx)
-			return fmt.Errorf("%w (does the NATS server run JetStream?)", err)
-		}
+		return fmt.Errorf("shardnode: %w (does the NATS server run JetStream?)", err)
 	}
 	for i := range s.cfg.Contexts {
 		cc := &s.cfg.Contexts[i]
 		if err := s.checkContextDir(cc); err != nil {
+			store.Close()
 			_ = s.Stop(ctx)
 			return err
 		}
 	}
-	store, err := cluster.Open(ctx, js, cluster.Config{
-		Node: s.cfg.NodeName, Replicas: replicas,
-		MemberTTL: s.cfg.Cluster.MemberTTL, LeaseTTL: s.cfg.Cluster.LeaseTTL,
-		Logger: s.cfg.Logger, Now: s.cfg.Now,
-	})
-	if err != nil {
-		_ = s.Stop(ctx)
-		return fmt.Errorf("shardnode: %w", err)
-	}
 	s.owner = &owner{s: s, store: store, cfg: s.cfg.Cluster, base: time.Now(),
-		moving: map[shardKey]string{}, stop: make(chan struct{})}
+		moving: map[shardKey]string{}, refusing: map[shardKey]*refusal{}, stop: make(chan struct{})}
 	if err := s.owner.heartbeat(ctx); err != nil {
 		_ = s.Stop(ctx)
 		return fmt.Errorf("shardnode: join the cluster: %w", err)
@@ -135,6 +140,43 @@ func (s *Service) Start(ctx context.Context) error {
 	s.cfg.Logger.Info("shardnode started", "node", s.cfg.NodeName, "contexts", len(s.cfg.Contexts),
 		"shards", len(s.allShards()), "members", len(store.Members()), "data", s.cfg.DataDir)
 	return nil
+}
+
+// retryJetStream runs setup, and runs it again while JetStream answers
+// that it is not ready: a request timing out or error 10008 ("JetStream
+// system temporarily unavailable"). Right after a NATS cluster forms or
+// loses a server, its meta leader is being elected and API requests go
+// unanswered for a few seconds; a node starting then must wait, not fail.
+// Every other error, such as a permission refused, returns at once. Each
+// attempt has 10 s; the whole is bounded by ctx and by one minute.
+func retryJetStream(ctx context.Context, log *slog.Logger, setup func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	backoff := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, acancel := context.WithTimeout(ctx, 10*time.Second)
+		err := setup(actx)
+		acancel()
+		if err == nil || ctx.Err() != nil || !jetStreamNotReady(err) {
+			return err
+		}
+		log.Warn("JetStream not answering yet; trying again", "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+func jetStreamNotReady(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeJetStreamNotEnabled {
+		return false // JetStream is off: waiting will not help
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.As(err, &apiErr) && apiErr.Code == 503
 }
 
 // checkContextDir creates <data>/<ctx>/context.json on first start and
@@ -263,6 +305,17 @@ func (s *Service) Stop(ctx context.Context) error {
 		close(o.stop)
 		o.done.Wait() // the control loop and the moves it started
 		o.drain(ctx)
+		// Keep refusing the shards handed off until their new owners serve
+		// them (refuse.go), at most 10 s: leaving at once could lose a
+		// request on its way to this node.
+		wait, cancel := context.WithTimeout(ctx, 10*time.Second)
+		for o.endRefusals(); o.refusals() > 0 && wait.Err() == nil; o.endRefusals() {
+			select {
+			case <-wait.Done():
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		cancel()
 	}
 	if s.shredSub != nil {
 		_ = s.shredSub.Unsubscribe()

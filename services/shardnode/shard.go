@@ -70,7 +70,11 @@ func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxA
 }
 
 func (sh *shard) subscribe() error {
-	sub, err := sh.node.nc.Subscribe(kuma.ShardPrefix(sh.cc.Name, sh.n)+">", sh.onMsg)
+	// A queue subscription, though one node serves a shard: during a hand-off
+	// the old owner keeps a refusing member in the group (refuse.go), and
+	// NATS passes a message that reaches a server whose member just left
+	// on to another member, where a plain subscription's would be dropped.
+	sub, err := sh.node.nc.QueueSubscribe(kuma.ShardPrefix(sh.cc.Name, sh.n)+">", ShardQueue, sh.onMsg)
 	if err != nil {
 		return fmt.Errorf("shardnode: subscribe to shard %d of %q: %w", sh.n, sh.cc.Name, err)
 	}
