@@ -136,7 +136,22 @@ func (l *logBuffer) String() string {
 // startUp runs `kuma up` as a child process and waits for its ready line.
 func startUp(t *testing.T, dir string, port int, env ...string) (*exec.Cmd, *logBuffer) {
 	t.Helper()
-	args := []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4", "--metrics-listen", "127.0.0.1:0"}
+	p := spawn(t, []string{"up", "--data", dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(port), "--shards", "4", "--metrics-listen", "127.0.0.1:0"}, env...)
+	p.waitReady(t, 60*time.Second)
+	return p.cmd, p.logs
+}
+
+// proc is a kuma child process: the test binary run as main.
+type proc struct {
+	cmd   *exec.Cmd
+	logs  *logBuffer
+	ready chan bool // true once "kuma ready" is logged, false if it exits first
+}
+
+// spawn starts `kuma ARGS...` as a child process, collecting its stderr; it
+// is killed when the test ends.
+func spawn(t *testing.T, args []string, env ...string) *proc {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(append(os.Environ(), "KUMA_TEST_AS_MAIN=1"), env...)
 	pr, pw, _ := os.Pipe()
@@ -145,35 +160,40 @@ func startUp(t *testing.T, dir string, port int, env ...string) (*exec.Cmd, *log
 		t.Fatal(err)
 	}
 	pw.Close()
-	logs := &logBuffer{closed: make(chan struct{})}
-	ready := make(chan bool, 1)
+	p := &proc{cmd: cmd, logs: &logBuffer{closed: make(chan struct{})}, ready: make(chan bool, 1)}
 	go func() {
-		defer close(logs.closed)
+		defer close(p.logs.closed)
 		sc := bufio.NewScanner(pr)
 		sent := false
 		for sc.Scan() {
-			logs.write(sc.Text())
+			p.logs.write(sc.Text())
 			if !sent && strings.Contains(sc.Text(), "kuma ready") {
-				ready <- true
+				p.ready <- true
 				sent = true
 			}
 		}
 		if !sent {
-			ready <- false
+			p.ready <- false
 		}
 	}()
-	select {
-	case ok := <-ready:
-		if !ok {
-			_ = cmd.Wait()
-			t.Fatalf("kuma up exited before ready:\n%s", logs)
-		}
-	case <-time.After(60 * time.Second):
-		_ = cmd.Process.Kill()
-		t.Fatalf("kuma up not ready in time:\n%s", logs)
-	}
 	t.Cleanup(func() { _ = cmd.Process.Kill() })
-	return cmd, logs
+	return p
+}
+
+// waitReady waits for the process's ready line, failing the test if it
+// exits first or takes longer than limit.
+func (p *proc) waitReady(t *testing.T, limit time.Duration) {
+	t.Helper()
+	select {
+	case ok := <-p.ready:
+		if !ok {
+			_ = p.cmd.Wait()
+			t.Fatalf("kuma %s exited before ready:\n%s", p.cmd.Args[1], p.logs)
+		}
+	case <-time.After(limit):
+		_ = p.cmd.Process.Kill()
+		t.Fatalf("kuma %s not ready in time:\n%s", p.cmd.Args[1], p.logs)
+	}
 }
 
 // TestUpServesStopsOnSIGTERMAndComesBack runs the real `kuma up` process,

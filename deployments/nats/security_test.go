@@ -57,6 +57,8 @@ var probes = []probe{
 	{"public forget", "kuma.probe.forget.e1", []string{"client"}, []string{"router"}},
 	{"public query", "kuma.probe.query.entities", []string{"client", "console"}, []string{"projector"}},
 	{"admin status", "kuma.probe.status", []string{"console", "ops"}, []string{"shardnode"}},
+	{"admin shard migrate", "kuma.probe.shard.migrate", []string{"ops"}, []string{"shardnode"}},
+	{"node status", "_kuma.probe.node.n1.status", []string{"shardnode"}, []string{"shardnode"}},
 	{"admin projection rebuild", "kuma.probe.projection.rebuild.entities", []string{"ops"}, []string{"projector"}},
 	{"stream events", "kuma.probe.events.0", []string{"shardnode"}, nil},
 	{"stream forget notice", "kuma.probe.events.0.forgotten", []string{"shardnode"}, nil},

@@ -1,0 +1,585 @@
+//go:build cluster
+
+// Multi-process cluster tests: real `kuma up` processes on loopback, each
+// with its own embedded NATS server joined into one NATS cluster, under a
+// 200-writer load. They take a minute or two each, so they run with
+// -tags cluster (.ci/run runs them).
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/cluster"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/kumatest"
+	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+const (
+	clusterShards = 16
+	writers       = 200
+)
+
+// testCluster is a set of `kuma up` nodes joined into one cluster. The
+// first node runs the keyvault; the others use it over NATS.
+type testCluster struct {
+	t          *testing.T
+	dir        string
+	durability string
+	nodes      []*clusterNode
+}
+
+type clusterNode struct {
+	name                string
+	natsPort, routePort int
+	metricsPort         int
+	p                   *proc
+}
+
+func newCluster(t *testing.T, durability string) *testCluster {
+	c := &testCluster{t: t, dir: t.TempDir(), durability: durability}
+	// KUMA_TEST_LOGS=DIR keeps every node's log there, to read after a run.
+	if dir := os.Getenv("KUMA_TEST_LOGS"); dir != "" {
+		t.Cleanup(func() {
+			for _, n := range c.nodes {
+				_ = os.WriteFile(filepath.Join(dir, t.Name()+"-"+n.name+".log"), []byte(n.p.logs.String()), 0o644)
+			}
+		})
+	}
+	return c
+}
+
+// add starts nodes that join the first one (or form the cluster, for the
+// first ones); it waits until every new node is ready, which for the first
+// member means until a second one has joined.
+func (c *testCluster) add(names ...string) {
+	c.t.Helper()
+	var started []*clusterNode
+	for _, name := range names {
+		n := &clusterNode{name: name, natsPort: freePort(c.t), routePort: freePort(c.t), metricsPort: freePort(c.t)}
+		args := []string{"up", "--node", name, "--data", filepath.Join(c.dir, name), "--shards", strconv.Itoa(clusterShards),
+			"--nats-listen", "127.0.0.1:" + strconv.Itoa(n.natsPort),
+			"--cluster-listen", "127.0.0.1:" + strconv.Itoa(n.routePort),
+			"--metrics-listen", "127.0.0.1:" + strconv.Itoa(n.metricsPort),
+			"--console-listen", "", "--durability", c.durability, "--log-format", "text"}
+		if len(c.nodes) > 0 {
+			args = append(args, "--join", "nats://127.0.0.1:"+strconv.Itoa(c.nodes[0].routePort), "--keyvault", "remote")
+		}
+		n.p = spawn(c.t, args, "KUMA_MASTER_KEY=")
+		c.nodes = append(c.nodes, n)
+		started = append(started, n)
+	}
+	for _, n := range started {
+		n.p.waitReady(c.t, 90*time.Second)
+	}
+}
+
+func (c *testCluster) node(name string) *clusterNode {
+	for _, n := range c.nodes {
+		if n.name == name {
+			return n
+		}
+	}
+	c.t.Fatalf("no node %s", name)
+	return nil
+}
+
+// urls lists the client URLs of the nodes still running.
+func (c *testCluster) urls(except ...string) string {
+	var out []string
+	for _, n := range c.nodes {
+		if !contains(except, n.name) {
+			out = append(out, "nats://127.0.0.1:"+strconv.Itoa(n.natsPort))
+		}
+	}
+	return strings.Join(out, ",")
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// leases reads the shard map from the leases bucket.
+func leases(t *testing.T, nc *nats.Conn) map[int]cluster.Lease {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := js.KeyValue(ctx, cluster.LeasesBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[int]cluster.Lease{}
+	for shard := range clusterShards {
+		e, err := kv.Get(ctx, "lease."+kuma.DefaultContext+"."+strconv.Itoa(shard))
+		if err != nil {
+			continue // not taken yet, or released
+		}
+		var l cluster.Lease
+		if json.Unmarshal(e.Value(), &l) == nil {
+			out[shard] = l
+		}
+	}
+	return out
+}
+
+// settle waits until every shard is leased to the node rendezvous hashing
+// over names gives it, with no hand-off pending, and returns the map.
+func settle(t *testing.T, nc *nats.Conn, names []string, limit time.Duration) map[int]cluster.Lease {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		m := leases(t, nc)
+		done := len(m) == clusterShards
+		for shard := range clusterShards {
+			l := m[shard]
+			if l.Owner != cluster.Rendezvous(kuma.DefaultContext, shard, names) || l.HandoffTo != "" {
+				done = false
+			}
+		}
+		if done {
+			return m
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("shards did not settle on %v within %s: %v", names, limit, m)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// load is 200 writers, each appending to its own entity one event at a
+// time with an idempotency key per event, retrying a failed append with the
+// same key until it is acknowledged. Event i of a writer carries {"i":i},
+// so version v of its entity must hold i = v-1: a lost or duplicated event
+// shows.
+type load struct {
+	c        *client.Client
+	stop     atomic.Bool
+	wg       sync.WaitGroup
+	acks     atomic.Int64
+	failures atomic.Int64 // appends that returned an error (then retried)
+	mu       sync.Mutex
+	acked    map[string]int64
+	errs     map[string]int
+	samples  []string // the first few errors, with when and where
+	lat      []time.Duration // per acknowledged append, first try to ack
+}
+
+func startLoad(t *testing.T, nc *nats.Conn) *load {
+	c, err := client.New(nc, client.Options{Timeout: 15 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &load{c: c, acked: map[string]int64{}, errs: map[string]int{}}
+	for w := range writers {
+		l.wg.Add(1)
+		go l.writer(fmt.Sprintf("w-%03d", w))
+	}
+	return l
+}
+
+func (l *load) writer(entity string) {
+	defer l.wg.Done()
+	for i := 0; !l.stop.Load(); i++ {
+		start := time.Now()
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			rep, err := l.c.Append(ctx, entity, []kuma.EventInput{{Type: "Tick", Data: json.RawMessage(`{"i":` + strconv.Itoa(i) + `}`)}},
+				client.IdempotencyKey(entity+"-"+strconv.Itoa(i)))
+			cancel()
+			if err == nil {
+				l.acks.Add(1)
+				l.mu.Lock()
+				l.acked[entity] = max(l.acked[entity], rep.LastVersion)
+				l.lat = append(l.lat, time.Since(start))
+				l.mu.Unlock()
+				break
+			}
+			l.failures.Add(1)
+			l.mu.Lock()
+			l.errs[string(kuma.ErrorCode(err))]++
+			if len(l.samples) < 5 {
+				l.samples = append(l.samples, fmt.Sprintf("%s %s (shard %d) after %s: %v", time.Now().Format("15:04:05.000"), entity,
+					placement.ShardOf(entity, clusterShards), time.Since(start).Round(time.Millisecond), err))
+			}
+			l.mu.Unlock()
+			if l.stop.Load() {
+				return // never acknowledged: not counted
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+func (l *load) waitAcks(t *testing.T, n int64, limit time.Duration) {
+	t.Helper()
+	target := l.acks.Load() + n
+	deadline := time.Now().Add(limit)
+	for l.acks.Load() < target {
+		if time.Now().After(deadline) {
+			t.Fatalf("load stalled: %d acknowledged, waiting for %d", l.acks.Load(), target)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (l *load) finish() {
+	l.stop.Store(true)
+	l.wg.Wait()
+}
+
+func (l *load) p99() time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.lat) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), l.lat...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)*99/100]
+}
+
+// verify reads every writer's entity back: versions 1..n contiguous, event
+// v carrying i = v-1 (no loss, no duplicate), and n at least what was
+// acknowledged. It returns the number of events checked.
+func (l *load) verify(t *testing.T) int {
+	t.Helper()
+	total := 0
+	for entity, acked := range l.acked {
+		var events []kuma.RecordedEvent
+		for from := int64(1); ; {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			h, err := l.c.History(ctx, entity, from, 1000)
+			cancel()
+			if err != nil {
+				t.Fatalf("history of %s: %v", entity, err)
+			}
+			events = append(events, h.Events...)
+			if h.NextVersion == nil {
+				break
+			}
+			from = *h.NextVersion
+		}
+		if int64(len(events)) < acked {
+			t.Errorf("%s: %d events, %d acknowledged: acknowledged events lost", entity, len(events), acked)
+		}
+		for k, e := range events {
+			var d struct{ I int64 }
+			_ = json.Unmarshal(e.Data, &d)
+			if e.Version != int64(k+1) || d.I != e.Version-1 {
+				t.Fatalf("%s: event %d is version %d carrying i=%d: lost or duplicated", entity, k, e.Version, d.I)
+			}
+		}
+		total += len(events)
+	}
+	return total
+}
+
+// streamHasOneWriter reads the event stream: kumatest.StreamEvents fails on
+// a shard position repeated or out of order, and here every (entity,
+// version) must appear once. Two writers of one shard would break both.
+func streamHasOneWriter(t *testing.T, nc *nats.Conn, want int) {
+	t.Helper()
+	seen := map[string]bool{}
+	for entity, events := range kumatest.StreamEvents(t, nc, kuma.DefaultContext, want) {
+		for _, e := range events {
+			k := entity + "@" + strconv.FormatInt(e.Version, 10)
+			if seen[k] {
+				t.Fatalf("the stream holds %s twice: two writers", k)
+			}
+			seen[k] = true
+		}
+	}
+}
+
+func connect(t *testing.T, urls string) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(urls, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// TestJoinTwoNodesUnderLoad: three nodes serve 16 shards under a steady
+// 200-writer load; two more join. About 2/5 of the shards move to them,
+// the moves finish, no client request fails, and every acknowledged event
+// is there once with contiguous versions.
+func TestJoinTwoNodesUnderLoad(t *testing.T) {
+	c := newCluster(t, "local")
+	c.add("n1", "n2", "n3")
+	nc := connect(t, c.urls())
+	before := settle(t, nc, []string{"n1", "n2", "n3"}, 60*time.Second)
+	l := startLoad(t, nc)
+	l.waitAcks(t, 2000, 60*time.Second)
+	start := time.Now()
+	c.add("n4", "n5")
+	after := settle(t, nc, []string{"n1", "n2", "n3", "n4", "n5"}, 120*time.Second)
+	took := time.Since(start)
+	moved := 0
+	for shard, l := range after {
+		if before[shard].Owner != l.Owner {
+			moved++
+		}
+	}
+	l.waitAcks(t, 2000, 60*time.Second)
+	l.finish()
+	t.Logf("join: %d of %d shards moved (rendezvous expects about 2/5, %.1f) in %s; %d appends acknowledged, append p99 %s, failed requests %d %v",
+		moved, clusterShards, float64(clusterShards)*2/5, took.Round(time.Millisecond), l.acks.Load(), l.p99().Round(time.Millisecond), l.failures.Load(), l.errs)
+	if moved == 0 {
+		t.Fatal("no shard moved to the new nodes")
+	}
+	if f := l.failures.Load(); f != 0 {
+		t.Errorf("%d client requests failed during the join: %v\n%s", f, l.errs, strings.Join(l.samples, "\n"))
+	}
+	n := l.verify(t)
+	streamHasOneWriter(t, nc, n)
+	t.Logf("verified %d events of %d entities", n, len(l.acked))
+}
+
+// TestMigrateBusyShard20Times: `kuma migrate` moves a shard that 200
+// writers keep busy back and forth between two nodes 20 times: zero failed
+// requests, zero lost or duplicated events.
+func TestMigrateBusyShard20Times(t *testing.T) {
+	c := newCluster(t, "local")
+	c.add("n1", "n2")
+	nc := connect(t, c.urls())
+	settle(t, nc, []string{"n1", "n2"}, 60*time.Second)
+	// The busiest shard is the one holding the most writers' entities.
+	count := map[int]int{}
+	for w := range writers {
+		count[placement.ShardOf(fmt.Sprintf("w-%03d", w), clusterShards)]++
+	}
+	shard := 0
+	for s, n := range count {
+		if n > count[shard] {
+			shard = s
+		}
+	}
+	l := startLoad(t, nc)
+	l.waitAcks(t, 1000, 60*time.Second)
+	env := map[string]string{"KUMA_NATS_URL": c.urls()}
+	var took []time.Duration
+	for i := range 20 {
+		to := []string{"n1", "n2"}[i%2]
+		if leases(t, nc)[shard].Owner == to {
+			to = []string{"n2", "n1"}[i%2]
+		}
+		start := time.Now()
+		out, errs, code := runCLI(t, env, "migrate", "--shard", strconv.Itoa(shard), "--to", to, "--wait", "60s")
+		if code != 0 {
+			t.Fatalf("migrate #%d of shard %d to %s: exit %d\n%s%s", i+1, shard, to, code, out, errs)
+		}
+		took = append(took, time.Since(start))
+		t.Logf("%s migrate #%d of shard %d to %s: %s", time.Now().Format("15:04:05.000"), i+1, shard, to, strings.TrimSpace(errs))
+		l.waitAcks(t, 200, 60*time.Second)
+	}
+	l.finish()
+	sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
+	t.Logf("20 migrations of shard %d (%d writers' entities): each %s to %s (median %s); %d appends acknowledged, append p99 %s, failed requests %d %v",
+		shard, count[shard], took[0].Round(time.Millisecond), took[len(took)-1].Round(time.Millisecond), took[len(took)/2].Round(time.Millisecond),
+		l.acks.Load(), l.p99().Round(time.Millisecond), l.failures.Load(), l.errs)
+	if f := l.failures.Load(); f != 0 {
+		t.Errorf("%d client requests failed during the migrations: %v\n%s", f, l.errs, strings.Join(l.samples, "\n"))
+	}
+	n := l.verify(t)
+	streamHasOneWriter(t, nc, n)
+}
+
+// TestKillOneOfThreeReplicated: in replicated mode, kill -9 one of three
+// nodes under load. Its shards are served again by the survivors within a
+// bounded time (printed), and no acknowledged event is lost.
+func TestKillOneOfThreeReplicated(t *testing.T) {
+	c := newCluster(t, "replicated")
+	c.add("n1", "n2", "n3")
+	nc := connect(t, c.urls("n3")) // the load does not go through the victim's server
+	before := settle(t, nc, []string{"n1", "n2", "n3"}, 60*time.Second)
+	l := startLoad(t, nc)
+	l.waitAcks(t, 2000, 60*time.Second)
+	victim := c.node("n3")
+	var lost []int
+	for shard, le := range before {
+		if le.Owner == "n3" {
+			lost = append(lost, shard)
+		}
+	}
+	if err := victim.p.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = victim.p.cmd.Wait()
+	killed := time.Now()
+	// Served again: each lost shard has a new owner at a higher epoch that
+	// answers a read of an entity on it.
+	probe := map[int]string{}
+	for i := 0; len(probe) < len(lost); i++ {
+		e := "probe-" + strconv.Itoa(i)
+		if s := placement.ShardOf(e, clusterShards); contains(intsToStrings(lost), strconv.Itoa(s)) && probe[s] == "" {
+			probe[s] = e
+		}
+	}
+	for shard, entity := range probe {
+		for {
+			if time.Since(killed) > 120*time.Second {
+				t.Fatalf("shard %d not served again within 2 minutes", shard)
+			}
+			le := leases(t, nc)[shard]
+			if le.Owner != "n3" && le.Epoch > before[shard].Epoch {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				_, err := l.c.Append(ctx, entity, []kuma.EventInput{{Type: "Probe", Data: json.RawMessage(`{}`)}}, client.IdempotencyKey("probe-"+entity))
+				cancel()
+				if err == nil {
+					break
+				}
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	failover := time.Since(killed)
+	l.waitAcks(t, 2000, 120*time.Second)
+	l.finish()
+	t.Logf("kill -9 of n3 (%d of %d shards): all served again on the survivors %s after the kill; %d appends acknowledged, append p99 %s, failed attempts (retried) %d %v",
+		len(lost), clusterShards, failover.Round(time.Millisecond), l.acks.Load(), l.p99().Round(time.Millisecond), l.failures.Load(), l.errs)
+	n := l.verify(t)
+	streamHasOneWriter(t, nc, n)
+	t.Logf("no acknowledged event lost: verified %d events of %d entities", n, len(l.acked))
+}
+
+func intsToStrings(in []int) []string {
+	out := make([]string, len(in))
+	for i, v := range in {
+		out[i] = strconv.Itoa(v)
+	}
+	return out
+}
+
+// TestPausedOwnerCannotWrite: SIGSTOP an owner past its lease; the others
+// take its shards. When it wakes it must not write: its late commits are
+// refused (counted in kuma_shard_fenced_total), it gives the shards up
+// (kuma_shard_moves_total{direction="lost"}), and the stream never shows
+// two writers of one entity.
+func TestPausedOwnerCannotWrite(t *testing.T) {
+	c := newCluster(t, "replicated")
+	c.add("n1", "n2", "n3")
+	nc := connect(t, c.urls("n3"))
+	before := settle(t, nc, []string{"n1", "n2", "n3"}, 60*time.Second)
+	l := startLoad(t, nc)
+	l.waitAcks(t, 2000, 60*time.Second)
+	victim := c.node("n3")
+	if err := victim.p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	paused := time.Now()
+	// Wait until every shard n3 held has a newer owner.
+	for {
+		m := leases(t, nc)
+		taken := true
+		for shard, le := range before {
+			if le.Owner == "n3" && (m[shard].Owner == "n3" || m[shard].Epoch <= le.Epoch) {
+				taken = false
+			}
+		}
+		if taken {
+			break
+		}
+		if time.Since(paused) > 2*time.Minute {
+			t.Fatal("n3's shards were not taken while it was paused")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	takenAfter := time.Since(paused)
+	l.waitAcks(t, 1000, 60*time.Second)
+	if err := victim.p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	// n3 notices it lost its shards.
+	var lostMoves, fenced float64
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		m := scrape(t, victim.metricsPort)
+		lostMoves, fenced = m[`kuma_shard_moves_total{direction="lost"}`], m[`kuma_shard_fenced_total{reason="lease"}`]+m[`kuma_shard_fenced_total{reason="epoch"}`]
+		if lostMoves > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("n3 did not give up its shards after waking:\n%s", tail(victim.p.logs.String(), 40))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	l.waitAcks(t, 1000, 60*time.Second)
+	l.finish()
+	t.Logf("SIGSTOP of n3: its shards taken %s after the pause; on waking it gave up %v shards and refused %v stale writes; %d appends acknowledged, failed attempts (retried) %d %v",
+		takenAfter.Round(time.Millisecond), lostMoves, fenced, l.acks.Load(), l.failures.Load(), l.errs)
+	n := l.verify(t)
+	streamHasOneWriter(t, nc, n)
+	for _, n := range []*clusterNode{c.node("n1"), c.node("n2")} {
+		if strings.Contains(n.p.logs.String(), "level=ERROR") {
+			t.Logf("%s logged errors:\n%s", n.name, tail(n.p.logs.String(), 20))
+		}
+	}
+}
+
+// scrape reads a node's Prometheus metrics as name{labels} → value.
+func scrape(t *testing.T, port int) map[string]float64 {
+	t.Helper()
+	out := map[string]float64{}
+	body, err := httpGet("http://127.0.0.1:" + strconv.Itoa(port) + "/metrics")
+	if err != nil {
+		return out
+	}
+	for _, line := range strings.Split(body, "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+			out[line[:i]] = v
+		}
+	}
+	return out
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func httpGet(url string) (string, error) {
+	hc := http.Client{Timeout: 5 * time.Second}
+	resp, err := hc.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
