@@ -187,7 +187,7 @@ type load struct {
 	mu       sync.Mutex
 	acked    map[string]int64
 	errs     map[string]int
-	samples  []string // the first few errors, with when and where
+	samples  []string        // the first few errors, with when and where
 	lat      []time.Duration // per acknowledged append, first try to ack
 }
 
