@@ -403,19 +403,12 @@ func (s *Store) write(ctx context.Context, l Lease, prev *Lease) (Lease, error) 
 	if err != nil {
 		return Lease{}, fmt.Errorf("cluster: write lease %s: %w", key, err)
 	}
-	// The server's timestamp of the write is what others judge by; read it
-	// back rather than trusting our clock.
-	e, err := s.leases.Get(ctx, key)
-	if err != nil {
-		return Lease{}, fmt.Errorf("cluster: read lease %s: %w", key, err)
-	}
-	got, err := decodeLease(e)
-	if err != nil {
-		return Lease{}, err
-	}
-	if got.Revision != rev {
-		return Lease{}, ErrConflict
-	}
+	// Others judge expiry by the server's timestamp of this write, which
+	// they get from their watch. The writer needs none (it stops writing on
+	// its own monotonic deadline), so no read-back: with three replicas a
+	// read may be served by a follower that has not applied the write yet.
+	got := l
+	got.Revision, got.Renewed = rev, s.cfg.Now()
 	s.mu.Lock()
 	if old, ok := s.leaseCache[key]; !ok || old.Revision < got.Revision {
 		s.leaseCache[key] = got
