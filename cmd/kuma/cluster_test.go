@@ -10,6 +10,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -122,31 +123,51 @@ func contains(list []string, s string) bool {
 	return false
 }
 
-// leases reads the shard map from the leases bucket.
+// leases reads the shard map from the leases bucket. Right after a server
+// is lost the bucket may not answer for a few seconds (its stream elects a
+// new leader): it tries again for up to 30 s.
 func leases(t *testing.T, nc *nats.Conn) map[int]cluster.Lease {
 	t.Helper()
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		m, err := readLeases(ctx, js)
+		cancel()
+		if err == nil {
+			return m
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("read the leases: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func readLeases(ctx context.Context, js jetstream.JetStream) (map[int]cluster.Lease, error) {
 	kv, err := js.KeyValue(ctx, cluster.LeasesBucket)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	out := map[int]cluster.Lease{}
 	for shard := range clusterShards {
 		e, err := kv.Get(ctx, "lease."+kuma.DefaultContext+"."+strconv.Itoa(shard))
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue // not taken yet
+		}
 		if err != nil {
-			continue // not taken yet, or released
+			return nil, err
 		}
 		var l cluster.Lease
-		if json.Unmarshal(e.Value(), &l) == nil {
-			out[shard] = l
+		if err := json.Unmarshal(e.Value(), &l); err != nil {
+			return nil, err
 		}
+		out[shard] = l
 	}
-	return out
+	return out, nil
 }
 
 // settle waits until every shard is leased to the node rendezvous hashing

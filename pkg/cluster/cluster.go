@@ -97,9 +97,11 @@ type Lease struct {
 	Owner     string `json:"owner"`
 	Epoch     int64  `json:"epoch"`
 	HandoffTo string `json:"handoff_to,omitempty"` // set by a graceful release
-	// Serving is set by the owner once it answers the shard's requests:
-	// the previous owner keeps refusing them (so that none is lost in
-	// between) until it sees this.
+	// Serving is set by the owner once it has caught the shard up and
+	// answers its requests, and kept when it releases the lease. The
+	// previous owner keeps refusing requests (so that none is lost in
+	// between) until it sees it; the next owner trusts a copy written
+	// under this epoch as whole only if it is set.
 	Serving bool `json:"serving,omitempty"`
 	// Revision is the KV revision the lease was read at; Renewed the
 	// server's time of that write (neither is stored in the value).
@@ -383,7 +385,7 @@ func (s *Store) Serve(ctx context.Context, l Lease) (Lease, error) {
 // Release gives the lease up, naming the node it hands the shard to.
 func (s *Store) Release(ctx context.Context, l Lease, to string) (Lease, error) {
 	next := l
-	next.Owner, next.HandoffTo, next.Serving = "", to, false
+	next.Owner, next.HandoffTo = "", to // Serving stays: did the owner ever serve?
 	return s.write(ctx, next, &l)
 }
 

@@ -522,9 +522,16 @@ func (sh *shard) setLease(l cluster.Lease, sent time.Duration, ttl time.Duration
 // furthest trustworthy copy (local file or uploaded snapshot), catches it up
 // from the stream and claims the shard in the stream.
 func (s *Service) openOwned(ctx context.Context, cc *ContextConfig, n int, lease cluster.Lease, prev *cluster.Lease, sent time.Duration) (*shard, error) {
+	// A copy written under the previous epoch holds that owner's whole
+	// history only if the owner got as far as serving (it marks its lease
+	// Serving once caught up): a taker that failed half-way through its
+	// catch-up leaves a file stamped with its epoch but short of the stream.
 	prevEpoch := int64(0)
 	if prev != nil {
 		prevEpoch = prev.Epoch
+		if !prev.Serving {
+			prevEpoch = -prev.Epoch // matches no copy: trust only what was published
+		}
 	}
 	path := shardPath(s.cfg.DataDir, cc.Name, n)
 	base, err := s.chooseBase(ctx, cc, n, path, prevEpoch)
