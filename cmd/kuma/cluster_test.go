@@ -10,7 +10,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -93,6 +92,18 @@ func (c *testCluster) add(names ...string) {
 	}
 }
 
+// addShardnode starts `kuma serve --target shardnode`: a shardnode alone,
+// connected to the first node's NATS server as a client.
+func (c *testCluster) addShardnode(name string) {
+	c.t.Helper()
+	n := &clusterNode{name: name, metricsPort: freePort(c.t)}
+	n.p = spawn(c.t, []string{"serve", "--target", "shardnode", "--node", name, "--data", filepath.Join(c.dir, name),
+		"--shards", strconv.Itoa(clusterShards), "--nats-url", "nats://127.0.0.1:" + strconv.Itoa(c.nodes[0].natsPort),
+		"--metrics-listen", "127.0.0.1:" + strconv.Itoa(n.metricsPort), "--durability", c.durability, "--log-format", "text"})
+	c.nodes = append(c.nodes, n)
+	n.p.waitReady(c.t, 90*time.Second)
+}
+
 func (c *testCluster) node(name string) *clusterNode {
 	for _, n := range c.nodes {
 		if n.name == name {
@@ -107,7 +118,7 @@ func (c *testCluster) node(name string) *clusterNode {
 func (c *testCluster) urls(except ...string) string {
 	var out []string
 	for _, n := range c.nodes {
-		if !contains(except, n.name) {
+		if n.natsPort != 0 && !contains(except, n.name) {
 			out = append(out, "nats://127.0.0.1:"+strconv.Itoa(n.natsPort))
 		}
 	}
@@ -147,27 +158,38 @@ func leases(t *testing.T, nc *nats.Conn) map[int]cluster.Lease {
 	}
 }
 
+// readLeases reads the bucket through a watch (a consumer, served by the
+// stream's leader) rather than gets: a get may be served by any replica,
+// and a replica on a paused server never answers.
 func readLeases(ctx context.Context, js jetstream.JetStream) (map[int]cluster.Lease, error) {
 	kv, err := js.KeyValue(ctx, cluster.LeasesBucket)
 	if err != nil {
 		return nil, err
 	}
-	out := map[int]cluster.Lease{}
-	for shard := range clusterShards {
-		e, err := kv.Get(ctx, "lease."+kuma.DefaultContext+"."+strconv.Itoa(shard))
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue // not taken yet
-		}
-		if err != nil {
-			return nil, err
-		}
-		var l cluster.Lease
-		if err := json.Unmarshal(e.Value(), &l); err != nil {
-			return nil, err
-		}
-		out[shard] = l
+	w, err := kv.Watch(ctx, "lease."+kuma.DefaultContext+".*")
+	if err != nil {
+		return nil, err
 	}
-	return out, nil
+	defer func() { _ = w.Stop() }()
+	out := map[int]cluster.Lease{}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case e := <-w.Updates():
+			if e == nil {
+				return out, nil // the current values are all in
+			}
+			if e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			var l cluster.Lease
+			if err := json.Unmarshal(e.Value(), &l); err != nil {
+				return nil, err
+			}
+			out[l.Shard] = l
+		}
+	}
 }
 
 // settle waits until every shard is leased to the node rendezvous hashing
@@ -500,70 +522,78 @@ func intsToStrings(in []int) []string {
 	return out
 }
 
-// TestPausedOwnerCannotWrite: SIGSTOP an owner past its lease; the others
-// take its shards. When it wakes it must not write: its late commits are
-// refused (counted in kuma_shard_fenced_total), it gives the shards up
-// (kuma_shard_moves_total{direction="lost"}), and the stream never shows
-// two writers of one entity.
+// TestPausedOwnerCannotWrite: SIGSTOP a shardnode past its lease; the
+// others take its shards. When it wakes it must not write: its late
+// commits are refused (kuma_shard_fenced_total), it gives the shards up
+// (kuma_shard_moves_total{direction="lost"}), no acknowledged event is
+// lost, and the stream never shows two writers of one entity.
+//
+// The paused process is a shardnode alone (kuma serve --target
+// shardnode): a whole paused `kuma up` would also hold a NATS server and a
+// router that the others keep routing requests to until NATS's two-minute
+// ping gives up on them, which tests NATS, not Kuma's fencing.
 func TestPausedOwnerCannotWrite(t *testing.T) {
 	c := newCluster(t, "replicated")
 	c.add("n1", "n2", "n3")
-	nc := connect(t, c.urls("n3"))
-	before := settle(t, nc, []string{"n1", "n2", "n3"}, 60*time.Second)
+	c.addShardnode("s4")
+	nc := connect(t, c.urls())
+	members := []string{"n1", "n2", "n3", "s4"}
+	before := settle(t, nc, members, 90*time.Second)
 	l := startLoad(t, nc)
 	l.waitAcks(t, 2000, 60*time.Second)
-	victim := c.node("n3")
+	victim := c.node("s4")
 	if err := victim.p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	paused := time.Now()
-	// Wait until every shard n3 held has a newer owner.
+	// Wait until every shard s4 held has a newer owner.
+	held := 0
 	for {
 		m := leases(t, nc)
 		taken := true
+		held = 0
 		for shard, le := range before {
-			if le.Owner == "n3" && (m[shard].Owner == "n3" || m[shard].Epoch <= le.Epoch) {
-				taken = false
+			if le.Owner == "s4" {
+				held++
+				if m[shard].Owner == "s4" || m[shard].Epoch <= le.Epoch {
+					taken = false
+				}
 			}
 		}
 		if taken {
 			break
 		}
 		if time.Since(paused) > 2*time.Minute {
-			t.Fatal("n3's shards were not taken while it was paused")
+			t.Fatal("s4's shards were not taken while it was paused")
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	takenAfter := time.Since(paused)
-	l.waitAcks(t, 1000, 60*time.Second)
+	time.Sleep(2 * time.Second) // the others write to the shards meanwhile
 	if err := victim.p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
-	// n3 notices it lost its shards.
+	// s4 notices it lost its shards.
 	var lostMoves, fenced float64
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		m := scrape(t, victim.metricsPort)
 		lostMoves, fenced = m[`kuma_shard_moves_total{direction="lost"}`], m[`kuma_shard_fenced_total{reason="lease"}`]+m[`kuma_shard_fenced_total{reason="epoch"}`]
-		if lostMoves > 0 {
+		if lostMoves >= float64(held) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("n3 did not give up its shards after waking:\n%s", tail(victim.p.logs.String(), 40))
+			t.Fatalf("s4 gave up %v of its %d shards after waking:\n%s", lostMoves, held, tail(victim.p.logs.String(), 40))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	l.waitAcks(t, 1000, 60*time.Second)
+	l.waitAcks(t, 1000, 90*time.Second)
 	l.finish()
-	t.Logf("SIGSTOP of n3: its shards taken %s after the pause; on waking it gave up %v shards and refused %v stale writes; %d appends acknowledged, failed attempts (retried) %d %v",
-		takenAfter.Round(time.Millisecond), lostMoves, fenced, l.acks.Load(), l.failures.Load(), l.errs)
+	t.Logf("SIGSTOP of s4 (%d of %d shards): taken by the others %s after the pause; on waking it gave up %v shards and refused %v stale writes; %d appends acknowledged, failed attempts (retried) %d %v",
+		held, clusterShards, takenAfter.Round(time.Millisecond), lostMoves, fenced, l.acks.Load(), l.failures.Load(), l.errs)
 	n := l.verify(t)
 	streamHasOneWriter(t, nc, n)
-	for _, n := range []*clusterNode{c.node("n1"), c.node("n2")} {
-		if strings.Contains(n.p.logs.String(), "level=ERROR") {
-			t.Logf("%s logged errors:\n%s", n.name, tail(n.p.logs.String(), 20))
-		}
-	}
+	t.Logf("no acknowledged event lost, one writer per entity: verified %d events of %d entities", n, len(l.acked))
 }
 
 // scrape reads a node's Prometheus metrics as name{labels} → value.

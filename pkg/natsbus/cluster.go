@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -129,4 +130,46 @@ func WaitJetStream(ctx context.Context, nc *nats.Conn) error {
 		}
 		backoff = min(2*backoff, time.Second)
 	}
+}
+
+// RetryJetStream runs setup, and runs it again while JetStream answers
+// that it is not ready: a request timing out or error 10008 ("JetStream
+// system temporarily unavailable"). Right after a NATS cluster forms or
+// loses a server, its meta leader is being elected and API requests go
+// unanswered for a few seconds, and a stream gaining replicas takes no
+// consumer until it has them; a service starting then must wait, not fail.
+// Every other error, such as a permission refused, returns at once. Each
+// attempt has 10 s; the whole is bounded by ctx and by one minute.
+func RetryJetStream(ctx context.Context, log *slog.Logger, setup func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	backoff := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, acancel := context.WithTimeout(ctx, 10*time.Second)
+		err := setup(actx)
+		acancel()
+		if err == nil || ctx.Err() != nil || !JetStreamNotReady(err) {
+			return err
+		}
+		log.Warn("JetStream not answering yet; trying again", "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// JetStreamNotReady reports whether err is JetStream saying it cannot
+// answer yet: a timeout, no responders, or an API error 503 such as 10008
+// (temporarily unavailable) or 10023 (insufficient resources, while a
+// stream moves to more replicas).
+func JetStreamNotReady(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeJetStreamNotEnabled {
+		return false // JetStream is off: waiting will not help
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.As(err, &apiErr) && apiErr.Code == 503
 }

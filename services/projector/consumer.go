@@ -13,6 +13,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -114,7 +115,11 @@ func (g *generation) ensureConsumer(ctx context.Context, ackWait time.Duration) 
 			g.p.svc.log.Warn("the stream is behind the read model; reading it from the start", "consumer", name)
 		}
 	}
-	c, err := stream.CreateConsumer(ctx, cfg)
+	var c jetstream.Consumer
+	err = natsbus.RetryJetStream(ctx, g.p.svc.log, func(ctx context.Context) error {
+		c, err = stream.CreateConsumer(ctx, cfg)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
@@ -84,7 +83,7 @@ func (s *Service) Start(ctx context.Context) error {
 	s.js = js
 	var replicas int
 	var store *cluster.Store
-	err = retryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
+	err = natsbus.RetryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
 		var err error
 		if replicas, err = s.replicaFloor(ctx); err != nil { // replicas.go: never below what they have
 			return err
@@ -140,43 +139,6 @@ func (s *Service) Start(ctx context.Context) error {
 	s.cfg.Logger.Info("shardnode started", "node", s.cfg.NodeName, "contexts", len(s.cfg.Contexts),
 		"shards", len(s.allShards()), "members", len(store.Members()), "data", s.cfg.DataDir)
 	return nil
-}
-
-// retryJetStream runs setup, and runs it again while JetStream answers
-// that it is not ready: a request timing out or error 10008 ("JetStream
-// system temporarily unavailable"). Right after a NATS cluster forms or
-// loses a server, its meta leader is being elected and API requests go
-// unanswered for a few seconds; a node starting then must wait, not fail.
-// Every other error, such as a permission refused, returns at once. Each
-// attempt has 10 s; the whole is bounded by ctx and by one minute.
-func retryJetStream(ctx context.Context, log *slog.Logger, setup func(context.Context) error) error {
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	backoff := 100 * time.Millisecond
-	for attempt := 1; ; attempt++ {
-		actx, acancel := context.WithTimeout(ctx, 10*time.Second)
-		err := setup(actx)
-		acancel()
-		if err == nil || ctx.Err() != nil || !jetStreamNotReady(err) {
-			return err
-		}
-		log.Warn("JetStream not answering yet; trying again", "attempt", attempt, "err", err)
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 2*time.Second)
-	}
-}
-
-func jetStreamNotReady(err error) bool {
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeJetStreamNotEnabled {
-		return false // JetStream is off: waiting will not help
-	}
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) ||
-		errors.As(err, &apiErr) && apiErr.Code == 503
 }
 
 // checkContextDir creates <data>/<ctx>/context.json on first start and
