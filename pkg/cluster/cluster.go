@@ -129,6 +129,7 @@ type Store struct {
 	leaseCache  map[string]Lease
 	pinCache    map[string]string
 	watchers    []jetstream.KeyWatcher
+	changed     chan struct{}
 	ready       chan struct{}
 }
 
@@ -139,7 +140,8 @@ func Open(ctx context.Context, js jetstream.JetStream, cfg Config) (*Store, erro
 	if err := ValidateNode(cfg.Node); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}
-	s := &Store{cfg: cfg, memberCache: map[string]Member{}, leaseCache: map[string]Lease{}, pinCache: map[string]string{}}
+	s := &Store{cfg: cfg, memberCache: map[string]Member{}, leaseCache: map[string]Lease{}, pinCache: map[string]string{},
+		changed: make(chan struct{}, 1)}
 	var err error
 	s.members, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 		Bucket: MembersBucket, Description: "Kuma shardnodes and their heartbeats",
@@ -216,8 +218,10 @@ func (s *Store) follow(w jetstream.KeyWatcher, initial *sync.WaitGroup, on func(
 func (s *Store) onMember(e jetstream.KeyValueEntry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	old, had := s.memberCache[e.Key()]
 	if e.Operation() != jetstream.KeyValuePut {
 		delete(s.memberCache, e.Key())
+		s.nudge()
 		return
 	}
 	var m Member
@@ -227,6 +231,22 @@ func (s *Store) onMember(e jetstream.KeyValueEntry) {
 	}
 	m.Seen = e.Created()
 	s.memberCache[e.Key()] = m
+	if !had || old.Draining != m.Draining || !old.Started.Equal(m.Started) {
+		s.nudge() // a member came or is leaving; a heartbeat changes nothing
+	}
+}
+
+// Changed is signalled (at most one pending signal) when the placement of
+// shards may have changed: a member came, left or started draining, a pin
+// changed, or a lease changed hands or was released. A node reacts at once
+// instead of on its next tick, which is most of a move's gap.
+func (s *Store) Changed() <-chan struct{} { return s.changed }
+
+func (s *Store) nudge() {
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
 }
 
 func (s *Store) onLease(e jetstream.KeyValueEntry) {
@@ -239,10 +259,12 @@ func (s *Store) onLease(e jetstream.KeyValueEntry) {
 		} else {
 			s.pinCache[key] = string(e.Value())
 		}
+		s.nudge()
 		return
 	}
 	if e.Operation() != jetstream.KeyValuePut {
 		delete(s.leaseCache, key)
+		s.nudge()
 		return
 	}
 	l, err := decodeLease(e)
@@ -250,10 +272,14 @@ func (s *Store) onLease(e jetstream.KeyValueEntry) {
 		s.cfg.Logger.Warn("cluster: unreadable lease", "key", key, "err", err)
 		return
 	}
-	if old, ok := s.leaseCache[key]; ok && old.Revision > l.Revision {
+	old, ok := s.leaseCache[key]
+	if ok && old.Revision > l.Revision {
 		return // our own write already recorded a newer one
 	}
 	s.leaseCache[key] = l
+	if !ok || old.Owner != l.Owner || old.HandoffTo != l.HandoffTo || old.Serving != l.Serving {
+		s.nudge()
+	}
 }
 
 func decodeLease(e jetstream.KeyValueEntry) (Lease, error) {

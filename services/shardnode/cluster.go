@@ -190,6 +190,11 @@ func (o *owner) run() {
 		case <-tick.C:
 			o.reconcile(context.Background(), false)
 			o.endRefusals()
+		case <-o.store.Changed():
+			// A shard released to this node, a pin, a member: act now
+			// rather than on the next tick.
+			o.reconcile(context.Background(), false)
+			o.endRefusals()
 		}
 	}
 }
