@@ -162,14 +162,21 @@ func RetryJetStream(ctx context.Context, log *slog.Logger, setup func(context.Co
 }
 
 // JetStreamNotReady reports whether err is JetStream saying it cannot
-// answer yet: a timeout, no responders, or an API error 503 such as 10008
+// answer yet: a timeout, no responders, an API error 503 such as 10008
 // (temporarily unavailable) or 10023 (insufficient resources, while a
-// stream moves to more replicas).
+// stream moves to more replicas), or 10005 (no suitable peers, while the
+// cluster's servers are still joining).
 func JetStreamNotReady(err error) bool {
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeJetStreamNotEnabled {
 		return false // JetStream is off: waiting will not help
 	}
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrNoResponders) ||
-		errors.As(err, &apiErr) && apiErr.Code == 503
+		errors.As(err, &apiErr) && (apiErr.Code == 503 || apiErr.ErrorCode == errNoSuitablePeers)
 }
+
+// errNoSuitablePeers is JetStream's 10005, "no suitable peers for
+// placement": a stream already raised to three replicas (by a node that
+// counted three servers) while this server's meta group does not yet see
+// the third, as when nodes start together. It passes once they all have.
+const errNoSuitablePeers jetstream.ErrorCode = 10005
