@@ -81,7 +81,17 @@ func (c *testCluster) add(names ...string) {
 			"--metrics-listen", "127.0.0.1:" + strconv.Itoa(n.metricsPort),
 			"--console-listen", "", "--durability", c.durability, "--log-format", "text"}
 		if len(c.nodes) > 0 {
-			args = append(args, "--join", "nats://127.0.0.1:"+strconv.Itoa(c.nodes[0].routePort), "--keyvault", "remote")
+			// Every running member, as docs/cluster.md asks: a new server
+			// expects as many JetStream peers as it has routes, so two
+			// newcomers naming one member each could bootstrap a meta
+			// group of their own.
+			var join []string
+			for _, m := range c.nodes {
+				if m.routePort != 0 {
+					join = append(join, "nats://127.0.0.1:"+strconv.Itoa(m.routePort))
+				}
+			}
+			args = append(args, "--join", strings.Join(join, ","), "--keyvault", "remote")
 		}
 		n.p = spawn(c.t, args, "KUMA_MASTER_KEY=")
 		c.nodes = append(c.nodes, n)
