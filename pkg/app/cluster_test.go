@@ -1,8 +1,8 @@
 //go:build cluster
 
-// The join test runs with -tags cluster: it still sees a few appends time
-// out while shards move (see the session note), so it is not yet part of
-// the default suite.
+// The in-process join test runs with -tags cluster, next to the
+// multi-process cluster tests in cmd/kuma (.ci/run runs both): it moves
+// shards between three nodes under load for several seconds.
 
 package app_test
 
