@@ -36,6 +36,12 @@ type relay struct {
 	// publish nothing more: the stream fences it.
 	subjSeq atomic.Uint64
 	fenced  atomic.Bool
+	// retryLast is the last position of a publish whose outcome is unknown
+	// (it timed out): the next attempt sends exactly that batch again, so
+	// that if the first one landed, landed recognises it as this relay's
+	// own. A bigger batch would end elsewhere and look like another
+	// owner's. Only the relay goroutine uses it.
+	retryLast int64
 	// pubMu guards pubCh, closed and replaced whenever published moves, for
 	// appends that are acknowledged only once the stream has their events.
 	pubMu   sync.Mutex
@@ -243,6 +249,17 @@ func (r *relay) publishOnce() (int, error) {
 			IdempotencyKey: e.Idempotency, FirstVersion: e.FirstVersion,
 		})
 	}
+	if r.retryLast <= from {
+		r.retryLast = 0 // published since (resume read the stream)
+	}
+	if r.retryLast > 0 {
+		for i, e := range body.Events {
+			if p, _ := kuma.ParsePosition(e.Position); p.Seq > r.retryLast {
+				body.Events = body.Events[:i]
+				break
+			}
+		}
+	}
 	last := evs[len(body.Events)-1].Seq
 	data, err := json.Marshal(body)
 	if err != nil {
@@ -293,10 +310,12 @@ func (r *relay) publishOnce() (int, error) {
 		}
 		r.subjSeq.Store(seq)
 	case err != nil:
+		r.retryLast = last // it may have landed: send the very same again
 		return 0, err
 	default:
 		r.subjSeq.Store(ack.Sequence)
 	}
+	r.retryLast = 0
 	r.setPublished(last)
 	r.sh.node.cfg.Failpoint("relay-after-publish")
 	return len(body.Events), nil
