@@ -183,3 +183,18 @@ func TestNodeNameFromHost(t *testing.T) {
 		t.Fatalf("Validate with node bad.name = %v, want a --node error", err)
 	}
 }
+
+func TestDurabilityIsChecked(t *testing.T) {
+	for _, d := range []string{"", "local", "replicated"} {
+		c := Config{Durability: d}
+		c.setDefaults()
+		if err := c.Validate(); err != nil {
+			t.Errorf("durability %q: %v", d, err)
+		}
+	}
+	c := Config{Durability: "sometimes"}
+	c.setDefaults()
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--durability must be local or replicated") {
+		t.Fatalf("durability sometimes: %v, want the --durability error", err)
+	}
+}
