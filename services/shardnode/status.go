@@ -74,10 +74,7 @@ func (s *Service) serveStatus(ctx context.Context) error {
 		}
 		for _, ep := range endpoints {
 			answer := ep.answer
-			err := svc.AddEndpoint(ep.name, micro.HandlerFunc(func(req micro.Request) {
-				if !kuma.ReplyAllowed(req.Reply()) {
-					return // answering would publish into Kuma's or NATS's own subjects
-				}
+			err := svc.AddEndpoint(ep.name, natsbus.Guard(func(req micro.Request) {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				defer cancel()
 				out, err := answer(ctx, req.Data())
