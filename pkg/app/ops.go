@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -94,14 +95,28 @@ func (a *App) notReady() []string {
 	if a.nc == nil || !a.nc.IsConnected() {
 		out = append(out, "NATS is not connected")
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
 	if sn := a.Shardnode(); sn != nil {
-		if open, want := len(sn.Stats()), a.cfg.Shards; open < want {
-			out = append(out, fmt.Sprintf("%d of %d shards open", open, want))
+		// Ready means serving the shards placed on this node (rendezvous
+		// hashing or a pin): all of them when it is alone, its share in a
+		// cluster. Shards moving to it keep it unready until it serves them.
+		st, err := sn.Status(ctx, a.cfg.Context)
+		if err != nil {
+			out = append(out, "shards: "+err.Error())
+		} else {
+			var missing []string
+			for _, sh := range st.Shards {
+				if sh.Desired == a.cfg.NodeName && sh.Owner != a.cfg.NodeName {
+					missing = append(missing, strconv.Itoa(sh.Shard))
+				}
+			}
+			if len(missing) > 0 {
+				out = append(out, fmt.Sprintf("shards %s are placed on this node but not served by it yet", strings.Join(missing, ",")))
+			}
 		}
 	}
 	if pr := a.Projector(); pr != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
 		st, err := pr.Status(ctx)
 		if err != nil {
 			out = append(out, "projections: "+err.Error())
