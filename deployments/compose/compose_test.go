@@ -1,0 +1,372 @@
+//go:build docker
+
+// Package compose tests deployments/compose/docker-compose.yml for real: it
+// builds the image (FROM scratch, nothing pulled), starts the three-node
+// cluster with docker-compose, writes and reads from the host through kuma1's
+// published port, adds two shardnode replicas under a steady load (three
+// shardnode members become five: the three kuma up nodes' own and two
+// `kuma serve --target shardnode`), kills one kuma up node (not the
+// keyvault's) and checks its shards are served again, then removes
+// everything with `docker-compose down -v`. Run with
+// `go test -tags docker ./deployments/...`; .ci/run does when `docker info`
+// works.
+package compose
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/envelope"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/nats-io/nats.go"
+)
+
+const shards = 16 // the image's default, which the compose file keeps
+
+// project runs docker-compose on one project with the test's environment.
+type project struct {
+	t    *testing.T
+	name string
+	env  []string
+}
+
+func (p *project) run(timeout time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "docker-compose", append([]string{"-p", p.name, "-f", "docker-compose.yml"}, args...)...)
+	cmd.Env = append(os.Environ(), p.env...)
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+func (p *project) must(timeout time.Duration, args ...string) string {
+	p.t.Helper()
+	out, err := p.run(timeout, args...)
+	if err != nil {
+		p.t.Fatalf("docker-compose %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// waitFor polls cond until it returns "" (done) or the deadline passes, and
+// fails with cond's last reason.
+func waitFor(t *testing.T, what string, limit time.Duration, cond func() string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		why := cond()
+		if why == "" {
+			return time.Since(start)
+		}
+		if time.Since(start) > limit {
+			t.Fatalf("%s: not after %s: %s", what, limit, why)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// owners maps each shard to its owner, "" for a shard between owners.
+func owners(st *kuma.StatusReply) map[int]string {
+	m := map[int]string{}
+	for _, s := range st.Shards {
+		m[s.Shard] = s.Owner
+	}
+	return m
+}
+
+// settled says why the cluster is not settled: every shard owned by a live
+// node where it should be, nothing moving, want nodes.
+func settled(st *kuma.StatusReply, wantNodes int) string {
+	if len(st.Nodes) != wantNodes {
+		return fmt.Sprintf("%d nodes, want %d", len(st.Nodes), wantNodes)
+	}
+	if len(st.Shards) != shards {
+		return fmt.Sprintf("%d shards in the map, want %d", len(st.Shards), shards)
+	}
+	for _, s := range st.Shards {
+		if s.Owner == "" || s.Owner != s.Desired || s.Moving != "" {
+			return fmt.Sprintf("shard %d: owner %q, desired %q, moving %q", s.Shard, s.Owner, s.Desired, s.Moving)
+		}
+	}
+	return ""
+}
+
+// load is a few writers appending one event at a time to their own
+// entities, each event {"i": i} for the i-th append of that entity, with
+// the client's retries (one idempotency key per append). It counts what
+// failed outright.
+type load struct {
+	c        *client.Client
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	ok, fail atomic.Int64
+	mu       sync.Mutex
+	acked    map[string]int64 // entity → acknowledged appends
+	errs     []string
+}
+
+func startLoad(c *client.Client, writers int, prefix string, acked map[string]int64) *load {
+	l := &load{c: c, stop: make(chan struct{}), acked: acked}
+	for w := 0; w < writers; w++ {
+		entity := fmt.Sprintf("%s-%d", prefix, w)
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				l.mu.Lock()
+				i := l.acked[entity]
+				l.mu.Unlock()
+				ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+				_, err := c.Append(ctx, entity, []kuma.EventInput{{Type: "Tick", Data: json.RawMessage(fmt.Sprintf(`{"i":%d}`, i))}},
+					client.IdempotencyKey(fmt.Sprintf("%s/%d", entity, i)))
+				cancel()
+				if err != nil {
+					l.fail.Add(1)
+					l.mu.Lock()
+					l.errs = append(l.errs, fmt.Sprintf("%s #%d: %v", entity, i, err))
+					l.mu.Unlock()
+					continue // the same key again: safe
+				}
+				l.ok.Add(1)
+				l.mu.Lock()
+				l.acked[entity] = i + 1
+				l.mu.Unlock()
+				time.Sleep(20 * time.Millisecond)
+			}
+		}()
+	}
+	return l
+}
+
+func (l *load) end() { close(l.stop); l.wg.Wait() }
+
+func TestComposeCluster(t *testing.T) {
+	if _, err := exec.LookPath("docker-compose"); err != nil {
+		t.Fatalf("docker-compose is not installed: %v", err)
+	}
+	suffix := fmt.Sprintf("%d", time.Now().UnixNano())
+	tag := "kuma:compose-" + suffix
+	start := time.Now()
+	if out, err := exec.Command("bash", "../docker/build.sh", tag).CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("docker", "rmi", "-f", tag).Run() })
+	t.Logf("image %s built in %s", tag, time.Since(start).Round(time.Millisecond))
+
+	port := freePort(t)
+	p := &project{t: t, name: "kumatest" + suffix, env: []string{
+		"KUMA_IMAGE=" + tag,
+		fmt.Sprintf("KUMA_PORT=%d", port),
+		"KUMA_MASTER_KEY=" + base64.StdEncoding.EncodeToString(envelope.NewRandomKey()),
+		"KUMA_DURABILITY=replicated",
+	}}
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := p.run(time.Minute, "logs", "--no-color", "--tail", "60")
+			t.Logf("logs:\n%s", out)
+		}
+		start := time.Now()
+		if out, err := p.run(3*time.Minute, "down", "-v", "--timeout", "10"); err != nil {
+			t.Errorf("docker-compose down -v: %v\n%s", err, out)
+		}
+		t.Logf("docker-compose down -v in %s", time.Since(start).Round(time.Millisecond))
+	})
+
+	start = time.Now()
+	p.must(3*time.Minute, "up", "-d")
+	nc, err := nats.Connect(fmt.Sprintf("nats://127.0.0.1:%d", port), nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	c, err := client.New(nc, client.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := func() (*kuma.StatusReply, string) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		st, err := c.Status(ctx)
+		if err != nil {
+			return nil, err.Error()
+		}
+		return st, ""
+	}
+	var st *kuma.StatusReply
+	waitFor(t, "three kuma up nodes sharing the shards", 3*time.Minute, func() string {
+		var why string
+		if st, why = status(); why != "" {
+			return why
+		}
+		return settled(st, 3)
+	})
+	t.Logf("three nodes up, shards settled, %s after docker-compose up", time.Since(start).Round(time.Millisecond))
+
+	// From the host, through kuma1's published port.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := 0; i < 20; i++ {
+		if _, err := c.Append(ctx, fmt.Sprintf("host-%d", i), []kuma.EventInput{{Type: "Created", Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))}}); err != nil {
+			t.Fatalf("append from the host: %v", err)
+		}
+	}
+	for i := 0; i < 20; i++ {
+		r, err := c.Read(ctx, fmt.Sprintf("host-%d", i))
+		if err != nil || r.Version != 1 || string(r.State) != fmt.Sprintf(`{"n":%d}`, i) {
+			t.Fatalf("read host-%d = %+v, %v", i, r, err)
+		}
+	}
+
+	// Two shardnode replicas join under a steady load: three shardnode
+	// members become five.
+	before := owners(st)
+	acked := map[string]int64{}
+	l := startLoad(c, 8, "steady", acked)
+	time.Sleep(2 * time.Second)
+	start = time.Now()
+	p.must(3*time.Minute, "up", "-d", "--no-recreate", "--scale", "shardnode=2")
+	scaled := waitFor(t, "five shardnode members, shards settled", 3*time.Minute, func() string {
+		var why string
+		if st, why = status(); why != "" {
+			return why
+		}
+		return settled(st, 5)
+	})
+	time.Sleep(2 * time.Second)
+	l.end()
+	after := owners(st)
+	moved := 0
+	newcomers := map[string]int{}
+	for n, o := range after {
+		if o != before[n] {
+			moved++
+		}
+		if !slices.Contains([]string{"kuma1", "kuma2", "kuma3"}, o) {
+			newcomers[o]++
+		}
+	}
+	t.Logf("scale shardnode 0→2: settled %s after docker-compose up --scale began (%s after it returned); %d of %d shards moved, newcomers hold %v; under load %d appends acknowledged, %d failed",
+		time.Since(start).Round(time.Millisecond), scaled.Round(time.Millisecond), moved, shards, newcomers, l.ok.Load(), l.fail.Load())
+	if len(newcomers) != 2 {
+		t.Errorf("the two new shardnodes hold shards %v, want both to hold some", newcomers)
+	}
+	for n, o := range after {
+		if o != before[n] && newcomers[o] == 0 {
+			t.Errorf("shard %d moved from %s to %s, an old member: rendezvous hashing moves shards only to newcomers", n, before[n], o)
+		}
+	}
+	if l.fail.Load() != 0 {
+		t.Errorf("%d requests failed while the shardnodes joined: %v", l.fail.Load(), l.errs[:min(len(l.errs), 5)])
+	}
+	if l.ok.Load() == 0 {
+		t.Fatal("the load made no append")
+	}
+
+	// Kill one kuma up node that is not the keyvault's (kuma1's), under load.
+	victim := "kuma3"
+	var lost []int
+	for n, o := range after {
+		if o == victim {
+			lost = append(lost, n)
+		}
+	}
+	if len(lost) == 0 {
+		victim = "kuma2"
+		for n, o := range after {
+			if o == victim {
+				lost = append(lost, n)
+			}
+		}
+	}
+	slices.Sort(lost)
+	if len(lost) == 0 {
+		t.Fatalf("neither kuma2 nor kuma3 owns a shard: %v", after)
+	}
+	container := p.must(time.Minute, "ps", "-q", victim)
+	l = startLoad(c, 8, "steady", acked)
+	time.Sleep(2 * time.Second)
+	start = time.Now()
+	if out, err := exec.Command("docker", "kill", container).CombinedOutput(); err != nil {
+		t.Fatalf("docker kill %s: %v\n%s", victim, err, out)
+	}
+	// Its shards are served again once another node owns each of them and
+	// answers a read of an entity there.
+	probe := map[int]string{}
+	for i := 0; len(probe) < len(lost); i++ {
+		e := fmt.Sprintf("probe-%d", i)
+		if n := placement.ShardOf(e, shards); slices.Contains(lost, n) && probe[n] == "" {
+			probe[n] = e
+		}
+	}
+	served := waitFor(t, "the killed node's shards served again", 2*time.Minute, func() string {
+		var why string
+		if st, why = status(); why != "" {
+			return why
+		}
+		for _, n := range lost {
+			if o := owners(st)[n]; o == "" || o == victim {
+				return fmt.Sprintf("shard %d owned by %q", n, o)
+			}
+		}
+		for n, e := range probe {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			_, err := c.Append(ctx, e, []kuma.EventInput{{Type: "Probe", Data: json.RawMessage(`{}`)}}, client.IdempotencyKey(e))
+			cancel()
+			if err != nil {
+				return fmt.Sprintf("shard %d: append %s: %v", n, e, err)
+			}
+		}
+		return ""
+	})
+	time.Sleep(2 * time.Second)
+	l.end()
+	t.Logf("docker kill %s (shards %v): served again by %v %s after the kill; under load %d appends acknowledged, %d failed and retried with the same key",
+		victim, lost, owners(st), served.Round(time.Millisecond), l.ok.Load(), l.fail.Load())
+
+	// No acknowledged event lost, none twice: entity e's version v holds i = v-1.
+	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for e, n := range acked {
+		r, err := c.Read(ctx, e)
+		if err != nil {
+			t.Fatalf("read %s: %v", e, err)
+		}
+		var s struct{ I int64 }
+		_ = json.Unmarshal(r.State, &s)
+		if r.Version < n || s.I != r.Version-1 {
+			t.Errorf("%s: version %d, state %s; %d appends were acknowledged", e, r.Version, r.State, n)
+		}
+	}
+	for i := 0; i < 20; i++ {
+		if r, err := c.Read(ctx, fmt.Sprintf("host-%d", i)); err != nil || r.Version != 1 {
+			t.Errorf("read host-%d after the kill = %+v, %v", i, r, err)
+		}
+	}
+}
