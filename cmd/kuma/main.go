@@ -17,7 +17,8 @@ const usage = `kuma: an entity-native, event-sourced store over NATS and SQLite
 
 Usage:
   kuma up [flags]                       run everything in one process (embedded NATS)
-  kuma serve --target T [flags]         run one service (router, shardnode, projector, keyvault, console) against --nats-url
+  kuma serve --target T [flags]         run one service (router, shardnode, projector, keyvault, console) against --nats-url,
+                                        or the embedded NATS server alone (--target nats, with up's cluster flags)
   kuma append ENTITY TYPE [JSON]        append one event (JSON defaults to {})
   kuma read ENTITY [--at-version N | --at-time T]
   kuma history ENTITY [--from N] [--limit N]

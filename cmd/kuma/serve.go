@@ -106,9 +106,7 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	var logLevel, logFormat string
 	serverFlags(fs, &cfg, &logLevel, &logFormat)
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server")
-	fs.Var((*listFlag)(&cfg.Join), "join", "route URL nats://host:port of a running cluster member to join; repeat it or separate URLs by commas (see docs/cluster.md)")
-	fs.StringVar(&cfg.ClusterListen, "cluster-listen", "", "host:port for the other cluster members' routes (empty: not a cluster member); needs --insecure unless loopback")
-	fs.StringVar(&cfg.ClusterName, "cluster-name", app.DefaultClusterName, "NATS cluster name, the same on every member")
+	clusterFlags(fs, &cfg)
 	fs.StringVar(&cfg.Keyvault, "keyvault", app.KeyvaultLocal, "local: run the keyvault in this process; remote: use the cluster's keyvault over NATS (every node but one)")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
@@ -135,20 +133,29 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	var cfg app.Config
 	var logLevel, logFormat string
 	serverFlags(fs, &cfg, &logLevel, &logFormat)
-	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode, projector, keyvault or console (all = kuma up)")
+	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode, projector, keyvault, console, or nats (the embedded NATS server alone; all = kuma up)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
 	natsAuthFlags(fs, &cfg)
-	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (target all only)")
+	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (targets all and nats only)")
+	clusterFlags(fs, &cfg)
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
 	if cfg.Target == "" {
-		return usageError{errors.New("--target is required: router, shardnode, projector, keyvault, console or all")}
+		return usageError{errors.New("--target is required: router, shardnode, projector, keyvault, console, nats or all")}
 	}
 	if err := secretsAndHooks(&cfg, getenv); err != nil {
 		return err
 	}
 	return serve(ctx, cfg, logLevel, logFormat, stderr)
+}
+
+// clusterFlags registers the embedded server's cluster flags, which kuma up
+// and kuma serve --target nats share (docs/cluster.md).
+func clusterFlags(fs *flag.FlagSet, cfg *app.Config) {
+	fs.Var((*listFlag)(&cfg.Join), "join", "route URL nats://host:port of a running cluster member to join; repeat it or separate URLs by commas (see docs/cluster.md)")
+	fs.StringVar(&cfg.ClusterListen, "cluster-listen", "", "host:port for the other cluster members' routes (empty: not a cluster member); needs --insecure unless loopback")
+	fs.StringVar(&cfg.ClusterName, "cluster-name", app.DefaultClusterName, "NATS cluster name, the same on every member")
 }
 
 func helpOK(err error) error {

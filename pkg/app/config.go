@@ -298,7 +298,7 @@ func (c *Config) validateCluster() []error {
 		return nil
 	}
 	if !c.embedded() {
-		return []error{fmt.Errorf("--join and --cluster-listen are for kuma up (the embedded NATS server); target %s joins a NATS cluster through --nats-url", c.Target)}
+		return []error{fmt.Errorf("--join and --cluster-listen are for kuma up and kuma serve --target nats (the embedded NATS server); target %s joins a NATS cluster through --nats-url", c.Target)}
 	}
 	var errs []error
 	if len(c.Join) > 0 && c.ClusterListen == "" {

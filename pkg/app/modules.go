@@ -32,6 +32,12 @@ const (
 	ModuleOps        = "ops"     // /metrics, /healthz, /readyz
 	ModuleConsole    = "console" // the web console, when ConsoleListen is set
 	TargetAll        = "all"
+	// TargetNATS runs the embedded NATS server alone (`kuma serve --target
+	// nats`), a cluster member with JetStream through the same --join and
+	// --cluster-listen as kuma up, for services run apart to connect to.
+	// It shares its name with the connection module, which every target
+	// has anyway.
+	TargetNATS = "nats"
 )
 
 // deps is the module graph: each module and what must run before it.
@@ -57,6 +63,7 @@ var targets = map[string][]string{
 	ModuleRouter:    {ModuleRouter},
 	ModuleShardnode: {ModuleShardnode},
 	ModuleKeyvault:  {ModuleKeyvault},
+	TargetNATS:      {ModuleNATSServer},
 }
 
 func targetNames() []string {
