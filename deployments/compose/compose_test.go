@@ -39,6 +39,7 @@ const shards = 16 // the image's default, which the compose file keeps
 // project runs docker-compose on one project with the test's environment.
 type project struct {
 	t    *testing.T
+	file string
 	name string
 	env  []string
 }
@@ -46,7 +47,7 @@ type project struct {
 func (p *project) run(timeout time.Duration, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "docker-compose", append([]string{"-p", p.name, "-f", "docker-compose.yml"}, args...)...)
+	cmd := exec.CommandContext(ctx, "docker-compose", append([]string{"-p", p.name, "-f", p.file}, args...)...)
 	cmd.Env = append(os.Environ(), p.env...)
 	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
@@ -167,21 +168,52 @@ func startLoad(c *client.Client, writers int, prefix string, acked map[string]in
 
 func (l *load) end() { close(l.stop); l.wg.Wait() }
 
-func TestComposeCluster(t *testing.T) {
+// The image both tests run, built once by the first (build.sh, as
+// deployments/docker's test does) and removed by TestMain.
+var (
+	imageOnce sync.Once
+	imageTag  string
+	imageErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if imageTag != "" {
+		exec.Command("docker", "rmi", "-f", imageTag).Run()
+	}
+	os.Exit(code)
+}
+
+func image(t *testing.T) string {
+	t.Helper()
+	imageOnce.Do(func() {
+		tag := fmt.Sprintf("kuma:compose-%d", time.Now().UnixNano())
+		start := time.Now()
+		out, err := exec.Command("bash", "../docker/build.sh", tag).CombinedOutput()
+		if err != nil {
+			imageErr = fmt.Errorf("build: %v\n%s", err, out)
+			return
+		}
+		imageTag = tag
+		t.Logf("image %s built in %s", tag, time.Since(start).Round(time.Millisecond))
+	})
+	if imageErr != nil {
+		t.Fatal(imageErr)
+	}
+	return imageTag
+}
+
+// newProject prepares a docker-compose project of file with a unique name,
+// kuma's client port published on a free loopback port, and a fresh master
+// key; its cleanup prints the logs of a failed test and runs down -v.
+func newProject(t *testing.T, file string) (*project, int) {
+	t.Helper()
 	if _, err := exec.LookPath("docker-compose"); err != nil {
 		t.Fatalf("docker-compose is not installed: %v", err)
 	}
-	suffix := fmt.Sprintf("%d", time.Now().UnixNano())
-	tag := "kuma:compose-" + suffix
-	start := time.Now()
-	if out, err := exec.Command("bash", "../docker/build.sh", tag).CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("docker", "rmi", "-f", tag).Run() })
-	t.Logf("image %s built in %s", tag, time.Since(start).Round(time.Millisecond))
-
+	tag := image(t)
 	port := freePort(t)
-	p := &project{t: t, name: "kumatest" + suffix, env: []string{
+	p := &project{t: t, file: file, name: fmt.Sprintf("kumatest%d", time.Now().UnixNano()), env: []string{
 		"KUMA_IMAGE=" + tag,
 		fmt.Sprintf("KUMA_PORT=%d", port),
 		"KUMA_MASTER_KEY=" + base64.StdEncoding.EncodeToString(envelope.NewRandomKey()),
@@ -198,19 +230,21 @@ func TestComposeCluster(t *testing.T) {
 		}
 		t.Logf("docker-compose down -v in %s", time.Since(start).Round(time.Millisecond))
 	})
+	return p, port
+}
 
-	start = time.Now()
-	p.must(3*time.Minute, "up", "-d")
+// connect is a client through the published port, and a status call.
+func connect(t *testing.T, port int) (*client.Client, func() (*kuma.StatusReply, string)) {
 	nc, err := nats.Connect(fmt.Sprintf("nats://127.0.0.1:%d", port), nats.RetryOnFailedConnect(true), nats.MaxReconnects(-1))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
+	t.Cleanup(nc.Close)
 	c, err := client.New(nc, client.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	status := func() (*kuma.StatusReply, string) {
+	return c, func() (*kuma.StatusReply, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		st, err := c.Status(ctx)
@@ -219,6 +253,13 @@ func TestComposeCluster(t *testing.T) {
 		}
 		return st, ""
 	}
+}
+
+func TestComposeCluster(t *testing.T) {
+	p, port := newProject(t, "docker-compose.yml")
+	start := time.Now()
+	p.must(3*time.Minute, "up", "-d")
+	c, status := connect(t, port)
 	var st *kuma.StatusReply
 	waitFor(t, "three kuma up nodes sharing the shards", 3*time.Minute, func() string {
 		var why string
@@ -347,8 +388,9 @@ func TestComposeCluster(t *testing.T) {
 	})
 	time.Sleep(2 * time.Second)
 	l.end()
-	t.Logf("docker kill %s (shards %v): served again by %v %s after the kill; under load %d appends acknowledged, %d failed and retried with the same key",
-		victim, lost, owners(st), served.Round(time.Millisecond), l.ok.Load(), l.fail.Load())
+	state, _ := exec.Command("docker", "inspect", "-f", "{{.State.Status}}, restarted {{.RestartCount}} times", container).CombinedOutput()
+	t.Logf("docker kill %s (shards %v): served again by %v %s after the kill; under load %d appends acknowledged, %d failed and retried with the same key; the killed container: %s",
+		victim, lost, owners(st), served.Round(time.Millisecond), l.ok.Load(), l.fail.Load(), strings.TrimSpace(string(state)))
 
 	// No acknowledged event lost, none twice: entity e's version v holds i = v-1.
 	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
@@ -369,4 +411,86 @@ func TestComposeCluster(t *testing.T) {
 			t.Errorf("read host-%d after the kill = %+v, %v", i, r, err)
 		}
 	}
+}
+
+// TestComposeMicroservices runs docker-compose.micro.yml: three NATS servers
+// of our image (kuma serve --target nats) in one cluster, one keyvault,
+// three shardnodes, a projector and two routers, each its own container.
+// From the host it appends, reads and queries the projector's read model,
+// then scales the shardnodes from three to four.
+func TestComposeMicroservices(t *testing.T) {
+	p, port := newProject(t, "docker-compose.micro.yml")
+	start := time.Now()
+	p.must(3*time.Minute, "up", "-d")
+	c, status := connect(t, port)
+	var st *kuma.StatusReply
+	waitFor(t, "three shardnodes sharing the shards", 3*time.Minute, func() string {
+		var why string
+		if st, why = status(); why != "" {
+			return why
+		}
+		return settled(st, 3)
+	})
+	t.Logf("microservices up (%s), shards settled on 3 shardnodes %s after docker-compose up",
+		strings.ReplaceAll(p.must(time.Minute, "ps", "--services"), "\n", " "), time.Since(start).Round(time.Millisecond))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var last *kuma.AppendReply
+	for i := 0; i < 20; i++ {
+		ar, err := c.Append(ctx, fmt.Sprintf("micro-%d", i), []kuma.EventInput{{Type: "Created", Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))}})
+		if err != nil {
+			t.Fatalf("append from the host: %v", err)
+		}
+		last = ar
+	}
+	for i := 0; i < 20; i++ {
+		r, err := c.Read(ctx, fmt.Sprintf("micro-%d", i))
+		if err != nil || r.Version != 1 || string(r.State) != fmt.Sprintf(`{"n":%d}`, i) {
+			t.Fatalf("read micro-%d = %+v, %v", i, r, err)
+		}
+	}
+	// The projector (its own container) opens the sealed events through the
+	// keyvault (another container) to keep its read model.
+	// After waits for the last append's shard; the other shards' events
+	// may land a moment later.
+	projected := waitFor(t, "the projector's entities read model", time.Minute, func() string {
+		q, err := c.Query(ctx, "entities", &kuma.QueryRequest{After: last.Position})
+		if err != nil {
+			return err.Error()
+		}
+		if len(q.Rows) != 20 {
+			return fmt.Sprintf("%d rows, want 20", len(q.Rows))
+		}
+		return ""
+	})
+	t.Logf("the projector's read model held all 20 entities %s after the last append", projected.Round(time.Millisecond))
+
+	start = time.Now()
+	p.must(3*time.Minute, "up", "-d", "--no-recreate", "--scale", "shardnode=4")
+	waitFor(t, "four shardnodes sharing the shards", 3*time.Minute, func() string {
+		var why string
+		if st, why = status(); why != "" {
+			return why
+		}
+		return settled(st, 4)
+	})
+	t.Logf("shardnode 3→4: settled %s after docker-compose up --scale began; shards per node %v", time.Since(start).Round(time.Millisecond), nodeShards(st))
+	for node, n := range nodeShards(st) {
+		if n == 0 {
+			t.Errorf("shardnode %s holds no shard after the scale: %v", node, nodeShards(st))
+		}
+	}
+	for i := 0; i < 20; i++ {
+		if r, err := c.Read(ctx, fmt.Sprintf("micro-%d", i)); err != nil || r.Version != 1 {
+			t.Fatalf("read micro-%d after the scale = %+v, %v", i, r, err)
+		}
+	}
+}
+
+func nodeShards(st *kuma.StatusReply) map[string]int {
+	m := map[string]int{}
+	for _, n := range st.Nodes {
+		m[n.Name] = n.Shards
+	}
+	return m
 }
