@@ -255,19 +255,27 @@ func connect(t *testing.T, port int) (*client.Client, func() (*kuma.StatusReply,
 	}
 }
 
+// waitSettled waits until status shows nodes members and every shard
+// settled (see settled), and returns that status and how long it took.
+func waitSettled(t *testing.T, status func() (*kuma.StatusReply, string), what string, nodes int) (*kuma.StatusReply, time.Duration) {
+	t.Helper()
+	var st *kuma.StatusReply
+	took := waitFor(t, what, 3*time.Minute, func() string {
+		var why string
+		if st, why = status(); why != "" {
+			return why
+		}
+		return settled(st, nodes)
+	})
+	return st, took
+}
+
 func TestComposeCluster(t *testing.T) {
 	p, port := newProject(t, "docker-compose.yml")
 	start := time.Now()
 	p.must(3*time.Minute, "up", "-d")
 	c, status := connect(t, port)
-	var st *kuma.StatusReply
-	waitFor(t, "three kuma up nodes sharing the shards", 3*time.Minute, func() string {
-		var why string
-		if st, why = status(); why != "" {
-			return why
-		}
-		return settled(st, 3)
-	})
+	st, _ := waitSettled(t, status, "three kuma up nodes sharing the shards", 3)
 	t.Logf("three nodes up, shards settled, %s after docker-compose up", time.Since(start).Round(time.Millisecond))
 
 	// From the host, through kuma1's published port.
@@ -293,13 +301,7 @@ func TestComposeCluster(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	start = time.Now()
 	p.must(3*time.Minute, "up", "-d", "--no-recreate", "--scale", "shardnode=2")
-	scaled := waitFor(t, "five shardnode members, shards settled", 3*time.Minute, func() string {
-		var why string
-		if st, why = status(); why != "" {
-			return why
-		}
-		return settled(st, 5)
-	})
+	st, scaled := waitSettled(t, status, "five shardnode members, shards settled", 5)
 	time.Sleep(2 * time.Second)
 	l.end()
 	after := owners(st)
@@ -423,14 +425,7 @@ func TestComposeMicroservices(t *testing.T) {
 	start := time.Now()
 	p.must(3*time.Minute, "up", "-d")
 	c, status := connect(t, port)
-	var st *kuma.StatusReply
-	waitFor(t, "three shardnodes sharing the shards", 3*time.Minute, func() string {
-		var why string
-		if st, why = status(); why != "" {
-			return why
-		}
-		return settled(st, 3)
-	})
+	st, _ := waitSettled(t, status, "three shardnodes sharing the shards", 3)
 	t.Logf("microservices up (%s), shards settled on 3 shardnodes %s after docker-compose up",
 		strings.ReplaceAll(p.must(time.Minute, "ps", "--services"), "\n", " "), time.Since(start).Round(time.Millisecond))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -467,13 +462,7 @@ func TestComposeMicroservices(t *testing.T) {
 
 	start = time.Now()
 	p.must(3*time.Minute, "up", "-d", "--no-recreate", "--scale", "shardnode=4")
-	waitFor(t, "four shardnodes sharing the shards", 3*time.Minute, func() string {
-		var why string
-		if st, why = status(); why != "" {
-			return why
-		}
-		return settled(st, 4)
-	})
+	st, _ = waitSettled(t, status, "four shardnodes sharing the shards", 4)
 	t.Logf("shardnode 3→4: settled %s after docker-compose up --scale began; shards per node %v", time.Since(start).Round(time.Millisecond), nodeShards(st))
 	for node, n := range nodeShards(st) {
 		if n == 0 {
