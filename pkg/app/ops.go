@@ -101,19 +101,13 @@ func (a *App) notReady() []string {
 		// Ready means serving the shards placed on this node (rendezvous
 		// hashing or a pin): all of them when it is alone, its share in a
 		// cluster. Shards moving to it keep it unready until it serves them.
-		st, err := sn.Status(ctx, a.cfg.Context)
-		if err != nil {
-			out = append(out, "shards: "+err.Error())
-		} else {
-			var missing []string
-			for _, sh := range st.Shards {
-				if sh.Desired == a.cfg.NodeName && sh.Owner != a.cfg.NodeName {
-					missing = append(missing, strconv.Itoa(sh.Shard))
-				}
+		// Read from this node's caches: a probe asks no other member.
+		if missing := sn.Unserved(a.cfg.Context); len(missing) > 0 {
+			ids := make([]string, len(missing))
+			for i, n := range missing {
+				ids[i] = strconv.Itoa(n)
 			}
-			if len(missing) > 0 {
-				out = append(out, fmt.Sprintf("shards %s are placed on this node but not served by it yet", strings.Join(missing, ",")))
-			}
+			out = append(out, fmt.Sprintf("shards %s are placed on this node but not served by it yet", strings.Join(ids, ",")))
 		}
 	}
 	if pr := a.Projector(); pr != nil {

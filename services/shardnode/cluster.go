@@ -666,3 +666,28 @@ const lastStreamSeqUnknown = ^uint64(0)
 
 // String names a shard in logs.
 func (k shardKey) String() string { return k.ctx + "/" + strconv.Itoa(k.n) }
+
+// Unserved lists the shards of context kctx placed on this node (by
+// rendezvous hashing over the live members, or a pin) that it does not
+// serve yet: what keeps it from being ready. It reads only this node's
+// caches, so a readiness probe costs no request to other members.
+func (s *Service) Unserved(kctx string) []int {
+	o := s.owner
+	if o == nil {
+		return nil
+	}
+	members := o.members()
+	var out []int
+	for i := range s.cfg.Contexts {
+		cc := &s.cfg.Contexts[i]
+		if cc.Name != kctx {
+			continue
+		}
+		for n := 0; n < cc.Shards; n++ {
+			if o.store.Desired(kctx, n, members) == s.cfg.NodeName && s.shardAt(shardKey{kctx, n}) == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
