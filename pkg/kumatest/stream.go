@@ -59,8 +59,22 @@ func readStream(t testing.TB, ctx context.Context, js jetstream.JetStream, kctx 
 	if err != nil {
 		t.Fatal(err)
 	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer it.Stop()
+	done := make(chan struct{})
+	defer close(done)
+	go func() { // Next does not take a ctx: stop the iterator when ctx ends
+		select {
+		case <-ctx.Done():
+			it.Stop()
+		case <-done:
+		}
+	}()
 	for seq := uint64(0); seq < info.State.LastSeq; {
-		jm, err := cons.Next(jetstream.FetchContext(ctx))
+		jm, err := it.Next()
 		if err != nil {
 			t.Fatalf("read the stream at %d of %d: %v", seq, info.State.LastSeq, err)
 		}
