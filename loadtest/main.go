@@ -2,7 +2,7 @@
 // loadtest/bench and loadtest/README.md.
 //
 //	go run ./loadtest                       # the seed's benchmark on an embedded node
-//	go run ./loadtest --baseline sqlite     # and the physical limit, same workload
+//	go run ./loadtest --baseline sqlite     # and raw SQLite, same workload
 package main
 
 import (

@@ -7,7 +7,7 @@
 //
 //	kuma bench                                    # embedded node in a temp dir
 //	kuma bench --nats-url nats://127.0.0.1:4222   # a running `kuma up` (--metrics-url for its CPU and memory)
-//	kuma bench --baseline sqlite                  # and the raw shard writer, same workload
+//	kuma bench --baseline sqlite                  # and raw SQLite, same workload (also sqlite-multirow, shard-writer)
 //	kuma bench --rate 250 --events 200000         # latency at a fixed rate (appends/s)
 package bench
 
@@ -68,7 +68,7 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 	fs.StringVar(&c.metricsURL, "metrics-url", "", "with --nats-url: the node's metrics address (host:port), for its CPU and memory")
 	fs.StringVar(&c.sync, "sync", "FULL", "embedded node: SQLite synchronous FULL or NORMAL")
 	fs.StringVar(&c.ctxName, "context", "default", "Kuma context")
-	fs.StringVar(&c.baseline, "baseline", "", "also run the same workload on a baseline: sqlite (Kuma's raw shard writer, no NATS)")
+	fs.StringVar(&c.baseline, "baseline", "", "also run the same appends on baselines, comma-separated: sqlite (raw SQLite, one INSERT per row), sqlite-multirow, shard-writer (Kuma's own writer, no NATS)")
 	fs.StringVar(&c.progress, "progress", "auto", "live progress bar on stderr: auto (on a terminal), on, off")
 	fs.BoolVar(&c.direct, "direct", false, "route to shard subjects directly, skipping the router")
 	fs.BoolVar(&c.verify, "verify", false, "afterwards, read every entity back and check every acknowledged event is there")
@@ -115,28 +115,37 @@ func progressWriter(mode string, stderr io.Writer) io.Writer {
 
 // report is everything one invocation measured.
 type report struct {
-	Kuma     *result `json:"kuma"`
-	Baseline *result `json:"baseline,omitempty"`
+	Kuma      *result    `json:"kuma"`
+	Baselines []baseline `json:"baselines,omitempty"`
+}
+
+type baseline struct {
+	Name string `json:"name"`
+	*result
 	// Ratio is Kuma's events/s over the baseline's.
-	Ratio float64 `json:"ratio,omitempty"`
+	Ratio float64 `json:"ratio"`
 }
 
 func runAll(ctx context.Context, c config, out io.Writer) (*report, error) {
+	names, err := parseBaselines(c.baseline)
+	if err != nil {
+		return nil, err
+	}
 	r, err := run(ctx, c, out)
 	rep := &report{Kuma: r}
-	if err != nil || c.baseline == "" {
+	if err != nil {
 		return rep, err
 	}
-	if c.baseline != "sqlite" {
-		return rep, fmt.Errorf("unknown baseline %q (want sqlite)", c.baseline)
+	for _, name := range names {
+		b, err := runBaseline(ctx, name, c, out)
+		if err != nil {
+			return rep, err
+		}
+		ratio := r.EventsSec / b.EventsSec
+		rep.Baselines = append(rep.Baselines, baseline{Name: name, result: b, Ratio: ratio})
+		fmt.Fprintf(out, "kuma / baseline %s: %.2f\n", name, ratio)
 	}
-	b, err := runSQLiteBaseline(ctx, c, out)
-	rep.Baseline = b
-	if err == nil && b.EventsSec > 0 {
-		rep.Ratio = r.EventsSec / b.EventsSec
-		fmt.Fprintf(out, "kuma / baseline: %.2f\n", rep.Ratio)
-	}
-	return rep, err
+	return rep, nil
 }
 
 var discardLog = slog.New(slog.DiscardHandler)

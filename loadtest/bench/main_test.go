@@ -2,8 +2,12 @@ package bench
 
 import (
 	"bytes"
+	"database/sql"
 	"encoding/json"
+	"fmt"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -19,7 +23,7 @@ func small() config {
 func TestLoadtestSmall(t *testing.T) {
 	var out bytes.Buffer
 	c := small()
-	c.verify, c.baseline, c.readRatio = true, "sqlite", 0.2
+	c.verify, c.baseline, c.readRatio = true, "sqlite,sqlite-multirow,shard-writer", 0.2
 	rep, err := runAll(t.Context(), c, &out)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
@@ -31,8 +35,13 @@ func TestLoadtestSmall(t *testing.T) {
 	if r.Append.P50 <= 0 || r.Append.P50 > r.Append.P99 || r.Append.P99 > r.Append.Max || r.EventsSec <= 0 {
 		t.Fatalf("percentiles out of order: %+v", r.Append)
 	}
-	if b := rep.Baseline; b == nil || b.Events != 20_000 || rep.Ratio <= 0 {
-		t.Fatalf("baseline %+v ratio %v", b, rep.Ratio)
+	if len(rep.Baselines) != 3 {
+		t.Fatalf("%d baselines, want 3", len(rep.Baselines))
+	}
+	for _, b := range rep.Baselines {
+		if b.Events != 20_000 || b.Errors != 0 || b.Ratio <= 0 {
+			t.Fatalf("baseline %s: %+v ratio %v", b.Name, b.result, b.Ratio)
+		}
 	}
 	if r.Node == nil || r.Node.CPUSeconds <= 0 || r.Node.RSSBytes <= 0 {
 		t.Fatalf("node usage %+v, want CPU and memory measured", r.Node)
@@ -40,7 +49,7 @@ func TestLoadtestSmall(t *testing.T) {
 	if r.ProjectionsCatchUp < r.StreamCatchUp {
 		t.Fatalf("projections caught up at %s, before the stream (%s)", r.ProjectionsCatchUp, r.StreamCatchUp)
 	}
-	for _, want := range []string{"throughput:", "event stream caught up", "projections (1) caught up", "node:", "verified", "kuma / baseline"} {
+	for _, want := range []string{"throughput:", "event stream caught up", "projections (1) caught up", "node:", "verified", "kuma / baseline sqlite:", "kuma / baseline sqlite-multirow:", "kuma / baseline shard-writer:"} {
 		if !strings.Contains(out.String(), want) {
 			t.Fatalf("output lacks %q:\n%s", want, out.String())
 		}
@@ -87,5 +96,57 @@ func TestMainFlagsAndJSON(t *testing.T) {
 	var rep report
 	if err := json.Unmarshal(out.Bytes(), &rep); err != nil || rep.Kuma == nil || rep.Kuma.Events != 2000 {
 		t.Fatalf("--json printed %q (%v)", out.String(), err)
+	}
+}
+
+// TestRawWriterStoresEveryRow checks the baseline writers store what they
+// acknowledge, in both INSERT modes: a baseline that dropped rows would make
+// Kuma look slow.
+func TestRawWriterStoresEveryRow(t *testing.T) {
+	for _, multi := range []bool{false, true} {
+		path := filepath.Join(t.TempDir(), "raw.db")
+		w, err := openRawWriter(t.Context(), path, "FULL", multi)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		for e := range 5 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for b := range 5 {
+					vs := make([]int64, 30+e) // not a multiple of the rows per statement
+					for i := range vs {
+						vs[i] = int64(b*len(vs) + i + 1)
+					}
+					if err := w.commit(t.Context(), &rawCommit{entity: fmt.Sprint("e", e), versions: vs, payload: []byte("x"), at: 1}); err != nil {
+						t.Error(err)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		if err := w.close(); err != nil {
+			t.Fatal(err)
+		}
+		db, err := sql.Open("sqlite", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rows, maxPos, entities int
+		err = db.QueryRow(`SELECT COUNT(*), MAX(pos), COUNT(DISTINCT entity) FROM events`).Scan(&rows, &maxPos, &entities)
+		db.Close()
+		if want := 5 * (30 + 31 + 32 + 33 + 34); err != nil || rows != want || maxPos != want || entities != 5 {
+			t.Fatalf("multi=%v: %d rows, last position %d, %d entities (%v); want %d rows, dense, 5 entities", multi, rows, maxPos, entities, err, want)
+		}
+	}
+}
+
+func TestUnknownBaselineIsRefusedBeforeTheRun(t *testing.T) {
+	c := small()
+	c.baseline = "sqlite,postgres"
+	var out bytes.Buffer
+	if _, err := runAll(t.Context(), c, &out); err == nil || !strings.Contains(err.Error(), `"postgres"`) || out.Len() != 0 {
+		t.Fatalf("err %v, output %q; want the unknown name refused before anything ran", err, out.String())
 	}
 }
