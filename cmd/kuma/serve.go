@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,17 +58,45 @@ func secretsAndHooks(cfg *app.Config, getenv func(string) string) error {
 		}
 		cfg.MasterKey = key
 	}
-	// KUMA_TEST_FAILPOINT=name makes the process kill itself (SIGKILL, as a
-	// crash would) when it reaches that point. For fault tests only.
+	// KUMA_TEST_FAILPOINT=name makes the process kill itself when it
+	// reaches that point the first time, and name@N the Nth time, so that
+	// fault tests land at different moments of a busy run. For fault tests
+	// only.
+	//
+	// SIGKILL, not a panic: a panic unwinds its goroutine and runs the
+	// deferred calls on the way (a rollback, an unlock, a close; a recover
+	// could even swallow it), while a kill runs nothing at all, like a crash
+	// or the OOM killer. That is the harsher case for recovery.
 	if fp := getenv("KUMA_TEST_FAILPOINT"); fp != "" {
+		point, nth, err := parseFailpoint(fp)
+		if err != nil {
+			return usageError{err}
+		}
+		var hits atomic.Int64
 		cfg.Failpoint = func(name string) {
-			if name == fp {
+			if name == point && hits.Add(1) == nth {
 				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 				select {} // the signal is on its way
 			}
 		}
 	}
 	return nil
+}
+
+// parseFailpoint reads KUMA_TEST_FAILPOINT: name, or name@N (N ≥ 1).
+func parseFailpoint(v string) (name string, nth int64, err error) {
+	name, n, found := strings.Cut(v, "@")
+	nth = 1
+	if found {
+		nth, err = strconv.ParseInt(n, 10, 64)
+		if err != nil || nth < 1 {
+			return "", 0, fmt.Errorf("KUMA_TEST_FAILPOINT=%q: want name or name@N with N a whole number from 1", v)
+		}
+	}
+	if name == "" {
+		return "", 0, fmt.Errorf("KUMA_TEST_FAILPOINT=%q: the point's name is empty", v)
+	}
+	return name, nth, nil
 }
 
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {

@@ -60,8 +60,15 @@ type Config struct {
 	// Fence, when set, runs inside every write transaction just before
 	// COMMIT; an error (the lease ran out) rolls the transaction back and is
 	// returned to every commit of the group.
-	Fence  func() error
-	Logger *slog.Logger
+	Fence func() error
+	// Failpoint, when set, is the fault tests' hook: the writer calls it
+	// with "commit-before" inside a transaction that writes events, just
+	// before COMMIT, and "commit-after" once that COMMIT succeeded, before
+	// any of its commits is answered. A transaction of bookkeeping alone
+	// (a published mark, a forget mark) does not call it, so a test's Nth
+	// hit is the Nth group of appends. Nil: no hook.
+	Failpoint func(name string)
+	Logger    *slog.Logger
 }
 
 func (c *Config) setDefaults() {

@@ -208,6 +208,7 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 	s.mu.Lock()
 	seq := s.lastSeq
 	s.mu.Unlock()
+	start := seq
 
 	// BEGIN and COMMIT are plain statements on the writer's one connection:
 	// database/sql's Tx would re-prepare every cached statement per
@@ -293,12 +294,22 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 	if err := s.fenced(ctx); err != nil {
 		return fenceError{err}
 	}
+	fp := s.cfg.Failpoint
+	if seq == start { // no events: not a point the fault tests aim at
+		fp = nil
+	}
+	if fp != nil {
+		fp("commit-before")
+	}
 	// In WAL mode the COMMIT is where the fsync happens.
 	syncStart := time.Now()
 	if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
 		return fmt.Errorf("sqlite: commit: %w", err)
 	}
 	s.lastSync = time.Since(syncStart)
+	if fp != nil {
+		fp("commit-after")
+	}
 	s.mu.Lock()
 	s.lastSeq = seq
 	s.mu.Unlock()

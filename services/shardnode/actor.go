@@ -93,9 +93,25 @@ func (a *actor) handle(req *request) {
 		err = natsbus.RespondError(nc, req.msg, err)
 	} else {
 		err = natsbus.RespondJSON(nc, req.msg, reply)
+		a.afterAck(reply)
 	}
 	if err != nil {
 		a.sh.node.cfg.Logger.Warn("reply failed", "entity", a.id, "op", req.op, "err", err)
+	}
+}
+
+// afterAck is the fault tests' after-ack-before-publish point: the reply to
+// a new append has been handed to NATS and the relay has not published its
+// events yet. The relay's own relay-before-publish point cannot stand in
+// for it: the writer wakes the relay before it answers the commit, so the
+// relay may reach its publish before the reply is sent.
+func (a *actor) afterAck(reply any) {
+	r, ok := reply.(*kuma.AppendReply)
+	if !ok || r.Duplicate {
+		return
+	}
+	if p, err := kuma.ParsePosition(r.Position); err == nil && a.sh.relay.published.Load() < p.Seq {
+		a.sh.node.cfg.Failpoint("append-after-ack")
 	}
 }
 

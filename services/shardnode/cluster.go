@@ -312,6 +312,7 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 		}
 		return
 	}
+	o.s.cfg.Failpoint("takeover-after-lease")
 	sh, err := o.s.openOwned(ctx, cc, n, lease, prev, sent)
 	if err != nil {
 		log.Error("could not open the shard; releasing it", "err", err)
@@ -361,6 +362,7 @@ func (o *owner) handoff(sh *shard, to string) {
 	o.s.removeShard(sh)
 	o.refuse(sh) // before the serving member leaves: see refuse.go
 	sh.stopServing(ctx)
+	o.s.cfg.Failpoint("handoff-after-stop")
 	err := o.upload(ctx, sh)
 	if err != nil {
 		// Keep the shard: reopen it under the same lease and try later.
@@ -379,6 +381,7 @@ func (o *owner) handoff(sh *shard, to string) {
 		o.unrefuse(k)
 		return
 	}
+	o.s.cfg.Failpoint("handoff-after-upload")
 	if err := sh.store.Close(); err != nil {
 		log.Warn("close", "err", err)
 	}

@@ -70,9 +70,12 @@ type Config struct {
 	// (defaults 100,000 and 10 minutes).
 	KeyCacheSize int
 	KeyCacheTTL  time.Duration
-	// Failpoint, when set, is called at named points of risky sequences
-	// ("forget-after-mark", "forget-after-shred") so that fault tests can
-	// stop the process exactly there. Nil in production.
+	// Failpoint, when set, is called at named points of risky sequences so
+	// that fault tests can stop the process exactly there: the shard
+	// writer's "commit-before" and "commit-after", "append-after-ack",
+	// "relay-before-publish", "relay-after-publish", "forget-after-mark",
+	// "forget-after-shred", and a shard move's "handoff-after-stop",
+	// "handoff-after-upload" and "takeover-after-lease". Nil in production.
 	Failpoint func(name string)
 	// Registerer receives the node's Prometheus collectors (nil: a private
 	// registry nobody scrapes).

@@ -211,6 +211,7 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n int, lease
 		Tracer:      s.tracer,
 		Epoch:       lease.Epoch,
 		Fence:       func() error { return sh.fence() },
+		Failpoint:   s.cfg.Failpoint,
 	})
 	if err != nil {
 		return nil, err
