@@ -73,7 +73,7 @@ func (s *Shard) wdbExec(ctx context.Context, q string) (sql.Result, error) {
 func (s *Shard) PendingForgets(ctx context.Context) ([]PendingForget, error) {
 	rows, err := s.rdb.QueryContext(ctx, `SELECT entity, reason, requested_by, requested_at FROM forget_pending`)
 	if err != nil {
-		return nil, fmt.Errorf("sqlite: read pending forgets: %w", err)
+		return nil, s.noteErr(fmt.Errorf("sqlite: read pending forgets: %w", err))
 	}
 	defer rows.Close()
 	var out []PendingForget
@@ -86,5 +86,5 @@ func (s *Shard) PendingForgets(ctx context.Context) ([]PendingForget, error) {
 		p.RequestedAt = fromNanos(at)
 		out = append(out, p)
 	}
-	return out, rows.Err()
+	return out, s.noteErr(rows.Err())
 }

@@ -36,18 +36,18 @@ func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]Outbox
 		   FROM events e LEFT JOIN idempotency i ON i.pos = e.pos
 		  WHERE e.pos > ? ORDER BY e.pos LIMIT ?`, seq, limit)
 	if err != nil {
-		return nil, fmt.Errorf("sqlite: read outbox: %w", err)
+		return nil, s.noteErr(fmt.Errorf("sqlite: read outbox: %w", err))
 	}
 	defer rows.Close()
 	out := make([]OutboxEvent, 0, limit)
 	for rows.Next() {
 		var e OutboxEvent
 		if err := rows.Scan(&e.Seq, &e.Entity, &e.Version, &e.Payload, &e.Time, &e.Idempotency, &e.FirstVersion); err != nil {
-			return nil, fmt.Errorf("sqlite: read outbox: %w", err)
+			return nil, s.noteErr(fmt.Errorf("sqlite: read outbox: %w", err))
 		}
 		out = append(out, e)
 	}
-	return out, rows.Err()
+	return out, s.noteErr(rows.Err())
 }
 
 // maxTail bounds the in-memory tail (events); about 10 MiB of payloads.
@@ -128,7 +128,7 @@ func (s *Shard) Published(ctx context.Context) (int64, error) {
 		return 0, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("sqlite: read published position: %w", err)
+		return 0, s.noteErr(fmt.Errorf("sqlite: read published position: %w", err))
 	}
 	return strconv.ParseInt(v, 10, 64)
 }

@@ -35,7 +35,7 @@ func (s *Shard) Entity(ctx context.Context, entity string) (rec EntityRecord, ok
 		return EntityRecord{}, false, nil
 	}
 	if err != nil {
-		return EntityRecord{}, false, fmt.Errorf("sqlite: read entity: %w", err)
+		return EntityRecord{}, false, s.noteErr(fmt.Errorf("sqlite: read entity: %w", err))
 	}
 	rec.CreatedAt, rec.UpdatedAt = fromNanos(created), fromNanos(updated)
 	return rec, true, nil
@@ -54,7 +54,7 @@ func (s *Shard) LatestSnapshot(ctx context.Context, entity string, maxVersion in
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("sqlite: read snapshot: %w", err)
+		return nil, s.noteErr(fmt.Errorf("sqlite: read snapshot: %w", err))
 	}
 	sn.UpdatedAt = fromNanos(updated)
 	return &sn, nil
@@ -71,7 +71,7 @@ func (s *Shard) Events(ctx context.Context, entity string, fromVersion, toVersio
 		 WHERE entity = ? AND version >= ? AND version <= ? ORDER BY version LIMIT ?`,
 		entity, fromVersion, toVersion, limit)
 	if err != nil {
-		return nil, fmt.Errorf("sqlite: read events: %w", err)
+		return nil, s.noteErr(fmt.Errorf("sqlite: read events: %w", err))
 	}
 	defer rows.Close()
 	var out []StoredEvent
@@ -79,13 +79,13 @@ func (s *Shard) Events(ctx context.Context, entity string, fromVersion, toVersio
 		var e StoredEvent
 		var t int64
 		if err := rows.Scan(&e.Seq, &e.Version, &e.Payload, &t); err != nil {
-			return nil, fmt.Errorf("sqlite: read events: %w", err)
+			return nil, s.noteErr(fmt.Errorf("sqlite: read events: %w", err))
 		}
 		e.Time = fromNanos(t)
 		out = append(out, e)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("sqlite: read events: %w", err)
+		return nil, s.noteErr(fmt.Errorf("sqlite: read events: %w", err))
 	}
 	return out, nil
 }
@@ -98,7 +98,7 @@ func (s *Shard) VersionAt(ctx context.Context, entity string, t time.Time) (int6
 	err := s.rdb.QueryRowContext(ctx,
 		`SELECT MAX(version) FROM events WHERE entity = ? AND time <= ?`, entity, t.UnixNano()).Scan(&v)
 	if err != nil {
-		return 0, fmt.Errorf("sqlite: find version at time: %w", err)
+		return 0, s.noteErr(fmt.Errorf("sqlite: find version at time: %w", err))
 	}
 	return v.Int64, nil
 }
@@ -114,7 +114,7 @@ func (s *Shard) Idempotency(ctx context.Context, entity, key string) (*Idempoten
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("sqlite: read idempotency key: %w", err)
+		return nil, s.noteErr(fmt.Errorf("sqlite: read idempotency key: %w", err))
 	}
 	r.Time = fromNanos(t)
 	return &r, nil
@@ -123,7 +123,7 @@ func (s *Shard) Idempotency(ctx context.Context, entity, key string) (*Idempoten
 // Counts returns the number of entities and events in the shard.
 func (s *Shard) Counts(ctx context.Context) (entities, events int64, err error) {
 	if err := s.rdb.QueryRowContext(ctx, `SELECT COUNT(*) FROM entities`).Scan(&entities); err != nil {
-		return 0, 0, fmt.Errorf("sqlite: count entities: %w", err)
+		return 0, 0, s.noteErr(fmt.Errorf("sqlite: count entities: %w", err))
 	}
 	return entities, s.LastSeq(), nil
 }

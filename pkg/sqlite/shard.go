@@ -68,6 +68,12 @@ type Config struct {
 	// (a published mark, a forget mark) does not call it, so a test's Nth
 	// hit is the Nth group of appends. Nil: no hook.
 	Failpoint func(name string)
+	// OnCorrupt, when set, is called once, the first time a read, a write
+	// or Check finds the file damaged (see IsCorrupt), with that error. It
+	// runs on the goroutine that met it (the writer, a reader, Check), so
+	// it must not block or call back into the shard. Commits are refused
+	// from then on.
+	OnCorrupt func(err error)
 	Logger    *slog.Logger
 }
 
@@ -142,6 +148,9 @@ type Shard struct {
 	mu      sync.Mutex // guards lastSeq, which the writer advances and Stats reads
 	lastSeq int64
 	stats   Stats
+
+	corruptMu  sync.Mutex
+	corruptErr error // the first corruption met (health.go)
 }
 
 // Stats are counters of the writer, for status and benchmarks.

@@ -71,6 +71,9 @@ func (s *Shard) Commit(ctx context.Context, c *Commit) error {
 	if c.isWrite() && len(c.Events) == 0 {
 		return errors.New("sqlite: commit with no events")
 	}
+	if err := s.refuseIfCorrupt(); err != nil {
+		return err
+	}
 	c.done = make(chan error, 1)
 	c.span = trace.SpanContextFromContext(ctx)
 	s.closeMu.RLock()
@@ -119,7 +122,7 @@ func (s *Shard) writeLoop() {
 				if i > start {
 					s.writeGroup(group[start:i])
 				}
-				c.done <- c.standalone(context.Background(), s.wconn)
+				c.done <- s.noteErr(c.standalone(context.Background(), s.wconn))
 				start = i + 1
 			}
 		}
@@ -144,7 +147,7 @@ func (s *Shard) writeGroup(group []*Commit) {
 		defer span.End()
 	}
 	start := time.Now()
-	err := s.writeTx(group)
+	err := s.noteErr(s.writeTx(group))
 	var fe fenceError
 	if errors.As(err, &fe) {
 		// Not any one commit's fault, and retrying alone would fail the same.
@@ -155,7 +158,7 @@ func (s *Shard) writeGroup(group []*Commit) {
 		s.cfg.Logger.Warn("group commit failed; retrying commits one by one",
 			"shard", s.cfg.Shard, "commits", len(group), "err", err)
 		for _, c := range group {
-			err := s.writeTx([]*Commit{c})
+			err := s.noteErr(s.writeTx([]*Commit{c}))
 			if err == nil {
 				s.appendTail([]*Commit{c})
 			}
@@ -220,7 +223,10 @@ func (s *Shard) writeTx(group []*Commit) (err error) {
 	}
 	defer func() {
 		if err != nil {
-			if _, rbErr := conn.ExecContext(ctx, "ROLLBACK"); rbErr != nil {
+			// A COMMIT refused for lack of space (SQLITE_FULL) has already
+			// rolled the transaction back: ROLLBACK then finds none, which
+			// is no failure.
+			if _, rbErr := conn.ExecContext(ctx, "ROLLBACK"); rbErr != nil && !strings.Contains(rbErr.Error(), "no transaction is active") {
 				s.cfg.Logger.Error("rollback failed", "shard", s.cfg.Shard, "err", rbErr)
 			}
 		}
