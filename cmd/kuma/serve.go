@@ -44,8 +44,9 @@ func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string)
 }
 
 // secretsAndHooks fills what comes only from the environment: the master key
-// itself (never a flag: flags show in ps) and the fault tests' failpoint.
-func secretsAndHooks(cfg *app.Config, getenv func(string) string) error {
+// itself (never a flag: flags show in ps) and the fault tests' failpoint,
+// which says on stderr where it struck.
+func secretsAndHooks(cfg *app.Config, getenv func(string) string, stderr io.Writer) error {
 	// OTLP export is on when the standard variables point somewhere.
 	if cfg.Tracing == telemetry.ExportNone && getenv("OTEL_SDK_DISABLED") != "true" &&
 		(getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != "" || getenv("OTEL_TRACES_EXPORTER") == "otlp") {
@@ -75,6 +76,7 @@ func secretsAndHooks(cfg *app.Config, getenv func(string) string) error {
 		var hits atomic.Int64
 		cfg.Failpoint = func(name string) {
 			if name == point && hits.Add(1) == nth {
+				fmt.Fprintf(stderr, "kuma: failpoint %s reached (hit %d): SIGKILL\n", name, nth)
 				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 				select {} // the signal is on its way
 			}
@@ -152,7 +154,7 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	}
 	cfg.ConsoleAllowWrites = app.ConsoleLoopback(cfg.ConsoleListen)
 	cfg.Target = app.TargetAll
-	if err := secretsAndHooks(&cfg, getenv); err != nil {
+	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
 	}
 	return serve(ctx, cfg, logLevel, logFormat, stderr)
@@ -174,7 +176,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	if cfg.Target == "" {
 		return usageError{errors.New("--target is required: router, shardnode, projector, keyvault, console, nats or all")}
 	}
-	if err := secretsAndHooks(&cfg, getenv); err != nil {
+	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
 	}
 	return serve(ctx, cfg, logLevel, logFormat, stderr)
