@@ -379,8 +379,9 @@ func fpVerify(t *testing.T, nc *nats.Conn, l *fpLoad, victims []string, f *fpFig
 
 // fpIntegrity runs PRAGMA integrity_check on every SQLite file under dir
 // (the shard files and the keyvault's; the NATS store's index.db files are
-// not SQLite) and returns how many passed; each failure is a problem.
-func fpIntegrity(ctx context.Context, dir string, f *fpFigures) int {
+// not SQLite) and returns how many passed; each failure is a problem, and
+// so is finding no shard file when wantShards.
+func fpIntegrity(ctx context.Context, dir string, wantShards bool, f *fpFigures) int {
 	var paths []string
 	shards := 0
 	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
@@ -396,7 +397,7 @@ func fpIntegrity(ctx context.Context, dir string, f *fpFigures) int {
 		}
 		return nil
 	})
-	if shards == 0 {
+	if shards == 0 && wantShards {
 		f.problem("no shard file under %s", dir)
 	}
 	ok := 0
@@ -482,7 +483,7 @@ func fpRunSingle(t *testing.T, p fpPoint, n int, dropKeyOnRetry bool) fpFigures 
 	}
 	hit := fpWaitKilled(t, cmd, logs, p.name, n, l)
 	ackedAtKill := l.acks.Load()
-	f.files += fpIntegrity(t.Context(), dir, &f) // the files as the crash left them
+	f.files += fpIntegrity(t.Context(), dir, true, &f) // the files as the crash left them
 
 	restart := time.Now()
 	cmd, logs = startUp(t, dir, port)
@@ -496,7 +497,7 @@ func fpRunSingle(t *testing.T, p fpPoint, n int, dropKeyOnRetry bool) fpFigures 
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("kuma up after SIGTERM: %v\n%s", err, fpTail(logs.String()))
 	}
-	f.files += fpIntegrity(t.Context(), dir, &f)
+	f.files += fpIntegrity(t.Context(), dir, true, &f)
 	t.Logf("%s@%d: hit after %s with %d appends acknowledged; writers going again %s after the restart; %s; retried attempts %d",
 		p.name, n, hit.Round(time.Millisecond), ackedAtKill, back.Round(time.Millisecond), f.String(), l.retries.Load())
 	return f
@@ -617,7 +618,7 @@ func TestFailpointCheckersSeeFailures(t *testing.T) {
 		t.Fatalf("kuma up after SIGTERM: %v\n%s", err, logs)
 	}
 	f = fpFigures{}
-	if n := fpIntegrity(t.Context(), dir, &f); n == 0 || len(f.problems) > 0 {
+	if n := fpIntegrity(t.Context(), dir, true, &f); n == 0 || len(f.problems) > 0 {
 		t.Fatalf("intact files: %d ok, problems %v", n, f.problems)
 	}
 	var shard string
@@ -656,4 +657,29 @@ func fpTail(s string) string {
 		lines = lines[len(lines)-20:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// TestParseFailpoint: KUMA_TEST_FAILPOINT is name or name@N, N from 1;
+// anything else is refused with what to write.
+func TestParseFailpoint(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		name string
+		nth  int64
+		ok   bool
+	}{
+		{"commit-after", "commit-after", 1, true},
+		{"commit-after@1", "commit-after", 1, true},
+		{"relay-before-publish@250", "relay-before-publish", 250, true},
+		{"commit-after@0", "", 0, false},
+		{"commit-after@-3", "", 0, false},
+		{"commit-after@x", "", 0, false},
+		{"commit-after@", "", 0, false},
+		{"@4", "", 0, false},
+	} {
+		name, nth, err := parseFailpoint(tc.in)
+		if (err == nil) != tc.ok || name != tc.name || nth != tc.nth {
+			t.Errorf("parseFailpoint(%q) = %q, %d, %v; want %q, %d, ok %v", tc.in, name, nth, err, tc.name, tc.nth, tc.ok)
+		}
+	}
 }
