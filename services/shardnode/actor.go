@@ -72,6 +72,7 @@ func (a *actor) handle(req *request) {
 	ctx, cancel := context.WithTimeout(ctx, ioTimeout)
 	defer cancel()
 	reply, err := a.serve(ctx, req)
+	err, reported := a.sh.storageError(err) // corrupt.go
 	if err != nil {
 		span.SetStatus(codes.Error, string(kuma.ErrorCode(err)))
 	}
@@ -86,7 +87,7 @@ func (a *actor) handle(req *request) {
 	}
 	nc := a.sh.node.nc
 	if err != nil {
-		if kuma.ErrorCode(err) == kuma.CodeInternal {
+		if kuma.ErrorCode(err) == kuma.CodeInternal && !reported {
 			a.sh.node.cfg.Logger.ErrorContext(ctx, "request failed", "context", a.sh.cc.Name, "shard", a.sh.n,
 				"entity", a.id, "op", req.op, "err", err)
 		}
@@ -116,6 +117,11 @@ func (a *actor) afterAck(reply any) {
 }
 
 func (a *actor) serve(ctx context.Context, req *request) (any, error) {
+	// A damaged file answers nothing, not even from memory: requests
+	// queued before it was found get the same answer as those after.
+	if err := a.sh.store.Corrupt(); err != nil {
+		return nil, err
+	}
 	if err := a.load(ctx); err != nil {
 		return nil, err
 	}
@@ -341,6 +347,7 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 		}
 		return nil, err
 	}
+	a.sh.wrote()
 	if err := a.durable(ctx, c.LastSeq); err != nil {
 		// Stored here, not yet acknowledged: the state moves (the events
 		// are the entity's history now), and a retry with the same

@@ -39,8 +39,14 @@ func (sh *shard) catchUpAndClaim(ctx context.Context, fromStreamSeq uint64, epoc
 			}
 		}
 		// The stream's end for this shard must not be ahead of the file.
+		// When it is, the file lost commits it had once: SQLite drops
+		// every transaction after a WAL frame that fails its checksum,
+		// silently, and an older copy put in place loses them too. The
+		// file then answers with a past that is not the shard's, so it is
+		// treated as damaged (corrupt.go).
 		if last := sh.store.LastSeq(); endPos > last {
-			return fmt.Errorf("shardnode: shard %d: the stream reaches position %d but the catch-up only %d", sh.n, endPos, last)
+			return fmt.Errorf("%w: shard %d: the event stream reaches position %d but the file only %d: it lost committed events (a damaged WAL, or an older copy of the file)",
+				sqlite.ErrCorrupt, sh.n, endPos, last)
 		}
 		sh.relay.subjSeq.Store(end)
 		err = sh.relay.claim(ctx, epoch, endPos)

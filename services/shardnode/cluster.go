@@ -219,6 +219,9 @@ func (o *owner) reconcile(ctx context.Context, sync bool) {
 				o.snapshotIfDue(sh)
 				continue
 			}
+			if o.s.isCorrupt(k) {
+				continue // out of service until an operator restores it (corrupt.go)
+			}
 			lease, ok := o.store.Lease(cc.Name, n)
 			want := o.store.Desired(cc.Name, n, members)
 			var prev *cluster.Lease
@@ -229,9 +232,13 @@ func (o *owner) reconcile(ctx context.Context, sync bool) {
 				}
 			case lease.Owner == "" && (want == me || lease.HandoffTo == me):
 				prev = &lease
-			case lease.Owner == me && want == me:
+			case lease.Owner == me:
 				// Our own earlier incarnation (a restart): no need to wait for
-				// the lease to run out.
+				// the lease to run out. Taken back even when the shard should
+				// live elsewhere now (a kill in the middle of its hand-off):
+				// nobody else takes a lease whose owner is alive, and only
+				// this node's file may hold its last commits. The next
+				// reconcile hands it on as usual.
 				prev = &lease
 			case lease.Owner != "" && lease.Owner != me && want == me &&
 				lease.Expired(now, o.cfg.LeaseTTL) && !o.store.Alive(lease.Owner):
@@ -315,7 +322,11 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 	o.s.cfg.Failpoint("takeover-after-lease")
 	sh, err := o.s.openOwned(ctx, cc, n, lease, prev, sent)
 	if err != nil {
-		log.Error("could not open the shard; releasing it", "err", err)
+		if sqlite.IsCorrupt(err) {
+			o.s.shardCorrupt(cc.Name, n, err) // logs once; the reconcile loop leaves it alone
+		} else {
+			log.Error("could not open the shard; releasing it", "err", err)
+		}
 		rctx, cancel := context.WithTimeout(context.Background(), o.cfg.LeaseTTL/2)
 		defer cancel()
 		if _, rerr := o.store.Release(rctx, lease, ""); rerr != nil {
@@ -346,6 +357,13 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 	o.unrefuse(k) // this node had handed it off, and has it back
 	o.s.metrics.moves.WithLabelValues("in").Inc()
 	log.Info("shard taken", "epoch", lease.Epoch, "events", sh.store.LastSeq(), "took", time.Since(start).Round(time.Millisecond))
+	if o.s.isCorrupt(k) {
+		// Found damaged while it opened (the relay's first read, say):
+		// shardCorrupt ran before the shard was served.
+		o.s.retireCorrupt(k)
+		return
+	}
+	o.s.checkInBackground(sh)
 }
 
 // handoff moves a shard to another node: stop taking requests, finish what

@@ -20,6 +20,8 @@ type metrics struct {
 	syncTime    prometheus.Histogram
 	moves       *prometheus.CounterVec
 	fenced      *prometheus.CounterVec
+	corrupt     *prometheus.GaugeVec
+	diskFull    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
@@ -55,6 +57,14 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			Name: "kuma_shard_fenced_total",
 			Help: "Writes refused because this node no longer owns the shard: its lease ran out (reason lease, per commit group) or the file carries a newer owner's epoch (reason epoch, per request).",
 		}, []string{"reason"}),
+		corrupt: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kuma_shard_corrupt",
+			Help: "1 for a shard this node took out of service because its file is damaged (corrupt.go); the shard answers internal until an operator restores it.",
+		}, []string{"context", "shard"}),
+		diskFull: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kuma_disk_full_total",
+			Help: "Requests whose write the disk holding the shard files had no room for (nothing was stored).",
+		}),
 	}
 	gauges := []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_live_actors", Help: "Entity actors in memory."},
@@ -75,7 +85,7 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 		reachable: prometheus.NewDesc("kuma_stream_reachable", "1 while the context's event stream answers.", []string{"context"}, nil),
 		messages:  prometheus.NewDesc("kuma_stream_messages", "Messages the context's event stream holds.", []string{"context"}, nil),
 	})
-	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced}, gauges...) {
+	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced, m.corrupt, m.diskFull}, gauges...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

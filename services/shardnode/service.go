@@ -41,6 +41,11 @@ type Service struct {
 
 	mu     sync.Mutex
 	shards []*shard
+
+	corruptMu sync.Mutex
+	corrupt   map[shardKey]*corruptShard // shards taken out of service (corrupt.go)
+	checkSem  chan struct{}              // one background file check at a time
+	bg        sync.WaitGroup             // file checks and corrupt shards stopping; Stop waits
 }
 
 // New builds a shardnode that talks over nc. It does no I/O.
@@ -53,7 +58,8 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		return nil, errors.New("shardnode: a NATS connection is required")
 	}
 	tracer := telemetry.Tracer(cfg.TracerProvider)
-	s := &Service{cfg: cfg, nc: nc, tracer: tracer, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer)}
+	s := &Service{cfg: cfg, nc: nc, tracer: tracer, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer),
+		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1)}
 	reg := cfg.Registerer
 	if reg == nil {
 		reg = prometheus.NewRegistry() // counted, just not exported
@@ -212,6 +218,7 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n int, lease
 		Epoch:       lease.Epoch,
 		Fence:       func() error { return sh.fence() },
 		Failpoint:   s.cfg.Failpoint,
+		OnCorrupt:   func(err error) { s.shardCorrupt(cc.Name, n, err) },
 	})
 	if err != nil {
 		return nil, err
@@ -315,6 +322,8 @@ func (s *Service) Stop(ctx context.Context) error {
 	for err := range errCh {
 		errs = append(errs, err)
 	}
+	s.bg.Wait() // file checks (cancelled by the closes) and corrupt shards stopping
+	s.endCorrupt()
 	if o := s.owner; o != nil {
 		if err := o.store.Leave(ctx); err != nil {
 			s.cfg.Logger.Warn("could not leave the cluster; the membership runs out instead", "err", err)

@@ -52,6 +52,12 @@ type shard struct {
 	snapshotDirty atomic.Bool // a forget happened: the uploaded copy must go
 	stopOnce      sync.Once
 
+	// checkCtx bounds the background file check (corrupt.go); stopping
+	// the shard cancels it. full is set while the disk refuses its writes.
+	checkCtx  context.Context
+	stopCheck context.CancelFunc
+	full      atomic.Bool
+
 	actorsWG  sync.WaitGroup
 	sendsWG   sync.WaitGroup // dispatches between taking mu and filling a mailbox
 	stopSweep chan struct{}
@@ -64,6 +70,7 @@ func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxA
 		actors: map[string]*actor{}, lru: list.New(), maxActors: maxActors,
 		stopSweep: make(chan struct{}), sweepDone: make(chan struct{}),
 	}
+	sh.checkCtx, sh.stopCheck = context.WithCancel(context.Background())
 	sh.relay = newRelay(sh, node.js)
 	go sh.sweepLoop()
 	return sh
@@ -232,6 +239,7 @@ func (sh *shard) stopServing(ctx context.Context) {
 }
 
 func (sh *shard) stopServingOnce(ctx context.Context) {
+	sh.stopCheck()
 	if sh.sub != nil {
 		if err := sh.sub.Drain(); err == nil {
 			for sh.sub.IsValid() {

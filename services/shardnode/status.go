@@ -97,8 +97,8 @@ func (s *Service) serveStatus(ctx context.Context) error {
 func (s *Service) report(ctx context.Context, kctx string, o *owner) (*nodeReport, error) {
 	out := &nodeReport{Node: s.cfg.NodeName, Shards: []kuma.ShardStatus{}, Moves: []kuma.ShardMove{}}
 	for _, sh := range s.allShards() {
-		if sh.cc.Name != kctx {
-			continue
+		if sh.cc.Name != kctx || sh.store.Corrupt() != nil {
+			continue // a corrupt one is listed below, once it is out of service
 		}
 		entities, _, err := sh.store.Counts(ctx)
 		if err != nil {
@@ -115,6 +115,9 @@ func (s *Service) report(ctx context.Context, kctx string, o *owner) (*nodeRepor
 			line.Published = kuma.Position{Shard: sh.n, Seq: pub}.String()
 		}
 		out.Shards = append(out.Shards, line)
+	}
+	for n := range s.corruptShards(kctx) {
+		out.Shards = append(out.Shards, kuma.ShardStatus{Shard: n, Owner: s.cfg.NodeName, Error: corruptStatus(s.cfg.NodeName)})
 	}
 	sort.Slice(out.Shards, func(i, j int) bool { return out.Shards[i].Shard < out.Shards[j].Shard })
 	if o != nil {
@@ -261,11 +264,20 @@ func (s *Service) shardMap(o *owner, cc *ContextConfig, members []cluster.Member
 		if line.Owner != "" {
 			if d, ok := details[line.Owner][n]; ok {
 				line.Entities, line.Events, line.Position, line.Published = d.Entities, d.Events, d.Position, d.Published
-				line.RelayLag, line.LiveActors = d.RelayLag, d.LiveActors
+				line.RelayLag, line.LiveActors, line.Error = d.RelayLag, d.LiveActors, d.Error
 			} else if _, answered := reports[line.Owner]; !answered {
 				line.Error = failed[line.Owner]
 				if line.Error == "" {
 					line.Error = unavailable // not a live member: its lease runs out, then another node takes over
+				}
+			}
+		}
+		if line.Owner == "" {
+			// A corrupt shard's lease is released: its former owner's
+			// report says why nobody serves it.
+			for _, d := range details {
+				if c, ok := d[n]; ok && c.Error != "" {
+					line.Error = c.Error
 				}
 			}
 		}
@@ -278,6 +290,11 @@ func (s *Service) shardMap(o *owner, cc *ContextConfig, members []cluster.Member
 		out = append(out, line)
 	}
 	return out
+}
+
+// corruptStatus is the Error of a corrupt shard's line in status.
+func corruptStatus(node string) string {
+	return "corrupt on " + node + ": the operator must restore it"
 }
 
 // whatSnapshot is how the control loop names a snapshot upload in Moves
