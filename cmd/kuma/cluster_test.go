@@ -226,134 +226,6 @@ func settle(t *testing.T, nc *nats.Conn, names []string, limit time.Duration) ma
 	}
 }
 
-// load is 200 writers, each appending to its own entity one event at a
-// time with an idempotency key per event, retrying a failed append with the
-// same key until it is acknowledged. Event i of a writer carries {"i":i},
-// so version v of its entity must hold i = v-1: a lost or duplicated event
-// shows.
-type load struct {
-	c        *client.Client
-	stop     atomic.Bool
-	wg       sync.WaitGroup
-	acks     atomic.Int64
-	failures atomic.Int64 // appends that returned an error (then retried)
-	mu       sync.Mutex
-	acked    map[string]int64
-	errs     map[string]int
-	samples  []string        // the first few errors, with when and where
-	lat      []time.Duration // per acknowledged append, first try to ack
-}
-
-func startLoad(t *testing.T, nc *nats.Conn) *load {
-	c, err := client.New(nc, client.Options{Timeout: 15 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := &load{c: c, acked: map[string]int64{}, errs: map[string]int{}}
-	for w := range writers {
-		l.wg.Add(1)
-		go l.writer(fmt.Sprintf("w-%03d", w))
-	}
-	return l
-}
-
-func (l *load) writer(entity string) {
-	defer l.wg.Done()
-	for i := 0; !l.stop.Load(); i++ {
-		start := time.Now()
-		for {
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			rep, err := l.c.Append(ctx, entity, []kuma.EventInput{{Type: "Tick", Data: json.RawMessage(`{"i":` + strconv.Itoa(i) + `}`)}},
-				client.IdempotencyKey(entity+"-"+strconv.Itoa(i)))
-			cancel()
-			if err == nil {
-				l.acks.Add(1)
-				l.mu.Lock()
-				l.acked[entity] = max(l.acked[entity], rep.LastVersion)
-				l.lat = append(l.lat, time.Since(start))
-				l.mu.Unlock()
-				break
-			}
-			l.failures.Add(1)
-			l.mu.Lock()
-			l.errs[string(kuma.ErrorCode(err))]++
-			if len(l.samples) < 5 {
-				l.samples = append(l.samples, fmt.Sprintf("%s %s (shard %d) after %s: %v", time.Now().Format("15:04:05.000"), entity,
-					placement.ShardOf(entity, clusterShards), time.Since(start).Round(time.Millisecond), err))
-			}
-			l.mu.Unlock()
-			if l.stop.Load() {
-				return // never acknowledged: not counted
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
-}
-
-func (l *load) waitAcks(t *testing.T, n int64, limit time.Duration) {
-	t.Helper()
-	target := l.acks.Load() + n
-	deadline := time.Now().Add(limit)
-	for l.acks.Load() < target {
-		if time.Now().After(deadline) {
-			t.Fatalf("load stalled: %d acknowledged, waiting for %d", l.acks.Load(), target)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (l *load) finish() {
-	l.stop.Store(true)
-	l.wg.Wait()
-}
-
-func (l *load) p99() time.Duration {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.lat) == 0 {
-		return 0
-	}
-	s := append([]time.Duration(nil), l.lat...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	return s[len(s)*99/100]
-}
-
-// verify reads every writer's entity back: versions 1..n contiguous, event
-// v carrying i = v-1 (no loss, no duplicate), and n at least what was
-// acknowledged. It returns the number of events checked.
-func (l *load) verify(t *testing.T) int {
-	t.Helper()
-	total := 0
-	for entity, acked := range l.acked {
-		var events []kuma.RecordedEvent
-		for from := int64(1); ; {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			h, err := l.c.History(ctx, entity, from, 1000)
-			cancel()
-			if err != nil {
-				t.Fatalf("history of %s: %v", entity, err)
-			}
-			events = append(events, h.Events...)
-			if h.NextVersion == nil {
-				break
-			}
-			from = *h.NextVersion
-		}
-		if int64(len(events)) < acked {
-			t.Errorf("%s: %d events, %d acknowledged: acknowledged events lost", entity, len(events), acked)
-		}
-		for k, e := range events {
-			var d struct{ I int64 }
-			_ = json.Unmarshal(e.Data, &d)
-			if e.Version != int64(k+1) || d.I != e.Version-1 {
-				t.Fatalf("%s: event %d is version %d carrying i=%d: lost or duplicated", entity, k, e.Version, d.I)
-			}
-		}
-		total += len(events)
-	}
-	return total
-}
-
 // streamHasOneWriter reads the event stream: kumatest.StreamEvents fails on
 // a shard position repeated or out of order, and here every (entity,
 // version) must appear once. Two writers of one shard would break both.
@@ -390,7 +262,7 @@ func TestJoinTwoNodesUnderLoad(t *testing.T) {
 	c.add("n1", "n2", "n3")
 	nc := connect(t, c.urls())
 	before := settle(t, nc, []string{"n1", "n2", "n3"}, 60*time.Second)
-	l := startLoad(t, nc)
+	l := startLoad(t, nc, loadConfig{writers: writers, shards: clusterShards})
 	l.waitAcks(t, 2000, 60*time.Second)
 	start := time.Now()
 	c.add("n4", "n5")
@@ -436,7 +308,7 @@ func TestMigrateBusyShard20Times(t *testing.T) {
 			shard = s
 		}
 	}
-	l := startLoad(t, nc)
+	l := startLoad(t, nc, loadConfig{writers: writers, shards: clusterShards})
 	l.waitAcks(t, 1000, 60*time.Second)
 	env := map[string]string{"KUMA_NATS_URL": c.urls()}
 	var took []time.Duration
@@ -474,7 +346,7 @@ func TestKillOneOfThreeReplicated(t *testing.T) {
 	c.add("n1", "n2", "n3")
 	nc := connect(t, c.urls("n3")) // the load does not go through the victim's server
 	before := settle(t, nc, []string{"n1", "n2", "n3"}, 60*time.Second)
-	l := startLoad(t, nc)
+	l := startLoad(t, nc, loadConfig{writers: writers, shards: clusterShards})
 	l.waitAcks(t, 2000, 60*time.Second)
 	victim := c.node("n3")
 	var lost []int
@@ -549,7 +421,7 @@ func TestPausedOwnerCannotWrite(t *testing.T) {
 	nc := connect(t, c.urls())
 	members := []string{"n1", "n2", "n3", "s4"}
 	before := settle(t, nc, members, 90*time.Second)
-	l := startLoad(t, nc)
+	l := startLoad(t, nc, loadConfig{writers: writers, shards: clusterShards})
 	l.waitAcks(t, 2000, 60*time.Second)
 	victim := c.node("s4")
 	if err := victim.p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
