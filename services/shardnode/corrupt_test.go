@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -64,7 +65,7 @@ func corruptStart(t *testing.T, dir string, logs *corruptLog) *kumatest.Node {
 	return kumatest.Start(t, func(c *app.Config) {
 		c.DataDir = dir
 		c.Shards = corruptShards
-		c.Logger = slog.New(slog.NewTextHandler(logs, nil))
+		c.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	})
 }
 
@@ -233,6 +234,18 @@ func corruptWaitRefused(t *testing.T, c *client.Client, entity string, shard int
 	}
 }
 
+// corruptWaitLog waits until a log line contains every one of subs.
+func corruptWaitLog(t *testing.T, logs *corruptLog, subs ...string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for len(logs.lines(subs...)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no log line with %q after 20 s", subs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // corruptFlip XORs the byte at off of the file with mask.
 func corruptFlip(t *testing.T, path string, off int64, mask byte) {
 	t.Helper()
@@ -309,7 +322,9 @@ func corruptOthers(ctx context.Context, c *client.Client, acked corruptAcked, by
 // page), logs one ERROR, shows kuma_shard_corrupt = 1 and a line in status,
 // and answers every request for its entities internal, never with data,
 // while the other shards serve everything. Moving the file aside and
-// restarting rebuilds it from the event stream.
+// restarting rebuilds it from the event stream. Then a page of shard 3
+// goes bad under the running node, after its check passed: the first read
+// of it takes that shard out of service the same way.
 func TestCorruptShardFileStopsServing(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -375,7 +390,32 @@ func TestCorruptShardFileStopsServing(t *testing.T) {
 	corruptMoveAside(t, path)
 	n.Restart()
 	c = n.Client(client.Options{})
-	if err := corruptVerify(ctx, c, acked); err != nil {
+
+	// At runtime, before anything of shard 3 is read since the start.
+	const late = 3
+	corruptWaitLog(t, logs, "shard file checked", fmt.Sprintf("shard=%d", late))
+	latePath := corruptShardFile(dir, late)
+	page, pageSize, lateEntity := corruptEventsLeaf(t, latePath)
+	corruptFlip(t, latePath, (page-1)*pageSize, 0x01)
+	if err := corruptRefused(ctx, c, lateEntity, late); err != nil {
+		t.Fatalf("the first read of a page damaged at runtime: %v", err)
+	}
+	lateErrs := logs.lines("level=ERROR", "shard file is corrupt", fmt.Sprintf("shard=%d", late))
+	if len(lateErrs) != 1 || !strings.Contains(lateErrs[0], "read events") {
+		t.Fatalf("ERROR lines about shard %d: %q; want one, from the read", late, lateErrs)
+	}
+	if v, ok := corruptGauge(t, n, late); !ok || v != 1 {
+		t.Fatalf("kuma_shard_corrupt{shard=%d} = %v (present %v), want 1", late, v, ok)
+	}
+	t.Logf("at runtime: %s", lateErrs[0])
+
+	restored := corruptAcked{}
+	for e, evs := range acked {
+		if !slices.Contains(byShard[late], e) {
+			restored[e] = evs
+		}
+	}
+	if err := corruptVerify(ctx, c, restored); err != nil {
 		t.Fatalf("after the file was moved aside and rebuilt: %v", err)
 	}
 	if _, err := corruptAppend(ctx, c, acked, byShard[bad][0], 1, 10); err != nil {
@@ -384,7 +424,8 @@ func TestCorruptShardFileStopsServing(t *testing.T) {
 	if _, ok := corruptGauge(t, n, bad); ok {
 		t.Fatal("kuma_shard_corrupt is still set after the restore")
 	}
-	t.Logf("%d entities, %d of them on shard %d: refused as corrupt, the rest served; restored from the stream", len(acked), len(byShard[bad]), bad)
+	t.Logf("%d entities, %d of them on shard %d: refused as corrupt, the rest served; restored from the stream; shard %d found at runtime",
+		len(acked), len(byShard[bad]), bad, late)
 }
 
 // corruptEventsLeaf finds the middle leaf page of the events table of a
