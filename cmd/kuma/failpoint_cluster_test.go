@@ -181,8 +181,10 @@ func fpRunMigration(t *testing.T, point string, rng *rand.Rand) fpFigures {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	l := fpStartLoad(t, nc, fpWriterCount, false)
-	l.waitAcks(t, 200, 60*time.Second)
+	// Paced (about 300 appends a second in all): the runs of a point share
+	// one load, which the final check reads back whole.
+	l := fpStartLoad(t, nc, fpWriterCount, false, 100*time.Millisecond)
+	l.waitAcks(t, 100, 60*time.Second)
 	both := []string{"n1", c.other}
 	placed := fpPlaced(c.other, both)
 	for run := range failpointRuns {
@@ -202,7 +204,7 @@ func fpRunMigration(t *testing.T, point string, rng *rand.Rand) fpFigures {
 			// of them to n1, and the second node dies handing it off.
 			c.startOther(t, true, "KUMA_TEST_FAILPOINT="+point)
 			c.settle(t, both, 60*time.Second)
-			l.waitAcks(t, int64(1+rng.IntN(300)), 60*time.Second)
+			l.waitAcks(t, int64(1+rng.IntN(600)), 60*time.Second) // a random moment: 0 to 2 s
 			pinned = placed[rng.IntN(len(placed))]
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			_, err := c.admin.Migrate(ctx, pinned, "n1")

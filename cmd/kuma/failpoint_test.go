@@ -115,10 +115,12 @@ func (f *fpFigures) String() string {
 // writer appends to its own entity one event at a time, event i carrying
 // {"i":i} under the idempotency key entity-i, and retries an append that
 // failed with the same key until it is acknowledged, across restarts.
-// With dropKeyOnRetry (the negative control) retries carry no key.
+// With dropKeyOnRetry (the negative control) retries carry no key. A
+// writer waits pace between two appends (0: none).
 type fpLoad struct {
 	c              *client.Client
 	dropKeyOnRetry bool
+	pace           time.Duration
 	stop           atomic.Bool
 	wg             sync.WaitGroup
 	acks           atomic.Int64
@@ -130,13 +132,13 @@ type fpLoad struct {
 	failed    []string         // writers or forgets that gave up
 }
 
-func fpStartLoad(t *testing.T, nc *nats.Conn, writers int, dropKeyOnRetry bool) *fpLoad {
+func fpStartLoad(t *testing.T, nc *nats.Conn, writers int, dropKeyOnRetry bool, pace time.Duration) *fpLoad {
 	t.Helper()
 	c, err := client.New(nc, client.Options{NoAutoIdempotencyKey: dropKeyOnRetry})
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &fpLoad{c: c, dropKeyOnRetry: dropKeyOnRetry, acked: map[string]int64{}, forgotten: map[string]bool{}}
+	l := &fpLoad{c: c, dropKeyOnRetry: dropKeyOnRetry, pace: pace, acked: map[string]int64{}, forgotten: map[string]bool{}}
 	for w := range writers {
 		entity := fmt.Sprintf("fp-w-%02d", w)
 		l.acked[entity] = 0
@@ -165,6 +167,7 @@ func (l *fpLoad) writer(entity string) {
 				l.acked[entity] = int64(i + 1)
 				l.mu.Unlock()
 				l.acks.Add(1)
+				time.Sleep(l.pace)
 				break
 			}
 			l.retries.Add(1)
@@ -475,7 +478,7 @@ func fpRunSingle(t *testing.T, p fpPoint, n int, dropKeyOnRetry bool) fpFigures 
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	l := fpStartLoad(t, nc, fpWriterCount, dropKeyOnRetry)
+	l := fpStartLoad(t, nc, fpWriterCount, dropKeyOnRetry, 0)
 	var victims []string
 	if p.forget {
 		victims = fpMakeVictims(t, l.c, fpVictimCount)
