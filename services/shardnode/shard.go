@@ -155,12 +155,24 @@ func (sh *shard) dispatch(entity string, req *request) {
 	}
 	a := sh.actors[entity]
 	if a == nil {
+		// MaxActors is a hard bound. Busy actors cannot be passivated, so
+		// without this a flood of requests for distinct entities (reads of
+		// ids nobody wrote, say) held one actor per request in flight,
+		// up to the subscription's 65,536 pending messages per shard, far
+		// past the bound. With every actor busy the request is refused as
+		// unavailable instead, which the router sends again for a while
+		// and clients retry: backpressure, not growth.
+		if !sh.makeRoomLocked() {
+			sh.mu.Unlock()
+			sh.replyError(req.msg, kuma.Errorf(kuma.CodeUnavailable,
+				"shard %d of %q is busy with %d entities, its share of the node's actors; retry", sh.n, sh.cc.Name, sh.maxActors))
+			return
+		}
 		a = newActor(sh, entity)
 		sh.actors[entity] = a
 		a.elem = sh.lru.PushFront(a)
 		sh.actorsWG.Add(1)
 		go a.run()
-		sh.evictOverflowLocked()
 	} else {
 		sh.lru.MoveToFront(a.elem)
 	}
@@ -172,11 +184,12 @@ func (sh *shard) dispatch(entity string, req *request) {
 	sh.sendsWG.Done()
 }
 
-// evictOverflowLocked passivates least recently used idle actors while the
-// shard holds more than its share of MaxActors. Busy actors are skipped (they
-// move to the front); the scan is bounded so one call stays O(1) amortised.
-func (sh *shard) evictOverflowLocked() {
-	for i := 0; sh.lru.Len() > sh.maxActors && i < 8; i++ {
+// makeRoomLocked passivates least recently used idle actors until the shard
+// has room for one more within its share of MaxActors, and reports whether
+// it has. Busy actors are skipped (they move to the front, so the next call
+// looks at others); the scan is bounded so one call stays O(1) amortised.
+func (sh *shard) makeRoomLocked() bool {
+	for i := 0; sh.lru.Len() >= sh.maxActors && i < 32; i++ {
 		back := sh.lru.Back()
 		a := back.Value.(*actor)
 		if a.pending.Load() > 0 {
@@ -185,6 +198,7 @@ func (sh *shard) evictOverflowLocked() {
 		}
 		sh.passivateLocked(a)
 	}
+	return sh.lru.Len() < sh.maxActors
 }
 
 func (sh *shard) passivateLocked(a *actor) {
