@@ -325,6 +325,14 @@ func linRun(t *testing.T) {
 	for i := range clients {
 		wg.Go(func() { linClient(t, url, i, seed, entities, rec, stop) })
 	}
+	// halt stops the clients; deferred too, so that a failed restart does
+	// not leave them logging after the test has ended.
+	var stopOnce sync.Once
+	halt := func() {
+		stopOnce.Do(func() { close(stop) })
+		wg.Wait()
+	}
+	defer halt()
 
 	var downtime time.Duration
 	for k := range linKills {
@@ -343,8 +351,7 @@ func linRun(t *testing.T) {
 		t.Logf("kill %d: %d requests in flight; ready again in %v", k+1, inflight, time.Since(down).Round(time.Millisecond))
 	}
 	time.Sleep(linPhase)
-	close(stop)
-	wg.Wait()
+	halt()
 
 	// A last read of every entity, once nothing else runs, pins down the
 	// final versions: an unknown append that did happen must be placed
@@ -378,15 +385,7 @@ func linRun(t *testing.T) {
 		len(rec.ops), rec.outcomes, rec.unknownRead, nEntities, linKills, downtime.Round(time.Millisecond), res, took.Round(time.Millisecond))
 	t.Logf("final versions %v", final)
 	if res != porcupine.Ok {
-		f, err := os.CreateTemp("", "kuma-linearizability-*.html")
-		if err == nil {
-			f.Close()
-			if err := porcupine.VisualizePath(model, info, f.Name()); err != nil {
-				t.Logf("visualization: %v", err)
-			} else {
-				t.Logf("visualization in %s", f.Name())
-			}
-		}
+		linVisualize(t, model, info)
 		t.Fatalf("the history is %s, want Ok", res)
 	}
 	if rec.outcomes["append ok"] == 0 || rec.outcomes["append conflict"] == 0 || rec.outcomes["read"] == 0 {
@@ -395,6 +394,22 @@ func linRun(t *testing.T) {
 
 	linCheckAcks(t, c, rec.acks)
 	linNegativeControl(t, model, rec.ops)
+}
+
+// linVisualize writes porcupine's picture of a failed check to a file that
+// outlives the test, and logs where.
+func linVisualize(t *testing.T, model porcupine.Model, info porcupine.LinearizationInfo) {
+	f, err := os.CreateTemp("", "kuma-linearizability-*.html")
+	if err != nil {
+		t.Logf("visualization: %v", err)
+		return
+	}
+	f.Close()
+	if err := porcupine.VisualizePath(model, info, f.Name()); err != nil {
+		t.Logf("visualization: %v", err)
+		return
+	}
+	t.Logf("visualization in %s", f.Name())
 }
 
 // linCheckAcks reads each entity's stored history and checks that every
