@@ -86,6 +86,9 @@ type Config struct {
 	SnapshotEvery int64
 	IdleTimeout   time.Duration
 	MaxActors     int
+	// MailboxLen is each actor's queue (0: the shardnode's default); a
+	// request that finds its entity's queue full is answered unavailable.
+	MailboxLen int
 	// MasterKey is the keyvault's 32-byte master key; MasterKeyFile a file
 	// holding it in base64. With neither, target all keeps a generated key in
 	// <data>/keyvault/master.key and warns; other targets refuse to start.

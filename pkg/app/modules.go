@@ -206,6 +206,7 @@ func (a *App) build(module string) (service, error) {
 			SnapshotEvery: cfg.SnapshotEvery,
 			IdleTimeout:   cfg.IdleTimeout,
 			MaxActors:     cfg.MaxActors,
+			MailboxLen:    cfg.MailboxLen,
 			Logger:        cfg.Logger.With("service", "shardnode"),
 			Now:           cfg.Now,
 		}, a.nc)

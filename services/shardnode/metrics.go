@@ -22,6 +22,7 @@ type metrics struct {
 	fenced      *prometheus.CounterVec
 	corrupt     *prometheus.GaugeVec
 	diskFull    prometheus.Counter
+	mailboxFull prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
@@ -65,6 +66,10 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			Name: "kuma_disk_full_total",
 			Help: "Requests whose write the disk holding the shard files had no room for (nothing was stored).",
 		}),
+		mailboxFull: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kuma_mailbox_full_total",
+			Help: "Requests refused as unavailable because their entity already had a full mailbox waiting.",
+		}),
 	}
 	gauges := []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_live_actors", Help: "Entity actors in memory."},
@@ -85,7 +90,7 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 		reachable: prometheus.NewDesc("kuma_stream_reachable", "1 while the context's event stream answers.", []string{"context"}, nil),
 		messages:  prometheus.NewDesc("kuma_stream_messages", "Messages the context's event stream holds.", []string{"context"}, nil),
 	})
-	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced, m.corrupt, m.diskFull}, gauges...) {
+	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced, m.corrupt, m.diskFull, m.mailboxFull}, gauges...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -180,7 +180,17 @@ func (sh *shard) dispatch(entity string, req *request) {
 	a.lastUsed = sh.node.cfg.Now()
 	sh.sendsWG.Add(1)
 	sh.mu.Unlock()
-	a.mailbox <- req
+	// A full mailbox is refused, not waited on: this runs on the shard's
+	// NATS callback, so waiting for one hot entity would stall every other
+	// entity of the shard behind it.
+	select {
+	case a.mailbox <- req:
+	default:
+		a.pending.Add(-1)
+		sh.node.metrics.mailboxFull.Inc()
+		sh.replyError(req.msg, kuma.Errorf(kuma.CodeUnavailable,
+			"entity %q has %d requests waiting; retry", entity, cap(a.mailbox)))
+	}
 	sh.sendsWG.Done()
 }
 
