@@ -230,9 +230,17 @@ func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stde
 	if con := a.Console(); con != nil {
 		consoleURL = con.URL()
 	}
+	// Ready means serving: a restarted node takes its shards back (and a
+	// joining one receives its share) just after Start, and a client that
+	// starts on this line should not meet those moments. A shard that does
+	// not come (a damaged file) must not hold the line back for good.
+	unserved := waitServed(ctx, a, 10*time.Second)
 	log.Info("kuma ready", "target", c.Target, "nats", a.ClientURL(), "data", c.DataDir,
 		"context", c.Context, "shards", c.Shards, "sync", c.Synchronous, "metrics", a.MetricsAddr(),
 		"console", consoleURL)
+	if len(unserved) > 0 {
+		log.Warn("shards placed on this node are not served yet", "shards", unserved)
+	}
 	<-ctx.Done()
 	log.Info("kuma stopping")
 	stopCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -242,6 +250,27 @@ func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stde
 	}
 	log.Info("kuma stopped")
 	return nil
+}
+
+// waitServed waits, at most limit, until this process's shardnode (if it
+// runs one) serves every shard placed on it, and returns those it does not.
+func waitServed(ctx context.Context, a *app.App, limit time.Duration) []int {
+	sn := a.Shardnode()
+	if sn == nil {
+		return nil
+	}
+	deadline := time.Now().Add(limit)
+	for {
+		missing := sn.Unserved(a.Config().Context)
+		if len(missing) == 0 || time.Now().After(deadline) {
+			return missing
+		}
+		select {
+		case <-ctx.Done():
+			return missing
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 func flagSet(fs *flag.FlagSet, name string) bool {
