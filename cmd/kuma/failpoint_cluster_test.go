@@ -173,7 +173,6 @@ func TestFailpointsMidMigration(t *testing.T) {
 // fpRunMigration runs one point failpointRuns times on one cluster, under
 // one load, and checks once at the end (and the files at every crash).
 func fpRunMigration(t *testing.T, point string, rng *rand.Rand) fpFigures {
-	t.Helper()
 	var f fpFigures
 	c := fpStartCluster(t)
 	nc, err := nats.Connect(c.url, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))

@@ -468,7 +468,6 @@ func fpWaitKilled(t *testing.T, cmd *exec.Cmd, logs *logBuffer, point string, n 
 // fpRunSingle is one run of a single-node point: kill at point@n under
 // load, restart, finish, check.
 func fpRunSingle(t *testing.T, p fpPoint, n int, dropKeyOnRetry bool) fpFigures {
-	t.Helper()
 	f := fpFigures{runs: 1}
 	dir := filepath.Join(t.TempDir(), "data")
 	port := freePort(t)
