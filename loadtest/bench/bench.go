@@ -20,6 +20,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 	"time"
 )
 
@@ -29,7 +30,7 @@ type config struct {
 	readRatio                                       float64
 	rate                                            float64 // appends per second; 0: as fast as possible
 	natsURL, metricsURL, sync, ctxName, baseline    string
-	progress, node, kumaBinary                      string
+	progress, node, kumaBinary, cpuProfile          string
 	progressTo                                      io.Writer
 	direct, verify, jsonOut                         bool
 	timeout                                         time.Duration
@@ -73,6 +74,7 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 	fs.BoolVar(&c.direct, "direct", false, "route to shard subjects directly, skipping the router")
 	fs.BoolVar(&c.verify, "verify", false, "afterwards, read every entity back and check every acknowledged event is there")
 	fs.BoolVar(&c.jsonOut, "json", false, "print the results as JSON instead of text")
+	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of this process over Kuma's run to FILE (with --node embedded it holds the node too)")
 	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "per append")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -81,6 +83,10 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 		return 2
 	}
 	c.progressTo = progressWriter(c.progress, stderr)
+	if c.cpuProfile != "" && c.node != "embedded" && c.natsURL == "" {
+		fmt.Fprintf(stderr, "%s: --cpuprofile profiles this process: use it with --node embedded, or profile the node itself\n", name)
+		return 2
+	}
 	out := stdout
 	if c.jsonOut {
 		out = io.Discard
@@ -131,7 +137,14 @@ func runAll(ctx context.Context, c config, out io.Writer) (*report, error) {
 	if err != nil {
 		return nil, err
 	}
+	stopProfile, err := startCPUProfile(c.cpuProfile)
+	if err != nil {
+		return nil, err
+	}
 	r, err := run(ctx, c, out)
+	if perr := stopProfile(); perr != nil && err == nil {
+		err = perr
+	}
 	rep := &report{Kuma: r}
 	if err != nil {
 		return rep, err
@@ -149,3 +162,23 @@ func runAll(ctx context.Context, c config, out io.Writer) (*report, error) {
 }
 
 var discardLog = slog.New(slog.DiscardHandler)
+
+// startCPUProfile starts a CPU profile written to path (none when empty) and
+// returns what stops it.
+func startCPUProfile(path string) (func() error, error) {
+	if path == "" {
+		return func() error { return nil }, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	return func() error {
+		pprof.StopCPUProfile()
+		return f.Close()
+	}, nil
+}

@@ -2,9 +2,12 @@ package bench
 
 import (
 	"bytes"
+	"compress/gzip"
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -148,5 +151,37 @@ func TestUnknownBaselineIsRefusedBeforeTheRun(t *testing.T) {
 	var out bytes.Buffer
 	if _, err := runAll(t.Context(), c, &out); err == nil || !strings.Contains(err.Error(), `"postgres"`) || out.Len() != 0 {
 		t.Fatalf("err %v, output %q; want the unknown name refused before anything ran", err, out.String())
+	}
+}
+
+// TestCPUProfileCoversTheRun writes a profile of a small embedded run: a
+// gzip-compressed profile.proto (what pprof reads) that is not empty.
+func TestCPUProfileCoversTheRun(t *testing.T) {
+	c := small()
+	c.node, c.cpuProfile = "embedded", filepath.Join(t.TempDir(), "cpu.prof")
+	var out bytes.Buffer
+	if _, err := runAll(t.Context(), c, &out); err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	f, err := os.Open(c.cpuProfile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatalf("not a pprof profile: %v", err)
+	}
+	n, err := io.Copy(io.Discard, zr)
+	if err != nil || n < 1000 {
+		t.Fatalf("profile of %d bytes (%v): nothing recorded", n, err)
+	}
+}
+
+func TestCPUProfileNeedsThisProcess(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := Main(t.Context(), "bench", []string{"--node", "process", "--cpuprofile", "x.prof"}, Options{KumaBinary: "kuma"}, io.Discard, &stderr); code != 2 ||
+		!strings.Contains(stderr.String(), "--node embedded") {
+		t.Fatalf("exit %d, %q: want a usage error naming --node embedded", code, stderr.String())
 	}
 }
