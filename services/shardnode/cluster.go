@@ -301,6 +301,14 @@ func (o *owner) renew(sh *shard) {
 func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluster.Lease) {
 	k := shardKey{cc.Name, n}
 	defer o.endMove(k)
+	// The caller saw the shard unserved before it began this move, and a
+	// take that finished in between (it holds the move until the shard is
+	// served) makes that stale: its lease then reads as this node's own,
+	// and taking it again would open a second instance of the shard on the
+	// same file, both serving. Checked here, under the move, it is exact.
+	if o.s.shardAt(k) != nil {
+		return
+	}
 	log := o.s.cfg.Logger.With("context", cc.Name, "shard", n)
 	start := time.Now()
 	// A first lease starts above any epoch a copy of the shard was written
@@ -509,7 +517,16 @@ func (s *Service) lostShard(sh *shard, why string) {
 	}
 	s.cfg.Logger.Warn("shard lost; no longer serving it", "context", sh.cc.Name, "shard", sh.n, "why", why)
 	s.metrics.moves.WithLabelValues("lost").Inc()
+	// Stopping is a move of its own: until this instance has finished its
+	// commits and closed the file, the shard is not taken again here (its
+	// lease may still read as this node's), so two instances never share
+	// the file.
+	k := shardKey{sh.cc.Name, sh.n}
+	held := s.owner != nil && s.owner.beginMove(k, "letting a lost shard go", true)
 	go func() {
+		if held {
+			defer s.owner.endMove(k)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		sh.stopServing(ctx)
