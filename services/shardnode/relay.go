@@ -353,16 +353,23 @@ func messagePosition(h nats.Header) (int64, error) {
 	return p.Seq, nil
 }
 
-// close publishes what is left (bounded by ctx) and stops the relay.
+// close stops the relay, then publishes what is left (bounded by ctx) and
+// notes the position. The relay goroutine stops first: publishOnce is one
+// goroutine's at a time (retryLast, the subject sequence), and two at once
+// would race for the same positions, the loser reading the winner's message
+// as another owner's and stopping the shard as fenced.
 func (r *relay) close(ctx context.Context) {
 	r.once.Do(func() {
-		for ctx.Err() == nil && r.published.Load() < r.sh.store.LastSeq() {
+		close(r.stop)
+		<-r.done
+		for ctx.Err() == nil && !r.fenced.Load() && r.published.Load() < r.sh.store.LastSeq() {
 			if n, err := r.publishOnce(); err != nil || n == 0 {
 				break
 			}
 		}
-		close(r.stop)
-		<-r.done
+		if !r.fenced.Load() {
+			r.note(-1) // -1: whatever was published, write it down
+		}
 	})
 }
 
