@@ -4,9 +4,10 @@ import "time"
 
 // StreamMessage is the body of one message on kuma.<ctx>.events.<shard>: a
 // run of that shard's committed events in commit order. Its header
-// Nats-Msg-Id is "<ctx>.<shard>.<last sequence>" (JetStream drops a
-// republished duplicate), and Kuma-Last-Position carries the last event's
-// position.
+// Nats-Msg-Id is "<ctx>.<shard>.e<epoch>.<last sequence>" in a cluster and
+// "<ctx>.<shard>.<last sequence>" outside one (JetStream drops a
+// republished duplicate), Kuma-Last-Position carries the last event's
+// position, and Kuma-Owner-Epoch the publishing owner's epoch.
 type StreamMessage struct {
 	Context string        `json:"context"`
 	Shard   int           `json:"shard"`
@@ -38,6 +39,12 @@ const HeaderLastPosition = "Kuma-Last-Position"
 // in Kuma-Last-Position, the position the shard stands at. Consumers skip it
 // (it has no events); it fences the previous owner out of the stream.
 const HeaderEpoch = "Kuma-Epoch"
+
+// HeaderOwnerEpoch is on every events message of a clustered shard: the
+// lease epoch of the owner that published it. Positions are the shard's, so
+// after a take-over the same position can be another owner's event; the
+// epoch tells them apart (the message id carries it too: "<ctx>.<shard>.e<epoch>.<last>").
+const HeaderOwnerEpoch = "Kuma-Owner-Epoch"
 
 // ForgottenNotice is the body of a message on kuma.<ctx>.events.<shard>.forgotten:
 // the entity was forgotten at At. Its key is already destroyed when the notice

@@ -36,6 +36,14 @@ type relay struct {
 	// publish nothing more: the stream fences it.
 	subjSeq atomic.Uint64
 	fenced  atomic.Bool
+	// epoch is the lease epoch this relay claimed the shard under (0: not
+	// claimed, a node outside a cluster). It is in every message's id and
+	// headers: JetStream looks a message id up before it checks the
+	// expected subject sequence, so an id another owner had used for the
+	// same position would be answered as a duplicate, and a stale owner
+	// would take that answer for its own publish (and acknowledge appends
+	// the stream does not hold).
+	epoch atomic.Int64
 	// retryLast is the last position of a publish whose outcome is unknown
 	// (it timed out): the next attempt sends exactly that batch again, so
 	// that if the first one landed, landed recognises it as this relay's
@@ -152,6 +160,7 @@ func (r *relay) claim(ctx context.Context, epoch int64, pos int64) error {
 		return err
 	}
 	r.subjSeq.Store(ack.Sequence)
+	r.epoch.Store(epoch)
 	return nil
 }
 
@@ -294,6 +303,10 @@ func (r *relay) publishOnce() (int, error) {
 		telemetry.Inject(pctx, msg.Header)
 	}
 	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + "." + strconv.FormatInt(last, 10)
+	if e := r.epoch.Load(); e > 0 {
+		id = r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".e" + strconv.FormatInt(e, 10) + "." + strconv.FormatInt(last, 10)
+		msg.Header.Set(kuma.HeaderOwnerEpoch, strconv.FormatInt(e, 10))
+	}
 	ack, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
 		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
 	switch {
@@ -334,6 +347,11 @@ func (r *relay) landed(ctx context.Context, last int64) (uint64, bool, error) {
 	}
 	p, perr := kuma.ParsePosition(msg.Header.Get(kuma.HeaderLastPosition))
 	if perr != nil || msg.Header.Get(kuma.HeaderEpoch) != "" || p.Seq != last {
+		return 0, false, nil
+	}
+	// The same position from another owner is not ours: positions are the
+	// shard's, and a new owner reuses those a stale one never published.
+	if e := r.epoch.Load(); e > 0 && msg.Header.Get(kuma.HeaderOwnerEpoch) != strconv.FormatInt(e, 10) {
 		return 0, false, nil
 	}
 	return msg.Sequence, true, nil
