@@ -126,13 +126,14 @@ func crashConnect(t *testing.T, url string) *nats.Conn {
 	return nc
 }
 
-// crashSeed is the cycles' random seed: KUMA_CRASH_SEED replays a run.
-func crashSeed(t *testing.T) uint64 {
+// faultSeed is a fault test's random seed: the one in the environment
+// variable env replays a run, and without it each run draws its own.
+func faultSeed(t *testing.T, env string) uint64 {
 	t.Helper()
-	if s := os.Getenv("KUMA_CRASH_SEED"); s != "" {
+	if s := os.Getenv(env); s != "" {
 		seed, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
-			t.Fatalf("KUMA_CRASH_SEED=%q: %v", s, err)
+			t.Fatalf("%s=%q: %v", env, s, err)
 		}
 		return seed
 	}
@@ -345,7 +346,7 @@ func crashSum(m map[string]int64) int64 {
 // crashKill9 runs `kuma up --sync sync` under the load, kills and restarts
 // it cycles times, then checks everything and prints the figures.
 func crashKill9(t *testing.T, sync string, cycles int) {
-	seed := crashSeed(t)
+	seed := faultSeed(t, "KUMA_CRASH_SEED")
 	t.Logf("seed %d (KUMA_CRASH_SEED=%d replays the cycle lengths)", seed, seed)
 	rng := rand.New(rand.NewPCG(seed, seed))
 	start := time.Now()

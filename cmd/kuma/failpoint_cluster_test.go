@@ -155,7 +155,7 @@ func fpSettled(st *kuma.StatusReply, members []string) bool {
 // every SQLite file of both nodes passes integrity_check, and the stream
 // holds every stored event exactly once.
 func TestFailpointsMidMigration(t *testing.T) {
-	seed := fpSeed(t)
+	seed := faultSeed(t, "KUMA_TEST_SEED")
 	t.Logf("seed %d (KUMA_TEST_SEED=%[1]d repeats the choices)", seed)
 	rng := rand.New(rand.NewPCG(seed, 0x6d696772))
 	var all fpFigures

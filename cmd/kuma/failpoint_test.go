@@ -505,18 +505,6 @@ func fpRunSingle(t *testing.T, p fpPoint, n int, dropKeyOnRetry bool) fpFigures 
 	return f
 }
 
-// fpSeed is the runs' random seed: KUMA_TEST_SEED repeats a run.
-func fpSeed(t *testing.T) uint64 {
-	if s := os.Getenv("KUMA_TEST_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("KUMA_TEST_SEED=%q: %v", s, err)
-		}
-		return v
-	}
-	return uint64(time.Now().UnixNano())
-}
-
 // TestFailpoints kills `kuma up` at every single-node failpoint,
 // failpointRuns times each at a different hit, under 32 writers (and a
 // forgetter for the forget points), and checks after each restart that
@@ -524,7 +512,7 @@ func fpSeed(t *testing.T) uint64 {
 // the shard files are intact, forgotten entities stay forgotten, and the
 // stream holds every stored event exactly once.
 func TestFailpoints(t *testing.T) {
-	seed := fpSeed(t)
+	seed := faultSeed(t, "KUMA_TEST_SEED")
 	t.Logf("seed %d (KUMA_TEST_SEED=%[1]d repeats the hits)", seed)
 	rng := rand.New(rand.NewPCG(seed, 0x6b756d61))
 	var all fpFigures
