@@ -35,6 +35,9 @@ type Service struct {
 	micro    micro.Service
 	metrics  *metrics
 	tracer   trace.Tracer
+	// hooked is set when the config brought a Failpoint (fault tests): the
+	// work that only feeds a failpoint is skipped without one.
+	hooked bool
 
 	owner   *owner // membership, leases and moves (nil before Start)
 	started time.Time
@@ -50,6 +53,7 @@ type Service struct {
 
 // New builds a shardnode that talks over nc. It does no I/O.
 func New(cfg Config, nc *nats.Conn) (*Service, error) {
+	hooked := cfg.Failpoint != nil
 	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -58,7 +62,7 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		return nil, errors.New("shardnode: a NATS connection is required")
 	}
 	tracer := telemetry.Tracer(cfg.TracerProvider)
-	s := &Service{cfg: cfg, nc: nc, tracer: tracer, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer),
+	s := &Service{cfg: cfg, nc: nc, tracer: tracer, hooked: hooked, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer),
 		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1)}
 	reg := cfg.Registerer
 	if reg == nil {
