@@ -262,8 +262,11 @@ func (a *actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	}
 	store := a.sh.store
 	// A retry is answered before the version check: the first attempt moved
-	// the version, and the retry must still see its own success.
-	if r.IdempotencyKey != "" {
+	// the version, and the retry must still see its own success. An entity
+	// at version 0 has committed nothing, and its idempotency records are
+	// written in the same transaction as its events, so it has none to find:
+	// a new entity's first append skips the look-up.
+	if r.IdempotencyKey != "" && a.version > 0 {
 		rec, err := store.Idempotency(ctx, a.id, r.IdempotencyKey)
 		if err != nil {
 			return nil, err
