@@ -35,6 +35,7 @@ func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string)
 	fs.StringVar(&cfg.Durability, "durability", "local", "when an append is acknowledged: local (after this node's fsync) or replicated (once the replicated event stream has it too; see docs/cluster.md)")
 	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "host:port for /metrics, /healthz and /readyz (empty: off)")
+	fs.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's profiles under /debug/pprof/ on --metrics-listen (for profiling a node under load)")
 	fs.StringVar(&cfg.ConsoleListen, "console-listen", "", "host:port of the web console (empty: off; see docs/console.md)")
 	fs.StringVar(logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
 	fs.BoolFunc("trace-stdout", "print spans to stdout (debugging); OTLP export is configured by OTEL_* variables", func(string) error {

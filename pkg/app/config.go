@@ -102,6 +102,10 @@ type Config struct {
 	// MetricsListen is where /metrics, /healthz and /readyz are served
 	// (host:port; empty: not served).
 	MetricsListen string
+	// Pprof adds Go's profiles (/debug/pprof/) to MetricsListen, for an
+	// operator profiling a node under load. Off by default: a profile shows
+	// the process's internals and costs CPU while it runs.
+	Pprof bool
 	// ConsoleListen is where the web console is served (host:port; empty:
 	// not served). ConsoleAllowWrites lets it forget entities and retry,
 	// skip or rebuild projections; `kuma up` sets it only when the console

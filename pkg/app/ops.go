@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -58,6 +59,15 @@ func (m *opsModule) Start(ctx context.Context) error {
 		}
 		fmt.Fprintln(w, "ready")
 	})
+	if m.app.cfg.Pprof {
+		// On this mux only: importing net/http/pprof also registers these
+		// on http.DefaultServeMux, which Kuma never serves.
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	ln, err := net.Listen("tcp", m.app.cfg.MetricsListen)
 	if err != nil {
 		return fmt.Errorf("ops: listen on %s: %w", m.app.cfg.MetricsListen, err)

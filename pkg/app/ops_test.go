@@ -264,3 +264,20 @@ func TestReadyzFollowsProjectionLag(t *testing.T) {
 	}
 	waitFor(http.StatusOK, "ready")
 }
+
+// TestPprofOnlyWhenAsked: Go's profiles are on the metrics listener only with
+// Pprof set, and then a heap profile and a short CPU profile come back in
+// pprof's format (gzip).
+func TestPprofOnlyWhenAsked(t *testing.T) {
+	off := kumatest.Start(t, func(c *app.Config) { c.MetricsListen = "127.0.0.1:0" })
+	if code, _ := get(t, "http://"+off.App.MetricsAddr()+"/debug/pprof/heap"); code != http.StatusNotFound {
+		t.Fatalf("without Pprof /debug/pprof/heap = %d, want 404", code)
+	}
+	on := kumatest.Start(t, func(c *app.Config) { c.MetricsListen = "127.0.0.1:0"; c.Pprof = true })
+	for _, path := range []string{"/debug/pprof/heap", "/debug/pprof/profile?seconds=1"} {
+		code, body := get(t, "http://"+on.App.MetricsAddr()+path)
+		if code != http.StatusOK || !strings.HasPrefix(body, "\x1f\x8b") {
+			t.Fatalf("%s = %d, %d bytes, want 200 and a gzipped profile", path, code, len(body))
+		}
+	}
+}
