@@ -147,17 +147,27 @@ func TestUpRefusesABadProjectionsFile(t *testing.T) {
 
 // TestBenchStartsItsOwnNode runs `kuma bench` as users do: it starts
 // `kuma up` in a process of its own, writes, verifies every acknowledged
-// event, and reports the node's own CPU and memory.
+// event, reports the node's own CPU and memory, and takes the node's CPU and
+// heap profiles through its /debug/pprof.
 func TestBenchStartsItsOwnNode(t *testing.T) {
 	t.Setenv("KUMA_TEST_AS_MAIN", "1") // the child is this test binary standing in for kuma
+	dir := t.TempDir()
+	cpu, heap := filepath.Join(dir, "cpu.prof"), filepath.Join(dir, "heap.prof")
 	out, errs, code := runCLI(t, map[string]string{}, "bench", "--events", "4000", "--writers", "8", "--entities", "20",
-		"--shards", "2", "--verify", "--progress", "off")
+		"--shards", "2", "--verify", "--progress", "off", "--cpuprofile", cpu, "--profile-window", "1s", "--heapprofile", heap)
 	if code != 0 {
 		t.Fatalf("exit %d:\n%s\n%s", code, out, errs)
 	}
-	for _, want := range []string{"node: kuma up (pid", "acknowledged 4000 events", "verified", "(the node's process, from its /metrics)"} {
+	for _, want := range []string{"node: kuma up (pid", "acknowledged 4000 events", "verified", "(the node's process, from its /metrics)",
+		"CPU profile of the node", "heap profile of the node"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	for _, p := range []string{cpu, heap} {
+		b, err := os.ReadFile(p)
+		if err != nil || len(b) < 100 || b[0] != 0x1f || b[1] != 0x8b {
+			t.Errorf("%s: %d bytes (%v), want a gzipped pprof profile", p, len(b), err)
 		}
 	}
 }

@@ -20,7 +20,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"runtime/pprof"
 	"time"
 )
 
@@ -31,6 +30,8 @@ type config struct {
 	rate                                            float64 // appends per second; 0: as fast as possible
 	natsURL, metricsURL, sync, ctxName, baseline    string
 	progress, node, kumaBinary, cpuProfile          string
+	heapProfile                                     string
+	profileWindow                                   time.Duration
 	progressTo                                      io.Writer
 	direct, verify, jsonOut                         bool
 	timeout                                         time.Duration
@@ -74,7 +75,9 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 	fs.BoolVar(&c.direct, "direct", false, "route to shard subjects directly, skipping the router")
 	fs.BoolVar(&c.verify, "verify", false, "afterwards, read every entity back and check every acknowledged event is there")
 	fs.BoolVar(&c.jsonOut, "json", false, "print the results as JSON instead of text")
-	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of this process over Kuma's run to FILE (with --node embedded it holds the node too)")
+	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile to FILE: of the node's process over --profile-window from the first append (--node process), or of this process over Kuma's run (embedded node, or --nats-url)")
+	fs.DurationVar(&c.profileWindow, "profile-window", 10*time.Second, "with --cpuprofile and --node process: how long the node is profiled")
+	fs.StringVar(&c.heapProfile, "heapprofile", "", "write a heap profile of the node to FILE once the stream and projections have caught up (with --nats-url, needs --metrics-url of a node run with --pprof)")
 	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "per append")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -83,8 +86,12 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 		return 2
 	}
 	c.progressTo = progressWriter(c.progress, stderr)
-	if c.cpuProfile != "" && c.node != "embedded" && c.natsURL == "" {
-		fmt.Fprintf(stderr, "%s: --cpuprofile profiles this process: use it with --node embedded, or profile the node itself\n", name)
+	if c.heapProfile != "" && c.natsURL != "" && c.metricsURL == "" {
+		fmt.Fprintf(stderr, "%s: --heapprofile with --nats-url needs --metrics-url of a node run with --pprof\n", name)
+		return 2
+	}
+	if c.profileWindow <= 0 {
+		fmt.Fprintf(stderr, "%s: --profile-window must be positive\n", name)
 		return 2
 	}
 	out := stdout
@@ -137,7 +144,13 @@ func runAll(ctx context.Context, c config, out io.Writer) (*report, error) {
 	if err != nil {
 		return nil, err
 	}
-	stopProfile, err := startCPUProfile(c.cpuProfile)
+	// A node in a process of its own is profiled through its /debug/pprof
+	// (run() does that); otherwise this process is the one to profile.
+	inProcess := c.cpuProfile
+	if c.nodeProcess() {
+		inProcess = ""
+	}
+	stopProfile, err := startCPUProfile(inProcess)
 	if err != nil {
 		return nil, err
 	}
@@ -162,23 +175,3 @@ func runAll(ctx context.Context, c config, out io.Writer) (*report, error) {
 }
 
 var discardLog = slog.New(slog.DiscardHandler)
-
-// startCPUProfile starts a CPU profile written to path (none when empty) and
-// returns what stops it.
-func startCPUProfile(path string) (func() error, error) {
-	if path == "" {
-		return func() error { return nil }, nil
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, fmt.Errorf("--cpuprofile: %w", err)
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("--cpuprofile: %w", err)
-	}
-	return func() error {
-		pprof.StopCPUProfile()
-		return f.Close()
-	}, nil
-}

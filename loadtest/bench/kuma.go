@@ -85,7 +85,8 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		return nil, err
 	}
 	url := c.natsURL
-	if url == "" && c.node == "process" {
+	process := c.nodeProcess()
+	if process {
 		n, err := startNode(ctx, c, out)
 		if err != nil {
 			return nil, err
@@ -175,6 +176,10 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		bar = newProgressBar(c.progressTo, appends*int64(c.batch))
 	}
 	before, meter := c.meter(url)
+	waitProfile := func() error { return nil }
+	if process && c.cpuProfile != "" {
+		waitProfile = profileNode(ctx, c.metricsURL, c.cpuProfile, c.profileWindow)
+	}
 	start := time.Now()
 	var wg sync.WaitGroup
 	for w := 0; w < c.writers; w++ {
@@ -250,6 +255,22 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		fmt.Fprintf(out, "node: %s\n", r.Node)
 	} else if err != nil {
 		fmt.Fprintf(out, "node: CPU and memory not measured: %v\n", err)
+	}
+	if process && c.cpuProfile != "" {
+		if err := waitProfile(); err != nil {
+			return r, err
+		}
+		fmt.Fprintf(out, "CPU profile of the node over the %s from the first append: %s\n", c.profileWindow, c.cpuProfile)
+	}
+	if c.heapProfile != "" {
+		addr := c.metricsURL // the node's, when it is another process
+		if !process && c.natsURL == "" {
+			addr = ""
+		}
+		if err := writeHeapProfile(ctx, addr, c.heapProfile); err != nil {
+			return r, err
+		}
+		fmt.Fprintf(out, "heap profile of the node: %s\n", c.heapProfile)
 	}
 	if c.verify {
 		if err := verify(ctx, clients[0], acked); err != nil {

@@ -154,16 +154,25 @@ func TestUnknownBaselineIsRefusedBeforeTheRun(t *testing.T) {
 	}
 }
 
-// TestCPUProfileCoversTheRun writes a profile of a small embedded run: a
-// gzip-compressed profile.proto (what pprof reads) that is not empty.
-func TestCPUProfileCoversTheRun(t *testing.T) {
+// TestProfilesCoverTheRun writes the CPU and heap profiles of a small
+// embedded run: gzip-compressed profile.proto (what pprof reads), not empty.
+func TestProfilesCoverTheRun(t *testing.T) {
 	c := small()
-	c.node, c.cpuProfile = "embedded", filepath.Join(t.TempDir(), "cpu.prof")
+	dir := t.TempDir()
+	c.node, c.cpuProfile, c.heapProfile = "embedded", filepath.Join(dir, "cpu.prof"), filepath.Join(dir, "heap.prof")
 	var out bytes.Buffer
 	if _, err := runAll(t.Context(), c, &out); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
-	f, err := os.Open(c.cpuProfile)
+	for _, p := range []string{c.cpuProfile, c.heapProfile} {
+		checkProfile(t, p)
+	}
+}
+
+// checkProfile fails unless path holds a gzip-compressed, non-empty profile.
+func checkProfile(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,10 +187,10 @@ func TestCPUProfileCoversTheRun(t *testing.T) {
 	}
 }
 
-func TestCPUProfileNeedsThisProcess(t *testing.T) {
+func TestHeapProfileOfARemoteNodeNeedsItsMetrics(t *testing.T) {
 	var stderr bytes.Buffer
-	if code := Main(t.Context(), "bench", []string{"--node", "process", "--cpuprofile", "x.prof"}, Options{KumaBinary: "kuma"}, io.Discard, &stderr); code != 2 ||
-		!strings.Contains(stderr.String(), "--node embedded") {
-		t.Fatalf("exit %d, %q: want a usage error naming --node embedded", code, stderr.String())
+	if code := Main(t.Context(), "bench", []string{"--nats-url", "nats://127.0.0.1:1", "--heapprofile", "x.prof"}, Options{}, io.Discard, &stderr); code != 2 ||
+		!strings.Contains(stderr.String(), "--metrics-url") {
+		t.Fatalf("exit %d, %q: want a usage error naming --metrics-url", code, stderr.String())
 	}
 }

@@ -47,6 +47,9 @@ func startNode(ctx context.Context, c config, out io.Writer) (*node, error) {
 	n.cmd = exec.Command(c.kumaBinary, "up", "--data", dir, "--shards", strconv.Itoa(c.shards), "--sync", c.sync,
 		"--context", c.ctxName, "--nats-listen", "127.0.0.1:"+strconv.Itoa(natsPort),
 		"--metrics-listen", n.metricsAddr, "--log-format", "text", "--log-level", "warn")
+	if c.cpuProfile != "" || c.heapProfile != "" {
+		n.cmd.Args = append(n.cmd.Args, "--pprof")
+	}
 	stderr, err := n.cmd.StderrPipe()
 	if err != nil {
 		return nil, err
