@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -33,11 +34,21 @@ const ioTimeout = 30 * time.Second
 // at a time, in arrival order, so version checks and version assignment need
 // no locks. The folded state lives here between requests; the shard file is
 // the record it can be rebuilt from.
+//
+// The goroutine runs only while the actor has requests: it starts with the
+// first one queued and ends when the queue is empty. A live actor that is
+// idle is only its state, so the node can hold MaxActors of them (100,000)
+// without as many goroutine stacks and channel buffers (about 10 KiB each).
 type actor struct {
 	sh      *shard
 	id      string
-	mailbox chan *request
 	pending atomic.Int32
+	// queue is the mailbox: requests in arrival order, at most MailboxLen.
+	// running is set while a goroutine drains it; it and queue are guarded
+	// by qmu.
+	qmu     sync.Mutex
+	queue   []*request
+	running bool
 	// elem and lastUsed are guarded by sh.mu.
 	elem     *list.Element
 	lastUsed time.Time
@@ -54,12 +65,46 @@ type actor struct {
 }
 
 func newActor(sh *shard, id string) *actor {
-	return &actor{sh: sh, id: id, mailbox: make(chan *request, sh.node.cfg.MailboxLen)}
+	return &actor{sh: sh, id: id}
 }
 
+// enqueue adds req to the mailbox and starts the goroutine if none runs. It
+// reports false, queueing nothing, when the mailbox is full.
+func (a *actor) enqueue(req *request) bool {
+	a.qmu.Lock()
+	if len(a.queue) >= a.sh.node.cfg.MailboxLen {
+		a.qmu.Unlock()
+		return false
+	}
+	a.queue = append(a.queue, req)
+	start := !a.running
+	if start {
+		a.running = true
+		// Before the shard's stop waits on actorsWG: a dispatch holds
+		// sendsWG, which the stop waits out first.
+		a.sh.actorsWG.Add(1)
+	}
+	a.qmu.Unlock()
+	if start {
+		go a.run()
+	}
+	return true
+}
+
+// run handles the queued requests in order and ends once none is left.
 func (a *actor) run() {
 	defer a.sh.actorsWG.Done()
-	for req := range a.mailbox {
+	for {
+		a.qmu.Lock()
+		if len(a.queue) == 0 {
+			a.queue, a.running = nil, false
+			a.qmu.Unlock()
+			return
+		}
+		req := a.queue[0]
+		a.queue[0] = nil
+		a.queue = a.queue[1:]
+		a.qmu.Unlock()
 		a.handle(req)
 		a.pending.Add(-1)
 	}

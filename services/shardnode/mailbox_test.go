@@ -2,12 +2,15 @@ package shardnode_test
 
 import (
 	"context"
+	"encoding/json"
+	"runtime"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/natsbus"
@@ -87,4 +90,52 @@ func shardRequest(ctx context.Context, n *kumatest.Node, subject string, body []
 		return nil
 	}
 	return kuma.Decode(msg.Data, out)
+}
+
+// TestIdleActorsHoldNoGoroutine: an actor's goroutine runs only while it has
+// requests, so a thousand live but idle entities cost no goroutines (each
+// would hold a stack of 8 KiB or more), and their state still answers.
+func TestIdleActorsHoldNoGoroutine(t *testing.T) {
+	n := kumatest.Start(t, nil)
+	c := n.Client(client.Options{NoAutoIdempotencyKey: true})
+	ctx := t.Context()
+	ev := []kuma.EventInput{{Type: "Seen", Data: json.RawMessage(`{"n":1}`)}}
+	if _, err := c.Append(ctx, "warm-up", ev); err != nil {
+		t.Fatal(err)
+	}
+	const entities = 1000
+	before := runtime.NumGoroutine()
+	var wg sync.WaitGroup
+	for w := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < entities; i += 10 {
+				if _, err := c.Append(ctx, "idle-"+strconv.Itoa(i), ev); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	live := 0
+	for _, s := range n.Shardnode().Stats() {
+		live += s.LiveActors
+	}
+	if live < entities {
+		t.Fatalf("%d live actors after writing %d entities: they were passivated, the test shows nothing", live, entities)
+	}
+	// The last goroutines end just after their reply; give them a moment.
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > before+50 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines with %d idle live actors, %d before them", runtime.NumGoroutine(), live, before)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var r kuma.ReadReply
+	if err := shardRequest(ctx, n, kuma.ShardSubject("default", placement.ShardOf("idle-7", n.Cfg.Shards), kuma.OpRead, "idle-7"), []byte(`{}`), &r); err != nil || r.Version != 1 {
+		t.Fatalf("read of an idle live entity: version %d, %v", r.Version, err)
+	}
 }

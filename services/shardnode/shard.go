@@ -20,11 +20,12 @@ import (
 
 // shard is one owned shard: its store, its live actors and its subscription.
 //
-// Actor lifecycle: dispatch finds or starts the entity's actor and counts the
-// message as pending under mu before handing it over; an actor is only
-// passivated (removed from the map and its mailbox closed) under mu while it
-// has nothing pending. So a message is never sent to a passivated actor, and
-// a passivated actor has answered everything it was given.
+// Actor lifecycle: dispatch finds or creates the entity's actor and counts the
+// message as pending under mu before queueing it (which starts the actor's
+// goroutine if it has none); an actor is only passivated (removed from the
+// map) under mu while it has nothing pending. So a message is never queued on
+// a passivated actor, and a passivated actor has answered everything it was
+// given.
 type shard struct {
 	node  *Service
 	cc    *ContextConfig
@@ -171,8 +172,6 @@ func (sh *shard) dispatch(entity string, req *request) {
 		a = newActor(sh, entity)
 		sh.actors[entity] = a
 		a.elem = sh.lru.PushFront(a)
-		sh.actorsWG.Add(1)
-		go a.run()
 	} else {
 		sh.lru.MoveToFront(a.elem)
 	}
@@ -183,13 +182,11 @@ func (sh *shard) dispatch(entity string, req *request) {
 	// A full mailbox is refused, not waited on: this runs on the shard's
 	// NATS callback, so waiting for one hot entity would stall every other
 	// entity of the shard behind it.
-	select {
-	case a.mailbox <- req:
-	default:
+	if !a.enqueue(req) {
 		a.pending.Add(-1)
 		sh.node.metrics.mailboxFull.Inc()
 		sh.replyError(req.msg, kuma.Errorf(kuma.CodeUnavailable,
-			"entity %q has %d requests waiting; retry", entity, cap(a.mailbox)))
+			"entity %q has %d requests waiting; retry", entity, sh.node.cfg.MailboxLen))
 	}
 	sh.sendsWG.Done()
 }
@@ -215,7 +212,6 @@ func (sh *shard) passivateLocked(a *actor) {
 	delete(sh.actors, a.id)
 	sh.lru.Remove(a.elem)
 	sh.passivated++
-	close(a.mailbox)
 }
 
 // sweepLoop passivates actors idle for longer than IdleTimeout. The LRU list
@@ -282,11 +278,10 @@ drained:
 	sh.mu.Lock()
 	sh.closed = true
 	sh.mu.Unlock()
-	sh.sendsWG.Wait() // no mailbox is closed under a dispatch in flight
+	sh.sendsWG.Wait() // every dispatch in flight has queued its request
 	sh.mu.Lock()
 	for _, a := range sh.actors {
 		delete(sh.actors, a.id)
-		close(a.mailbox)
 	}
 	sh.lru.Init()
 	sh.mu.Unlock()
