@@ -191,6 +191,9 @@ func Decode(body []byte, v any) error {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return nil
 	}
+	if a, ok := v.(*AppendRequest); ok && decodeAppendFast(body, a) == nil {
+		return nil
+	}
 	if x, ok := v.(exactFields); ok {
 		// The request types list their exact keys, which checkKeys enforces
 		// (unknown and wrongly cased keys alike), so the cheaper
