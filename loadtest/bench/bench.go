@@ -62,7 +62,7 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 	fs.IntVar(&c.entities, "entities", 10_000, "distinct entities written")
 	fs.IntVar(&c.payloadBytes, "payload-bytes", 200, "approximate size of one event's JSON data")
 	fs.Float64Var(&c.readRatio, "read-ratio", 0, "fraction of operations that are reads of a live entity (0 to 0.99)")
-	fs.Float64Var(&c.rate, "rate", 0, "appends per second for a latency run (0: saturation)")
+	fs.Float64Var(&c.rate, "rate", 0, "appends per second for a latency run (0: saturation); reads (--read-ratio) are paced too, on top of these")
 	fs.IntVar(&c.shards, "shards", 16, "shards of the embedded node (and of --direct routing)")
 	fs.IntVar(&c.conns, "conns", 4, "NATS connections shared by the writers")
 	fs.StringVar(&c.natsURL, "nats-url", "", "a running Kuma's NATS; empty starts a node in a temp dir (see --node)")

@@ -22,16 +22,19 @@ import (
 
 // result is what one run measured.
 type result struct {
-	Target    string           `json:"target"`
-	Events    int64            `json:"events"`
-	Appends   int64            `json:"appends"`
-	Reads     int64            `json:"reads"`
-	Errors    int64            `json:"errors"`
-	ErrorsBy  map[string]int64 `json:"errors_by_code,omitempty"`
-	Elapsed   time.Duration    `json:"elapsed_ns"`
-	EventsSec float64          `json:"events_per_sec"`
-	Append    percentiles      `json:"append_latency"`
-	Read      percentiles      `json:"read_latency,omitempty"`
+	Target  string `json:"target"`
+	Events  int64  `json:"events"`
+	Appends int64  `json:"appends"`
+	Reads   int64  `json:"reads"`
+	Errors  int64  `json:"errors"`
+	// ReadErrors counts failed reads (not found is not a failure); their
+	// codes are in ErrorsBy as "read: <code>".
+	ReadErrors int64            `json:"read_errors,omitempty"`
+	ErrorsBy   map[string]int64 `json:"errors_by_code,omitempty"`
+	Elapsed    time.Duration    `json:"elapsed_ns"`
+	EventsSec  float64          `json:"events_per_sec"`
+	Append     percentiles      `json:"append_latency"`
+	Read       percentiles      `json:"read_latency,omitempty"`
 	// StreamCatchUp is how long after the last acknowledgement the event
 	// stream held every event (relay lag 0 in status).
 	StreamCatchUp time.Duration `json:"stream_catch_up_ns,omitempty"`
@@ -137,22 +140,24 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	}
 
 	appends := int64(c.events / c.batch)
-	var next, failed, reads atomic.Int64
+	var next, failed, reads, readsFailed atomic.Int64
 	var errMu sync.Mutex
 	errorsBy := map[string]int64{}
 	acked := make([]atomic.Int64, c.entities) // events acknowledged per entity
 	appendLats := make([][]time.Duration, c.writers)
 	readLats := make([][]time.Duration, c.writers)
 
-	// A latency run paces appends: each writer takes a slot, and latency
-	// counts from when the slot was due, so a stall is not hidden
-	// (coordinated omission).
+	// A latency run paces every operation: each writer takes a slot, and
+	// latency counts from when the slot was due, so a stall is not hidden
+	// (coordinated omission). Slots come at rate/(1-readRatio) a second, so
+	// appends keep the asked rate and reads come on top in the asked mix;
+	// unpaced reads would arrive in bursts of up to one per writer.
 	var slots chan time.Time
 	stopPacer := make(chan struct{})
 	if c.rate > 0 {
 		slots = make(chan time.Time, c.writers)
 		go func() {
-			interval := time.Duration(float64(time.Second) / c.rate)
+			interval := time.Duration(float64(time.Second) * (1 - c.readRatio) / c.rate)
 			due := time.Now()
 			for {
 				due = due.Add(interval)
@@ -188,21 +193,32 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 			defer wg.Done()
 			cl := clients[w%len(clients)]
 			rng := rand.New(rand.NewPCG(uint64(w), uint64(start.UnixNano())))
+			// Reads go to entities this writer has written (live ones:
+			// their actors are in memory), once it has written any.
+			var mine []string
 			for {
+				t0 := time.Now()
+				if slots != nil {
+					t0 = <-slots
+				}
 				if c.readRatio > 0 && rng.Float64() < c.readRatio {
-					t0 := time.Now()
-					if _, err := cl.Read(ctx, fmt.Sprintf("user-%d", rng.IntN(c.entities))); err == nil || kuma.ErrorCode(err) == kuma.CodeNotFound {
-						readLats[w] = append(readLats[w], time.Since(t0))
-						reads.Add(1)
+					id := fmt.Sprintf("user-%d", rng.IntN(c.entities))
+					if len(mine) > 0 {
+						id = mine[rng.IntN(len(mine))]
 					}
+					if _, err := cl.Read(ctx, id); err != nil && kuma.ErrorCode(err) != kuma.CodeNotFound {
+						readsFailed.Add(1)
+						errMu.Lock()
+						errorsBy["read: "+string(kuma.ErrorCode(err))]++
+						errMu.Unlock()
+						continue
+					}
+					readLats[w] = append(readLats[w], time.Since(t0))
+					reads.Add(1)
 					continue
 				}
 				if next.Add(1) > appends {
 					return
-				}
-				t0 := time.Now()
-				if slots != nil {
-					t0 = <-slots
 				}
 				e := rng.IntN(c.entities)
 				if _, err := cl.Append(ctx, fmt.Sprintf("user-%d", e), batch); err != nil {
@@ -214,6 +230,11 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 				}
 				appendLats[w] = append(appendLats[w], time.Since(t0))
 				acked[e].Add(int64(c.batch))
+				if id := fmt.Sprintf("user-%d", e); len(mine) < 256 {
+					mine = append(mine, id)
+				} else {
+					mine[rng.IntN(len(mine))] = id
+				}
 				bar.add(int64(c.batch))
 			}
 		}(w)
@@ -229,14 +250,14 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		allr = append(allr, readLats[w]...)
 	}
 	r := &result{Target: "kuma " + url, Appends: int64(len(alls)), Events: int64(len(alls)) * int64(c.batch), Reads: reads.Load(),
-		Errors: failed.Load(), ErrorsBy: errorsBy, Elapsed: elapsed,
+		Errors: failed.Load(), ReadErrors: readsFailed.Load(), ErrorsBy: errorsBy, Elapsed: elapsed,
 		Append: percentilesOf(alls), Read: percentilesOf(allr)}
 	r.EventsSec = float64(r.Events) / elapsed.Seconds()
 	fmt.Fprintf(out, "acknowledged %d events in %d appends (%d failed %v) in %s\n", r.Events, r.Appends, r.Errors, errorsBy, elapsed.Round(time.Millisecond))
 	fmt.Fprintf(out, "throughput: %.0f events/s\n", r.EventsSec)
 	fmt.Fprintf(out, "append latency: %s\n", r.Append)
 	if r.Reads > 0 {
-		fmt.Fprintf(out, "reads: %d, latency: %s\n", r.Reads, r.Read)
+		fmt.Fprintf(out, "reads: %d (%d failed), latency: %s\n", r.Reads, r.ReadErrors, r.Read)
 	}
 	catchUp, _, err := waitForStatus(ctx, clients[0], time.Minute, streamCaughtUp)
 	if err != nil {
@@ -279,8 +300,8 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		r.Verified = true
 		fmt.Fprintln(out, "verified: every acknowledged event is there")
 	}
-	if r.Errors > 0 {
-		return r, fmt.Errorf("%d appends failed", r.Errors)
+	if r.Errors > 0 || r.ReadErrors > 0 {
+		return r, fmt.Errorf("%d appends and %d reads failed", r.Errors, r.ReadErrors)
 	}
 	return r, nil
 }

@@ -60,17 +60,23 @@ func TestLoadtestSmall(t *testing.T) {
 	t.Log(out.String())
 }
 
-// TestLoadtestFixedRate runs a paced (latency) run to the end.
+// TestLoadtestFixedRate runs a paced (latency) run with reads to the end.
+// Reads take slots as appends do: about one per append at a ratio of 0.5
+// (negative binomial: 20 plus one per writer at the end, on average), where
+// unpaced ones would come by the hundred while the writers wait for slots.
 func TestLoadtestFixedRate(t *testing.T) {
 	c := small()
-	c.events, c.rate = 2_000, 200
+	c.events, c.rate, c.readRatio = 2_000, 200, 0.5
 	var out bytes.Buffer
 	r, err := run(t.Context(), c, &out)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Appends != 20 || r.Errors != 0 || !strings.Contains(out.String(), "200 appends/s") {
-		t.Fatalf("%d appends, %d errors:\n%s", r.Appends, r.Errors, out.String())
+	if r.Appends != 20 || r.Errors != 0 || r.ReadErrors != 0 || !strings.Contains(out.String(), "200 appends/s") {
+		t.Fatalf("%d appends, %d errors, %d failed reads:\n%s", r.Appends, r.Errors, r.ReadErrors, out.String())
+	}
+	if r.Reads == 0 || r.Reads > 100 {
+		t.Fatalf("%d reads with 20 paced appends at a read ratio of 0.5: want them paced too (about 28)", r.Reads)
 	}
 }
 
