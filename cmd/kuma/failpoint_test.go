@@ -11,7 +11,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -414,30 +413,15 @@ func fpIntegrity(ctx context.Context, dir string, wantShards bool, f *fpFigures)
 	return ok
 }
 
+// fpIntegrityOf fails unless integrity_check answers "ok" for the file at
+// path (opened as the node opens it: after a kill, it may recover the WAL).
 func fpIntegrityOf(ctx context.Context, path string) error {
-	db, err := sql.Open("sqlite", sqlite.DSN(path, "busy_timeout(10000)"))
-	if err != nil {
-		return err
-	}
-	defer db.Close()
-	rows, err := db.QueryContext(ctx, `PRAGMA integrity_check`)
+	res, err := crashIntegrityDSN(ctx, sqlite.DSN(path, "busy_timeout(10000)"))
 	if err != nil {
 		return fmt.Errorf("integrity_check of %s: %w", path, err)
 	}
-	defer rows.Close()
-	var msgs []string
-	for rows.Next() {
-		var m string
-		if err := rows.Scan(&m); err != nil {
-			return fmt.Errorf("integrity_check of %s: %w", path, err)
-		}
-		msgs = append(msgs, m)
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("integrity_check of %s: %w", path, err)
-	}
-	if len(msgs) != 1 || msgs[0] != "ok" {
-		return fmt.Errorf("integrity_check of %s: %s", path, strings.Join(msgs, "; "))
+	if res != "ok" {
+		return fmt.Errorf("integrity_check of %s: %s", path, res)
 	}
 	return nil
 }
