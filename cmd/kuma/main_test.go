@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -104,13 +105,60 @@ func TestClientCommands(t *testing.T) {
 	}
 }
 
+// freePort returns a loopback port free now, for a child process to bind.
+// It is chosen below the kernel's ephemeral range: a port the kernel hands
+// out for ":0" and gets back is soon handed to another process's listener
+// or outgoing connection, and the test packages run in parallel, so a node
+// started a second later found its port taken ("address already in use",
+// seen in CI). Ports below the range are never handed out by the kernel;
+// this process remembers its own picks.
 func freePort(t *testing.T) int {
+	t.Helper()
+	lo, hi := 10_000, ephemeralLow()
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for range 1000 {
+		if hi-lo < 1000 {
+			break // no room below the range: take the kernel's pick
+		}
+		p := lo + rand.IntN(hi-lo)
+		if portsTaken[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		portsTaken[p] = true
+		return p
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+var (
+	portsMu    sync.Mutex
+	portsTaken = map[int]bool{}
+)
+
+// ephemeralLow is the lowest port the kernel hands out for ":0" (Linux's
+// ip_local_port_range; 32768 where it cannot be read).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	if f := strings.Fields(string(b)); len(f) == 2 {
+		if n, err := strconv.Atoi(f[0]); err == nil {
+			return n
+		}
+	}
+	return 32768
 }
 
 // logBuffer collects a child's stderr; String is safe while it is written,
