@@ -143,6 +143,11 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	var next, failed, reads, readsFailed atomic.Int64
 	var errMu sync.Mutex
 	errorsBy := map[string]int64{}
+	countError := func(prefix string, err error) {
+		errMu.Lock()
+		errorsBy[prefix+string(kuma.ErrorCode(err))]++
+		errMu.Unlock()
+	}
 	acked := make([]atomic.Int64, c.entities) // events acknowledged per entity
 	appendLats := make([][]time.Duration, c.writers)
 	readLats := make([][]time.Duration, c.writers)
@@ -208,9 +213,7 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 					}
 					if _, err := cl.Read(ctx, id); err != nil && kuma.ErrorCode(err) != kuma.CodeNotFound {
 						readsFailed.Add(1)
-						errMu.Lock()
-						errorsBy["read: "+string(kuma.ErrorCode(err))]++
-						errMu.Unlock()
+						countError("read: ", err)
 						continue
 					}
 					readLats[w] = append(readLats[w], time.Since(t0))
@@ -221,16 +224,15 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 					return
 				}
 				e := rng.IntN(c.entities)
-				if _, err := cl.Append(ctx, fmt.Sprintf("user-%d", e), batch); err != nil {
+				id := fmt.Sprintf("user-%d", e)
+				if _, err := cl.Append(ctx, id, batch); err != nil {
 					failed.Add(1)
-					errMu.Lock()
-					errorsBy[string(kuma.ErrorCode(err))]++
-					errMu.Unlock()
+					countError("", err)
 					continue
 				}
 				appendLats[w] = append(appendLats[w], time.Since(t0))
 				acked[e].Add(int64(c.batch))
-				if id := fmt.Sprintf("user-%d", e); len(mine) < 256 {
+				if len(mine) < 256 {
 					mine = append(mine, id)
 				} else {
 					mine[rng.IntN(len(mine))] = id

@@ -20,15 +20,7 @@ func decodeAppendFast(body []byte, out *AppendRequest) error {
 		return err
 	}
 	req := AppendRequest{Events: make([]EventInput, 0, bytes.Count(body, []byte(`{"type":"`)))}
-	for first := true; ; first = false {
-		if r.lit(`]`) == nil {
-			break
-		}
-		if !first {
-			if err := r.lit(`,`); err != nil {
-				return err
-			}
-		}
+	err := r.items(func() error {
 		if err := r.lit(`{"type":"`); err != nil {
 			return err
 		}
@@ -50,6 +42,10 @@ func decodeAppendFast(body []byte, out *AppendRequest) error {
 			return err
 		}
 		req.Events = append(req.Events, ev)
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if r.lit(`,"expected_version":`) == nil {
 		v, err := r.int()
@@ -80,11 +76,7 @@ func (r *fastReader) value(depth int) error {
 	switch c := r.b[r.i]; {
 	case c == '{':
 		r.i++
-		r.ws()
-		if r.lit(`}`) == nil {
-			return nil
-		}
-		for {
+		return r.members(`}`, func() error {
 			if err := r.lit(`"`); err != nil {
 				return err
 			}
@@ -96,33 +88,11 @@ func (r *fastReader) value(depth int) error {
 				return err
 			}
 			r.ws()
-			if err := r.value(depth + 1); err != nil {
-				return err
-			}
-			r.ws()
-			if r.lit(`,`) == nil {
-				r.ws()
-				continue
-			}
-			return r.lit(`}`)
-		}
+			return r.value(depth + 1)
+		})
 	case c == '[':
 		r.i++
-		r.ws()
-		if r.lit(`]`) == nil {
-			return nil
-		}
-		for {
-			if err := r.value(depth + 1); err != nil {
-				return err
-			}
-			r.ws()
-			if r.lit(`,`) == nil {
-				r.ws()
-				continue
-			}
-			return r.lit(`]`)
-		}
+		return r.members(`]`, func() error { return r.value(depth + 1) })
 	case c == '"':
 		r.i++
 		return r.skipStr()
@@ -136,6 +106,26 @@ func (r *fastReader) value(depth int) error {
 		return r.number()
 	}
 	return errNotFast
+}
+
+// members reads the rest of an object or array whose opening bracket was
+// read: each member (read by each), whitespace allowed around the commas,
+// up to close.
+func (r *fastReader) members(close string, each func() error) error {
+	r.ws()
+	if r.lit(close) == nil {
+		return nil
+	}
+	for {
+		if err := each(); err != nil {
+			return err
+		}
+		r.ws()
+		if r.lit(`,`) != nil {
+			return r.lit(close)
+		}
+		r.ws()
+	}
 }
 
 // ws skips JSON whitespace.

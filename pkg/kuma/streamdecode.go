@@ -59,6 +59,24 @@ func (r *fastReader) str() ([]byte, error) {
 	return nil, errNotFast
 }
 
+// items reads the rest of a list written with no whitespace (its '[' already
+// read): each item, read by each, then a comma or the closing ']'.
+func (r *fastReader) items(each func() error) error {
+	for first := true; ; first = false {
+		if r.lit(`]`) == nil {
+			return nil
+		}
+		if !first {
+			if err := r.lit(`,`); err != nil {
+				return err
+			}
+		}
+		if err := each(); err != nil {
+			return err
+		}
+	}
+}
+
 func (r *fastReader) int() (int64, error) {
 	start := r.i
 	for r.i < len(r.b) && (r.b[r.i] == '-' || ('0' <= r.b[r.i] && r.b[r.i] <= '9')) {
@@ -98,20 +116,13 @@ func decodeStreamFast(data []byte, m *StreamMessage) error {
 			return err
 		}
 		out.Events = make([]StreamEvent, 0, bytes.Count(data[r.i:], []byte(`{"entity":`)))
-		for first := true; ; first = false {
-			if r.lit(`]`) == nil {
-				break
-			}
-			if !first {
-				if err := r.lit(`,`); err != nil {
-					return err
-				}
-			}
+		err := r.items(func() error {
 			ev, err := r.event()
-			if err != nil {
-				return err
-			}
 			out.Events = append(out.Events, ev)
+			return err
+		})
+		if err != nil {
+			return err
 		}
 	}
 	if err := r.lit(`}`); err != nil || r.i != len(data) {
