@@ -9,10 +9,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
+	"slices"
 	"strings"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats.go"
@@ -29,10 +31,11 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, 
 		atVersion = fs.Int64("at-version", 0, "read: state at this version")
 		atTime    = fs.String("at-time", "", "read: state at this RFC 3339 time")
 		from      = fs.Int64("from", 1, "history: first version")
-		limit     = fs.Int("limit", kuma.DefaultHistoryLimit, "history: events per page")
+		limit     = fs.Int("limit", kuma.DefaultHistoryLimit, "history: events to print; the server's pages, cut by size too, are followed up to this many")
 		outFile   = fs.String("out", "", "export: write to this file instead of stdout")
 		reason    = fs.String("reason", "", "forget: why (kept in the audit log; no personal data)")
 		yes       = fs.Bool("yes", false, "forget: do not ask for confirmation")
+		field     = fs.String("field", "", "print only this top-level field of the reply, a string unquoted (for scripts: POS=$(kuma append ... --field position))")
 	)
 	pos, err := parse(fs, args, getenv)
 	if err != nil {
@@ -41,6 +44,11 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, 
 	want := map[string][2]int{"append": {2, 3}, "read": {1, 1}, "history": {1, 1}, "export": {1, 1}, "forget": {1, 1}}[cmd]
 	if len(pos) < want[0] || len(pos) > want[1] {
 		return usageError{fmt.Errorf("wrong number of arguments; see kuma --help")}
+	}
+	// A wrong --field is refused before the request: an append must not be
+	// made only to find that its reply cannot be printed.
+	if *field != "" && !slices.Contains(replyFields(cmd), *field) {
+		return usageError{fmt.Errorf("--field %q: a %s reply has %s", *field, cmd, strings.Join(replyFields(cmd), ", "))}
 	}
 	ctx, cancel := context.WithTimeout(ctx, *conn.timeout)
 	defer cancel()
@@ -96,6 +104,9 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, 
 		}
 		out, err = c.Forget(ctx, entity, *reason, requester(getenv))
 	}
+	if *field != "" && err == nil {
+		return printField(out, *field, stdout)
+	}
 	if *outFile == "" || err != nil {
 		return printReply(out, err, stdout, stderr)
 	}
@@ -105,6 +116,62 @@ func cmdClient(ctx context.Context, cmd string, args []string, stdin io.Reader, 
 	}
 	// The export is personal data: readable by its owner only.
 	return os.WriteFile(*outFile, append(b, '\n'), 0o600)
+}
+
+// replyFields are the top-level JSON fields of a command's reply, the
+// names --field accepts.
+func replyFields(cmd string) []string {
+	switch cmd {
+	case "append":
+		return jsonFields(kuma.AppendReply{})
+	case "read":
+		return jsonFields(kuma.ReadReply{})
+	case "history":
+		return jsonFields(kuma.HistoryReply{})
+	case "export":
+		return jsonFields(kuma.ExportReply{})
+	case "forget":
+		return jsonFields(kuma.ForgetReply{})
+	}
+	return nil
+}
+
+// jsonFields lists the JSON names of a struct's fields.
+func jsonFields(v any) []string {
+	t := reflect.TypeOf(v)
+	var names []string
+	for i := range t.NumField() {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		if name != "" && name != "-" {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// printField prints one field of a reply: a string as its text (what a
+// shell variable wants), anything else as JSON; an absent field (omitted
+// when empty) prints as null.
+func printField(out any, name string, stdout io.Writer) error {
+	b, err := json.Marshal(out)
+	if err != nil {
+		return err
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return err
+	}
+	v, ok := fields[name]
+	if !ok {
+		v = json.RawMessage("null")
+	}
+	var s string
+	if json.Unmarshal(v, &s) == nil {
+		_, err = fmt.Fprintln(stdout, s)
+		return err
+	}
+	_, err = fmt.Fprintln(stdout, string(v))
+	return err
 }
 
 // requester names the CLI's user for the audit log: user@host.

@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -24,10 +25,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/cluster"
+	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/placement"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -45,12 +47,22 @@ type testCluster struct {
 	dir        string
 	durability string
 	nodes      []*clusterNode
+	// masterKeyFile, when set, is given to every node, and every node runs
+	// its own keyvault instance on the shared bucket (no --keyvault remote).
+	masterKeyFile string
+	// routeVia, when set, is the route URL a new node joins an existing
+	// one by (the partition test's proxies); nil: the member's own
+	// cluster listener.
+	routeVia func(from, to *clusterNode) string
+	// extraArgs are given to every `kuma up` that add starts.
+	extraArgs []string
 }
 
 type clusterNode struct {
 	name                string
 	natsPort, routePort int
 	metricsPort         int
+	args                []string // what it was started with, to start it again
 	p                   *proc
 }
 
@@ -65,6 +77,27 @@ func newCluster(t *testing.T, durability string) *testCluster {
 		})
 	}
 	return c
+}
+
+// keyedNodes are the nodes startKeyed starts.
+var keyedNodes = []string{"n1", "n2", "n3"}
+
+// startKeyed starts keyedNodes with --durability replicated and one master
+// key file, so that every node runs a keyvault instance on the shared
+// bucket (none runs with --keyvault remote), and waits until the shards
+// have settled. nc reaches the cluster through every node's server but
+// those in except.
+func startKeyed(t *testing.T, except ...string) (*testCluster, *nats.Conn) {
+	t.Helper()
+	c := newCluster(t, "replicated")
+	c.masterKeyFile = filepath.Join(c.dir, "master.key")
+	if err := os.WriteFile(c.masterKeyFile, []byte(base64.StdEncoding.EncodeToString(envelope.NewRandomKey())+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.add(keyedNodes...)
+	nc := connect(t, c.urls(except...))
+	settle(t, nc, keyedNodes, 60*time.Second)
+	return c, nc
 }
 
 // add starts nodes that join the first one (or form the cluster, for the
@@ -87,12 +120,24 @@ func (c *testCluster) add(names ...string) {
 			// group of their own.
 			var join []string
 			for _, m := range c.nodes {
-				if m.routePort != 0 {
+				switch {
+				case m.routePort == 0:
+				case c.routeVia != nil:
+					join = append(join, c.routeVia(n, m))
+				default:
 					join = append(join, "nats://127.0.0.1:"+strconv.Itoa(m.routePort))
 				}
 			}
-			args = append(args, "--join", strings.Join(join, ","), "--keyvault", "remote")
+			args = append(args, "--join", strings.Join(join, ","))
+			if c.masterKeyFile == "" {
+				args = append(args, "--keyvault", "remote")
+			}
 		}
+		if c.masterKeyFile != "" {
+			args = append(args, "--master-key-file", c.masterKeyFile)
+		}
+		args = append(args, c.extraArgs...)
+		n.args = args
 		n.p = spawn(c.t, args, "KUMA_MASTER_KEY=")
 		c.nodes = append(c.nodes, n)
 		started = append(started, n)
@@ -241,16 +286,6 @@ func streamHasOneWriter(t *testing.T, nc *nats.Conn, want int) {
 			seen[k] = true
 		}
 	}
-}
-
-func connect(t *testing.T, urls string) *nats.Conn {
-	t.Helper()
-	nc, err := nats.Connect(urls, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
 }
 
 // TestJoinTwoNodesUnderLoad: three nodes serve 16 shards under a steady
@@ -496,14 +531,6 @@ func scrape(t *testing.T, port int) map[string]float64 {
 		}
 	}
 	return out
-}
-
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 func httpGet(url string) (string, error) {

@@ -35,11 +35,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 	kumasqlite "github.com/kumadb/kuma/pkg/sqlite"
-	"github.com/nats-io/nats.go"
 	_ "modernc.org/sqlite"
 )
 
@@ -84,7 +83,7 @@ func (n *crashNode) kill() {
 	}
 	_ = n.p.cmd.Wait()
 	if ws, ok := n.p.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
-		n.t.Fatalf("kuma up ended with %v, want killed by SIGKILL\n%s", n.p.cmd.ProcessState, crashTail(n.p.logs.String(), 40))
+		n.t.Fatalf("kuma up ended with %v, want killed by SIGKILL\n%s", n.p.cmd.ProcessState, tail(n.p.logs.String(), 40))
 	}
 }
 
@@ -104,26 +103,6 @@ func (n *crashNode) restartFigures() string {
 	s := append([]time.Duration(nil), n.restarts...)
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return fmt.Sprintf("kill to ready %s..%s (median %s)", s[0].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond), s[len(s)/2].Round(time.Millisecond))
-}
-
-func crashTail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
-// crashConnect dials a NATS connection that reconnects forever, quickly:
-// the load's writers live through every restart on it.
-func crashConnect(t *testing.T, url string) *nats.Conn {
-	t.Helper()
-	nc, err := nats.Connect(url, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond), nats.ReconnectJitter(0, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
 }
 
 // faultSeed is a fault test's random seed: the one in the environment
@@ -204,7 +183,7 @@ func crashRunCycles(t *testing.T, n *crashNode, l *load, rng *rand.Rand, cycles 
 			c, run.Round(time.Millisecond), atKill-before, n.restarts[len(n.restarts)-1].Round(time.Millisecond),
 			f.Entities, f.Events, time.Since(start).Round(time.Millisecond))
 		if !f.ok() {
-			t.Fatalf("after restart %d: %s\nlogs of the restarted process:\n%s", c, f, crashTail(n.p.logs.String(), 40))
+			t.Fatalf("after restart %d: %s\nlogs of the restarted process:\n%s", c, f, tail(n.p.logs.String(), 40))
 		}
 	}
 }
@@ -351,7 +330,7 @@ func crashKill9(t *testing.T, sync string, cycles int) {
 	rng := rand.New(rand.NewPCG(seed, seed))
 	start := time.Now()
 	n := crashStartNode(t, sync)
-	nc := crashConnect(t, n.url())
+	nc := connect(t, n.url())
 	l := startLoad(t, nc, loadConfig{writers: crashWriters, shards: crashShards, attempt: crashAttempt})
 	l.waitAcks(t, 200, 60*time.Second)
 	crashRunCycles(t, n, l, rng, cycles)
@@ -518,7 +497,7 @@ func TestCrashKill9LostWALTail(t *testing.T) {
 		name := map[bool]string{false: "stream-kept", true: "stream-lost"}[dropStream]
 		t.Run(name, func(t *testing.T) {
 			n := crashStartNode(t, "FULL")
-			nc := crashConnect(t, n.url())
+			nc := connect(t, n.url())
 			l := startLoad(t, nc, loadConfig{writers: crashWriters, shards: crashShards, attempt: crashAttempt})
 			l.waitAcks(t, 3000, 60*time.Second)
 			n.kill()
@@ -569,7 +548,7 @@ func TestCrashKill9LostWALTail(t *testing.T) {
 			t.Logf("the check after the restart found: %s", after)
 			t.Logf("the full check found: %s", full)
 			if !dropStream {
-				t.Logf("restart log:\n%s", crashTail(n.p.logs.String(), 12))
+				t.Logf("restart log:\n%s", tail(n.p.logs.String(), 12))
 			}
 			if !dropStream && full.Unreadable > 0 {
 				// Kuma may refuse a shard whose file lacks events the

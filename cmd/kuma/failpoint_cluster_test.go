@@ -99,7 +99,7 @@ func (c *fpCluster) stopOther(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := c.s.cmd.Wait(); err != nil {
-		t.Fatalf("%s after SIGTERM: %v\n%s", c.other, err, fpTail(c.s.logs.String()))
+		t.Fatalf("%s after SIGTERM: %v\n%s", c.other, err, tail(c.s.logs.String(), 20))
 	}
 }
 
@@ -120,10 +120,10 @@ func (c *fpCluster) settle(t *testing.T, members []string, limit time.Duration) 
 		if time.Now().After(deadline) {
 			var other string
 			if c.s != nil {
-				other = fpTail(c.s.logs.String())
+				other = tail(c.s.logs.String(), 20)
 			}
 			t.Fatalf("the shards did not settle on %v within %s: %v %+v\nn1:\n%s\n%s:\n%s",
-				members, limit, err, st, fpTail(c.n1.logs.String()), c.other, other)
+				members, limit, err, st, tail(c.n1.logs.String(), 20), c.other, other)
 		}
 	}
 }
@@ -175,14 +175,10 @@ func TestFailpointsMidMigration(t *testing.T) {
 func fpRunMigration(t *testing.T, point string, rng *rand.Rand) fpFigures {
 	var f fpFigures
 	c := fpStartCluster(t)
-	nc, err := nats.Connect(c.url, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
+	nc := connect(t, c.url)
 	// Paced (about 300 appends a second in all): the runs of a point share
 	// one load, which the final check reads back whole.
-	l := fpStartLoad(t, nc, fpWriterCount, false, 100*time.Millisecond)
+	l := startLoad(t, nc, fpLoadConfig(false, 100*time.Millisecond, fpClusterShards))
 	l.waitAcks(t, 100, 60*time.Second)
 	both := []string{"n1", c.other}
 	placed := fpPlaced(c.other, both)
@@ -236,17 +232,17 @@ func fpRunMigration(t *testing.T, point string, rng *rand.Rand) fpFigures {
 		t.Logf("run %d: killed at %s %s into the run; restarted, settled and stopped again %s later; %d appends acknowledged so far",
 			run+1, what, killed.Round(time.Millisecond), (time.Since(start) - killed).Round(time.Millisecond), l.acks.Load())
 	}
-	l.finish(t)
+	l.finishWithin(t, fpGiveUp+30*time.Second)
 	fpVerify(t, nc, l, nil, &f)
 	if err := c.n1.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.n1.cmd.Wait(); err != nil {
-		t.Fatalf("n1 after SIGTERM: %v\n%s", err, fpTail(c.n1.logs.String()))
+		t.Fatalf("n1 after SIGTERM: %v\n%s", err, tail(c.n1.logs.String(), 20))
 	}
 	for _, node := range []string{"n1", c.other} {
 		f.files += fpIntegrity(t.Context(), filepath.Join(c.dir, node), node == "n1", &f)
 	}
-	t.Logf("%s: %d append attempts failed and were retried with their key", point, l.retries.Load())
+	t.Logf("%s: %d append attempts failed and were retried with their key", point, l.failures.Load())
 	return f
 }

@@ -22,15 +22,12 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/nats-io/nats.go"
 )
@@ -74,13 +71,12 @@ func fpSingleNodePoints() []fpPoint {
 	}
 }
 
-// fpFigures are one run's (or the sum of a point's runs') counts.
+// fpFigures are one run's (or the sum of a point's runs') counts: what the
+// harness's checker found in the writers' entities, and the rest.
 type fpFigures struct {
+	loadFindings
 	runs        int
 	acked       int64 // appends acknowledged to the writers
-	stored      int64 // events read back
-	lost        int64 // acknowledged appends whose event is missing
-	duplicated  int64 // events whose append is stored more than once
 	unpublished int64 // stored events missing from the stream
 	streamDup   int64 // stored events the stream holds more than once
 	forgotten   int   // entities forgotten and answering entity_forgotten
@@ -89,11 +85,9 @@ type fpFigures struct {
 }
 
 func (f *fpFigures) add(o fpFigures) {
+	f.loadFindings.add(&o.loadFindings)
 	f.runs += o.runs
 	f.acked += o.acked
-	f.stored += o.stored
-	f.lost += o.lost
-	f.duplicated += o.duplicated
 	f.unpublished += o.unpublished
 	f.streamDup += o.streamDup
 	f.forgotten += o.forgotten
@@ -106,211 +100,8 @@ func (f *fpFigures) problem(format string, args ...any) {
 }
 
 func (f *fpFigures) String() string {
-	return fmt.Sprintf("runs %d, appends acknowledged %d, events stored %d, lost %d, duplicated %d, unpublished %d, twice in the stream %d, forgotten %d, SQLite files integrity-checked %d",
-		f.runs, f.acked, f.stored, f.lost, f.duplicated, f.unpublished, f.streamDup, f.forgotten, f.files)
-}
-
-// fpLoad is the writers (and, for the forget points, a forgetter). Each
-// writer appends to its own entity one event at a time, event i carrying
-// {"i":i} under the idempotency key entity-i, and retries an append that
-// failed with the same key until it is acknowledged, across restarts.
-// With dropKeyOnRetry (the negative control) retries carry no key. A
-// writer waits pace between two appends (0: none).
-type fpLoad struct {
-	c              *client.Client
-	dropKeyOnRetry bool
-	pace           time.Duration
-	stop           atomic.Bool
-	wg             sync.WaitGroup
-	acks           atomic.Int64
-	retries        atomic.Int64
-
-	mu        sync.Mutex
-	acked     map[string]int64 // entity → appends acknowledged (the next append's i)
-	forgotten map[string]bool  // victims whose forget was acknowledged
-	failed    []string         // writers or forgets that gave up
-}
-
-func fpStartLoad(t *testing.T, nc *nats.Conn, writers int, dropKeyOnRetry bool, pace time.Duration) *fpLoad {
-	t.Helper()
-	c, err := client.New(nc, client.Options{NoAutoIdempotencyKey: dropKeyOnRetry})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := &fpLoad{c: c, dropKeyOnRetry: dropKeyOnRetry, pace: pace, acked: map[string]int64{}, forgotten: map[string]bool{}}
-	for w := range writers {
-		entity := fmt.Sprintf("fp-w-%02d", w)
-		l.acked[entity] = 0
-		l.wg.Add(1)
-		go l.writer(entity)
-	}
-	return l
-}
-
-func (l *fpLoad) writer(entity string) {
-	defer l.wg.Done()
-	for i := 0; !l.stop.Load(); i++ {
-		key := entity + "-" + strconv.Itoa(i)
-		events := []kuma.EventInput{{Type: "Tick", Data: json.RawMessage(`{"i":` + strconv.Itoa(i) + `}`)}}
-		giveUp := time.Now().Add(fpGiveUp)
-		for attempt := 0; ; attempt++ {
-			var opts []client.AppendOption
-			if attempt == 0 || !l.dropKeyOnRetry {
-				opts = append(opts, client.IdempotencyKey(key))
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), fpAttempt)
-			_, err := l.c.Append(ctx, entity, events, opts...)
-			cancel()
-			if err == nil {
-				l.mu.Lock()
-				l.acked[entity] = int64(i + 1)
-				l.mu.Unlock()
-				l.acks.Add(1)
-				time.Sleep(l.pace)
-				break
-			}
-			l.retries.Add(1)
-			if time.Now().After(giveUp) {
-				l.mu.Lock()
-				l.failed = append(l.failed, fmt.Sprintf("%s: append %d not acknowledged within %s: %v", entity, i, fpGiveUp, err))
-				l.mu.Unlock()
-				return
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
-}
-
-// fpMakeVictims gives each victim two events, for the forgetter to erase.
-func fpMakeVictims(t *testing.T, c *client.Client, n int) []string {
-	t.Helper()
-	var out []string
-	for v := range n {
-		id := fmt.Sprintf("fp-victim-%02d", v)
-		for i := range 2 {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			_, err := c.Append(ctx, id, []kuma.EventInput{{Type: "Joined", Data: json.RawMessage(`{"i":` + strconv.Itoa(i) + `}`)}},
-				client.IdempotencyKey(id+"-"+strconv.Itoa(i)))
-			cancel()
-			if err != nil {
-				t.Fatalf("make victim %s: %v", id, err)
-			}
-		}
-		out = append(out, id)
-	}
-	return out
-}
-
-// forgetter forgets the victims one after the other, each retried until
-// acknowledged (a forget is idempotent).
-func (l *fpLoad) forgetter(victims []string) {
-	l.wg.Add(1)
-	go func() {
-		defer l.wg.Done()
-		for _, v := range victims {
-			giveUp := time.Now().Add(fpGiveUp)
-			for {
-				ctx, cancel := context.WithTimeout(context.Background(), fpAttempt)
-				_, err := l.c.Forget(ctx, v, "failpoint test", "fp")
-				cancel()
-				if err == nil {
-					l.mu.Lock()
-					l.forgotten[v] = true
-					l.mu.Unlock()
-					break
-				}
-				if time.Now().After(giveUp) {
-					l.mu.Lock()
-					l.failed = append(l.failed, fmt.Sprintf("forget %s not acknowledged within %s: %v", v, fpGiveUp, err))
-					l.mu.Unlock()
-					return
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-			time.Sleep(30 * time.Millisecond)
-		}
-	}()
-}
-
-func (l *fpLoad) waitAcks(t *testing.T, n int64, limit time.Duration) {
-	t.Helper()
-	target := l.acks.Load() + n
-	for deadline := time.Now().Add(limit); l.acks.Load() < target; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("writers stalled: %d appends acknowledged, waiting for %d", l.acks.Load(), target)
-		}
-	}
-}
-
-// finish stops the writers after the append each has in hand is
-// acknowledged, and waits for them and the forgetter.
-func (l *fpLoad) finish(t *testing.T) {
-	t.Helper()
-	l.stop.Store(true)
-	done := make(chan struct{})
-	go func() { l.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(fpGiveUp + 30*time.Second):
-		t.Fatal("writers did not finish their pending appends")
-	}
-	if len(l.failed) > 0 {
-		t.Fatalf("gave up:\n%s", strings.Join(l.failed, "\n"))
-	}
-}
-
-// fpCheckEntity checks one writer's entity: versions 1..n contiguous, event
-// v carrying i = v-1, every acknowledged append (i < acked) present once.
-// It returns how many acknowledged appends are missing and how many stored
-// events repeat an append already stored.
-func fpCheckEntity(entity string, acked int64, events []kuma.RecordedEvent, f *fpFigures) {
-	seen := map[int64]int{}
-	for k, e := range events {
-		var d struct{ I *int64 }
-		if err := json.Unmarshal(e.Data, &d); err != nil || d.I == nil {
-			f.problem("%s version %d: data %s is not {\"i\":N}", entity, e.Version, e.Data)
-			continue
-		}
-		if e.Version != int64(k+1) {
-			f.problem("%s: event %d has version %d: versions not contiguous", entity, k, e.Version)
-		}
-		if seen[*d.I] > 0 {
-			f.duplicated++
-		} else if *d.I != e.Version-1 {
-			f.problem("%s: version %d carries i=%d, want %d", entity, e.Version, *d.I, e.Version-1)
-		}
-		seen[*d.I]++
-	}
-	for i := int64(0); i < acked; i++ {
-		if seen[i] == 0 {
-			f.lost++
-		}
-	}
-	if extra := int64(len(seen)) - acked; extra > 0 {
-		// The writers finished every append they started, so nothing
-		// stored can be unacknowledged.
-		f.problem("%s: %d appends stored beyond the %d acknowledged", entity, extra, acked)
-	}
-	f.acked += acked
-	f.stored += int64(len(events))
-}
-
-// fpHistory reads an entity's whole history.
-func fpHistory(c *client.Client, entity string) ([]kuma.RecordedEvent, error) {
-	var out []kuma.RecordedEvent
-	for from := int64(1); ; {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		h, err := c.History(ctx, entity, from, 1000)
-		cancel()
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, h.Events...)
-		if h.NextVersion == nil {
-			return out, nil
-		}
-		from = *h.NextVersion
-	}
+	return fmt.Sprintf("runs %d, appends acknowledged %d, events stored %d, lost %d, duplicated %d, out of sequence %d, unacknowledged %d, unpublished %d, twice in the stream %d, forgotten %d, SQLite files integrity-checked %d",
+		f.runs, f.acked, f.Events, f.Lost, f.Duplicated, f.Gaps, f.Unacked, f.unpublished, f.streamDup, f.forgotten, f.files)
 }
 
 // fpCheckStream compares what the shards store with what the stream holds:
@@ -355,16 +146,17 @@ func fpStreamMatches(t *testing.T, nc *nats.Conn, stored map[string][]kuma.Recor
 
 // fpVerify reads back every writer's entity and the victims, and compares
 // the stream.
-func fpVerify(t *testing.T, nc *nats.Conn, l *fpLoad, victims []string, f *fpFigures) {
+func fpVerify(t *testing.T, nc *nats.Conn, l *load, victims []string, f *fpFigures) {
 	t.Helper()
 	stored := map[string][]kuma.RecordedEvent{}
-	for entity, acked := range l.acked {
-		events, err := fpHistory(l.c, entity)
+	for entity, acked := range l.ackedSnapshot() {
+		events, err := history(t.Context(), l.c, entity, 1, 0)
 		if err != nil {
-			t.Fatalf("history of %s: %v", entity, err)
+			t.Fatalf("%s: %v", entity, err)
 		}
 		stored[entity] = events
-		fpCheckEntity(entity, acked, events, f)
+		checkEvents(&f.loadFindings, entity, 1, acked, events, true)
+		f.acked += acked
 	}
 	for _, v := range victims {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -428,7 +220,7 @@ func fpIntegrityOf(ctx context.Context, path string) error {
 
 // fpWaitKilled waits for the process to die and checks that it killed
 // itself at the point: SIGKILL, and the failpoint's line on its stderr.
-func fpWaitKilled(t *testing.T, cmd *exec.Cmd, logs *logBuffer, point string, n int, l *fpLoad) time.Duration {
+func fpWaitKilled(t *testing.T, cmd *exec.Cmd, logs *logBuffer, point string, n int, l *load) time.Duration {
 	t.Helper()
 	start := time.Now()
 	exited := make(chan struct{})
@@ -436,17 +228,24 @@ func fpWaitKilled(t *testing.T, cmd *exec.Cmd, logs *logBuffer, point string, n 
 	select {
 	case <-exited:
 	case <-time.After(fpHitWithin):
-		t.Fatalf("%s@%d not reached within %s (%d appends acknowledged)\n%s", point, n, fpHitWithin, l.acks.Load(), fpTail(logs.String()))
+		t.Fatalf("%s@%d not reached within %s (%d appends acknowledged)\n%s", point, n, fpHitWithin, l.acks.Load(), tail(logs.String(), 20))
 	}
 	<-logs.closed
 	ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus)
 	if !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
-		t.Fatalf("kuma ended with %v, want killed by SIGKILL at %s@%d\n%s", cmd.ProcessState, point, n, fpTail(logs.String()))
+		t.Fatalf("kuma ended with %v, want killed by SIGKILL at %s@%d\n%s", cmd.ProcessState, point, n, tail(logs.String(), 20))
 	}
 	if want := fmt.Sprintf("kuma: failpoint %s reached (hit %d)", point, n); !strings.Contains(logs.String(), want) {
-		t.Fatalf("killed, but not at the failpoint: no %q in its stderr\n%s", want, fpTail(logs.String()))
+		t.Fatalf("killed, but not at the failpoint: no %q in its stderr\n%s", want, tail(logs.String(), 20))
 	}
 	return time.Since(start)
+}
+
+// fpLoadConfig is the failpoint suite's load: fpWriterCount writers, short
+// attempts retried with their key (none with dropKeyOnRetry) until
+// fpGiveUp, each writer waiting pace between appends.
+func fpLoadConfig(dropKeyOnRetry bool, pace time.Duration, shards int) loadConfig {
+	return loadConfig{writers: fpWriterCount, shards: shards, attempt: fpAttempt, prefix: "fp-w", pace: pace, giveUp: fpGiveUp, dropKeyOnRetry: dropKeyOnRetry}
 }
 
 // fpRunSingle is one run of a single-node point: kill at point@n under
@@ -456,15 +255,11 @@ func fpRunSingle(t *testing.T, p fpPoint, n int, dropKeyOnRetry bool) fpFigures 
 	dir := filepath.Join(t.TempDir(), "data")
 	port := freePort(t)
 	cmd, logs := startUp(t, dir, port, "KUMA_TEST_FAILPOINT="+p.name+"@"+strconv.Itoa(n))
-	nc, err := nats.Connect("nats://127.0.0.1:"+strconv.Itoa(port), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	l := fpStartLoad(t, nc, fpWriterCount, dropKeyOnRetry, 0)
+	nc := connect(t, "nats://127.0.0.1:"+strconv.Itoa(port))
+	l := startLoad(t, nc, fpLoadConfig(dropKeyOnRetry, 0, 4))
 	var victims []string
 	if p.forget {
-		victims = fpMakeVictims(t, l.c, fpVictimCount)
+		victims = makeVictims(t, l.c, fpVictimCount)
 		l.forgetter(victims)
 	}
 	hit := fpWaitKilled(t, cmd, logs, p.name, n, l)
@@ -475,17 +270,17 @@ func fpRunSingle(t *testing.T, p fpPoint, n int, dropKeyOnRetry bool) fpFigures 
 	cmd, logs = startUp(t, dir, port)
 	l.waitAcks(t, 2*fpWriterCount, 60*time.Second)
 	back := time.Since(restart)
-	l.finish(t)
+	l.finishWithin(t, fpGiveUp+30*time.Second)
 	fpVerify(t, nc, l, victims, &f)
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Wait(); err != nil {
-		t.Fatalf("kuma up after SIGTERM: %v\n%s", err, fpTail(logs.String()))
+		t.Fatalf("kuma up after SIGTERM: %v\n%s", err, tail(logs.String(), 20))
 	}
 	f.files += fpIntegrity(t.Context(), dir, true, &f)
 	t.Logf("%s@%d: hit after %s with %d appends acknowledged; writers going again %s after the restart; %s; retried attempts %d",
-		p.name, n, hit.Round(time.Millisecond), ackedAtKill, back.Round(time.Millisecond), f.String(), l.retries.Load())
+		p.name, n, hit.Round(time.Millisecond), ackedAtKill, back.Round(time.Millisecond), f.String(), l.failures.Load())
 	return f
 }
 
@@ -524,10 +319,10 @@ func TestFailpoints(t *testing.T) {
 		n := 1 + rng.IntN(50)
 		f := fpRunSingle(t, fpPoint{name: "commit-after", maxHit: 50}, n, true)
 		t.Logf("without idempotency keys on retries, commit-after@%d: %s", n, f.String())
-		if f.duplicated == 0 {
+		if f.Duplicated == 0 {
 			t.Fatalf("retries without their idempotency key after a crash between COMMIT and the reply stored no duplicate, or the checker missed it: %s", f.String())
 		}
-		if f.lost != 0 || f.unpublished != 0 || f.streamDup != 0 {
+		if f.Lost != 0 || f.unpublished != 0 || f.streamDup != 0 {
 			t.Fatalf("the negative control lost or mispublished events: %s", f.String())
 		}
 	})
@@ -537,7 +332,8 @@ func TestFailpoints(t *testing.T) {
 // other problem.
 func fpAssertClean(t *testing.T, f *fpFigures) {
 	t.Helper()
-	if f.lost != 0 || f.duplicated != 0 || f.unpublished != 0 || f.streamDup != 0 || len(f.problems) > 0 {
+	if !f.ok() || f.unpublished != 0 || f.streamDup != 0 || len(f.problems) > 0 {
+		f.problems = append(f.problems, f.Samples...)
 		sort.Strings(f.problems)
 		if len(f.problems) > 20 {
 			f.problems = append(f.problems[:20], fmt.Sprintf("... and %d more", len(f.problems)-20))
@@ -557,14 +353,24 @@ func TestFailpointCheckersSeeFailures(t *testing.T) {
 		{Version: 3, Data: json.RawMessage(`{"i":1}`)}, // a retry stored again
 	}
 	var f fpFigures
-	fpCheckEntity("e", 3, events, &f) // 3 acknowledged: i=2 is missing
-	if f.lost != 1 || f.duplicated != 1 {
-		t.Fatalf("entity checker: lost %d, duplicated %d; want 1 and 1", f.lost, f.duplicated)
+	checkEvents(&f.loadFindings, "e", 1, 3, events, true) // 3 acknowledged: i=2 is missing
+	if f.Lost != 1 || f.Duplicated != 1 || f.Gaps != 0 {
+		t.Fatalf("entity checker: lost %d, duplicated %d, out of sequence %d; want 1, 1 and 0", f.Lost, f.Duplicated, f.Gaps)
 	}
 	f = fpFigures{}
-	fpCheckEntity("e", 2, []kuma.RecordedEvent{events[0], {Version: 3, Data: json.RawMessage(`{"i":1}`)}}, &f)
-	if len(f.problems) == 0 {
+	checkEvents(&f.loadFindings, "e", 1, 2, []kuma.RecordedEvent{events[0], {Version: 3, Data: json.RawMessage(`{"i":1}`)}}, true)
+	if f.Gaps == 0 {
 		t.Fatal("entity checker: a version gap went unreported")
+	}
+	f = fpFigures{}
+	checkEvents(&f.loadFindings, "e", 1, 1, events[:2], true) // one acknowledged, two stored
+	if f.Unacked != 1 || f.ok() {
+		t.Fatalf("entity checker: unacknowledged %d, ok %v; want 1 and not ok", f.Unacked, f.ok())
+	}
+	f = fpFigures{}
+	checkEvents(&f.loadFindings, "e", 2, 2, events[1:2], false) // from version 2: i=1 acknowledged and there
+	if !f.ok() {
+		t.Fatalf("entity checker: a sound history from version 2 reported %s", f.String())
 	}
 
 	f = fpFigures{}
@@ -622,15 +428,6 @@ func TestFailpointCheckersSeeFailures(t *testing.T) {
 	} else {
 		t.Logf("damaged copy of %s: %v", filepath.Base(shard), err)
 	}
-}
-
-// fpTail is the last lines of a process's log, for failure messages.
-func fpTail(s string) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > 20 {
-		lines = lines[len(lines)-20:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // TestParseFailpoint: KUMA_TEST_FAILPOINT is name or name@N, N from 1;

@@ -9,7 +9,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/services/keyvault"
 )
 

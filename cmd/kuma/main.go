@@ -24,10 +24,13 @@ Usage:
   kuma history ENTITY [--from N] [--limit N]
   kuma export ENTITY [--out FILE]
   kuma forget ENTITY --reason TEXT [--yes]   erase the entity (asks to confirm)
+  kuma subscribe [--after CURSOR | --from-start | --from-end] [--prefix P] [--type T]... [--cursor-file F]
+                                        follow the events as JSON lines, catch-up then live (Ctrl-C stops)
   kuma query PROJECTION [--query NAME] [--param K=JSON]... [--where K=JSON]... [--prefix P] [--after POS]
   kuma projection rebuild NAME          rebuild a read model beside the live one (progress bar)
   kuma projection retry NAME            try the event a stopped projection failed on again
   kuma projection skip NAME POSITION    skip that event (recorded)
+  kuma projection drop NAME             remove what a projection no longer declared left behind
   kuma status                           shards, nodes and projections
   kuma migrate --shard N --to NODE [--wait 30s] [--unpin]   move a shard to a node (a pin; --unpin drops it)
   kuma bench [--events N] [--baseline sqlite] [--verify] [--rate R] ...   the load test (see loadtest/README.md)
@@ -35,7 +38,9 @@ Usage:
   kuma version
 
 Every flag has a KUMA_* environment equivalent (--nats-url → KUMA_NATS_URL);
-flags win over the environment. Run "kuma COMMAND --help" for a command's flags.
+flags win over the environment. append, read, history, export and forget take
+--field NAME to print one field of the reply (POS=$(kuma append ... --field position)).
+Run "kuma COMMAND --help" for a command's flags.
 `
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -60,6 +65,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = cmdServe(ctx, rest, stderr, getenv)
 	case "append", "read", "history", "export", "forget":
 		err = cmdClient(ctx, cmd, rest, stdin, stdout, stderr, getenv)
+	case "subscribe":
+		err = cmdSubscribe(ctx, rest, stdout, stderr, getenv)
 	case "query", "projection", "status":
 		err = cmdProjection(ctx, cmd, rest, stdout, stderr, getenv)
 	case "migrate":

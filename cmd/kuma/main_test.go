@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -17,8 +18,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/internal/kumatest"
+	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/nats-io/nats.go"
 )
 
@@ -98,6 +101,20 @@ func TestClientCommands(t *testing.T) {
 		if _, errs, code := runCLI(t, env, args...); code != 2 || errs == "" {
 			t.Fatalf("%v: exit %d stderr %q, want exit 2 with a message", args, code, errs)
 		}
+	}
+	// --field prints one field for a script; a field the reply lacks is a
+	// usage mistake found before the request, so nothing is appended.
+	if out, errs, code := runCLI(t, env, "append", "user_0x9A4F", "UserSeen", "--field", "position"); code != 0 || !strings.HasPrefix(out, "p") || strings.ContainsAny(out, `"{`) {
+		t.Fatalf("append --field position: exit %d printed %q %s", code, out, errs)
+	}
+	if out, _, code := runCLI(t, env, "read", "user_0x9A4F", "--field", "version"); code != 0 || out != "3\n" {
+		t.Fatalf("read --field version: exit %d printed %q", code, out)
+	}
+	if _, errs, code := runCLI(t, env, "append", "user_0x9A4F", "UserSeen", "--field", "positon"); code != 2 || !strings.Contains(errs, "position") {
+		t.Fatalf("append --field positon: exit %d %s, want exit 2 naming the fields", code, errs)
+	}
+	if out, _, code := runCLI(t, env, "read", "user_0x9A4F", "--field", "version"); code != 0 || out != "3\n" {
+		t.Fatalf("a refused --field appended: read --field version exit %d printed %q", code, out)
 	}
 	// Flags win over the environment.
 	if _, errs, code := runCLI(t, env, "read", "user_0x9A4F", "--nats-url", "nats://127.0.0.1:1", "--timeout", "300ms"); code == 0 || !strings.Contains(errs, "127.0.0.1:1") {
@@ -415,5 +432,35 @@ func TestStreamIsExactAfterACrashAroundPublish(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestHistoryCommandFollowsPages: `kuma history --limit N` prints N events
+// even when the server cuts its pages by size (20 events of 30 KB under a
+// 128 KiB max payload come in five pages or more).
+func TestHistoryCommandFollowsPages(t *testing.T) {
+	n := kumatest.Start(t, func(c *app.Config) { c.MaxPayload = app.MinMaxPayload })
+	env := map[string]string{"KUMA_NATS_URL": n.App.ClientURL()}
+	c := n.Client(client.Options{})
+	for i := 0; i < 20; i++ {
+		data := json.RawMessage(fmt.Sprintf(`{"i":%d,"pad":"%s"}`, i, strings.Repeat("z", 30_000)))
+		if _, err := c.Append(t.Context(), "paged", []kuma.EventInput{{Type: "Padded", Data: data}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, errs, code := runCLI(t, env, "history", "paged", "--limit", "20", "--timeout", "3s")
+	var h kuma.HistoryReply
+	if err := json.Unmarshal([]byte(out), &h); code != 0 || err != nil {
+		t.Fatalf("history exit %d: %s %v", code, errs, err)
+	}
+	if len(h.Events) != 20 || h.NextVersion != nil || h.Events[19].Version != 20 {
+		t.Fatalf("history printed %d events, next %v; want all 20", len(h.Events), h.NextVersion)
+	}
+	out, errs, code = runCLI(t, env, "history", "paged", "--from", "3", "--limit", "7", "--timeout", "3s")
+	if err := json.Unmarshal([]byte(out), &h); code != 0 || err != nil {
+		t.Fatalf("history exit %d: %s %v", code, errs, err)
+	}
+	if len(h.Events) != 7 || h.Events[0].Version != 3 || h.NextVersion == nil || *h.NextVersion != 10 {
+		t.Fatalf("history --from 3 --limit 7 printed %d events, next %v; want 3..9, next 10", len(h.Events), h.NextVersion)
 	}
 }

@@ -8,9 +8,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 )
 
 // TestMigrateAndStatusCommands: with two shardnodes, `kuma status` shows

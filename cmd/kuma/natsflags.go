@@ -3,7 +3,7 @@ package main
 import (
 	"flag"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
 )
 
 // natsAuthFlags registers the flags that authenticate to an external NATS

@@ -13,7 +13,7 @@ import (
 // may only ask for the status and read its own inbox, as in
 // deployments/nats/kuma.conf: it works only with the user from the flag,
 // the password from KUMA_NATS_PASSWORD and the inbox _INBOX.<user>.
-// (TLS goes through the same options: pkg/app's TestNATSOptions and
+// (TLS goes through the same options: internal/app's TestNATSOptions and
 // deployments/nats hold them.)
 func TestNATSAuthFlags(t *testing.T) {
 	srv, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true,

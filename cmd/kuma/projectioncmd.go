@@ -33,7 +33,7 @@ func (k keyJSON) Set(v string) error {
 	return nil
 }
 
-// cmdProjection runs query, projection rebuild|retry|skip and status.
+// cmdProjection runs query, projection rebuild|retry|skip|drop and status.
 func cmdProjection(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet(cmd, stderr)
 	conn := connectFlags(fs, "give up on a request after this long")
@@ -56,11 +56,11 @@ func cmdProjection(ctx context.Context, cmd string, args []string, stdout, stder
 	op := cmd
 	if cmd == "projection" {
 		if len(pos) == 0 {
-			return usageError{errors.New("want rebuild, retry or skip; see kuma --help")}
+			return usageError{errors.New("want rebuild, retry, skip or drop; see kuma --help")}
 		}
 		op, pos = pos[0], pos[1:]
 	}
-	want := map[string]int{"query": 1, "rebuild": 1, "retry": 1, "skip": 2, "status": 0}
+	want := map[string]int{"query": 1, "rebuild": 1, "retry": 1, "skip": 2, "drop": 1, "status": 0}
 	n, ok := want[op]
 	if !ok || len(pos) != n {
 		return usageError{fmt.Errorf("wrong arguments for %s; see kuma --help", op)}
@@ -102,11 +102,11 @@ func cmdProjection(ctx context.Context, cmd string, args []string, stdout, stder
 		}
 		out = rr
 	case "retry":
-		err = c.RetryProjection(ctx, pos[0])
-		out = map[string]any{"projection": pos[0], "retrying": true}
+		out, err = c.RetryProjectionReplicas(ctx, pos[0])
 	case "skip":
-		err = c.SkipProjection(ctx, pos[0], pos[1])
-		out = map[string]any{"projection": pos[0], "skipped": pos[1]}
+		out, err = c.SkipProjectionReplicas(ctx, pos[0], pos[1])
+	case "drop":
+		out, err = c.DropProjection(ctx, pos[0])
 	case "status":
 		out, err = c.Status(ctx)
 	}
@@ -133,11 +133,19 @@ func printReply(out any, err error, stdout, stderr io.Writer) error {
 	return err
 }
 
-// followRebuild draws the rebuild's progress until the new copy is live or
-// stops at a failed event.
+// followRebuild draws the rebuild's progress until the new copy is live on
+// every projector replica that started it, or stops at a failed event.
 func followRebuild(ctx context.Context, c *client.Client, name string, rr *kuma.RebuildReply, w io.Writer) error {
 	if !rr.Started {
 		fmt.Fprintf(w, "a rebuild of %s (generation %d) was already running; following it\n", name, rr.Generation)
+	}
+	if len(rr.Missing) > 0 {
+		fmt.Fprintf(w, "projector replicas %s did not answer; they rebuild nothing\n", strings.Join(rr.Missing, ", "))
+	}
+	for _, r := range rr.Replicas {
+		if r.Error != nil {
+			fmt.Fprintf(w, "projector replica %s refused: %s\n", r.Node, r.Error)
+		}
 	}
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
@@ -153,18 +161,20 @@ func followRebuild(ctx context.Context, c *client.Client, name string, rr *kuma.
 				p = &st.Projections[i]
 			}
 		}
-		switch {
-		case p == nil:
+		if p == nil {
 			return fmt.Errorf("status does not list projection %q", name)
-		case p.Rebuild == nil && p.Generation >= rr.Generation:
-			fmt.Fprintf(w, "\r%s 100%%  rebuilt: generation %d is live (%s)\n", bar(1), p.Generation, time.Since(start).Round(time.Millisecond))
+		}
+		r := rebuildProgress(p, rr)
+		switch {
+		case r.done:
+			fmt.Fprintf(w, "\r%s 100%%  rebuilt: generation %d is live%s (%s)\n", bar(1), r.generation, r.on, time.Since(start).Round(time.Millisecond))
 			return nil
-		case p.Rebuild != nil && p.Rebuild.State == "stopped":
+		case r.stopped != nil:
 			fmt.Fprintln(w)
-			return fmt.Errorf("the rebuild stopped at %s: %s; the live copy keeps answering (kuma projection retry|skip %s)",
-				p.Rebuild.Error.Position, p.Rebuild.Error.Message, name)
-		case p.Rebuild != nil:
-			fmt.Fprintf(w, "\r%s %3.0f%%  %d/%d messages", bar(p.Rebuild.Progress), p.Rebuild.Progress*100, p.Rebuild.Applied, p.Rebuild.Target)
+			return fmt.Errorf("the rebuild stopped%s at %s: %s; the live copy keeps answering (kuma projection retry|skip %s)",
+				r.on, r.stopped.Error.Position, r.stopped.Error.Message, name)
+		case r.least != nil:
+			fmt.Fprintf(w, "\r%s %3.0f%%  %d/%d messages%s", bar(r.least.Progress), r.least.Progress*100, r.least.Applied, r.least.Target, r.on)
 		}
 		select {
 		case <-ctx.Done():
@@ -173,6 +183,63 @@ func followRebuild(ctx context.Context, c *client.Client, name string, rr *kuma.
 		case <-tick.C:
 		}
 	}
+}
+
+// progress is where a rebuild stands over the replicas that started it:
+// done on all, stopped on one, or the least advanced one's progress. on
+// names the replica concerned (empty with a single projector).
+type progress struct {
+	done       bool
+	generation int64
+	stopped    *kuma.RebuildStatus
+	least      *kuma.RebuildStatus
+	on         string
+}
+
+func rebuildProgress(p *kuma.ProjectionStatus, rr *kuma.RebuildReply) progress {
+	// A projector older than replicas, or a status without them: the
+	// projection's own fields are its one replica's.
+	replicas, gens := p.Replicas, map[string]int64{}
+	if len(replicas) == 0 || len(rr.Replicas) == 0 {
+		replicas, gens = []kuma.ProjectionStatus{*p}, map[string]int64{p.Node: rr.Generation}
+	} else {
+		for _, r := range rr.Replicas {
+			if r.Applied {
+				gens[r.Node] = r.Generation
+			}
+		}
+	}
+	out := progress{done: true}
+	for i := range replicas {
+		r := &replicas[i]
+		gen, ok := gens[r.Node]
+		if !ok {
+			continue // it did not start this rebuild
+		}
+		on := ""
+		if len(gens) > 1 {
+			on = " on " + r.Node
+		}
+		switch {
+		case r.State == "unavailable":
+			// Gone since: what it built is unknown, and waiting for it
+			// would wait forever.
+		case r.Rebuild == nil && r.Generation >= gen:
+			out.generation = max(out.generation, r.Generation)
+		case r.Rebuild != nil && r.Rebuild.State == "stopped":
+			out.done, out.stopped, out.on = false, r.Rebuild, on
+			return out
+		default:
+			out.done = false
+			if r.Rebuild != nil && (out.least == nil || r.Rebuild.Progress < out.least.Progress) {
+				out.least, out.on = r.Rebuild, on
+			}
+		}
+	}
+	if out.done && len(gens) > 1 {
+		out.on = fmt.Sprintf(" on %d replicas", len(gens))
+	}
+	return out
 }
 
 func bar(f float64) string {

@@ -15,24 +15,36 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/kumadb/kuma/services/shardnode"
 )
 
 // serverFlags registers the flags shared by up and serve.
 func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string) {
 	fs.StringVar(&cfg.DataDir, "data", app.DefaultDataDir, "data directory (shard files, NATS store)")
 	fs.IntVar(&cfg.Shards, "shards", app.DefaultShards, "shards of the context; fixed when the data dir is created")
-	fs.StringVar(&cfg.Context, "context", "default", "context to serve")
-	fs.StringVar(&cfg.Synchronous, "sync", "FULL", "SQLite synchronous setting: FULL (survives power loss) or NORMAL (survives a process crash)")
-	fs.Int64Var(&cfg.SnapshotEvery, "snapshot-every", 100, "write an entity snapshot every N events")
-	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", 2*time.Minute, "passivate entity actors idle this long")
-	fs.IntVar(&cfg.MaxActors, "max-actors", 100_000, "live entity actors at most; least recently used idle ones are passivated")
+	fs.StringVar(&cfg.Context, "context", kuma.DefaultContext, "context to serve")
+	fs.StringVar(&cfg.Synchronous, "sync", sqlite.SyncFull, "SQLite synchronous setting: FULL (survives power loss) or NORMAL (survives a process crash)")
+	fs.Int64Var(&cfg.SnapshotEvery, "snapshot-every", shardnode.DefaultSnapshotEvery, "write an entity snapshot every N events")
+	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", shardnode.DefaultIdleTimeout, "passivate entity actors idle this long")
+	fs.IntVar(&cfg.MaxActors, "max-actors", shardnode.DefaultMaxActors, "live entity actors at most; least recently used idle ones are passivated")
 	fs.StringVar(&cfg.MasterKeyFile, "master-key-file", "", "file holding the keyvault's master key (base64 of 32 bytes); or set KUMA_MASTER_KEY")
 	fs.BoolVar(&cfg.Insecure, "insecure", false, "let the embedded NATS server listen on a non-loopback address without authentication (trusted networks only)")
+	fs.Func("max-payload", "largest NATS message in bytes of the embedded server (default 8 MiB); larger answers are paged or refused with payload_too_large", func(v string) error {
+		n, err := strconv.ParseInt(v, 10, 32)
+		if err != nil {
+			return fmt.Errorf("want a number of bytes, got %q", v)
+		}
+		cfg.MaxPayload = int32(n)
+		return nil
+	})
 	fs.StringVar(&cfg.ProjectionsFile, "projections", "", "YAML file declaring read-model projections (see docs/projections.md)")
 	fs.StringVar(&cfg.NodeName, "node", "", "this node's name, unique in the cluster (default: the host name)")
-	fs.StringVar(&cfg.Durability, "durability", "local", "when an append is acknowledged: local (after this node's fsync) or replicated (once the replicated event stream has it too; see docs/cluster.md)")
+	fs.StringVar(&cfg.Durability, "durability", shardnode.DurabilityLocal, "when an append is acknowledged: local (after this node's fsync) or replicated (once the replicated event stream has it too; see docs/cluster.md)")
 	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "host:port for /metrics, /healthz and /readyz (empty: off)")
 	fs.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's profiles under /debug/pprof/ on --metrics-listen (for profiling a node under load)")
@@ -107,7 +119,7 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	if err := l.UnmarshalText([]byte(level)); err != nil {
 		return nil, usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", level)}
 	}
-	opts := &slog.HandlerOptions{Level: l}
+	opts := &slog.HandlerOptions{Level: l, ReplaceAttr: durationText}
 	if format == "auto" {
 		format = "json"
 		if isTerminal(w) {
@@ -121,6 +133,16 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 		return slog.New(telemetry.LogHandler(slog.NewJSONHandler(w, opts))), nil
 	}
 	return nil, usageError{fmt.Errorf("--log-format %q: want text, json or auto", format)}
+}
+
+// durationText writes a duration as people read it ("8ms"): slog's JSON
+// handler writes its nanoseconds (8000000). Every logger is built here, so
+// this one hook covers every duration any service logs.
+func durationText(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		return slog.String(a.Key, a.Value.Duration().String())
+	}
+	return a
 }
 
 // isTerminal reports whether w is a character device (a terminal).
@@ -140,7 +162,7 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	serverFlags(fs, &cfg, &logLevel, &logFormat)
 	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server")
 	clusterFlags(fs, &cfg)
-	fs.StringVar(&cfg.Keyvault, "keyvault", app.KeyvaultLocal, "local: run the keyvault in this process; remote: use the cluster's keyvault over NATS (every node but one)")
+	fs.StringVar(&cfg.Keyvault, "keyvault", app.KeyvaultLocal, "local: run a keyvault instance in this process (in a cluster, on the replicated bucket KUMA_KEYS that every instance shares); remote: run none here and use the other nodes' over NATS (a node that is not to hold the master key)")
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
@@ -153,7 +175,9 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	if !flagSet(fs, "console-listen") && getenv("KUMA_CONSOLE_LISTEN") == "" {
 		cfg.ConsoleListen = app.DefaultConsoleListen
 	}
-	cfg.ConsoleAllowWrites = app.ConsoleLoopback(cfg.ConsoleListen)
+	// Only a console nobody on the network reaches may change data (forget
+	// an entity, rebuild a projection).
+	cfg.ConsoleAllowWrites = natsbus.LoopbackListen(cfg.ConsoleListen)
 	cfg.Target = app.TargetAll
 	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
@@ -188,6 +212,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 func clusterFlags(fs *flag.FlagSet, cfg *app.Config) {
 	fs.Var((*listFlag)(&cfg.Join), "join", "route URL nats://host:port of a running cluster member to join; repeat it or separate URLs by commas (see docs/cluster.md)")
 	fs.StringVar(&cfg.ClusterListen, "cluster-listen", "", "host:port for the other cluster members' routes (empty: not a cluster member); needs --insecure unless loopback")
+	fs.StringVar(&cfg.ClusterAdvertise, "cluster-advertise", "", "host:port the other members dial for this one when they learn of it by gossip (default: the address its routes come from, with the --cluster-listen port); for NAT, published container ports or proxies")
 	fs.StringVar(&cfg.ClusterName, "cluster-name", app.DefaultClusterName, "NATS cluster name, the same on every member")
 }
 

@@ -17,7 +17,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -152,6 +152,16 @@ type probe struct {
 var apiVersions = map[string]string{
 	"ConfigMap": "v1", "Secret": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
 	"Deployment": "apps/v1", "StatefulSet": "apps/v1", "PodDisruptionBudget": "policy/v1",
+	"NetworkPolicy": "networking.k8s.io/v1",
+}
+
+// operatorSecrets are the Secrets an operator creates (certificates and
+// passwords have no place in a file of this repository); docs/deployment.md
+// gives the command for each, which TestOperatorSecretsDocumented checks.
+var operatorSecrets = map[string][]string{
+	"kuma-nats-users":      {"client", "console", "ops", "follower", "router", "shardnode", "projector", "keyvault"},
+	"kuma-nats-client-tls": {"ca.crt", "tls.crt", "tls.key"},
+	"nats-server-tls":      {"ca.crt", "tls.crt", "tls.key"},
 }
 
 // load parses every YAML document of the directory's manifests (the Helm
@@ -274,6 +284,12 @@ func check(objs []*object) []string {
 		return out
 	}
 	secretKey := func(o *object, name, key string) {
+		if keys, ok := operatorSecrets[name]; ok {
+			if key != "" && !slices.Contains(keys, key) {
+				bad(o, "uses key %q of Secret %q, which the documented command does not create", key, name)
+			}
+			return
+		}
 		s := byKind["Secret"][name]
 		if s == nil {
 			bad(o, "uses Secret %q, which is not among the manifests", name)
@@ -592,8 +608,8 @@ func TestNATSValues(t *testing.T) {
 	}
 	// The manifests reach the chart's Service: release "nats", port 4222.
 	for _, o := range load(t) {
-		if o.Kind == "ConfigMap" && o.Data["KUMA_NATS_URL"] != "" && o.Data["KUMA_NATS_URL"] != "nats://nats:4222" {
-			t.Errorf("%s: KUMA_NATS_URL %q, want the chart's service nats://nats:4222", o, o.Data["KUMA_NATS_URL"])
+		if o.Kind == "ConfigMap" && o.Data["KUMA_NATS_URL"] != "" && o.Data["KUMA_NATS_URL"] != "tls://nats:4222" {
+			t.Errorf("%s: KUMA_NATS_URL %q, want the chart's service over TLS, tls://nats:4222", o, o.Data["KUMA_NATS_URL"])
 		}
 	}
 }

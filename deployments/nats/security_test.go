@@ -24,7 +24,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats-server/v2/server"
@@ -33,7 +34,7 @@ import (
 )
 
 // users are kuma.conf's users, in the order the matrix prints them.
-var users = []string{"client", "console", "ops", "subscriber", "router", "shardnode", "projector", "keyvault"}
+var users = []string{"client", "console", "ops", "follower", "router", "shardnode", "projector", "keyvault"}
 
 // responders answer requests, so they may publish to any _INBOX.
 var responders = []string{"router", "shardnode", "projector", "keyvault"}
@@ -56,31 +57,48 @@ var probes = []probe{
 	{"public read", "kuma.probe.read.e1", []string{"client", "console"}, []string{"router"}},
 	{"public forget", "kuma.probe.forget.e1", []string{"client"}, []string{"router"}},
 	{"public query", "kuma.probe.query.entities", []string{"client", "console"}, []string{"projector"}},
+	{"feed of any context", "kuma.probe.feed", []string{"client"}, []string{"router"}},
+	{"feed of default", "kuma.default.feed", []string{"client", "follower"}, []string{"router"}},
 	{"admin status", "kuma.probe.status", []string{"console", "ops"}, []string{"shardnode"}},
 	{"admin shard migrate", "kuma.probe.shard.migrate", []string{"ops"}, []string{"shardnode"}},
 	{"node status", "_kuma.probe.node.n1.status", []string{"shardnode"}, []string{"shardnode"}},
 	{"admin projection rebuild", "kuma.probe.projection.rebuild.entities", []string{"ops"}, []string{"projector"}},
+	{"admin projection drop", "kuma.probe.projection.drop.gone", []string{"ops"}, []string{"projector"}},
 	{"stream events", "kuma.probe.events.0", []string{"shardnode"}, nil},
 	{"stream forget notice", "kuma.probe.events.0.forgotten", []string{"shardnode"}, nil},
 	{"internal shard", "_kuma.probe.shard.0.append.e1", []string{"router"}, []string{"shardnode"}},
-	{"keyvault key", "_kuma.keyvault.key", []string{"shardnode", "projector", "subscriber"}, []string{"keyvault"}},
+	{"keyvault key", "_kuma.keyvault.key", []string{"shardnode", "projector"}, []string{"keyvault"}},
 	{"keyvault shred", "_kuma.keyvault.shred", []string{"shardnode"}, []string{"keyvault"}},
-	{"keyvault forgotten", "_kuma.keyvault.forgotten", []string{"shardnode"}, []string{"keyvault"}},
-	{"keyvault shredded", "_kuma.keyvault.shredded", []string{"keyvault"}, []string{"shardnode", "projector", "subscriber"}},
+	{"keyvault forgotten", "_kuma.keyvault.forgotten", []string{"shardnode", "projector"}, []string{"keyvault"}},
+	{"keyvault pseudonyms", "_kuma.keyvault.pseudonyms", []string{"shardnode"}, []string{"keyvault"}},
+	{"keyvault shredded", "_kuma.keyvault.shredded", []string{"keyvault"}, []string{"shardnode", "projector"}},
 	{"projector status", "_kuma.probe.projector.status", []string{"shardnode"}, []string{"projector"}},
+	{"projector replicas", "_kuma.probe.projector.replicas.rebuild", []string{"projector"}, []string{"projector"}},
 	{"$JS stream create", "$JS.API.STREAM.CREATE.KUMA_default", []string{"shardnode"}, nil},
 	{"$JS stream delete", "$JS.API.STREAM.DELETE.KUMA_default", nil, nil},
 	{"$JS stream purge", "$JS.API.STREAM.PURGE.KUMA_default", nil, nil},
 	{"$JS stream info", "$JS.API.STREAM.INFO.KUMA_default", []string{"ops", "shardnode", "projector"}, nil},
 	{"$JS msg get", "$JS.API.STREAM.MSG.GET.KUMA_default", []string{"shardnode"}, nil},
-	{"$JS consumer create", "$JS.API.CONSUMER.CREATE.KUMA_default.probe", []string{"projector", "subscriber"}, nil},
-	{"$JS consumer delete", "$JS.API.CONSUMER.DELETE.KUMA_default.probe", []string{"projector", "subscriber"}, nil},
-	{"$JS consumer next", "$JS.API.CONSUMER.MSG.NEXT.KUMA_default.probe", []string{"projector", "subscriber"}, nil},
+	{"$JS consumer create", "$JS.API.CONSUMER.CREATE.KUMA_default.probe", []string{"projector"}, nil},
+	{"$JS consumer list", "$JS.API.CONSUMER.LIST.KUMA_default", []string{"ops", "projector"}, nil},
+	{"$JS consumer delete", "$JS.API.CONSUMER.DELETE.KUMA_default.probe", []string{"projector"}, nil},
+	{"$JS consumer next", "$JS.API.CONSUMER.MSG.NEXT.KUMA_default.probe", []string{"projector"}, nil},
 	{"$JS ack", "$JS.ACK.KUMA_default.probe.1.1.1.1.0", []string{"projector"}, nil},
 	{"$JS other stream", "$JS.API.STREAM.CREATE.OTHER", nil, nil},
 	{"$KV leases", "$KV.KUMA_LEASES.probe", []string{"shardnode"}, nil},
 	{"$JS KV bucket", "$JS.API.STREAM.CREATE.KV_KUMA_LEASES", []string{"shardnode"}, nil},
 	{"$O snapshots", "$O.KUMA_SNAPSHOTS.M.probe", []string{"shardnode"}, nil},
+	{"$JS snapshot chunk erase", "$JS.API.STREAM.MSG.DELETE.OBJ_KUMA_SNAPSHOTS", []string{"shardnode"}, nil},
+	{"$JS snapshot chunk find", "$JS.API.DIRECT.GET.OBJ_KUMA_SNAPSHOTS", []string{"shardnode"}, nil},
+	{"$JS event delete", "$JS.API.STREAM.MSG.DELETE.KUMA_default", nil, nil},
+	{"$KV keyvault keys", "$KV.KUMA_KEYS.k.probe.x", []string{"keyvault"}, nil},
+	{"$JS keys bucket create", "$JS.API.STREAM.CREATE.KV_KUMA_KEYS", []string{"keyvault"}, nil},
+	{"$JS keys bucket info", "$JS.API.STREAM.INFO.KV_KUMA_KEYS", []string{"ops", "keyvault", "shardnode"}, nil},
+	{"$JS keys bucket raise", "$JS.API.STREAM.UPDATE.KV_KUMA_KEYS", []string{"shardnode"}, nil},
+	{"$JS key read", "$JS.API.STREAM.MSG.GET.KV_KUMA_KEYS", []string{"keyvault"}, nil},
+	{"$JS key erase", "$JS.API.STREAM.MSG.DELETE.KV_KUMA_KEYS", []string{"keyvault"}, nil},
+	{"$JS keys purge", "$JS.API.STREAM.PURGE.KV_KUMA_KEYS", nil, nil},
+	{"$JS keys direct get", "$JS.API.DIRECT.GET.KV_KUMA_KEYS", nil, nil},
 	{"$SRV all", "$SRV.PING", []string{"ops"}, []string{"router", "shardnode", "projector", "keyvault"}},
 	{"$SRV keyvault", "$SRV.INFO.kuma-keyvault", []string{"ops"}, []string{"keyvault"}},
 	{"$SYS server", "$SYS.REQ.SERVER.PING", nil, nil},
@@ -99,7 +117,7 @@ type env struct {
 	srv       *server.Server
 	log       *serverLog
 	passwords map[string]string
-	logs      map[string]*lockedBuffer // each Kuma service's
+	logs      map[string]*kumatest.LogBuffer // each Kuma service's
 }
 
 func TestProductionConfig(t *testing.T) {
@@ -130,7 +148,7 @@ func TestProductionConfig(t *testing.T) {
 
 func newEnv(t *testing.T) *env {
 	dir := t.TempDir()
-	e := &env{dir: dir, passwords: map[string]string{}, logs: map[string]*lockedBuffer{}}
+	e := &env{dir: dir, passwords: map[string]string{}, logs: map[string]*kumatest.LogBuffer{}}
 	t.Cleanup(func() {
 		if t.Failed() {
 			for name, l := range e.logs {
@@ -336,7 +354,7 @@ func (e *env) matrix(t *testing.T) (total, denied int) {
 // user, the CA, the client certificate.
 func (e *env) startKuma(t *testing.T, target string) *app.App {
 	t.Helper()
-	logs := &lockedBuffer{}
+	logs := &kumatest.LogBuffer{}
 	e.logs[target] = logs
 	cfg := e.auth(target)
 	cfg.Target, cfg.NATSURL, cfg.NodeName = target, e.url, "node-"+target
@@ -399,28 +417,35 @@ func (e *env) happyPath(t *testing.T, console *app.App) {
 	if ex, err := c.Export(ctx, "user_1"); err != nil || len(ex.Events) != 1 {
 		t.Fatalf("export as client: %+v, %v", ex, err)
 	}
-	// A subscriber reads the event stream and opens the payload with the
-	// entity's key.
-	snc, _ := e.connect(t, "subscriber")
-	sc, err := client.New(snc, client.Options{Context: "default", Timeout: bound})
+	// A follower reads the feed of its context, opened by the shardnodes,
+	// with no right to the keyvault or the stream: a page, and a
+	// subscription (the Go client's Subscribe is built on the feed).
+	fnc, _ := e.connect(t, "follower")
+	fc, err := client.New(fnc, client.Options{Context: "default", Timeout: bound})
 	if err != nil {
 		t.Fatal(err)
 	}
+	page, err := fc.Feed(ctx, kuma.FeedRequest{Prefix: "user_1"})
+	if err != nil || len(page.Events) != 1 || page.Events[0].Type != "UserCreated" || !strings.Contains(string(page.Events[0].Data), "Dwighson") {
+		t.Fatalf("feed as follower: %+v, %v", page, err)
+	}
 	got := make(chan client.Event, 1)
-	sub, err := sc.Subscribe(ctx, client.SubscribeOptions{Entity: "user_1", Shards: 4}, func(ev client.Event) error {
+	sub, err := fc.Subscribe(ctx, client.SubscribeOptions{Entity: "user_1"}, func(ev client.Event) error {
 		got <- ev
 		return nil
 	})
 	if err != nil {
-		t.Fatalf("subscribe as subscriber: %v", err)
+		t.Fatalf("subscribe as follower: %v", err)
 	}
 	select {
 	case ev := <-got:
 		if ev.Type != "UserCreated" || !strings.Contains(string(ev.Data), "Dwighson") {
-			t.Fatalf("subscriber got %+v, want the opened UserCreated", ev)
+			t.Fatalf("follower's subscription got %+v, want the opened UserCreated", ev)
 		}
+	case <-sub.Done():
+		t.Fatalf("the follower's subscription ended: %v", sub.Err())
 	case <-ctx.Done():
-		t.Fatal("the subscriber got no event")
+		t.Fatal("the follower's subscription got no event")
 	}
 	sub.Stop()
 	// forget runs the keyvault's shred, its broadcast and the stream's notice.
@@ -457,7 +482,9 @@ func (e *env) happyPath(t *testing.T, console *app.App) {
 }
 
 // replyInjection sends requests whose reply subject lies in a namespace no
-// answer may go to: the event stream, the stream's purge API. NATS checks
+// answer may go to: the event stream, the stream's purge API, a KV bucket,
+// the shard subjects; to entity and status endpoints and to the $SRV
+// discovery subjects every service answers. NATS checks
 // no permission on a reply subject a requester names, and the shardnode's
 // own rights include the stream, so the services themselves must drop such
 // requests (kuma.ReplyAllowed); kuma.conf adds a second wall by giving
@@ -488,6 +515,15 @@ func (e *env) replyInjection(t *testing.T) {
 		{client, "kuma.default.read.user_1", "$JS.API.STREAM.PURGE.KUMA_default"},
 		{ops, "kuma.default.status", "kuma.default.events.0"},
 		{ops, "kuma.default.status", "$JS.API.STREAM.PURGE.KUMA_default"},
+		// Service discovery (nats micro ping|info|stats), which ops may
+		// use, under each service's own rights: the shardnode's include
+		// the stream and the KV buckets, the router's the shard subjects.
+		{ops, "$SRV.PING.kuma-shardnode", "kuma.default.events.0"},
+		{ops, "$SRV.INFO.kuma-shardnode", "kuma.default.events.0.forgotten"},
+		{ops, "$SRV.STATS.kuma-shardnode", "$KV.KUMA_LEASES.probe"},
+		{ops, "$SRV.PING.kuma-router", "_kuma.default.shard.0.read.probe"},
+		{ops, "$SRV.INFO.kuma-projector", "$JS.API.STREAM.PURGE.KUMA_default"},
+		{ops, "$SRV.STATS.kuma-keyvault", "_kuma.keyvault.shredded"},
 	} {
 		nc := tc.nc
 		ws, err := obs.SubscribeSync(tc.reply)
@@ -762,22 +798,4 @@ next:
 // waitFor waits for a line from index i on that contains every substring.
 func (l *serverLog) waitFor(i int, substrs ...string) bool {
 	return waitUntil(func() bool { return len(l.since(i, substrs...)) > 0 })
-}
-
-// lockedBuffer is a log destination safe for concurrent writers.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }

@@ -31,7 +31,7 @@ const (
 	BaselineShardWriter = "shard-writer"
 )
 
-var baselines = []string{BaselineSQLite, BaselineSQLiteMultiRow, BaselineShardWriter}
+var baselines = []string{BaselineSQLite, BaselineSQLiteMultiRow, BaselineShardWriter, BaselinePostgres}
 
 // parseBaselines splits --baseline's comma-separated list, refusing unknown
 // names before any run starts.
@@ -67,6 +67,12 @@ func openBaseline(ctx context.Context, name, dir string, c config) (baselineComm
 	}
 	path := func(i int) string { return filepath.Join(dir, fmt.Sprintf("shard-%03d.db", i)) }
 	switch name {
+	case BaselinePostgres:
+		pg, err := openPostgres(ctx, c)
+		if err != nil {
+			return nil, nil, err
+		}
+		return pg.commit, pg.close, nil
 	case BaselineShardWriter:
 		shards := make([]*sqlite.Shard, c.shards)
 		for i := range shards {
@@ -121,7 +127,11 @@ func runBaseline(ctx context.Context, name string, c config, out io.Writer) (*re
 	locks := make([]sync.Mutex, c.entities) // one writer per entity, as Kuma's actors
 	var next, failed atomic.Int64
 	lats := make([][]time.Duration, c.writers)
-	fmt.Fprintf(out, "baseline %s: the same appends on %d SQLite files (no NATS, no actors, no sealing)\n", name, c.shards)
+	if name == BaselinePostgres {
+		fmt.Fprintf(out, "baseline %s: the same appends, one COPY each, pool of %d connections\n", name, c.pgPool)
+	} else {
+		fmt.Fprintf(out, "baseline %s: the same appends on %d SQLite files (no NATS, no actors, no sealing)\n", name, c.shards)
+	}
 	start := time.Now()
 	var wg sync.WaitGroup
 	for w := 0; w < c.writers; w++ {

@@ -29,11 +29,14 @@ type config struct {
 	readRatio                                       float64
 	rate                                            float64 // appends per second; 0: as fast as possible
 	natsURL, metricsURL, sync, ctxName, baseline    string
+	followerMode                                    string
 	progress, node, kumaBinary, cpuProfile          string
 	heapProfile                                     string
 	profileWindow                                   time.Duration
 	progressTo                                      io.Writer
-	direct, verify, jsonOut                         bool
+	direct, verify, jsonOut, feedCatchUp            bool
+	followers, pgPool                               int
+	pgDSN                                           string
 	timeout                                         time.Duration
 }
 
@@ -70,10 +73,15 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 	fs.StringVar(&c.metricsURL, "metrics-url", "", "with --nats-url: the node's metrics address (host:port), for its CPU and memory")
 	fs.StringVar(&c.sync, "sync", "FULL", "embedded node: SQLite synchronous FULL or NORMAL")
 	fs.StringVar(&c.ctxName, "context", "default", "Kuma context")
-	fs.StringVar(&c.baseline, "baseline", "", "also run the same appends on baselines, comma-separated: sqlite (raw SQLite, one INSERT per row), sqlite-multirow, shard-writer (Kuma's own writer, no NATS)")
+	fs.StringVar(&c.baseline, "baseline", "", "also run the same appends on baselines, comma-separated: sqlite (raw SQLite, one INSERT per row), sqlite-multirow, shard-writer (Kuma's own writer, no NATS), postgres (one COPY per append; needs --pg-dsn)")
+	fs.StringVar(&c.pgDSN, "pg-dsn", "", "the PostgreSQL for --baseline postgres, e.g. postgres://kuma@127.0.0.1:5433/kuma?sslmode=disable")
+	fs.IntVar(&c.pgPool, "pg-pool", 8, "connections of the postgres baseline's pool")
 	fs.StringVar(&c.progress, "progress", "auto", "live progress bar on stderr: auto (on a terminal), on, off")
 	fs.BoolVar(&c.direct, "direct", false, "route to shard subjects directly, skipping the router")
 	fs.BoolVar(&c.verify, "verify", false, "afterwards, read every entity back and check every acknowledged event is there")
+	fs.IntVar(&c.followers, "followers", 0, "live feed followers (kuma.<ctx>.feed from the end) during the run; prints their commit-to-delivery latency")
+	fs.StringVar(&c.followerMode, "follower-mode", followDecode, "what --followers do with a page: decode (every event, for commit-to-delivery latency) or raw (count the events and take the cursor without decoding: little CPU in this process)")
+	fs.BoolVar(&c.feedCatchUp, "feed-catchup", false, "afterwards, read the whole feed from the first event, check every entity's versions and time it")
 	fs.BoolVar(&c.jsonOut, "json", false, "print the results as JSON instead of text")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile to FILE: of the node's process over --profile-window from the first append (--node process), or of this process over Kuma's run (embedded node, or --nats-url)")
 	fs.DurationVar(&c.profileWindow, "profile-window", 10*time.Second, "with --cpuprofile and --node process: how long the node is profiled")
@@ -86,6 +94,22 @@ func Main(ctx context.Context, name string, args []string, opts Options, stdout,
 		return 2
 	}
 	c.progressTo = progressWriter(c.progress, stderr)
+	if names, err := parseBaselines(c.baseline); err == nil && c.pgDSN == "" {
+		for _, n := range names {
+			if n == BaselinePostgres {
+				fmt.Fprintf(stderr, "%s: %s\n", name, pgHowTo)
+				return 2
+			}
+		}
+	}
+	if c.followerMode != followDecode && c.followerMode != followRaw {
+		fmt.Fprintf(stderr, "%s: --follower-mode must be decode or raw\n", name)
+		return 2
+	}
+	if c.pgPool < 1 {
+		fmt.Fprintf(stderr, "%s: --pg-pool must be 1 or more\n", name)
+		return 2
+	}
 	if c.heapProfile != "" && c.natsURL != "" && c.metricsURL == "" {
 		fmt.Fprintf(stderr, "%s: --heapprofile with --nats-url needs --metrics-url of a node run with --pprof\n", name)
 		return 2

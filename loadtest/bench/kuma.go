@@ -14,7 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats.go"
@@ -42,8 +42,28 @@ type result struct {
 	// projection had applied every shard's last position.
 	ProjectionsCatchUp time.Duration `json:"projections_catch_up_ns,omitempty"`
 	// Node is the CPU and memory the node used during the run.
-	Node     *usage `json:"node,omitempty"`
-	Verified bool   `json:"verified,omitempty"`
+	Node *usage `json:"node,omitempty"`
+	// AppendsCPU is the cores used while the appends ran, by the node and
+	// by this process (the writers and any followers).
+	AppendsCPU *appendsCPU `json:"appends_cpu,omitempty"`
+	Verified   bool        `json:"verified,omitempty"`
+	// Follow is what the --followers saw; FeedCatchUp the --feed-catchup read.
+	Follow      *FollowResult `json:"followers,omitempty"`
+	FeedCatchUp *FeedCatchUp  `json:"feed_catch_up,omitempty"`
+}
+
+// appendsCPU is cores (CPU seconds over wall seconds) while the appends
+// ran. The node's figure is 0 when it is embedded: then Generator holds it.
+type appendsCPU struct {
+	Node      float64 `json:"node_cores,omitempty"`
+	Generator float64 `json:"generator_cores"`
+}
+
+func (a *appendsCPU) String() string {
+	if a.Node == 0 {
+		return fmt.Sprintf("this process %.2f cores (the node's work included when embedded)", a.Generator)
+	}
+	return fmt.Sprintf("node %.2f cores, load generator %.2f cores", a.Node, a.Generator)
 }
 
 // percentiles are exact: every latency is kept and sorted (an append is a
@@ -186,9 +206,19 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		bar = newProgressBar(c.progressTo, appends*int64(c.batch))
 	}
 	before, meter := c.meter(url)
+	selfBefore, _ := rusage()
 	waitProfile := func() error { return nil }
 	if process && c.cpuProfile != "" {
 		waitProfile = profileNode(ctx, c.metricsURL, c.cpuProfile, c.profileWindow)
+	}
+	var follow *followers
+	if c.followers > 0 {
+		f, err := startFollowers(ctx, c.followers, c.followerMode, url, c.ctxName)
+		if err != nil {
+			return nil, fmt.Errorf("followers: %w", err)
+		}
+		follow = f
+		fmt.Fprintf(out, "%d feed followers (%s) from the end of the feed\n", c.followers, c.followerMode)
 	}
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -244,6 +274,17 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	wg.Wait()
 	close(stopPacer)
 	elapsed := time.Since(start)
+	// Node usage below runs on through the catching up; this is the appends
+	// alone, and this process's share, which followers here add to.
+	cpu := &appendsCPU{}
+	if self, err := rusage(); err == nil && selfBefore != nil {
+		cpu.Generator = self.since(selfBefore).CPUCores
+	}
+	if c.natsURL != "" && before != nil {
+		if at, err := meter(); err == nil {
+			cpu.Node = at.since(before).CPUCores
+		}
+	}
 	bar.done()
 
 	var alls, allr []time.Duration
@@ -258,6 +299,8 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	fmt.Fprintf(out, "acknowledged %d events in %d appends (%d failed %v) in %s\n", r.Events, r.Appends, r.Errors, errorsBy, elapsed.Round(time.Millisecond))
 	fmt.Fprintf(out, "throughput: %.0f events/s\n", r.EventsSec)
 	fmt.Fprintf(out, "append latency: %s\n", r.Append)
+	r.AppendsCPU = cpu
+	fmt.Fprintf(out, "CPU during the appends: %s\n", cpu)
 	if r.Reads > 0 {
 		fmt.Fprintf(out, "reads: %d (%d failed), latency: %s\n", r.Reads, r.ReadErrors, r.Read)
 	}
@@ -267,6 +310,10 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 	}
 	r.StreamCatchUp = catchUp
 	fmt.Fprintf(out, "event stream caught up %s after the last acknowledgement\n", catchUp.Round(time.Millisecond))
+	if follow != nil {
+		r.Follow = follow.stop(c.followers, c.followerMode, r.Events, time.Minute)
+		fmt.Fprintf(out, "%s\n", r.Follow)
+	}
 	if pc, st, err := waitForStatus(ctx, clients[0], 5*time.Minute, projectionsCaughtUp); err != nil {
 		fmt.Fprintf(out, "projections: %v\n", err)
 	} else if len(st.Projections) > 0 {
@@ -301,6 +348,16 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 		}
 		r.Verified = true
 		fmt.Fprintln(out, "verified: every acknowledged event is there")
+	}
+	if c.feedCatchUp {
+		fc, err := feedCatchUp(ctx, url, c.ctxName, acked, out)
+		r.FeedCatchUp = fc
+		if err != nil {
+			return r, err
+		}
+	}
+	if r.Follow != nil && (r.Follow.Errors > 0 || r.Follow.Events < r.Events*int64(c.followers)) {
+		return r, fmt.Errorf("feed followers: %d of %d events delivered, %d failed", r.Follow.Events, r.Events*int64(c.followers), r.Follow.Errors)
 	}
 	if r.Errors > 0 || r.ReadErrors > 0 {
 		return r, fmt.Errorf("%d appends and %d reads failed", r.Errors, r.ReadErrors)

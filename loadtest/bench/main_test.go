@@ -3,6 +3,7 @@ package bench
 import (
 	"bytes"
 	"compress/gzip"
+	"context"
 	"database/sql"
 	"encoding/json"
 	"fmt"
@@ -13,6 +14,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/nats-io/nats.go"
 )
 
 func small() config {
@@ -153,9 +159,9 @@ func TestRawWriterStoresEveryRow(t *testing.T) {
 
 func TestUnknownBaselineIsRefusedBeforeTheRun(t *testing.T) {
 	c := small()
-	c.baseline = "sqlite,postgres"
+	c.baseline = "sqlite,mysql"
 	var out bytes.Buffer
-	if _, err := runAll(t.Context(), c, &out); err == nil || !strings.Contains(err.Error(), `"postgres"`) || out.Len() != 0 {
+	if _, err := runAll(t.Context(), c, &out); err == nil || !strings.Contains(err.Error(), `"mysql"`) || out.Len() != 0 {
 		t.Fatalf("err %v, output %q; want the unknown name refused before anything ran", err, out.String())
 	}
 }
@@ -198,5 +204,76 @@ func TestHeapProfileOfARemoteNodeNeedsItsMetrics(t *testing.T) {
 	if code := Main(t.Context(), "bench", []string{"--nats-url", "nats://127.0.0.1:1", "--heapprofile", "x.prof"}, Options{}, io.Discard, &stderr); code != 2 ||
 		!strings.Contains(stderr.String(), "--metrics-url") {
 		t.Fatalf("exit %d, %q: want a usage error naming --metrics-url", code, stderr.String())
+	}
+}
+
+// TestRawFollowersCountEveryEvent runs raw followers (--follower-mode raw)
+// through a small run: they must count each event once, exactly (the run
+// fails below the count; an overcount would show here).
+func TestRawFollowersCountEveryEvent(t *testing.T) {
+	c := small()
+	c.followers, c.followerMode = 3, followRaw
+	var out bytes.Buffer
+	r, err := run(t.Context(), c, &out)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	if r.Follow == nil || r.Follow.Mode != followRaw || r.Follow.Events != 3*r.Events || r.Follow.Errors != 0 {
+		t.Fatalf("followers %+v, want 3 x %d events\n%s", r.Follow, r.Events, out.String())
+	}
+}
+
+// TestRawFeedReplyMatchesDecoded reads real feed replies of a node and
+// checks the raw count and cursor against encoding/json's, page by page,
+// including the empty page at the end.
+func TestRawFeedReplyMatchesDecoded(t *testing.T) {
+	a, err := app.New(app.Config{DataDir: t.TempDir(), Shards: 2, NATSListen: "127.0.0.1:-1", Context: "default", Logger: discardLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer a.Stop(context.Background())
+	nc, err := nats.Connect(a.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	cl, err := client.New(nc, client.Options{Context: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Data that mentions "position" as a value and in a nested key's name,
+	// but holds no "position" key.
+	data := json.RawMessage(`{"note":"position: \"position\"","positions":[1,2]}`)
+	for i := range 25 {
+		if _, err := cl.Append(t.Context(), fmt.Sprint("user-", i%7), []kuma.EventInput{{Type: "UserUpdated", Data: data}, {Type: "UserUpdated", Data: payload(200)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cursor, total := "", 0
+	for page := 0; ; page++ {
+		body, _ := json.Marshal(kuma.FeedRequest{After: cursor, Limit: 7})
+		msg, err := nc.RequestWithContext(t.Context(), kuma.FeedSubject("default"), body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rep kuma.FeedReply
+		if err := json.Unmarshal(msg.Data, &rep); err != nil {
+			t.Fatal(err)
+		}
+		next, ok := feedNext(msg.Data)
+		if n := countFeedEvents(msg.Data); n != len(rep.Events) || !ok || next != rep.Next {
+			t.Fatalf("page %d: raw count %d and next %q (%v), decoded %d and %q:\n%s", page, n, next, ok, len(rep.Events), rep.Next, msg.Data)
+		}
+		total += len(rep.Events)
+		if len(rep.Events) == 0 {
+			break
+		}
+		cursor = rep.Next
+	}
+	if total != 50 {
+		t.Fatalf("read %d events, want 50", total)
 	}
 }

@@ -132,14 +132,38 @@ func (c *Client) Read(ctx context.Context, entity string, opts ...ReadOption) (*
 }
 
 // History returns up to limit events from fromVersion (0: defaults of 1 and
-// 100). Follow NextVersion until it is nil to page through everything.
+// 100). The server cuts a page by size as well as by count, so that it fits
+// in one NATS message; History follows next_version until it has limit
+// events or the entity's last, and NextVersion says where the next call
+// starts (nil at the end). Its calls are not one snapshot: an append
+// between them shows in the later pages.
 func (c *Client) History(ctx context.Context, entity string, fromVersion int64, limit int) (*kuma.HistoryReply, error) {
-	var out kuma.HistoryReply
-	req := kuma.HistoryRequest{FromVersion: fromVersion, Limit: limit}
-	if err := c.call(ctx, kuma.OpHistory, entity, req, &out); err != nil {
-		return nil, err
+	if limit <= 0 {
+		limit = kuma.DefaultHistoryLimit
 	}
-	return &out, nil
+	var out *kuma.HistoryReply
+	for {
+		var page kuma.HistoryReply
+		req := kuma.HistoryRequest{FromVersion: fromVersion, Limit: limit}
+		if out != nil {
+			req.Limit = limit - len(out.Events)
+		}
+		if err := c.call(ctx, kuma.OpHistory, entity, req, &page); err != nil {
+			return nil, err
+		}
+		if out == nil {
+			out = &page
+		} else {
+			out.Events = append(out.Events, page.Events...)
+			out.NextVersion = page.NextVersion
+		}
+		// A page with no event cannot move on (the server always sends
+		// one that fits); stop rather than ask the same again.
+		if out.NextVersion == nil || len(out.Events) >= limit || len(page.Events) == 0 {
+			return out, nil
+		}
+		fromVersion = *out.NextVersion
+	}
 }
 
 // Export returns everything Kuma holds about the entity.
@@ -199,24 +223,59 @@ func (c *Client) Rebuild(ctx context.Context, projection string) (*kuma.RebuildR
 	return &out, nil
 }
 
-// RetryProjection makes a projection stopped at a failed event try it again.
+// RetryProjection makes a projection stopped at a failed event try it again
+// (on every projector replica stopped there).
 func (c *Client) RetryProjection(ctx context.Context, projection string) error {
-	var out map[string]any
-	return c.request(ctx, "retry", projection, kuma.ProjectionAdminSubject(c.opts.Context, "retry", projection), nil, nil, &out)
+	_, err := c.RetryProjectionReplicas(ctx, projection)
+	return err
+}
+
+// RetryProjectionReplicas is RetryProjection with its reply, which says
+// which projector replicas retried, which refused and which did not answer.
+func (c *Client) RetryProjectionReplicas(ctx context.Context, projection string) (*kuma.ProjectionActReply, error) {
+	var out kuma.ProjectionActReply
+	if err := c.request(ctx, "retry", projection, kuma.ProjectionAdminSubject(c.opts.Context, "retry", projection), nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// DropProjection removes, on every projector replica, what a projection
+// that is no longer declared left behind: its read model files, its
+// catalog entry and its durable consumers. A declared projection, or the
+// built-in entities, is refused with bad_request; a name nothing is left of
+// answers not_found. The reply says what each replica removed.
+func (c *Client) DropProjection(ctx context.Context, projection string) (*kuma.ProjectionActReply, error) {
+	var out kuma.ProjectionActReply
+	if err := c.request(ctx, "drop", projection, kuma.ProjectionAdminSubject(c.opts.Context, "drop", projection), nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
 }
 
 // SkipProjection makes a projection stopped at the event at position skip
-// it (recorded, and counted in status).
+// it (recorded, and counted in status), on every projector replica stopped
+// there.
 func (c *Client) SkipProjection(ctx context.Context, projection, position string) error {
-	var out map[string]any
-	return c.request(ctx, "skip", projection, kuma.ProjectionAdminSubject(c.opts.Context, "skip", projection),
-		kuma.SkipRequest{Position: position}, nil, &out)
+	_, err := c.SkipProjectionReplicas(ctx, projection, position)
+	return err
+}
+
+// SkipProjectionReplicas is SkipProjection with its reply, which says which
+// projector replicas skipped the event.
+func (c *Client) SkipProjectionReplicas(ctx context.Context, projection, position string) (*kuma.ProjectionActReply, error) {
+	var out kuma.ProjectionActReply
+	if err := c.request(ctx, "skip", projection, kuma.ProjectionAdminSubject(c.opts.Context, "skip", projection),
+		kuma.SkipRequest{Position: position}, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
 }
 
 // Status returns the context's shard map and projections.
 func (c *Client) Status(ctx context.Context) (*kuma.StatusReply, error) {
 	var out kuma.StatusReply
-	if err := c.request(ctx, "status", c.opts.Context, kuma.PublicPrefix+"."+c.opts.Context+".status", nil, nil, &out); err != nil {
+	if err := c.request(ctx, "status", c.opts.Context, kuma.StatusSubject(c.opts.Context), nil, nil, &out); err != nil {
 		return nil, err
 	}
 	return &out, nil
@@ -272,6 +331,7 @@ func (c *Client) request(ctx context.Context, op, what, subject string, req any,
 		defer cancel()
 	}
 	backoff := 20 * time.Millisecond
+	var lastRetry error // why the previous attempt is being retried
 	for {
 		msg, err := c.nc.RequestMsgWithContext(ctx, &nats.Msg{Subject: subject, Data: body, Header: hdr})
 		var retry error
@@ -290,6 +350,11 @@ func (c *Client) request(ctx context.Context, op, what, subject string, req any,
 			retry = rerr
 		case natsbus.IsNoResponders(err):
 			retry = kuma.Errorf(kuma.CodeUnavailable, "no service answered %s", subject)
+		case errors.Is(err, context.DeadlineExceeded) && lastRetry != nil:
+			// The deadline came during a retry of nothing answering (or
+			// unavailable): that is the answer, not a lost reply. The
+			// retry is safe either way (the same idempotency key).
+			return lastRetry
 		case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
 			return kuma.Errorf(kuma.CodeTimeout, "%s %s: no reply in time; retry (appends with the same idempotency key)", op, what)
 		case errors.Is(err, context.Canceled):
@@ -310,6 +375,7 @@ func (c *Client) request(ctx context.Context, op, what, subject string, req any,
 		case <-t.C:
 		}
 		backoff = min(backoff*2, c.opts.MaxBackoff)
+		lastRetry = retry
 	}
 }
 

@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 )
 
 // collect subscribes and gathers events until want arrived.
@@ -66,7 +66,7 @@ func TestSubscribeOpensEventsInOrder(t *testing.T) {
 	all := collect(t, c, client.SubscribeOptions{}, 30)
 	versions := map[string]int64{}
 	for _, e := range all {
-		if e.Type != "Counted" || len(e.Data) == 0 || e.Forgotten {
+		if e.Type != "Counted" || len(e.Data) == 0 {
 			t.Fatalf("event not opened: %+v", e)
 		}
 		if e.Version != versions[e.Entity]+1 {
@@ -87,13 +87,30 @@ func TestSubscribeOpensEventsInOrder(t *testing.T) {
 		t.Fatalf("after %s the first event is version %d, want 4", mid, later[0].Version)
 	}
 
-	// A forgotten entity's events can no longer be opened: flagged, no data.
+	// A subscription of one shard from a position.
+	p, err := kuma.ParsePosition(mid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inShard int
+	for _, e := range all {
+		if q, _ := kuma.ParsePosition(e.Position); q.Shard == p.Shard && q.Seq > p.Seq {
+			inShard++
+		}
+	}
+	for _, e := range collect(t, c, client.SubscribeOptions{Shard: &p.Shard, After: mid}, inShard) {
+		if q, _ := kuma.ParsePosition(e.Position); q.Shard != p.Shard || q.Seq <= p.Seq {
+			t.Fatalf("a subscription of shard %d after %s delivered %+v", p.Shard, mid, e)
+		}
+	}
+
+	// A forgotten entity's events never come, even those before the forget.
 	if _, err := c.Forget(t.Context(), "sub-0", "test", "subscribe_test"); err != nil {
 		t.Fatal(err)
 	}
-	for _, e := range collect(t, c, client.SubscribeOptions{Entity: "sub-0"}, 6) {
-		if !e.Forgotten || e.Data != nil || e.Type != "" {
-			t.Fatalf("event of a forgotten entity delivered as %+v", e)
+	for _, e := range collect(t, c, client.SubscribeOptions{}, 24) {
+		if e.Entity == "sub-0" || e.Type != "Counted" {
+			t.Fatalf("after the forget, delivered %+v", e)
 		}
 	}
 	if _, err := c.Subscribe(t.Context(), client.SubscribeOptions{After: "nonsense"}, func(client.Event) error { return nil }); kuma.ErrorCode(err) != kuma.CodeBadRequest {

@@ -20,7 +20,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -36,6 +38,9 @@ const (
 	MembersBucket   = "KUMA_MEMBERS"
 	LeasesBucket    = "KUMA_LEASES"
 	SnapshotsBucket = "KUMA_SNAPSHOTS"
+	// KeysBucket holds the keyvault's wrapped data keys and tombstones
+	// (services/keyvault/jetstreamstore.go).
+	KeysBucket = "KUMA_KEYS"
 )
 
 // Config of a node's view of the cluster.
@@ -80,13 +85,66 @@ func ValidateNode(name string) error {
 	return nil
 }
 
+// NodeNameFromHost makes a node name of a host name: its first label, with
+// anything a node name may not hold (see ValidateNode) replaced by
+// '-', so that a host named ip-10-0-0-7.ec2.internal is node ip-10-0-0-7.
+func NodeNameFromHost(host string) string {
+	host, _, _ = strings.Cut(host, ".")
+	b := []byte(host)
+	for i, ch := range b {
+		switch {
+		case i == 0 && (ch == '-' || ch == '_'):
+			b[i] = 'x' // a name starts with a letter or digit
+		case !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '-' || ch == '_'):
+			b[i] = '-'
+		}
+	}
+	if len(b) > 63 {
+		b = b[:63]
+	}
+	if len(b) == 0 {
+		return "kuma"
+	}
+	return string(b)
+}
+
+// DefaultNodeName is a node's name when none is given: its host's, made a
+// valid node name (NodeNameFromHost). Every service that names itself
+// takes it from here, so that one process's shardnode, projector and
+// members record agree.
+func DefaultNodeName() string {
+	host, _ := os.Hostname()
+	return NodeNameFromHost(host)
+}
+
 // Member is one node as the members bucket has it.
 type Member struct {
 	Node     string    `json:"node"`
 	Started  time.Time `json:"started"`
 	Draining bool      `json:"draining,omitempty"` // leaving: owns nothing new
+	// Contexts are the contexts the node serves. The members bucket is
+	// shared by every context on one NATS, and a node must never be handed
+	// a shard of a context it does not serve (nobody would ever own it).
+	// Empty: every context (a node from before this field).
+	Contexts []string `json:"contexts,omitempty"`
 	// Seen is the server's time of the last heartbeat (not stored).
 	Seen time.Time `json:"-"`
+}
+
+// Serves reports whether the member serves context kctx.
+func (m Member) Serves(kctx string) bool {
+	return len(m.Contexts) == 0 || slices.Contains(m.Contexts, kctx)
+}
+
+// ServingMembers returns the members that serve kctx.
+func ServingMembers(members []Member, kctx string) []Member {
+	out := make([]Member, 0, len(members))
+	for _, m := range members {
+		if m.Serves(kctx) {
+			out = append(out, m)
+		}
+	}
+	return out
 }
 
 // Lease is a shard's ownership record. Owner "" means released: free for
@@ -103,10 +161,24 @@ type Lease struct {
 	// between) until it sees it; the next owner trusts a copy written
 	// under this epoch as whole only if it is set.
 	Serving bool `json:"serving,omitempty"`
+	// Wrote is the newest epoch that served, this lease's own or one
+	// before it: events were written under no later epoch (an owner
+	// writes only once its lease says Serving). Carried from lease to
+	// lease, so that takes that failed in between do not hide it.
+	Wrote int64 `json:"wrote,omitempty"`
 	// Revision is the KV revision the lease was read at; Renewed the
 	// server's time of that write (neither is stored in the value).
 	Revision uint64    `json:"-"`
 	Renewed  time.Time `json:"-"`
+}
+
+// LastServed is the newest epoch that served as of this lease (0: none
+// known; a lease written before Wrote existed and never serving).
+func (l Lease) LastServed() int64 {
+	if l.Serving {
+		return l.Epoch
+	}
+	return l.Wrote
 }
 
 // Expired reports whether the holder has missed its renewals past ttl.
@@ -123,6 +195,13 @@ type Store struct {
 	members jetstream.KeyValue
 	leases  jetstream.KeyValue
 	snaps   jetstream.ObjectStore
+	// snapStream is the object store's stream, where a replaced
+	// snapshot's chunks are erased (snapshots.go), in the background:
+	// erasing ends with Close.
+	snapStream  jetstream.Stream
+	erasing     sync.WaitGroup
+	eraseCtx    context.Context
+	eraseCancel context.CancelFunc
 
 	mu          sync.Mutex
 	memberCache map[string]Member
@@ -164,6 +243,11 @@ func Open(ctx context.Context, js jetstream.JetStream, cfg Config) (*Store, erro
 	if err != nil {
 		return nil, fmt.Errorf("cluster: object store %s: %w", SnapshotsBucket, err)
 	}
+	if s.snapStream, err = js.Stream(ctx, "OBJ_"+SnapshotsBucket); err != nil {
+		return nil, fmt.Errorf("cluster: object store %s: %w", SnapshotsBucket, err)
+	}
+	s.eraseCtx, s.eraseCancel = context.WithCancel(context.Background())
+	s.sweepSnapshots()
 	if err := s.watch(ctx); err != nil {
 		s.Close()
 		return nil, err
@@ -253,6 +337,9 @@ func (s *Store) onLease(e jetstream.KeyValueEntry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	key := e.Key()
+	if strings.HasPrefix(key, "shards.") {
+		return // a context's shard count (AgreeShards), read when checked
+	}
 	if strings.HasPrefix(key, "pin.") {
 		if e.Operation() != jetstream.KeyValuePut {
 			delete(s.pinCache, key)
@@ -291,12 +378,32 @@ func decodeLease(e jetstream.KeyValueEntry) (Lease, error) {
 	return l, nil
 }
 
-// Close stops the watches.
+// closeWait bounds Close. Stopping a watch deletes its consumer, which
+// waits for the bucket's stream to answer; a stream that lost its quorum
+// (the whole cluster stopping) answers nothing for seconds. A consumer
+// left behind is ephemeral: the server removes it once it is idle.
+const closeWait = 500 * time.Millisecond
+
+// Close stops the watches, waiting at most closeWait for the server.
 func (s *Store) Close() {
-	for _, w := range s.watchers {
-		_ = w.Stop()
-	}
+	ws := s.watchers
 	s.watchers = nil
+	if s.eraseCancel != nil {
+		s.eraseCancel() // an erase cut short is finished by the next Open's sweep
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for _, w := range ws {
+			_ = w.Stop()
+		}
+		s.erasing.Wait()
+	}()
+	select {
+	case <-done:
+	case <-time.After(closeWait):
+		s.cfg.Logger.Debug("cluster: the watches' consumers were not deleted in time; the server drops them when idle")
+	}
 }
 
 // Config returns the effective configuration.
@@ -365,6 +472,37 @@ func (s *Store) SetPin(ctx context.Context, kctx string, shard int, node string)
 	return SetPin(ctx, s.leases, kctx, shard, node)
 }
 
+// shardsKey is where the leases bucket records a context's shard count.
+func shardsKey(kctx string) string { return "shards." + kctx }
+
+// AgreeShards records kctx's shard count in the cluster when a node first
+// serves it, and refuses a node configured with another count. Entities
+// are placed by xxhash mod shards: two nodes that disagree would each look
+// for an entity on another shard, and its history would split between
+// them. Every shardnode checks at start; a cluster from before the record
+// gets it from the first node that starts.
+func (s *Store) AgreeShards(ctx context.Context, kctx string, shards int) error {
+	key := shardsKey(kctx)
+	_, err := s.leases.Create(ctx, key, []byte(strconv.Itoa(shards)))
+	if err == nil || !errors.Is(err, jetstream.ErrKeyExists) {
+		return err
+	}
+	e, err := s.leases.Get(ctx, key)
+	if err != nil {
+		return err
+	}
+	n, err := strconv.Atoi(string(e.Value()))
+	if err != nil {
+		return fmt.Errorf("cluster: %s in %s holds %q, not a shard count", key, LeasesBucket, e.Value())
+	}
+	if n != shards {
+		return fmt.Errorf("context %q has %d shards in this cluster (recorded when a node first served it), and this node is configured with %d: "+
+			"entities are placed by xxhash mod shards, so the nodes would disagree on where each one lives. Start this node with --shards %d",
+			kctx, n, shards, n)
+	}
+	return nil
+}
+
 // SetPin pins a shard through a leases bucket handle, for tools that are
 // not members (the CLI).
 func SetPin(ctx context.Context, leases jetstream.KeyValue, kctx string, shard int, node string) error {
@@ -390,6 +528,7 @@ func (s *Store) Acquire(ctx context.Context, kctx string, shard int, prev *Lease
 	l := Lease{Context: kctx, Shard: shard, Owner: s.cfg.Node, Epoch: max(1, floor)}
 	if prev != nil {
 		l.Epoch = max(prev.Epoch+1, floor)
+		l.Wrote = prev.LastServed()
 	}
 	return s.write(ctx, l, prev)
 }
@@ -404,7 +543,7 @@ func (s *Store) Renew(ctx context.Context, l Lease) (Lease, error) {
 // Serve renews the lease marked Serving: its owner now answers requests.
 func (s *Store) Serve(ctx context.Context, l Lease) (Lease, error) {
 	next := l
-	next.HandoffTo, next.Serving = "", true
+	next.HandoffTo, next.Serving, next.Wrote = "", true, l.Epoch
 	return s.write(ctx, next, &l)
 }
 
@@ -451,7 +590,7 @@ func (s *Store) write(ctx context.Context, l Lease, prev *Lease) (Lease, error) 
 func (s *Store) Desired(kctx string, shard int, members []Member) string {
 	names := make([]string, 0, len(members))
 	for _, m := range members {
-		if !m.Draining {
+		if !m.Draining && m.Serves(kctx) {
 			names = append(names, m.Node)
 		}
 	}

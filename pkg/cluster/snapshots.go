@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -24,46 +25,206 @@ type Snapshot struct {
 	Bytes     int64
 }
 
+// A shard's snapshot lives under one of two object names, taken in turn:
+// the new copy is uploaded beside the old one, and only then are the old
+// one's chunks erased. The object store's own replace (Put on the same name)
+// purges the old chunks, and a purged message stays in its block file until
+// the block is compacted: an old copy would keep a forgotten entity's rows
+// (its id, its times) on disk long after the copy that replaced it. An
+// erased message is overwritten in place. With two names the newest copy is
+// whole at every moment: a crash leaves at most an older one beside it,
+// which the next upload erases first.
 func snapshotName(kctx string, shard int) string {
 	return kctx + "/shard-" + strconv.Itoa(shard)
 }
 
-// PutSnapshot uploads the (closed or consistent) shard copy at path.
+func snapshotNames(kctx string, shard int) [2]string {
+	n := snapshotName(kctx, shard)
+	return [2]string{n, n + ".b"}
+}
+
+// generationKey orders the two copies: each upload takes the newest's plus
+// one (a copy from before there were two names has none: 0).
+const generationKey = "generation"
+
+func generation(info *jetstream.ObjectInfo) uint64 {
+	g, _ := strconv.ParseUint(info.Metadata[generationKey], 10, 64)
+	return g
+}
+
+// copies returns the shard's live snapshot objects, the newest first.
+func (s *Store) copies(ctx context.Context, kctx string, shard int) ([]*jetstream.ObjectInfo, error) {
+	var out []*jetstream.ObjectInfo
+	for _, name := range snapshotNames(kctx, shard) {
+		info, err := s.snaps.GetInfo(ctx, name)
+		if errors.Is(err, jetstream.ErrObjectNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cluster: snapshot of %s shard %d: %w", kctx, shard, err)
+		}
+		if !info.Deleted {
+			out = append(out, info)
+		}
+	}
+	if len(out) == 2 {
+		a, b := out[0], out[1]
+		if generation(b) > generation(a) || generation(b) == generation(a) && b.ModTime.After(a.ModTime) {
+			out[0], out[1] = b, a
+		}
+	}
+	return out, nil
+}
+
+// eraseChunks overwrites every chunk of a snapshot object in the store's
+// block files (SecureDeleteMsg). The server rewrites a message's whole block
+// to erase it, so this takes a while for a large copy: tens of milliseconds
+// per 128 KiB chunk.
+func (s *Store) eraseChunks(ctx context.Context, info *jetstream.ObjectInfo) error {
+	subject := "$O." + SnapshotsBucket + ".C." + info.NUID
+	for seq := uint64(1); ; {
+		m, err := s.snapStream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("cluster: erase snapshot %s: %w", info.Name, err)
+		}
+		if err := s.snapStream.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+			return fmt.Errorf("cluster: erase snapshot %s: %w", info.Name, err)
+		}
+		seq = m.Sequence + 1
+	}
+}
+
+// erase erases a snapshot object's chunks, then marks it deleted.
+func (s *Store) erase(ctx context.Context, info *jetstream.ObjectInfo) error {
+	if err := s.eraseChunks(ctx, info); err != nil {
+		return err
+	}
+	if err := s.snaps.Delete(ctx, info.Name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return fmt.Errorf("cluster: delete snapshot %s: %w", info.Name, err)
+	}
+	return nil
+}
+
+// eraseInBackground erases the chunks of a copy that a newer one replaced,
+// off the caller's path (an upload during a hand-off must not wait for it).
+// Its object entry stays: it is the older of the two, never read, and the
+// next upload replaces it. Only the chunks: deleting the entry by name here
+// could delete a newer copy another node has put under that name since.
+func (s *Store) eraseInBackground(info *jetstream.ObjectInfo) {
+	s.erasing.Add(1)
+	go func() {
+		defer s.erasing.Done()
+		if err := s.eraseChunks(s.eraseCtx, info); err != nil && s.eraseCtx.Err() == nil {
+			s.cfg.Logger.Warn("cluster: erasing a replaced snapshot failed; the next upload of the shard tries again",
+				"snapshot", info.Name, "err", err)
+		}
+	}()
+}
+
+// sweepSnapshots erases, in the background, the older copy of every shard
+// that has two: an erase a stop or a crash cut short.
+func (s *Store) sweepSnapshots() {
+	s.erasing.Add(1)
+	go func() {
+		defer s.erasing.Done()
+		ctx := s.eraseCtx
+		infos, err := s.snaps.List(ctx)
+		if errors.Is(err, jetstream.ErrNoObjectsFound) || ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			s.cfg.Logger.Warn("cluster: listing snapshots to erase old copies failed", "err", err)
+			return
+		}
+		newest := map[string]*jetstream.ObjectInfo{}
+		var older []*jetstream.ObjectInfo
+		for _, info := range infos {
+			if info.Deleted {
+				continue
+			}
+			base := strings.TrimSuffix(info.Name, ".b")
+			cur, ok := newest[base]
+			switch {
+			case !ok:
+				newest[base] = info
+			case generation(info) > generation(cur):
+				newest[base] = info
+				older = append(older, cur)
+			default:
+				older = append(older, info)
+			}
+		}
+		for _, info := range older {
+			if err := s.eraseChunks(ctx, info); err != nil && ctx.Err() == nil {
+				s.cfg.Logger.Warn("cluster: erasing an old snapshot failed", "snapshot", info.Name, "err", err)
+			}
+		}
+	}()
+}
+
+// PutSnapshot uploads the (closed or consistent) shard copy at path, then
+// erases the copy it replaces.
 func (s *Store) PutSnapshot(ctx context.Context, path string, sn Snapshot) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("cluster: upload snapshot: %w", err)
 	}
 	defer f.Close()
+	old, err := s.copies(ctx, sn.Context, sn.Shard)
+	if err != nil {
+		return err
+	}
+	names := snapshotNames(sn.Context, sn.Shard)
+	target, gen := names[0], uint64(1)
+	if len(old) > 0 {
+		gen = generation(old[0]) + 1
+		if old[0].Name == names[0] {
+			target = names[1]
+		}
+	}
+	// The older copy under the target name goes first, whatever of it the
+	// background erase after the last upload has not reached (a stop, a
+	// crash, or that erase still running); the newest stays whole meanwhile.
+	for _, o := range old {
+		if o.Name == target {
+			if err := s.eraseChunks(ctx, o); err != nil {
+				return err
+			}
+		}
+	}
 	meta := jetstream.ObjectMeta{
-		Name:        snapshotName(sn.Context, sn.Shard),
+		Name:        target,
 		Description: "Kuma shard file",
 		Metadata: map[string]string{
-			"node":       s.cfg.Node,
-			"epoch":      strconv.FormatInt(sn.Epoch, 10),
-			"last_seq":   strconv.FormatInt(sn.LastSeq, 10),
-			"published":  strconv.FormatInt(sn.Published, 10),
-			"stream_seq": strconv.FormatUint(sn.StreamSeq, 10),
+			"node":        s.cfg.Node,
+			"epoch":       strconv.FormatInt(sn.Epoch, 10),
+			"last_seq":    strconv.FormatInt(sn.LastSeq, 10),
+			"published":   strconv.FormatInt(sn.Published, 10),
+			"stream_seq":  strconv.FormatUint(sn.StreamSeq, 10),
+			generationKey: strconv.FormatUint(gen, 10),
 		},
 	}
 	if _, err := s.snaps.Put(ctx, meta, f); err != nil {
 		return fmt.Errorf("cluster: upload snapshot of %s: %w", meta.Name, err)
+	}
+	for _, o := range old {
+		if o.Name != target {
+			s.eraseInBackground(o)
+		}
 	}
 	return nil
 }
 
 // SnapshotInfo returns the shard's latest uploaded snapshot, if any.
 func (s *Store) SnapshotInfo(ctx context.Context, kctx string, shard int) (Snapshot, bool, error) {
-	info, err := s.snaps.GetInfo(ctx, snapshotName(kctx, shard))
-	if errors.Is(err, jetstream.ErrObjectNotFound) {
-		return Snapshot{}, false, nil
+	live, err := s.copies(ctx, kctx, shard)
+	if err != nil || len(live) == 0 {
+		return Snapshot{}, false, err
 	}
-	if err != nil {
-		return Snapshot{}, false, fmt.Errorf("cluster: snapshot of %s shard %d: %w", kctx, shard, err)
-	}
-	if info.Deleted {
-		return Snapshot{}, false, nil
-	}
+	info := live[0]
 	md := info.Metadata
 	num := func(k string) int64 { n, _ := strconv.ParseInt(md[k], 10, 64); return n }
 	ss, _ := strconv.ParseUint(md["stream_seq"], 10, 64)
@@ -71,21 +232,33 @@ func (s *Store) SnapshotInfo(ctx context.Context, kctx string, shard int) (Snaps
 		Published: num("published"), StreamSeq: ss, Bytes: int64(info.Size)}, true, nil
 }
 
-// GetSnapshot downloads the shard's snapshot to path (the object store
-// checks its digest).
+// GetSnapshot downloads the shard's latest snapshot to path (the object
+// store checks its digest).
 func (s *Store) GetSnapshot(ctx context.Context, kctx string, shard int, path string) error {
-	if err := s.snaps.GetFile(ctx, snapshotName(kctx, shard), path); err != nil {
+	live, err := s.copies(ctx, kctx, shard)
+	if err != nil {
+		return err
+	}
+	if len(live) == 0 {
+		return fmt.Errorf("cluster: download snapshot of %s shard %d: %w", kctx, shard, jetstream.ErrObjectNotFound)
+	}
+	if err := s.snaps.GetFile(ctx, live[0].Name, path); err != nil {
 		return fmt.Errorf("cluster: download snapshot of %s shard %d: %w", kctx, shard, err)
 	}
 	return nil
 }
 
-// DeleteSnapshot removes a shard's snapshot (a forgotten entity's rows must
+// DeleteSnapshot erases a shard's snapshots (a forgotten entity's rows must
 // not outlive the forget in an old copy).
 func (s *Store) DeleteSnapshot(ctx context.Context, kctx string, shard int) error {
-	err := s.snaps.Delete(ctx, snapshotName(kctx, shard))
-	if errors.Is(err, jetstream.ErrObjectNotFound) {
-		return nil
+	live, err := s.copies(ctx, kctx, shard)
+	if err != nil {
+		return err
 	}
-	return err
+	for _, o := range live {
+		if err := s.erase(ctx, o); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -3,6 +3,7 @@ package keycache
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"sync"
 	"testing"
 	"time"
@@ -23,19 +24,68 @@ type countingVault struct {
 	calls int
 }
 
-func (v *countingVault) DataKey(_ context.Context, kctx, entity string, create bool) ([]byte, error) {
+func (v *countingVault) DataKey(_ context.Context, kctx, entity string, create bool) (vaultclient.KeyReply, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.calls++
 	k, ok := v.keys[kctx+"/"+entity]
 	if !ok {
 		if !create {
-			return nil, kuma.ErrNotFound
+			return vaultclient.KeyReply{}, kuma.ErrNotFound
 		}
 		k = envelope.NewRandomKey()
 		v.keys[kctx+"/"+entity] = k
 	}
-	return append([]byte(nil), k...), nil
+	return vaultclient.KeyReply{Key: append([]byte(nil), k...), Pseudonym: "P" + entity, Entity: entity}, nil
+}
+
+// KeyByPseudonym: the test's pseudonym of x is "Px".
+func (v *countingVault) KeyByPseudonym(_ context.Context, kctx, p string) (vaultclient.KeyReply, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.calls++
+	k, ok := v.keys[kctx+"/"+p[1:]]
+	if !ok {
+		return vaultclient.KeyReply{}, kuma.ErrEntityForgotten
+	}
+	return vaultclient.KeyReply{Key: append([]byte(nil), k...), Pseudonym: p, Entity: p[1:]}, nil
+}
+
+// TestKeyCacheByPseudonym: an entry fetched by id is found by its pseudonym
+// and the other way round, and a drop by id drops both names.
+func TestKeyCacheByPseudonym(t *testing.T) {
+	ctx := t.Context()
+	vault := &countingVault{keys: map[string][]byte{}}
+	c := New(vault, 10, time.Minute, time.Now, telemetry.Tracer(nil))
+	a, err := c.Entry(ctx, "default", "a", true)
+	if err != nil || a.Pseudonym != "Pa" || a.Entity != "a" {
+		t.Fatalf("entry of a: %+v, %v", a, err)
+	}
+	byP, err := c.ByPseudonym(ctx, "default", "Pa")
+	if err != nil || byP.Key != a.Key || byP.Entity != "a" || vault.count() != 1 {
+		t.Fatalf("by pseudonym: %+v, %v, vault calls %d; want the cached entry of a", byP, err, vault.count())
+	}
+	vault.mu.Lock()
+	vault.keys["default/b"] = envelope.NewRandomKey()
+	vault.mu.Unlock()
+	if b, err := c.ByPseudonym(ctx, "default", "Pb"); err != nil || b.Entity != "b" {
+		t.Fatalf("b by pseudonym: %+v, %v", b, err)
+	}
+	if _, err := c.Get(ctx, "default", "b", false); err != nil || vault.count() != 2 {
+		t.Fatalf("b by id after by pseudonym: %v, vault calls %d; want a hit", err, vault.count())
+	}
+	// Shredded: the drop by id removes the pseudonym's entry too.
+	vault.mu.Lock()
+	delete(vault.keys, "default/a")
+	vault.mu.Unlock()
+	c.Drop("default", "a")
+	if _, err := c.ByPseudonym(ctx, "default", "Pa"); !errors.Is(err, kuma.ErrEntityForgotten) {
+		t.Fatalf("a by pseudonym after drop: %v, want entity_forgotten from the vault", err)
+	}
+	se := kuma.StreamEvent{Pseudonym: "Pa", Version: 1, Position: "p1.0.1"}
+	if op, err := c.Open(ctx, "default", se); err != nil || !op.Forgotten || op.Entity != "" {
+		t.Fatalf("open of a forgotten entity's event: %+v, %v", op, err)
+	}
 }
 
 func (v *countingVault) count() int { v.mu.Lock(); defer v.mu.Unlock(); return v.calls }

@@ -1,10 +1,17 @@
 package kuma
 
-import "bytes"
+import (
+	"bytes"
+	"unicode/utf8"
+)
 
 // maxFastDepth bounds the nesting the direct path follows inside data;
 // deeper values go through encoding/json (which allows 10,000 levels).
 const maxFastDepth = 64
+
+// maxFastKeys bounds the keys of one object inside data that the direct
+// path checks for duplicates; larger objects go through the general path.
+const maxFastKeys = 32
 
 // decodeAppendFast reads an append request as encoding/json writes one (the
 // Go client's shape: keys in the struct's order, no whitespace outside data,
@@ -15,7 +22,7 @@ const maxFastDepth = 64
 // request and then decoding it were two scans of every byte of every event
 // on the append path.
 func decodeAppendFast(body []byte, out *AppendRequest) error {
-	r := &fastReader{b: body}
+	r := &fastReader{b: body, keys: make([]fastKey, 0, 16)}
 	if err := r.lit(`{"events":[`); err != nil {
 		return err
 	}
@@ -76,11 +83,15 @@ func (r *fastReader) value(depth int) error {
 	switch c := r.b[r.i]; {
 	case c == '{':
 		r.i++
-		return r.members(`}`, func() error {
+		// The keys of this object, to refuse one written twice: compared as
+		// text (escapes decoded). An object with more keys than maxFastKeys
+		// goes to the general path, so that the comparisons stay few.
+		base := len(r.keys)
+		err := r.members(`}`, func() error {
 			if err := r.lit(`"`); err != nil {
 				return err
 			}
-			if err := r.skipStr(); err != nil {
+			if err := r.key(base); err != nil {
 				return err
 			}
 			r.ws()
@@ -90,6 +101,8 @@ func (r *fastReader) value(depth int) error {
 			r.ws()
 			return r.value(depth + 1)
 		})
+		r.keys = r.keys[:base]
+		return err
 	case c == '[':
 		r.i++
 		return r.members(`]`, func() error { return r.value(depth + 1) })
@@ -106,6 +119,55 @@ func (r *fastReader) value(depth int) error {
 		return r.number()
 	}
 	return errNotFast
+}
+
+// fastKey is a key of an object open in data: where its text is (in the
+// body, or decoded in the arena when it has escapes) and a fingerprint of
+// its length, first and last bytes, which tells most unequal keys apart at
+// once. No pointers: appending one costs no write barrier.
+type fastKey struct {
+	fp         uint64
+	start, end int
+	arena      bool
+}
+
+func (r *fastReader) keyText(k fastKey) []byte {
+	if k.arena {
+		return r.arena[k.start:k.end]
+	}
+	return r.b[k.start:k.end]
+}
+
+// key reads an object's key (its opening quote read) and refuses, by
+// leaving it to the general path, one the object already has (its keys
+// are r.keys[base:]).
+func (r *fastReader) key(base int) error {
+	start := r.i
+	r.escaped = false
+	if err := r.skipStr(); err != nil {
+		return err
+	}
+	if len(r.keys)-base >= maxFastKeys {
+		return errNotFast
+	}
+	k := fastKey{start: start, end: r.i - 1}
+	text := r.b[k.start:k.end]
+	if r.escaped {
+		k.start = len(r.arena)
+		r.arena = unescape(r.arena, text)
+		k.end, k.arena = len(r.arena), true
+		text = r.arena[k.start:k.end]
+	}
+	if n := len(text); n > 0 {
+		k.fp = uint64(n)<<16 | uint64(text[0])<<8 | uint64(text[n-1])
+	}
+	for _, o := range r.keys[base:] {
+		if o.fp == k.fp && string(r.keyText(o)) == string(text) {
+			return errNotFast
+		}
+	}
+	r.keys = append(r.keys, k)
+	return nil
 }
 
 // members reads the rest of an object or array whose opening bracket was
@@ -153,6 +215,7 @@ func (r *fastReader) skipStr() error {
 		case c < 0x20 || c >= 0x80:
 			return errNotFast
 		case c == '\\':
+			r.escaped = true
 			if r.i >= len(r.b) {
 				return errNotFast
 			}
@@ -169,6 +232,11 @@ func (r *fastReader) skipStr() error {
 						return errNotFast
 					}
 				}
+				// A surrogate (\ud800-\udfff), paired or lone, is for the
+				// general path to judge; encoding/json never writes one.
+				if h := r.b[r.i]; (h == 'd' || h == 'D') && r.b[r.i+1] >= '8' {
+					return errNotFast
+				}
 				r.i += 4
 			default:
 				return errNotFast
@@ -178,20 +246,70 @@ func (r *fastReader) skipStr() error {
 	return errNotFast
 }
 
+// unescape appends to out the text of a string that skipStr accepted (so
+// every escape is well formed and none is a surrogate).
+func unescape(out, raw []byte) []byte {
+	for i := 0; i < len(raw); i++ {
+		if raw[i] != '\\' {
+			out = append(out, raw[i])
+			continue
+		}
+		i++
+		switch e := raw[i]; e {
+		case 'b':
+			out = append(out, '\b')
+		case 'f':
+			out = append(out, '\f')
+		case 'n':
+			out = append(out, '\n')
+		case 'r':
+			out = append(out, '\r')
+		case 't':
+			out = append(out, '\t')
+		case 'u':
+			var r rune
+			for _, h := range raw[i+1 : i+5] {
+				r = r<<4 | rune(hexVal(h))
+			}
+			out = utf8.AppendRune(out, r)
+			i += 4
+		default: // " \ /
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func hexVal(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c >= 'a':
+		return c - 'a' + 10
+	}
+	return c - 'A' + 10
+}
+
 func isHex(c byte) bool {
 	return ('0' <= c && c <= '9') || ('a' <= c && c <= 'f') || ('A' <= c && c <= 'F')
 }
 
 // number skips a JSON number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+// One that might be beyond a double's range (more than 300 digits before
+// the point, counting a positive exponent) goes to the general path, which
+// refuses it if it is.
 func (r *fastReader) number() error {
 	if r.i < len(r.b) && r.b[r.i] == '-' {
 		r.i++
 	}
+	intDigits := 1
 	switch {
 	case r.i < len(r.b) && r.b[r.i] == '0':
 		r.i++
-	case r.digits() == 0:
-		return errNotFast
+	default:
+		if intDigits = r.digits(); intDigits == 0 {
+			return errNotFast
+		}
 	}
 	if r.i < len(r.b) && r.b[r.i] == '.' {
 		r.i++
@@ -201,12 +319,29 @@ func (r *fastReader) number() error {
 	}
 	if r.i < len(r.b) && (r.b[r.i] == 'e' || r.b[r.i] == 'E') {
 		r.i++
+		neg := false
 		if r.i < len(r.b) && (r.b[r.i] == '+' || r.b[r.i] == '-') {
+			neg = r.b[r.i] == '-'
 			r.i++
 		}
-		if r.digits() == 0 {
+		start := r.i
+		n := r.digits()
+		if n == 0 {
 			return errNotFast
 		}
+		if !neg {
+			if n > 3 {
+				return errNotFast
+			}
+			exp := 0
+			for _, d := range r.b[start:r.i] {
+				exp = exp*10 + int(d-'0')
+			}
+			intDigits += exp
+		}
+	}
+	if intDigits > 300 {
+		return errNotFast
 	}
 	return nil
 }

@@ -47,6 +47,21 @@ func (c Code) Status() int {
 	return 500
 }
 
+// CodeForStatus is the reverse of Status, for an error reply that carries
+// only the header's number (a NATS micro service that is not Kuma's): the
+// general code of that number, internal for a number no code has.
+func CodeForStatus(n int) Code {
+	if n == 400 { // three codes share it; bad_request is the general one
+		return CodeBadRequest
+	}
+	for c, s := range codeStatus {
+		if s == n {
+			return c
+		}
+	}
+	return CodeInternal
+}
+
 // Known reports whether c is one of the protocol's codes.
 func (c Code) Known() bool { _, ok := codeStatus[c]; return ok }
 

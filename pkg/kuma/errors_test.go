@@ -287,3 +287,23 @@ func TestErrorCode(t *testing.T) {
 		})
 	}
 }
+
+// CodeForStatus is Status reversed: every code whose number is its own
+// comes back, the shared 400 gives the general bad_request, and a number no
+// code has is internal.
+func TestCodeForStatus(t *testing.T) {
+	for _, tc := range protocolCodes {
+		want := tc.code
+		if tc.status == 400 {
+			want = kuma.CodeBadRequest
+		}
+		if got := kuma.CodeForStatus(tc.status); got != want {
+			t.Errorf("CodeForStatus(%d): got %q, want %q", tc.status, got, want)
+		}
+	}
+	for _, n := range []int{0, 200, 418, 502} {
+		if got := kuma.CodeForStatus(n); got != kuma.CodeInternal {
+			t.Errorf("CodeForStatus(%d): got %q, want internal", n, got)
+		}
+	}
+}

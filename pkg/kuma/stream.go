@@ -17,12 +17,20 @@ type StreamMessage struct {
 // StreamEvent is one event in a stream message. Payload is the event's type
 // and data sealed under the entity's key (base64 in JSON): opening it needs
 // the keyvault, so a forgotten entity's messages stay noise wherever they are.
+//
+// The entity is named by its Pseudonym, never in the clear: the keyvault's
+// keyed hash of (context, id), which only the keyvault can compute and which
+// it resolves to the key and the id while the entity lives. Once the key is
+// shredded, nothing in the stream leads back to the id. Entity is set only in
+// messages written before pseudonyms (a store upgraded in place), and by
+// readers once they have resolved the pseudonym.
 type StreamEvent struct {
-	Entity   string    `json:"entity"`
-	Version  int64     `json:"version"`
-	Position string    `json:"position"`
-	Time     time.Time `json:"time"`
-	Payload  []byte    `json:"payload"`
+	Pseudonym string    `json:"pseudonym,omitempty"`
+	Entity    string    `json:"entity,omitempty"`
+	Version   int64     `json:"version"`
+	Position  string    `json:"position"`
+	Time      time.Time `json:"time"`
+	Payload   []byte    `json:"payload"`
 	// IdempotencyKey is set on the last event of an append that carried an
 	// idempotency key: the key's SHA-256 ("sha256:<base64url>", never the
 	// key itself), with FirstVersion the append's first version. A node that
@@ -47,14 +55,18 @@ const HeaderEpoch = "Kuma-Epoch"
 const HeaderOwnerEpoch = "Kuma-Owner-Epoch"
 
 // ForgottenNotice is the body of a message on kuma.<ctx>.events.<shard>.forgotten:
-// the entity was forgotten at At. Its key is already destroyed when the notice
-// is published; read models drop what they hold of it. Nats-Msg-Id is
-// "<ctx>.<shard>.forgotten.<entity>", so a forget finished again after a crash
-// is not announced twice within the stream's duplicate window (and a second
-// notice would be harmless: forgetting is idempotent).
+// the entity of Pseudonym was forgotten at At. Its key is already destroyed
+// when the notice is published; read models drop what they hold of it, once
+// the keyvault confirms the shred (anyone able to publish into the stream
+// could write a notice). Nats-Msg-Id is "<ctx>.<shard>.forgotten.<pseudonym>",
+// so a forget finished again after a crash is not announced twice within the
+// stream's duplicate window (and a second notice would be harmless:
+// forgetting is idempotent). Entity is set, instead of Pseudonym, only in
+// notices written before pseudonyms.
 type ForgottenNotice struct {
-	Context string    `json:"context"`
-	Shard   int       `json:"shard"`
-	Entity  string    `json:"entity"`
-	At      time.Time `json:"at"`
+	Context   string    `json:"context"`
+	Shard     int       `json:"shard"`
+	Pseudonym string    `json:"pseudonym,omitempty"`
+	Entity    string    `json:"entity,omitempty"`
+	At        time.Time `json:"at"`
 }

@@ -30,6 +30,11 @@ var errNotFast = errors.New("kuma: not the relay's exact encoding")
 type fastReader struct {
 	b []byte
 	i int
+	// The append path's keys of the objects open in data, the decoded
+	// text of those with escapes, and whether the last string had one.
+	keys    []fastKey
+	arena   []byte
+	escaped bool
 }
 
 func (r *fastReader) lit(s string) error {
@@ -115,7 +120,7 @@ func decodeStreamFast(data []byte, m *StreamMessage) error {
 		if err := r.lit(`[`); err != nil {
 			return err
 		}
-		out.Events = make([]StreamEvent, 0, bytes.Count(data[r.i:], []byte(`{"entity":`)))
+		out.Events = make([]StreamEvent, 0, bytes.Count(data[r.i:], []byte(`,"version":`)))
 		err := r.items(func() error {
 			ev, err := r.event()
 			out.Events = append(out.Events, ev)
@@ -134,10 +139,18 @@ func decodeStreamFast(data []byte, m *StreamMessage) error {
 
 func (r *fastReader) event() (StreamEvent, error) {
 	var ev StreamEvent
-	if err := r.lit(`{"entity":"`); err != nil {
-		return ev, err
+	// A message names an entity by its pseudonym, or (written before
+	// pseudonyms) by its id.
+	var pseudonym, entity []byte
+	var err error
+	switch {
+	case r.lit(`{"pseudonym":"`) == nil:
+		pseudonym, err = r.str()
+	case r.lit(`{"entity":"`) == nil:
+		entity, err = r.str()
+	default:
+		err = errNotFast
 	}
-	entity, err := r.str()
 	if err != nil {
 		return ev, err
 	}
@@ -202,6 +215,6 @@ func (r *fastReader) event() (StreamEvent, error) {
 	if err := r.lit(`}`); err != nil {
 		return ev, err
 	}
-	ev.Entity, ev.Position = string(entity), string(pos)
+	ev.Pseudonym, ev.Entity, ev.Position = string(pseudonym), string(entity), string(pos)
 	return ev, nil
 }

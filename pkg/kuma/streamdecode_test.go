@@ -22,6 +22,10 @@ func randomMessage(rng *rand.Rand) StreamMessage {
 			Time:     time.Unix(rng.Int64N(4e9), rng.Int64N(1e9)).UTC().Truncate(time.Duration(rng.IntN(3)) * time.Microsecond),
 			Payload:  p,
 		})
+		if rng.IntN(2) == 0 { // today's form: the entity by its pseudonym
+			m.Events[len(m.Events)-1].Entity = ""
+			m.Events[len(m.Events)-1].Pseudonym = strings.Repeat("P_-9", 10) + "abc"
+		}
 		if rng.IntN(3) == 0 { // the last event of an idempotent append
 			e := &m.Events[len(m.Events)-1]
 			e.IdempotencyKey, e.FirstVersion = "sha256:"+strings.Repeat("k", 43), max(1, e.Version-rng.Int64N(5))
@@ -68,6 +72,8 @@ func TestDecodeStreamMessageFallsBack(t *testing.T) {
 		`{"context":"default","shard":3,"events":[{"entity":"a","version":1,"position":"p1.3.1","time":"2026-11-25T14:03:07Z","payload":"AQI"}]}`,
 		`{"context":"default","shard":3,"events":[{"entity":"a","version":1,"position":"p1.3.1","time":"2026-11-25T14:03:07Z","payload":null}]}`,
 		`{"context":"default","shard":99999999999,"events":[]}`,
+		`{"context":"default","shard":3,"events":[{"pseudonym":"Pq_-","entity":"a","version":1,"position":"p1.3.1","time":"2026-11-25T14:03:07Z","payload":"AQI="}]}`,
+		`{"context":"default","shard":3,"events":[{"version":1,"position":"p1.3.1","time":"2026-11-25T14:03:07Z","payload":"AQI="}]}`,
 		`{"context":"default","shard":3,"events":[]}x`,
 		`{"context":"default","shard":3,"events":[`,
 		`not json`,

@@ -88,9 +88,23 @@ func ProjectionAdminSubject(ctx, op, projection string) string {
 	return PublicPrefix + "." + ctx + ".projection." + op + "." + projection
 }
 
+// StatusSubject is kuma.<ctx>.status: the cluster's shards, nodes and
+// moves, answered by any shardnode.
+func StatusSubject(ctx string) string { return PublicPrefix + "." + ctx + ".status" }
+
 // ProjectorStatusSubject is where projectors tell a shardnode's status
 // answer about their projections (internal).
-func ProjectorStatusSubject(ctx string) string { return "_kuma." + ctx + ".projector.status" }
+func ProjectorStatusSubject(ctx string) string {
+	return InternalPrefix + "." + ctx + ".projector.status"
+}
+
+// ProjectorReplicasSubject is _kuma.<ctx>.projector.replicas.<op>, op one of
+// rebuild, retry, skip and status: every projector replica of the context
+// subscribes to it outside any queue group, so that the replica that
+// received a public admin or status request reaches all of them (internal).
+func ProjectorReplicasSubject(ctx, op string) string {
+	return "_kuma." + ctx + ".projector.replicas." + op
+}
 
 // StreamName is the JetStream stream of a context's events.
 func StreamName(ctx string) string { return "KUMA_" + ctx }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"time"
 	"unicode/utf8"
 )
@@ -164,6 +165,24 @@ func (r *ReadRequest) Validate() error {
 	if r.AtVersion != nil && *r.AtVersion < 1 {
 		return Errorf(CodeBadRequest, "at_version must be 1 or more, got %d", *r.AtVersion)
 	}
+	if r.AtTime != nil {
+		return CheckTime("at_time", *r.AtTime)
+	}
+	return nil
+}
+
+// CheckTime refuses a time a request names outside what the store can
+// compare: event times are nanoseconds since 1970 in an int64, which holds
+// 1677-09-21T00:12:43Z to 2262-04-11T23:47:16Z. A time outside would wrap
+// around (year 2263 would answer "did not exist yet"), so it is refused with
+// bad_request rather than guessed at.
+func CheckTime(field string, t time.Time) error {
+	lo, hi := time.Unix(0, math.MinInt64).UTC(), time.Unix(0, math.MaxInt64).UTC()
+	if t.Before(lo) || t.After(hi) {
+		return &Error{Code: CodeBadRequest,
+			Message: fmt.Sprintf("%s must be between %s and %s, got %s", field, lo.Format(time.RFC3339), hi.Format(time.RFC3339), t.Format(time.RFC3339Nano)),
+			Details: map[string]any{"min": lo, "max": hi}}
+	}
 	return nil
 }
 
@@ -184,9 +203,11 @@ func (r *HistoryRequest) Validate() error {
 	return nil
 }
 
-// Decode reads a JSON request body strictly: unknown fields, trailing data and
-// malformed JSON are bad_request. An empty body decodes to the zero value,
-// which is how "body empty" requests (read now) are spelled.
+// Decode reads a JSON request body strictly: unknown fields, trailing data,
+// malformed JSON, bytes that are not UTF-8, duplicate keys, lone surrogate
+// escapes and numbers beyond a double are bad_request (invalid_event when
+// they are inside an event's data: see checkBody). An empty body decodes to
+// the zero value, which is how "body empty" requests (read now) are spelled.
 func Decode(body []byte, v any) error {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return nil
@@ -194,14 +215,30 @@ func Decode(body []byte, v any) error {
 	if a, ok := v.(*AppendRequest); ok && decodeAppendFast(body, a) == nil {
 		return nil
 	}
+	return decodeGeneral(body, v)
+}
+
+// DecodeEmpty checks the body of a request that has no fields (export,
+// status, rebuild, retry): empty, or a JSON object with nothing in it.
+// Anything else is bad_request, as for every other request body.
+func DecodeEmpty(body []byte) error {
+	var none struct{}
+	return Decode(body, &none)
+}
+
+// decodeGeneral is Decode for any shape; the append fast path must never
+// take what it refuses.
+func decodeGeneral(body []byte, v any) error {
 	if x, ok := v.(exactFields); ok {
-		// The request types list their exact keys, which checkKeys enforces
+		// The request types list their exact keys, which checkBody enforces
 		// (unknown and wrongly cased keys alike), so the cheaper
 		// json.Unmarshal will do; it refuses trailing data by itself.
 		if err := json.Unmarshal(body, v); err != nil {
 			return Errorf(CodeBadRequest, "malformed request: %s", describeJSONError(err))
 		}
-		return checkKeys(body, x.fields())
+		fs := x.fields()
+		_, isAppend := v.(*AppendRequest)
+		return checkBody(body, &fs, isAppend)
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
@@ -211,7 +248,7 @@ func Decode(body []byte, v any) error {
 	if _, err := dec.Token(); err != io.EOF {
 		return Errorf(CodeBadRequest, "malformed request: data after the JSON value")
 	}
-	return nil
+	return checkBody(body, nil, false)
 }
 
 func describeJSONError(err error) string {
@@ -293,9 +330,12 @@ type NodeStatus struct {
 // ShardMove is a shard in motion on a node: a hand-off, a take-over or a
 // snapshot upload.
 type ShardMove struct {
-	Node  string `json:"node"`
-	Shard int    `json:"shard"`
-	What  string `json:"what"`
+	Node string `json:"node"`
+	// Context is set where moves of several contexts are listed together
+	// (a node's own list); a context's status leaves it out.
+	Context string `json:"context,omitempty"`
+	Shard   int    `json:"shard"`
+	What    string `json:"what"`
 }
 
 // MigrateSubject is the admin subject that pins a shard to a node:
@@ -341,6 +381,38 @@ type ProjectionStatus struct {
 	Error      *ProjectionError  `json:"error,omitempty"`
 	Rebuild    *RebuildStatus    `json:"rebuild,omitempty"`
 	Skipped    int64             `json:"skipped"`
+	// Replicas is every projector replica's own status of this
+	// projection, in node order, when the answering projector gathered
+	// them: each applies the whole stream into its own read model. A
+	// replica that holds a durable consumer on the stream but did not
+	// answer is listed with State "unavailable" and the lag of that
+	// consumer. The fields above are those of the replica furthest
+	// behind (stopped before retrying before rebuilding before lagging),
+	// so that a reader of one status sees the worst a query may meet.
+	Replicas []ProjectionStatus `json:"replicas,omitempty"`
+}
+
+// ReplicaResult is what one projector replica made of an admin command
+// (rebuild, retry, skip) that the projector receiving it passed to every
+// replica: Error is nil when it applied it. Generation and Started are a
+// rebuild's.
+type ReplicaResult struct {
+	Node       string `json:"node"`
+	Applied    bool   `json:"applied"`
+	Generation int64  `json:"generation,omitempty"`
+	Started    *bool  `json:"started,omitempty"`
+	// Removed names what a drop removed on the replica: its read model
+	// files and its durable consumers.
+	Removed []string `json:"removed,omitempty"`
+	Error   *Error   `json:"error,omitempty"`
+}
+
+// ReplicaFanout is the part of an admin reply that says which replicas
+// applied the command (Replicas, in node order, failures included) and
+// which replicas known to the stream did not answer in time (Missing).
+type ReplicaFanout struct {
+	Replicas []ReplicaResult `json:"replicas,omitempty"`
+	Missing  []string        `json:"missing,omitempty"`
 }
 
 // ProjectionError is why a projection stopped (or is retrying).
@@ -425,10 +497,26 @@ type EntityRow struct {
 }
 
 // RebuildReply answers kuma.<ctx>.projection.rebuild.<name> at once.
+// With several projector replicas, Generation and Started are those of the
+// replica that received the request (or the first that applied it) and
+// ReplicaFanout says what every replica did.
 type RebuildReply struct {
 	Projection string `json:"projection"`
 	Generation int64  `json:"generation"`
 	Started    bool   `json:"started"` // false: a rebuild was already running
+	ReplicaFanout
+}
+
+// ProjectionActReply answers kuma.<ctx>.projection.retry.<name> (Retrying)
+// and kuma.<ctx>.projection.skip.<name> (Skipped, the position skipped).
+type ProjectionActReply struct {
+	Projection string `json:"projection"`
+	Retrying   bool   `json:"retrying,omitempty"`
+	Skipped    string `json:"skipped,omitempty"`
+	// Dropped: a projection no longer declared had its read model files
+	// and durable consumers removed (projection.drop).
+	Dropped bool `json:"dropped,omitempty"`
+	ReplicaFanout
 }
 
 // SkipRequest is the body of kuma.<ctx>.projection.skip.<name>: the position

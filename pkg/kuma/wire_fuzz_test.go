@@ -16,6 +16,8 @@ func FuzzDecodeRequests(f *testing.F) {
 		`{"at_version":3}`, `{"at_time":"2026-11-25T14:03:07Z"}`, `{"from_version":2,"limit":10}`,
 		`{"reason":"GDPR"}`, `{"query":"q","params":{"a":1},"limit":5,"cursor":"bzE","after":"p1.3.7","wait_ms":100}`,
 		`{"position":"p1.0.1"}`, `{"Limit":5}`, `{"events":[{"type":"","data":null}]}`, ``, `[]`, `{"events":[]}x`,
+		"{\"reason\":\"\xff\"}", `{"limit":1,"limit":2}`, `{"params":{"a":1e400}}`, `{"query":"\udc00"}`,
+		`{"at_time":"2263-01-01T00:00:00Z"}`, `{"at_time":"1677-01-01T00:00:00Z"}`,
 	} {
 		f.Add([]byte(s))
 	}

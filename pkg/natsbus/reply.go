@@ -19,9 +19,10 @@ const (
 )
 
 // RespondJSON answers msg with v encoded as JSON. A message with no reply
-// subject (a publish, not a request) is answered with nothing.
+// subject (a publish, not a request), or one in a reserved namespace (see
+// kuma.ReplyAllowed), is answered with nothing.
 func RespondJSON(nc *nats.Conn, msg *nats.Msg, v any) error {
-	if msg.Reply == "" {
+	if !kuma.ReplyAllowed(msg.Reply) || msg.Reply == "" {
 		return nil
 	}
 	body, err := json.Marshal(v)
@@ -31,11 +32,31 @@ func RespondJSON(nc *nats.Conn, msg *nats.Msg, v any) error {
 	return nc.Publish(msg.Reply, body)
 }
 
+// RespondBody answers msg with an encoded body (see EncodeReply). A message
+// with no reply subject is answered with nothing.
+func RespondBody(nc *nats.Conn, msg *nats.Msg, body []byte) error {
+	if msg.Reply == "" {
+		return nil
+	}
+	return nc.Publish(msg.Reply, body)
+}
+
+// ReplyFailureCode is the protocol code a failed publish of an answer is
+// counted under: payload_too_large when NATS refused it for its size,
+// internal otherwise (the connection closed under it).
+func ReplyFailureCode(err error) kuma.Code {
+	if errors.Is(err, nats.ErrMaxPayload) {
+		return kuma.CodePayloadTooLarge
+	}
+	return kuma.CodeInternal
+}
+
 // RespondError answers msg with a protocol error: the service error headers
 // and the JSON body {"error": {...}}. Errors that are not *kuma.Error become
-// internal, with their text withheld.
+// internal, with their text withheld. Like RespondJSON, it sends nothing
+// to a reserved reply subject.
 func RespondError(nc *nats.Conn, msg *nats.Msg, err error) error {
-	if msg.Reply == "" {
+	if !kuma.ReplyAllowed(msg.Reply) || msg.Reply == "" {
 		return nil
 	}
 	out := ErrorMsg(msg.Reply, err)
@@ -69,29 +90,7 @@ func ReplyError(msg *nats.Msg) error {
 		return body.Error
 	}
 	n, _ := strconv.Atoi(codeNum)
-	return &kuma.Error{Code: codeForStatus(n), Message: msg.Header.Get(HeaderError)}
-}
-
-func codeForStatus(n int) kuma.Code {
-	switch n {
-	case 400:
-		return kuma.CodeBadRequest
-	case 403:
-		return kuma.CodeForbidden
-	case 404:
-		return kuma.CodeNotFound
-	case 409:
-		return kuma.CodeVersionConflict
-	case 410:
-		return kuma.CodeEntityForgotten
-	case 413:
-		return kuma.CodePayloadTooLarge
-	case 503:
-		return kuma.CodeUnavailable
-	case 504:
-		return kuma.CodeTimeout
-	}
-	return kuma.CodeInternal
+	return &kuma.Error{Code: kuma.CodeForStatus(n), Message: msg.Header.Get(HeaderError)}
 }
 
 // IsNoResponders reports whether err means nobody listened on the subject:
@@ -121,17 +120,4 @@ func MicroError(req micro.Request, err error) error {
 	kerr := kuma.AsError(err)
 	m := ErrorMsg(req.Reply(), kerr)
 	return req.Error(m.Header.Get(HeaderErrorCode), kerr.Message, m.Data)
-}
-
-// Guard wraps a micro handler so that a request whose reply subject lies in
-// a reserved namespace (see kuma.ReplyAllowed) is dropped unanswered:
-// answering it would publish, with the service's rights, into an event
-// stream or a NATS API. Every endpoint clients can reach is guarded.
-func Guard(h micro.HandlerFunc) micro.HandlerFunc {
-	return func(req micro.Request) {
-		if !kuma.ReplyAllowed(req.Reply()) {
-			return
-		}
-		h(req)
-	}
 }

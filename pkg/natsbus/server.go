@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -32,15 +33,17 @@ import (
 //     at any running member and gossip finds the rest; the meta leader adds
 //     each to the group, which grows 2, 3, ...; from three on, a stream of
 //     three replicas survives the loss of one server.
-//   - A node that ran standalone cannot simply be restarted into a cluster:
-//     its streams have no meta group assignment, so the cluster does not see
+//   - A standalone store cannot be adopted by a clustered server: its
+//     streams have no meta group assignment, so the cluster does not see
 //     them and deletes them as orphans 30 s after a leader is elected
-//     (jetstream_cluster.go, checkForOrphans; nats-server issue 5467).
-//     StartServer refuses to start clustered over a StoreDir that holds
-//     streams of a standalone run. A cluster listener is not on by default
-//     either, since it would leave a lone `kuma up` without JetStream: a
-//     node that may be joined later starts with ClusterListen from its first
-//     run, and its JetStream waits for the second member.
+//     (jetstream_cluster.go, checkForOrphans; nats-server issue 5467). So
+//     StartServer, asked to start clustered over a standalone store with no
+//     Routes (the first member of a new cluster), exports its streams and
+//     moves the store aside first, and RestoreExport brings them back once
+//     the cluster's JetStream answers (standalone.go). With Routes it
+//     refuses: the cluster joined has streams of its own. A cluster
+//     listener is not on by default, since it would leave a lone `kuma up`
+//     without JetStream until a second member joins.
 //   - After a restart a member finds the cluster through its Routes, and
 //     through the members whose Routes name it (they retry forever); give a
 //     joining member every peer you know, so it is not cut off while the
@@ -71,6 +74,14 @@ type ServerConfig struct {
 	// the first member: it routes to itself, which nats-server ignores, but
 	// which its clustered JetStream requires (a configured route).
 	Routes []string
+	// ClusterAdvertise is host:port that this member tells the others to
+	// dial when they learn of it through gossip (nats-server's cluster
+	// advertise). Empty: the address its route connections come from, with
+	// the ClusterListen port. Set it when the members reach this one through
+	// an address it does not see itself behind: NAT, a container's published
+	// port, a proxy. Members that name each other in Routes dial those and
+	// need no gossip.
+	ClusterAdvertise string
 	// StoreDir holds JetStream's files.
 	StoreDir string
 	// MaxPayload is the largest message in bytes (default 8 MiB, so a batch of
@@ -141,6 +152,14 @@ func (c ServerConfig) Validate() error {
 			errs = append(errs, err)
 		}
 	}
+	if c.ClusterAdvertise != "" {
+		if c.ClusterListen == "" {
+			errs = append(errs, errors.New("nats: a cluster advertise address (--cluster-advertise) needs a cluster listener (--cluster-listen)"))
+		}
+		if _, port, err := splitListen(c.ClusterAdvertise, false); err != nil || port == -1 {
+			errs = append(errs, fmt.Errorf("nats: cluster advertise address %q: want host:port that the other members reach, such as 10.0.0.1:6222", c.ClusterAdvertise))
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -209,6 +228,9 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*server.Server, error) 
 		NoSigs: true,
 	}
 	if cfg.Clustered() {
+		if err := convertStandalone(ctx, cfg); err != nil {
+			return nil, err
+		}
 		if err := clusterOptions(opts, cfg); err != nil {
 			return nil, err
 		}
@@ -248,11 +270,6 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*server.Server, error) 
 // clusterOptions makes opts a cluster member with clustered JetStream.
 func clusterOptions(opts *server.Options, cfg ServerConfig) error {
 	host, port, _ := splitListen(cfg.ClusterListen, false)
-	if dir, err := standaloneStreams(cfg.StoreDir); err != nil {
-		return err
-	} else if dir != "" {
-		return fmt.Errorf("nats: %s holds JetStream streams of a standalone server (%s); started clustered, nats-server would delete them as orphans. Keep running it standalone, or back the streams up (nats stream backup) and restore them into the cluster after starting with an empty store", cfg.StoreDir, dir)
-	}
 	routes := make([]*url.URL, 0, len(cfg.Routes)+1)
 	for _, r := range cfg.Routes {
 		u, _ := parseRoute(r)
@@ -270,9 +287,29 @@ func clusterOptions(opts *server.Options, cfg ServerConfig) error {
 		}
 		routes = append(routes, &url.URL{Scheme: "nats", Host: net.JoinHostPort(dialHost(host), strconv.Itoa(port))})
 	}
-	opts.Cluster = server.ClusterOpts{Name: cfg.ClusterName, Host: host, Port: port}
+	opts.Cluster = server.ClusterOpts{Name: cfg.ClusterName, Host: host, Port: port, Advertise: cfg.ClusterAdvertise}
 	opts.Routes = routes
 	return nil
+}
+
+// convertStandalone exports a standalone store under cfg.StoreDir before
+// the server starts clustered over it (see exportStandalone), or refuses
+// when that cannot be done safely.
+func convertStandalone(ctx context.Context, cfg ServerConfig) error {
+	dir, err := standaloneStreams(cfg.StoreDir)
+	if err != nil || dir == "" {
+		return err
+	}
+	if len(cfg.Routes) > 0 {
+		// The cluster joined has streams of its own (the same names:
+		// KUMA_<context>, the leases), which these cannot be merged into.
+		return fmt.Errorf("nats: %s holds the JetStream store of a standalone node (%s), which cannot join a cluster that has streams of its own: start this node with --cluster-listen and no --join, so that it becomes the first member of a new cluster with its data, and join the other nodes to it", cfg.StoreDir, dir)
+	}
+	if acc := filepath.Base(filepath.Dir(filepath.Dir(dir))); acc != server.DEFAULT_GLOBAL_ACCOUNT {
+		return fmt.Errorf("nats: %s holds streams in account %s; only an embedded server's store (account %s) can be carried into a cluster", cfg.StoreDir, acc, server.DEFAULT_GLOBAL_ACCOUNT)
+	}
+	cfg.Logger.Info("this node ran standalone: carrying its JetStream streams into the new cluster (export now, restore once a second member joins)", "store", cfg.StoreDir)
+	return exportStandalone(ctx, cfg)
 }
 
 // dialHost is where to reach a listener bound to host on this machine.
@@ -355,3 +392,23 @@ func (a *slogAdapter) Fatalf(format string, v ...any) {
 func (a *slogAdapter) Errorf(format string, v ...any) { a.l.Error(fmt.Sprintf(format, v...)) }
 func (a *slogAdapter) Debugf(format string, v ...any) { a.l.Debug(fmt.Sprintf(format, v...)) }
 func (a *slogAdapter) Tracef(format string, v ...any) {}
+
+// LoopbackHost reports whether host (a name or an address, IPv6 in
+// brackets or not) is this machine's loopback: localhost, 127.0.0.0/8, ::1.
+func LoopbackHost(host string) bool {
+	host = strings.Trim(host, "[]")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// LoopbackListen reports whether a listen address host:port is reachable
+// from this machine only. What listens elsewhere without authentication
+// (the embedded NATS server, its cluster routes, a console that can
+// change data) needs the operator's --insecure.
+func LoopbackListen(listen string) bool {
+	host, _, err := net.SplitHostPort(listen)
+	return err == nil && LoopbackHost(host)
+}

@@ -194,7 +194,7 @@ func (c *compiler) name() {
 		c.fail(at, "", 0, "name", "the projection has no name", "add name: with a lowercase name such as balances")
 	case s.Name == BuiltinName:
 		c.fail(at, "", 0, "name", "entities is the built-in projection", "choose another name")
-	case !validName(s.Name):
+	case !ValidName(s.Name):
 		c.fail(at, "", 0, "name", fmt.Sprintf("%q is not a valid name", s.Name),
 			"use 1 to 63 lowercase letters, digits or _, starting with a letter, such as "+suggestName(s.Name))
 	}
@@ -340,7 +340,7 @@ func (c *compiler) queries(ctx context.Context, out *Compiled) {
 	for _, name := range c.sortedKeys(sqls, c.src().queries) {
 		label := "query " + name
 		at := c.src().queryPos(name)
-		if !validName(name) {
+		if !ValidName(name) {
 			label = fmt.Sprintf("query %q", name)
 			c.fail(at, "", 0, label, "the query name is not valid",
 				"use 1 to 63 lowercase letters, digits or _, starting with a letter, such as "+suggestName(name))

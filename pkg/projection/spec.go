@@ -152,9 +152,9 @@ func (p pos) lineAt(text string, off int) int {
 // in subjects.
 const maxNameLen = 63
 
-// validName reports whether s matches ^[a-z][a-z0-9_]{0,62}$; a byte loop
+// ValidName reports whether s matches ^[a-z][a-z0-9_]{0,62}$; a byte loop
 // keeps the rule readable next to its error message.
-func validName(s string) bool {
+func ValidName(s string) bool {
 	if len(s) == 0 || len(s) > maxNameLen {
 		return false
 	}

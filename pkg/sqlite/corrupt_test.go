@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/kumadb/kuma/internal/damage"
 )
 
 // corruptContent is what a shard file holds, read back through the shard's
@@ -96,24 +98,6 @@ func corruptCopy(t testing.TB, src string) string {
 		}
 	}
 	return dst
-}
-
-// corruptFlip XORs the byte at off of the file with mask.
-func corruptFlip(t testing.TB, path string, off int64, mask byte) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := []byte{0}
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= mask
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // corruptPage is one b-tree page of a closed file, as dbstat lists it.
@@ -246,7 +230,7 @@ func TestCorruptCheckOnSoundFile(t *testing.T) {
 	if content-free < 8 {
 		t.Fatalf("page %d has %d unused bytes; the test needs some", page.No, content-free)
 	}
-	corruptFlip(t, path, (page.No-1)*pageSize+(free+content)/2, 0x10)
+	damage.Flip(t, path, (page.No-1)*pageSize+(free+content)/2, 0x10)
 	s2, calls2, err := corruptOpen(t, path)
 	if err != nil {
 		t.Fatalf("open after a flip in unused space: %v", err)
@@ -292,7 +276,7 @@ func TestCorruptEventsPage(t *testing.T) {
 
 	t.Run("read", func(t *testing.T) {
 		path := corruptCopy(t, pristine)
-		corruptFlip(t, path, (page.No-1)*pageSize, 0x01) // 0x0d (table leaf) becomes 0x0c: no such page type
+		damage.Flip(t, path, (page.No-1)*pageSize, 0x01) // 0x0d (table leaf) becomes 0x0c: no such page type
 		s, calls, err := corruptOpen(t, path)
 		if err != nil {
 			t.Fatalf("Open: %v (the page is not on the path Open reads)", err)
@@ -318,7 +302,7 @@ func TestCorruptEventsPage(t *testing.T) {
 	})
 	t.Run("check", func(t *testing.T) {
 		path := corruptCopy(t, pristine)
-		corruptFlip(t, path, (page.No-1)*pageSize, 0x01)
+		damage.Flip(t, path, (page.No-1)*pageSize, 0x01)
 		s, calls, err := corruptOpen(t, path)
 		if err != nil {
 			t.Fatal(err)
@@ -337,7 +321,7 @@ func TestCorruptNotADatabase(t *testing.T) {
 	pristine := filepath.Join(t.TempDir(), "shard-000.db")
 	corruptBuild(t, pristine)
 	path := corruptCopy(t, pristine)
-	corruptFlip(t, path, 0, 0x01) // "SQLite format 3" becomes "RQLite format 3"
+	damage.Flip(t, path, 0, 0x01) // "SQLite format 3" becomes "RQLite format 3"
 	_, _, err := corruptOpen(t, path)
 	if !IsCorrupt(err) {
 		t.Fatalf("Open of a file whose header is damaged: %v; want a corruption error", err)
@@ -393,7 +377,7 @@ func TestCorruptWALFrameDropsCommits(t *testing.T) {
 	// Damage the first frame after the middle commit.
 	bad := commits[len(commits)/2] + 1
 	intact := corruptCopy(t, crashed)
-	corruptFlip(t, crashed+"-wal", 32+bad*frameSize+24+pageSize/2, 0x04)
+	damage.Flip(t, crashed+"-wal", 32+bad*frameSize+24+pageSize/2, 0x04)
 
 	s2, calls, err := corruptOpen(t, crashed)
 	if err != nil {
@@ -461,7 +445,7 @@ func TestCorruptRandomBits(t *testing.T) {
 		}
 		off := (page-1)*pageSize + within
 		if round > 0 { // round 0 is the control: no flip
-			corruptFlip(t, path, off, 1<<rng.IntN(8))
+			damage.Flip(t, path, off, 1<<rng.IntN(8))
 		}
 		outcome, detail := corruptClassify(ctx, t, path, want)
 		if round == 0 && outcome != "harmless" {

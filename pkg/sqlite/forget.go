@@ -37,6 +37,9 @@ func (s *Shard) MarkForget(ctx context.Context, p PendingForget) error {
 func (s *Shard) Purge(ctx context.Context, entity string) (int64, error) {
 	var n int64
 	err := s.exec(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		if err := keepHighWater(ctx, conn); err != nil {
+			return err
+		}
 		res, err := conn.ExecContext(ctx, `DELETE FROM events WHERE entity = ?`, entity)
 		if err != nil {
 			return err
@@ -50,11 +53,58 @@ func (s *Shard) Purge(ctx context.Context, entity string) (int64, error) {
 	s.dropFromTail(entity)
 	// Move the deleted pages out of the WAL into the (securely overwritten)
 	// main file and truncate the WAL, so no old copy stays in it. Best effort:
-	// a reader in the middle of a long query can hold it back.
-	if _, err := s.wdbExec(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
-		s.cfg.Logger.Warn("checkpoint after purge failed", "shard", s.cfg.Shard, "err", err)
+	// a reader in the middle of a long query (past busy_timeout) holds it
+	// back; the next purge, a clean close or the next open truncates it.
+	if busy, err := s.truncateWAL(ctx); err != nil || busy {
+		s.cfg.Logger.Warn("the WAL could not be truncated after a purge; it will be at the next purge or restart",
+			"shard", s.cfg.Shard, "busy", busy, "err", err)
 	}
 	return n, nil
+}
+
+// truncateWAL checkpoints the whole WAL into the file and truncates it;
+// busy reports that readers kept it from completing.
+func (s *Shard) truncateWAL(ctx context.Context) (busy bool, err error) {
+	err = s.Commit(ctx, &Commit{standalone: func(ctx context.Context, conn *sql.Conn) error {
+		var b, log, done int64
+		if err := conn.QueryRowContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`).Scan(&b, &log, &done); err != nil {
+			return err
+		}
+		busy = b != 0
+		return nil
+	}})
+	return busy, err
+}
+
+// The file's high-water position is kept in meta, apart from the rows: a
+// forget deletes an entity's events, and when they were the file's last ones
+// MAX(pos) falls back. Positions are never taken back (the stream carries
+// them, and the corruption check compares the stream's end with the file's),
+// so every delete that can lower MAX(pos) first records it here, in the same
+// transaction; Open, Inspect and the writer take the larger of the two.
+// Only TruncateAfter lowers it, deliberately.
+const highWaterKey = "high_water"
+
+// highWaterSQL is the file's last position: the larger of its highest row
+// and its recorded high-water.
+const highWaterSQL = `SELECT max(COALESCE((SELECT MAX(pos) FROM events), 0),
+	COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = '` + highWaterKey + `'), 0))`
+
+// raiseHighWater records seq as the file's last position if it is beyond
+// the recorded one and every row.
+func raiseHighWater(ctx context.Context, conn *sql.Conn, seq int64) error {
+	if _, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) SELECT '`+highWaterKey+`', CAST(max(?, (`+highWaterSQL+`)) AS TEXT)`, seq); err != nil {
+		return fmt.Errorf("sqlite: record high-water position: %w", err)
+	}
+	return nil
+}
+
+// keepHighWater records the file's last position before rows are deleted.
+func keepHighWater(ctx context.Context, conn *sql.Conn) error {
+	if _, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) SELECT '`+highWaterKey+`', CAST((`+highWaterSQL+`) AS TEXT)`); err != nil {
+		return fmt.Errorf("sqlite: record high-water position: %w", err)
+	}
+	return nil
 }
 
 // wdbExec runs q on the writer's connection outside any transaction (a

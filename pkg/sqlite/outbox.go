@@ -3,7 +3,6 @@ package sqlite
 import (
 	"context"
 	"database/sql"
-	"errors"
 	"fmt"
 	"go.opentelemetry.io/otel/trace"
 	"strconv"
@@ -122,15 +121,11 @@ func (s *Shard) signalCommitted() {
 
 // Published returns the position the relay last recorded as published.
 func (s *Shard) Published(ctx context.Context) (int64, error) {
-	var v string
-	err := s.rdb.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'published'`).Scan(&v)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, nil
-	}
+	p, err := readMetaInt(ctx, s.rdb, "published")
 	if err != nil {
-		return 0, s.noteErr(fmt.Errorf("sqlite: read published position: %w", err))
+		return 0, s.noteErr(err)
 	}
-	return strconv.ParseInt(v, 10, 64)
+	return p, nil
 }
 
 // SetPublished records the position the stream holds up to. It rides in the

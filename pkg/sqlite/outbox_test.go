@@ -62,3 +62,40 @@ func TestOutboxServesFromTailAndFile(t *testing.T) {
 		t.Fatalf("after reopen: %d events, last %+v", len(evs), evs[len(evs)-1])
 	}
 }
+
+// TestMarkWholeIsInspected: the whole-history mark is the epoch of the
+// writer that set it, survives a reopen under a newer epoch until that one
+// marks too, and a file never marked reads 0.
+func TestMarkWholeIsInspected(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "s.db")
+	for _, step := range []struct {
+		what             string
+		epoch            int64
+		mark             bool
+		wantWhole, wantE int64
+	}{
+		{"never marked", 2, false, 0, 2},
+		{"marked at 2", 2, true, 2, 2},
+		{"opened at 5, not marked (a take that never got as far as its mark)", 5, false, 2, 5},
+		{"marked at 5", 5, true, 5, 5},
+	} {
+		s, err := Open(ctx, Config{Path: path, Context: "default", Shard: 0, Shards: 1, Epoch: step.epoch})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if step.mark {
+			if err := s.MarkWhole(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s.Close()
+		got, err := Inspect(ctx, path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.WholeOf != step.wantWhole || got.Epoch != step.wantE {
+			t.Fatalf("%s: %+v, want whole_of %d at epoch %d", step.what, got, step.wantWhole, step.wantE)
+		}
+	}
+}

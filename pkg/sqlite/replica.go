@@ -35,13 +35,18 @@ type queryRower interface {
 }
 
 func readEpoch(ctx context.Context, db queryRower) (int64, error) {
+	return readMetaInt(ctx, db, "epoch")
+}
+
+// readMetaInt reads a whole number kept in meta under key (0 when absent).
+func readMetaInt(ctx context.Context, db queryRower, key string) (int64, error) {
 	var v string
-	err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'epoch'`).Scan(&v)
+	err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = ?`, key).Scan(&v)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("sqlite: read epoch: %w", err)
+		return 0, fmt.Errorf("sqlite: read %s: %w", key, err)
 	}
 	return strconv.ParseInt(v, 10, 64)
 }
@@ -95,12 +100,32 @@ func (s *Shard) fenced(ctx context.Context) error {
 	return err
 }
 
+// MarkWhole records in the file that it holds the shard's whole history as
+// of this writer's epoch: its owner caught it up (or found nothing to catch
+// up) and claimed the shard in the stream. From then on every event written
+// under the epoch is written here. A later take that finds the mark at or
+// past the last epoch that served can trust the file whole, even if takes in
+// between failed (a lease that never served wrote nothing). It rides in the
+// writer's next group.
+func (s *Shard) MarkWhole(ctx context.Context) error {
+	if s.cfg.Epoch == 0 {
+		return nil
+	}
+	return s.exec(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		_, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('whole_of', ?)`, strconv.FormatInt(s.cfg.Epoch, 10))
+		return err
+	})
+}
+
 // BackupInfo describes a consistent copy of a shard file.
 type BackupInfo struct {
 	LastSeq   int64 // position of the last event in the copy
 	Published int64 // position the stream held when the copy was made
 	Epoch     int64
-	Bytes     int64
+	// WholeOf is the newest epoch whose whole history the copy holds
+	// (MarkWhole; 0 for a file older than the mark).
+	WholeOf int64
+	Bytes   int64
 }
 
 // Backup writes a consistent copy of the shard to dst (which must not exist)
@@ -112,7 +137,16 @@ func (s *Shard) Backup(ctx context.Context, dst string) (BackupInfo, error) {
 		return BackupInfo{}, fmt.Errorf("sqlite: backup of %s: %w", s.cfg.Path, err)
 	}
 	defer db.Close()
+	// VACUUM INTO would create dst 0644: it takes an empty file made here.
+	f, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, PrivateFileMode)
+	if err != nil {
+		return BackupInfo{}, fmt.Errorf("sqlite: backup of %s: %w", s.cfg.Path, err)
+	}
+	if err := f.Close(); err != nil {
+		return BackupInfo{}, fmt.Errorf("sqlite: backup of %s: %w", s.cfg.Path, err)
+	}
 	if _, err := db.ExecContext(ctx, `VACUUM INTO ?`, dst); err != nil {
+		_ = os.Remove(dst)
 		return BackupInfo{}, fmt.Errorf("sqlite: backup of %s: %w", s.cfg.Path, err)
 	}
 	info, err := Inspect(ctx, dst)
@@ -136,19 +170,16 @@ func Inspect(ctx context.Context, path string) (BackupInfo, error) {
 	}
 	defer db.Close()
 	info := BackupInfo{Bytes: st.Size()}
-	if err := db.QueryRowContext(ctx, `SELECT COALESCE(MAX(pos), 0) FROM events`).Scan(&info.LastSeq); err != nil {
+	if err := db.QueryRowContext(ctx, highWaterSQL).Scan(&info.LastSeq); err != nil {
 		return BackupInfo{}, fmt.Errorf("sqlite: inspect %s: %w", path, err)
 	}
-	var pub string
-	switch err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'published'`).Scan(&pub); {
-	case errors.Is(err, sql.ErrNoRows):
-	case err != nil:
-		return BackupInfo{}, fmt.Errorf("sqlite: inspect %s: %w", path, err)
-	default:
-		info.Published, _ = strconv.ParseInt(pub, 10, 64)
-	}
-	if info.Epoch, err = readEpoch(ctx, db); err != nil {
-		return BackupInfo{}, err
+	for _, m := range []struct {
+		key string
+		to  *int64
+	}{{"published", &info.Published}, {"epoch", &info.Epoch}, {"whole_of", &info.WholeOf}} {
+		if *m.to, err = readMetaInt(ctx, db, m.key); err != nil {
+			return BackupInfo{}, fmt.Errorf("sqlite: inspect %s: %w", path, err)
+		}
 	}
 	return info, nil
 }
@@ -177,6 +208,9 @@ type ReplicatedEvent struct {
 	// Forgotten, when set, is a forget notice for Entity rather than an
 	// event: the entity's rows go.
 	Forgotten bool
+	// Skipped, when set, is an event of an entity forgotten since: it is
+	// not stored (its key is gone), but its position is the shard's.
+	Skipped bool
 }
 
 // ApplyReplicated writes events taken from the stream, in stream order, into
@@ -206,6 +240,10 @@ func (s *Shard) ApplyReplicated(ctx context.Context, evs []ReplicatedEvent) (app
 			if e.Seq <= seq {
 				continue
 			}
+			if e.Skipped {
+				seq = e.Seq
+				continue
+			}
 			if _, err := conn.ExecContext(ctx, `INSERT INTO events (pos, entity, version, payload, time) VALUES (?, ?, ?, ?, ?)`,
 				e.Seq, e.Entity, e.Version, e.Payload, e.Time); err != nil {
 				return fmt.Errorf("sqlite: apply replicated event %d: %w", e.Seq, err)
@@ -227,6 +265,11 @@ func (s *Shard) ApplyReplicated(ctx context.Context, evs []ReplicatedEvent) (app
 		if _, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)`, strconv.FormatInt(seq, 10)); err != nil {
 			return err
 		}
+		// Skipped events (of entities forgotten since) leave no row, but
+		// their positions are taken: a reopen must start after them.
+		if err := raiseHighWater(ctx, conn, seq); err != nil {
+			return err
+		}
 		if err := s.fenced(ctx); err != nil {
 			return err
 		}
@@ -245,6 +288,9 @@ func (s *Shard) ApplyReplicated(ctx context.Context, evs []ReplicatedEvent) (app
 }
 
 func purgeRows(ctx context.Context, conn *sql.Conn, entity string) error {
+	if err := keepHighWater(ctx, conn); err != nil {
+		return err
+	}
 	for _, q := range []string{
 		`DELETE FROM events WHERE entity = ?`,
 		`DELETE FROM snapshots WHERE entity = ?`,
@@ -253,7 +299,7 @@ func purgeRows(ctx context.Context, conn *sql.Conn, entity string) error {
 		`DELETE FROM forget_pending WHERE entity = ?`,
 	} {
 		if _, err := conn.ExecContext(ctx, q, entity); err != nil {
-			return fmt.Errorf("sqlite: purge %s: %w", entity, err)
+			return fmt.Errorf("sqlite: purge: %w", err) // not the id: this error may be logged
 		}
 	}
 	return nil
@@ -316,6 +362,12 @@ func (s *Shard) TruncateAfter(ctx context.Context, pos int64) (dropped int64, er
 			}
 		}
 		if _, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)`, strconv.FormatInt(pos, 10)); err != nil {
+			return err
+		}
+		// The positions after pos are given up: the high-water a purge
+		// recorded (possibly just above) comes down with them.
+		if _, err := conn.ExecContext(ctx, `UPDATE meta SET value = ? WHERE key = '`+highWaterKey+`' AND CAST(value AS INTEGER) > ?`,
+			strconv.FormatInt(pos, 10), pos); err != nil {
 			return err
 		}
 		if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {

@@ -7,6 +7,12 @@ const schemaVersion = 1
 // Times are unix nanoseconds (UTC). pos is the shard's commit sequence: the
 // writer assigns it, so it is dense (1, 2, 3...) and orders events exactly as
 // they were committed, which is what positions and the outbox rely on.
+//
+// meta holds the file's identity (schema, context, shard, shards), the lease
+// epoch, whole_of (the newest epoch whose whole history the file holds,
+// replica.go), the published position, and high_water: the highest position the
+// file ever held, kept apart from the rows because a forget deletes them
+// (forget.go). A key added here needs no schema version.
 const schema = `
 CREATE TABLE IF NOT EXISTS meta (
 	key   TEXT PRIMARY KEY,

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -170,8 +168,8 @@ func Open(ctx context.Context, cfg Config) (*Shard, error) {
 		return nil, err
 	}
 	cfg.Synchronous = strings.ToUpper(cfg.Synchronous)
-	if err := os.MkdirAll(filepath.Dir(cfg.Path), 0o750); err != nil {
-		return nil, fmt.Errorf("sqlite: create shard directory: %w", err)
+	if err := PrepareFile(cfg.Path); err != nil {
+		return nil, err
 	}
 	s := &Shard{cfg: cfg, queue: make(chan *Commit, cfg.QueueLen), committed: make(chan struct{}, 1)}
 	if err := s.open(ctx); err != nil {
@@ -202,9 +200,11 @@ func (s *Shard) open(ctx context.Context) error {
 		"journal_mode(WAL)",
 		"synchronous("+s.cfg.Synchronous+")",
 		"cache_size(-8000)",
-		// A forgotten entity's rows are overwritten, not just unlinked, in
-		// pages the writer touches anyway.
-		"secure_delete(FAST)",
+		// A forgotten entity's rows are overwritten with zeros, in the
+		// pages that keep other rows and in the pages a delete frees
+		// (FAST left those as they were, on the freelist, holding the id
+		// and the sealed events until reused).
+		"secure_delete(ON)",
 	))
 	if err != nil {
 		return fmt.Errorf("sqlite: open %s: %w", s.cfg.Path, err)
@@ -220,10 +220,17 @@ func (s *Shard) open(ctx context.Context) error {
 	if err := s.checkMeta(ctx); err != nil {
 		return err
 	}
+	// A crash between a purge's commit and its checkpoint left the old
+	// pages of a forgotten entity in the WAL: empty it before anything else
+	// (no reader is open yet, so it completes). A damaged file is not
+	// refused here: the checks that own that decision (health.go) run on.
+	if _, err := s.wconn.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+		s.cfg.Logger.Warn("checkpoint at open failed", "shard", s.cfg.Shard, "err", err)
+	}
 	if err := s.claimEpoch(ctx); err != nil {
 		return err
 	}
-	if err := s.wconn.QueryRowContext(ctx, `SELECT COALESCE(MAX(pos), 0) FROM events`).Scan(&s.lastSeq); err != nil {
+	if err := s.wconn.QueryRowContext(ctx, highWaterSQL).Scan(&s.lastSeq); err != nil {
 		return fmt.Errorf("sqlite: read last position of %s: %w", s.cfg.Path, err)
 	}
 	s.tailFrom = s.lastSeq + 1

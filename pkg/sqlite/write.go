@@ -169,7 +169,7 @@ func (s *Shard) writeGroup(group []*Commit) {
 	}
 	elapsed := time.Since(start)
 	if err != nil {
-		s.cfg.Logger.Error("commit failed", "shard", s.cfg.Shard, "entity", group[0].Entity, "err", err)
+		s.cfg.Logger.Error("commit failed", "shard", s.cfg.Shard, "err", err) // not the id: logs outlive a forget
 	}
 	events := 0
 	for _, c := range group {

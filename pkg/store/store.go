@@ -16,7 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats.go"
@@ -117,7 +117,8 @@ func (e *Entity) Read(ctx context.Context, opts ...client.ReadOption) (*kuma.Rea
 	return e.s.client.Read(ctx, e.id, opts...)
 }
 
-// History returns a page of events.
+// History returns up to limit events from fromVersion, following the
+// server's pages (cut by size as well as by count) as client.History does.
 func (e *Entity) History(ctx context.Context, fromVersion int64, limit int) (*kuma.HistoryReply, error) {
 	return e.s.client.History(ctx, e.id, fromVersion, limit)
 }

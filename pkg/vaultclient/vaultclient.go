@@ -20,21 +20,40 @@ const (
 	SubjectKey       = "_kuma.keyvault.key"
 	SubjectShred     = "_kuma.keyvault.shred"
 	SubjectForgotten = "_kuma.keyvault.forgotten"
+	// SubjectPseudonyms computes the stream pseudonyms of a list of ids.
+	SubjectPseudonyms = "_kuma.keyvault.pseudonyms"
 	// SubjectShredded is broadcast after every shred so that every key cache
 	// drops the key at once.
 	SubjectShredded = "_kuma.keyvault.shredded"
 )
 
 // KeyRequest asks for an entity's data key, creating it when Create is set.
+// Pseudonym, instead of Entity, names the entity as the event stream does
+// (Create is then ignored: only an existing key is found by it).
 type KeyRequest struct {
-	Context string `json:"context"`
-	Entity  string `json:"entity"`
-	Create  bool   `json:"create,omitempty"`
+	Context   string `json:"context"`
+	Entity    string `json:"entity,omitempty"`
+	Pseudonym string `json:"pseudonym,omitempty"`
+	Create    bool   `json:"create,omitempty"`
 }
 
-// KeyReply carries the raw data key.
+// KeyReply carries the raw data key, the entity's pseudonym in the event
+// stream, and its id (what a request by pseudonym learns).
 type KeyReply struct {
-	Key []byte `json:"key"`
+	Key       []byte `json:"key"`
+	Pseudonym string `json:"pseudonym"`
+	Entity    string `json:"entity"`
+}
+
+// PseudonymsRequest asks for the pseudonyms of ids (at most 10,000).
+type PseudonymsRequest struct {
+	Context  string   `json:"context"`
+	Entities []string `json:"entities"`
+}
+
+// PseudonymsReply has the pseudonyms in the order of the request's ids.
+type PseudonymsReply struct {
+	Pseudonyms []string `json:"pseudonyms"`
 }
 
 // ShredRequest destroys an entity's key and records it as forgotten.
@@ -69,12 +88,45 @@ func New(nc *nats.Conn, timeout time.Duration) *Client {
 
 // DataKey returns the entity's key: kuma.ErrNotFound when it has none and
 // create is false, kuma.ErrEntityForgotten when it was shredded.
-func (c *Client) DataKey(ctx context.Context, kctx, entity string, create bool) ([]byte, error) {
+func (c *Client) DataKey(ctx context.Context, kctx, entity string, create bool) (KeyReply, error) {
 	var out KeyReply
 	if err := c.call(ctx, SubjectKey, KeyRequest{Context: kctx, Entity: entity, Create: create}, &out); err != nil {
+		return KeyReply{}, err
+	}
+	return out, nil
+}
+
+// KeyByPseudonym returns the key and id of the entity a stream message
+// names by pseudonym: kuma.ErrEntityForgotten once it is shredded.
+func (c *Client) KeyByPseudonym(ctx context.Context, kctx, pseudonym string) (KeyReply, error) {
+	var out KeyReply
+	if err := c.call(ctx, SubjectKey, KeyRequest{Context: kctx, Pseudonym: pseudonym}, &out); err != nil {
+		return KeyReply{}, err
+	}
+	return out, nil
+}
+
+// ForgottenPseudonym returns the forget record of the entity of a
+// pseudonym (without its id), or nil if it was not forgotten.
+func (c *Client) ForgottenPseudonym(ctx context.Context, kctx, pseudonym string) (*kuma.ForgetReply, error) {
+	var out kuma.ForgetReply
+	err := c.call(ctx, SubjectForgotten, KeyRequest{Context: kctx, Pseudonym: pseudonym}, &out)
+	if errors.Is(err, kuma.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
 		return nil, err
 	}
-	return out.Key, nil
+	return &out, nil
+}
+
+// Pseudonyms returns the pseudonyms of ids, in order.
+func (c *Client) Pseudonyms(ctx context.Context, kctx string, entities []string) ([]string, error) {
+	var out PseudonymsReply
+	if err := c.call(ctx, SubjectPseudonyms, PseudonymsRequest{Context: kctx, Entities: entities}, &out); err != nil {
+		return nil, err
+	}
+	return out.Pseudonyms, nil
 }
 
 // Shred destroys the key (idempotent: a second call returns the first record).

@@ -1,6 +1,7 @@
 package console
 
 import (
+	"context"
 	"encoding/json"
 	"io"
 	"mime"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 )
 
 // RequestedBy is what the console sends as the forget's requested-by: the
@@ -39,27 +41,100 @@ func (s *Service) status(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.mon.latest(r.Context()))
 }
 
-// listEntities lists entities of the built-in entities projection, by id
-// prefix, to pick one from.
+// EntityList is a page of GET /api/entities: the entities projection's rows
+// and cursor, and on the first page (no cursor) the number of matches,
+// exact up to Config.MaxCount (CountCapped says there are more). The
+// projection has no count query: the console pages through the matches,
+// and stops there rather than read a million rows for a number.
+type EntityList struct {
+	kuma.QueryReply
+	Count       *int `json:"count,omitempty"`
+	CountCapped bool `json:"count_capped,omitempty"`
+}
+
+// listEntities pages through the built-in entities projection in id order:
+// ?prefix= an id prefix, ?where=FIELD=VALUE (repeatable) a top-level state
+// field's value (JSON, or a string when it is not JSON, as kuma query
+// --where), ?limit= and ?cursor= the page.
 func (s *Service) listEntities(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	req := &kuma.QueryRequest{Limit: 50, Cursor: q.Get("cursor")}
-	if p := q.Get("prefix"); p != "" {
-		b, _ := json.Marshal(p)
-		req.Params = map[string]json.RawMessage{"prefix": b}
-	}
 	limit, err := intParam(q, "limit", 50, kuma.MaxQueryLimit)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	req.Limit = int(limit)
-	out, err := s.client.Query(r.Context(), "entities", req)
+	params := map[string]json.RawMessage{}
+	if p := q.Get("prefix"); p != "" {
+		params["prefix"], _ = json.Marshal(p)
+	}
+	if ws := q["where"]; len(ws) > 0 {
+		where := map[string]json.RawMessage{}
+		for _, kv := range ws {
+			name, val, ok := strings.Cut(kv, "=")
+			if !ok || name == "" {
+				writeError(w, kuma.Errorf(kuma.CodeBadRequest, "where must be FIELD=VALUE, such as role=architect or level=3, got %q", kv))
+				return
+			}
+			if json.Valid([]byte(val)) {
+				where[name] = json.RawMessage(val)
+			} else {
+				where[name], _ = json.Marshal(val)
+			}
+		}
+		params["where"], _ = json.Marshal(where)
+	}
+	req := &kuma.QueryRequest{Limit: int(limit), Cursor: q.Get("cursor")}
+	if len(params) > 0 {
+		req.Params = params
+	}
+	page, err := s.client.Query(r.Context(), "entities", req)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
+	out := EntityList{QueryReply: *page}
+	if req.Cursor == "" {
+		n, capped, err := s.countEntities(r.Context(), params, page)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		out.Count, out.CountCapped = &n, capped
+	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// countEntities counts the matches of params, starting from the first page
+// already read, in pages of the largest size, up to Config.MaxCount.
+func (s *Service) countEntities(ctx context.Context, params map[string]json.RawMessage, first *kuma.QueryReply) (int, bool, error) {
+	size := min(kuma.MaxQueryLimit, s.cfg.MaxCount)
+	n, cursor := len(first.Rows), first.NextCursor
+	if cursor != "" && len(first.Rows) < size {
+		// The first page was small: count from the start in big pages.
+		page, err := s.client.Query(ctx, "entities", &kuma.QueryRequest{Limit: size, Params: paramsOrNil(params)})
+		if err != nil {
+			return 0, false, err
+		}
+		n, cursor = len(page.Rows), page.NextCursor
+	}
+	for cursor != "" {
+		if n >= s.cfg.MaxCount {
+			return n, true, nil
+		}
+		page, err := s.client.Query(ctx, "entities", &kuma.QueryRequest{Limit: size, Cursor: cursor, Params: paramsOrNil(params)})
+		if err != nil {
+			return 0, false, err
+		}
+		n, cursor = n+len(page.Rows), page.NextCursor
+	}
+	return n, false, nil
+}
+
+func paramsOrNil(p map[string]json.RawMessage) map[string]json.RawMessage {
+	if len(p) == 0 {
+		return nil
+	}
+	return p
 }
 
 // readEntity reads an entity's state now, or with ?at_version=N or
@@ -165,7 +240,9 @@ func (s *Service) forget(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s.cfg.Logger.Info("console: entity forgotten", "entity", id, "events_deleted", out.EventsDeleted)
+	// Not the id: the logs outlive the forget. The keyvault's audit line,
+	// at the same forgotten_at, names it by a keyed hash.
+	s.cfg.Logger.Info("console: entity forgotten", "forgotten_at", out.ForgottenAt, "events_deleted", out.EventsDeleted)
 	writeJSON(w, http.StatusOK, out)
 }
 
@@ -180,11 +257,12 @@ func (s *Service) projections(w http.ResponseWriter, r *http.Request) {
 
 func (s *Service) retry(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
-	if err := s.client.RetryProjection(r.Context(), name); err != nil {
+	out, err := s.client.RetryProjectionReplicas(r.Context(), name)
+	if err != nil {
 		writeError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"projection": name, "retrying": true})
+	writeJSON(w, http.StatusOK, out)
 }
 
 // SkipRequest is the body of POST /api/projections/{name}/skip: the
@@ -203,11 +281,12 @@ func (s *Service) skip(w http.ResponseWriter, r *http.Request) {
 		writeError(w, kuma.Errorf(kuma.CodeBadRequest, "position is required: the position of the event the projection stopped at"))
 		return
 	}
-	if err := s.client.SkipProjection(r.Context(), name, req.Position); err != nil {
+	out, err := s.client.SkipProjectionReplicas(r.Context(), name, req.Position)
+	if err != nil {
 		writeError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"projection": name, "skipped": req.Position})
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Service) rebuild(w http.ResponseWriter, r *http.Request) {
@@ -251,7 +330,7 @@ const HeaderConsole = "Kuma-Console"
 // pointing its own domain name at 127.0.0.1 (DNS rebinding).
 func (s *Service) guardHost(h http.Handler) http.Handler {
 	host, _, _ := net.SplitHostPort(s.cfg.Listen)
-	if !isLoopback(host) {
+	if !natsbus.LoopbackHost(host) {
 		return h
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -259,30 +338,12 @@ func (s *Service) guardHost(h http.Handler) http.Handler {
 		if hn, _, err := net.SplitHostPort(r.Host); err == nil {
 			name = hn
 		}
-		if !isLoopback(name) {
+		if !natsbus.LoopbackHost(name) {
 			writeError(w, kuma.Errorf(kuma.CodeForbidden, "host %q refused: this console listens on loopback; open it as http://localhost or http://127.0.0.1", r.Host))
 			return
 		}
 		h.ServeHTTP(w, r)
 	})
-}
-
-// isLoopback reports whether host (a name or an address) is this machine's
-// loopback.
-func isLoopback(host string) bool {
-	host = strings.Trim(host, "[]")
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
-}
-
-// IsLoopback reports whether a host:port listens on loopback only, the
-// condition under which `kuma up` lets the console change data.
-func IsLoopback(listen string) bool {
-	host, _, err := net.SplitHostPort(listen)
-	return err == nil && isLoopback(host)
 }
 
 // entityID returns the path's entity id, or answers 400 when it breaks the

@@ -14,6 +14,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,9 +23,10 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 )
 
 // browser starts headless Chromium for the test.
@@ -305,4 +308,126 @@ func appendLoad(t *testing.T, c *client.Client) (stop func()) {
 	}()
 	var once sync.Once
 	return func() { once.Do(func() { cancel(); wg.Wait() }) }
+}
+
+// TestBrowserBrowseAndLayout: the entity browser finds an entity by prefix
+// through paging and shows the count of matches; times read as ISO in UTC;
+// the shard map lays out 16, 64 and 256 shards with a full last row.
+func TestBrowserBrowseAndLayout(t *testing.T) {
+	ctx := browser(t)
+	dir := screenshots(t)
+	n := kumatest.Start(t, func(c *app.Config) { c.Shards = 16 })
+	ids := seedUsers(t, n, 120)
+	users := 0
+	for _, id := range ids {
+		if strings.HasPrefix(id, "user_") {
+			users++
+		}
+	}
+	con := startConsole(t, n, true, time.Second)
+
+	t.Run("find an entity by prefix through paging", func(t *testing.T) {
+		if err := chromedp.Do(ctx, chromedp.Navigate(con.URL()+"#/entity")); err != nil {
+			t.Fatal(err)
+		}
+		wait(t, ctx, "the browser", `!document.getElementById("entity-empty").hidden`)
+		// The projection applies the shards a moment apart: search until
+		// every user is counted.
+		want := fmt.Sprintf("%d entities · prefix user_", users)
+		wait(t, ctx, "the count of users", fmt.Sprintf(`(() => {
+			const c = document.getElementById("browse-count").textContent;
+			if (c.startsWith(%q)) return true;
+			document.getElementById("browse-prefix").value = "user_";
+			document.getElementById("browse-go").click();
+			return false;
+		})()`, want))
+		if got := eval[int](t, ctx, `document.querySelectorAll("#browse-table tbody tr").length`); got != 25 {
+			t.Errorf("the first page shows %d rows, want 25", got)
+		}
+		if page := eval[string](t, ctx, `document.getElementById("browse-page").textContent`); page != fmt.Sprintf("page 1 of %d", (users+24)/25) {
+			t.Errorf("pager reads %q", page)
+		}
+		found := false
+		for page := 1; page <= 10 && !found; page++ {
+			found = eval[bool](t, ctx, `!!document.querySelector('#browse-table a[href="#/entity/user_0x9A4F"]')`)
+			if !found {
+				before := eval[string](t, ctx, `document.getElementById("browse-page").textContent`)
+				if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("#browse-next"))); err != nil {
+					t.Fatal(err)
+				}
+				wait(t, ctx, "the next page", fmt.Sprintf(`document.getElementById("browse-page").textContent !== %q`, before))
+			}
+		}
+		if !found {
+			t.Fatal("user_0x9A4F not found by paging through prefix user_")
+		}
+		shoot(t, ctx, dir, "console-browse.png", false)
+		if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS(`#browse-table a[href="#/entity/user_0x9A4F"]`))); err != nil {
+			t.Fatal(err)
+		}
+		wait(t, ctx, "the entity", `document.getElementById("entity-id").textContent === "user_0x9A4F"`)
+		meta := eval[string](t, ctx, `document.getElementById("entity-meta").textContent`)
+		if ok, _ := regexp.MatchString(`created \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z`, meta); !ok {
+			t.Errorf("entity times read %q, want ISO 8601 in UTC", meta)
+		}
+	})
+
+	t.Run("filter by a state field", func(t *testing.T) {
+		if err := chromedp.Do(ctx, chromedp.Navigate(con.URL()+"#/entity")); err != nil {
+			t.Fatal(err)
+		}
+		wait(t, ctx, "the browser", `!document.getElementById("entity-empty").hidden`)
+		eval[chromedp.Void](t, ctx, `(() => {
+			document.getElementById("browse-prefix").value = "";
+			document.getElementById("browse-where").value = "role=architect";
+			document.getElementById("browse-go").click();
+		})()`)
+		wait(t, ctx, "the filtered count", `document.getElementById("browse-count").textContent.includes("where role=architect")`)
+		roles := eval[[]string](t, ctx, `[...document.querySelectorAll("#browse-table tbody .state-cell")].map((td) => JSON.parse(td.textContent).role)`)
+		if len(roles) == 0 || slices.ContainsFunc(roles, func(r string) bool { return r != "architect" }) {
+			t.Errorf("filtered rows have roles %v", roles)
+		}
+	})
+
+	t.Run("the monitor's clock is ISO in UTC", func(t *testing.T) {
+		if err := chromedp.Do(ctx, chromedp.Navigate(con.URL()+"#/monitor")); err != nil {
+			t.Fatal(err)
+		}
+		wait(t, ctx, "a sample", `document.getElementById("m-updated").textContent.includes("updated")`)
+		text := eval[string](t, ctx, `document.getElementById("m-updated").textContent`)
+		if ok, _ := regexp.MatchString(`updated \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$`, text); !ok {
+			t.Errorf("the monitor reads %q, want the time as 2026-12-06T11:39:53Z", text)
+		}
+	})
+
+	for _, shards := range []int{16, 64, 256} {
+		t.Run(fmt.Sprintf("shard map of %d shards", shards), func(t *testing.T) {
+			node := n
+			if shards != 16 {
+				node = kumatest.Start(t, func(c *app.Config) { c.Shards = shards })
+			}
+			mc := startConsole(t, node, false, time.Second)
+			if err := chromedp.Do(ctx, chromedp.Navigate(mc.URL()+"#/monitor")); err != nil {
+				t.Fatal(err)
+			}
+			wait(t, ctx, "every shard's tile", fmt.Sprintf(`document.querySelectorAll("#m-shardmap .shard").length === %d`, shards))
+			// Rows by the tiles' tops: every row as long as the first.
+			rows := eval[[]int](t, ctx, `(() => {
+				const tops = new Map();
+				for (const el of document.querySelectorAll("#m-shardmap .shard")) tops.set(el.offsetTop, (tops.get(el.offsetTop) || 0) + 1);
+				return [...tops.values()];
+			})()`)
+			for _, r := range rows {
+				if r != rows[0] {
+					t.Errorf("%d shards lay out in rows of %v: a short last row", shards, rows)
+					break
+				}
+			}
+			if len(rows) > 16 {
+				t.Errorf("%d shards take %d rows", shards, len(rows))
+			}
+			t.Logf("%d shards: %d rows of %d", shards, len(rows), rows[0])
+			shoot(t, ctx, dir, fmt.Sprintf("console-shards-%d.png", shards), true)
+		})
+	}
 }

@@ -53,6 +53,10 @@ type Config struct {
 	PollInterval time.Duration
 	// NodeName names the process whose memory the monitor shows.
 	NodeName string
+	// MaxCount bounds the matches the entity browser counts (default
+	// 10,000): the entities projection has no count query, so the console
+	// pages through the matches to count them.
+	MaxCount int
 	Logger   *slog.Logger
 	Now      func() time.Time
 }
@@ -63,6 +67,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.PollInterval <= 0 {
 		c.PollInterval = time.Second
+	}
+	if c.MaxCount <= 0 {
+		c.MaxCount = 10_000
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

@@ -1,33 +1,31 @@
 // Package keyvault keeps one data key (DEK) per entity, wrapped by the master
-// key (KEK), in its own SQLite file, and destroys keys on forget
-// (crypto-shredding): once a key is gone, every copy of that entity's sealed
-// events, in any shard file, stream or backup, is noise.
+// key (KEK), and destroys keys on forget (crypto-shredding): once a key is
+// gone, every copy of that entity's sealed events, in any shard file, stream
+// or backup, is noise.
 //
-// All operations run on one goroutine that drains whatever is pending into one
-// transaction (group commit), so creating the keys of thousands of new
-// entities costs a few fsyncs, and a shred can never interleave with a
-// create of the same key.
+// The wrapped keys live in a store (store.go): a local SQLite file for a
+// single node (sqlitestore.go, one goroutine group-committing every pending
+// operation), or a JetStream bucket that a cluster replicates
+// (jetstreamstore.go), which any number of keyvault instances on any nodes
+// share. The master key never leaves the process.
 package keyvault
 
 import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
-	"database/sql"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
-	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/vaultclient"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
@@ -36,10 +34,29 @@ import (
 // Version is the keyvault's semver, shown by `nats micro ls`.
 const Version = "0.1.0"
 
+// Where a keyvault keeps its keys (Config.Store).
+const (
+	// StoreFile is a SQLite file of this node's (Config.Path): one keyvault
+	// per file, the default for a single `kuma up`.
+	StoreFile = "file"
+	// StoreJetStream is the JetStream bucket KUMA_KEYS, replicated by the
+	// NATS cluster and shared by every keyvault instance of the cluster.
+	StoreJetStream = "jetstream"
+)
+
 // Config of the keyvault.
 type Config struct {
-	// Path is the keyvault's SQLite file.
+	// Store is StoreFile (default) or StoreJetStream.
+	Store string
+	// Path is the keyvault's SQLite file (StoreFile). With StoreJetStream,
+	// a Path whose file holds keys is imported into the bucket at start
+	// (once: the keys then leave the file), so a node that kept its keys
+	// in a file loses none when it moves to the bucket.
 	Path string
+	// Replicas is the least replica count the JetStream bucket is created
+	// with (1 if unset); a cluster of three JetStream servers or more
+	// gets 3 (natsbus.Replicas). Shardnodes raise it as the cluster grows.
+	Replicas int
 	// MasterKey is the 32-byte KEK.
 	MasterKey []byte
 	Logger    *slog.Logger
@@ -49,8 +66,14 @@ type Config struct {
 // Validate reports every problem at once.
 func (c *Config) Validate() error {
 	var errs []error
-	if c.Path == "" {
-		errs = append(errs, errors.New("keyvault: Path is required"))
+	switch c.Store {
+	case "", StoreFile:
+		if c.Path == "" {
+			errs = append(errs, errors.New("keyvault: Path is required"))
+		}
+	case StoreJetStream:
+	default:
+		errs = append(errs, fmt.Errorf("keyvault: Store must be %q or %q, got %q", StoreFile, StoreJetStream, c.Store))
 	}
 	if len(c.MasterKey) != envelope.KeySize {
 		errs = append(errs, fmt.Errorf("keyvault: the master key must be %d bytes (base64 of 32 random bytes), got %d", envelope.KeySize, len(c.MasterKey)))
@@ -62,22 +85,20 @@ func (c *Config) Validate() error {
 // the in-process implementation of what shardnodes need, and Start also
 // serves them over NATS.
 type Service struct {
-	cfg   Config
-	nc    *nats.Conn
-	kek   *envelope.Key
-	idKey []byte // HMAC key for remembering forgotten ids without the ids
-	db    *sql.DB
-	ops   chan *op
-	done  chan struct{}
-	svc   micro.Service
+	cfg Config
+	nc  *nats.Conn
+	kek *envelope.Key
+	svc *natsbus.Service
 
-	// closeMu is held for reading while an op is queued, so Stop never
-	// closes the queue under a sender; closed refuses ops after Stop.
-	closeMu sync.RWMutex
-	closed  bool
+	// mu guards the store and the id key, which Start sets and Stop
+	// clears; operations hold it for reading only to pick them up.
+	mu    sync.RWMutex
+	st    store
+	idKey []byte // HMAC key for pseudonyms and for remembering forgotten ids
 }
 
-// New builds a keyvault; nc may be nil for in-process use only.
+// New builds a keyvault; nc may be nil for in-process use of a file store
+// only (the JetStream store needs it).
 func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -85,7 +106,14 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	if err := cfg.Validate(); err != nil {
+	if cfg.Store == "" {
+		cfg.Store = StoreFile
+	}
+	err := cfg.Validate()
+	if cfg.Store == StoreJetStream && nc == nil {
+		err = errors.Join(err, errors.New("keyvault: the JetStream store needs a NATS connection"))
+	}
+	if err != nil {
 		return nil, err
 	}
 	kek, err := envelope.NewKey(cfg.MasterKey)
@@ -95,170 +123,131 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	return &Service{cfg: cfg, nc: nc, kek: kek}, nil
 }
 
-// pragmas: WAL with synchronous=FULL costs one fsync per group, which keeps
-// key creation off the append path's critical time (a rollback journal costs
-// three, and about 15% of the end-to-end benchmark). secure_delete
-// overwrites deleted keys in the pages, and after every shred the WAL is
-// checkpointed and truncated, so no old page image with the key survives in
-// it.
-var pragmas = []string{"busy_timeout(10000)", "journal_mode(WAL)", "synchronous(FULL)", "secure_delete(ON)"}
-
-const schema = `
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS keys (
-	context    TEXT    NOT NULL,
-	entity     TEXT    NOT NULL,
-	wrapped    BLOB    NOT NULL,
-	created_at INTEGER NOT NULL,
-	PRIMARY KEY (context, entity)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS shredded (
-	id_hash        BLOB    PRIMARY KEY,
-	forgotten_at   INTEGER NOT NULL,
-	events_deleted INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit (
-	id             INTEGER PRIMARY KEY,
-	time           INTEGER NOT NULL,
-	context        TEXT    NOT NULL,
-	id_hash        TEXT    NOT NULL,
-	reason         TEXT    NOT NULL,
-	requested_by   TEXT    NOT NULL,
-	events_deleted INTEGER NOT NULL
-);
-`
-
-// Start opens (or creates) the keyvault file, checks the master key against
-// it, and serves the NATS endpoints when it has a connection.
+// Start opens (or creates) the store, checks the master key against it, and
+// serves the NATS endpoints when it has a connection.
 func (s *Service) Start(ctx context.Context) error {
-	if err := os.MkdirAll(filepath.Dir(s.cfg.Path), 0o700); err != nil {
-		return fmt.Errorf("keyvault: %w", err)
+	var st store
+	var idKey []byte
+	var err error
+	switch s.cfg.Store {
+	case StoreJetStream:
+		var js *jetStreamStore
+		js, idKey, err = openJetStream(ctx, s.nc, s.kek, s.cfg)
+		st = js
+	default:
+		var fs *sqliteStore
+		fs, idKey, err = openSQLite(ctx, s.cfg.Path, s.kek, s.cfg.Logger, s.cfg.Now)
+		st = fs
 	}
-	db, err := sql.Open("sqlite", sqlite.DSN(s.cfg.Path, pragmas...))
 	if err != nil {
-		return fmt.Errorf("keyvault: open %s: %w", s.cfg.Path, err)
-	}
-	db.SetMaxOpenConns(1)
-	s.db = db
-	if _, err := db.ExecContext(ctx, schema); err != nil {
-		db.Close()
-		return fmt.Errorf("keyvault: create schema in %s: %w", s.cfg.Path, err)
-	}
-	if err := s.loadMeta(ctx); err != nil {
-		db.Close()
 		return err
 	}
-	s.closeMu.Lock()
-	s.ops = make(chan *op, 4096)
-	s.done = make(chan struct{})
-	s.closed = false
-	s.closeMu.Unlock()
-	go s.loop()
+	s.mu.Lock()
+	s.st, s.idKey = st, idKey
+	s.mu.Unlock()
 	if s.nc != nil {
 		if err := s.serve(ctx); err != nil {
 			_ = s.Stop(ctx)
 			return err
 		}
 	}
-	s.cfg.Logger.Info("keyvault started", "path", s.cfg.Path)
+	s.cfg.Logger.Info("keyvault started", "store", s.cfg.Store, "path", s.cfg.Path)
 	return nil
 }
 
-// loadMeta proves the master key on the file's check value, creating the
-// check value and the id-hash key on first start. A wrong key is an error,
-// never silent garbage.
-func (s *Service) loadMeta(ctx context.Context) error {
-	checkAAD := envelope.AAD(envelope.PurposeMeta, "", "check", 0)
-	idAAD := envelope.AAD(envelope.PurposeMeta, "", "id-hash-key", 0)
-	var check, idSealed []byte
-	err := s.db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'check'`).Scan(&check)
-	if errors.Is(err, sql.ErrNoRows) {
-		s.idKey = envelope.NewRandomKey()
-		tx, err := s.db.BeginTx(ctx, nil)
-		if err != nil {
-			return err
-		}
-		defer tx.Rollback()
-		if _, err := tx.ExecContext(ctx, `INSERT INTO meta (key, value) VALUES ('check', ?), ('id-hash-key', ?)`,
-			s.kek.Seal(nil, []byte("kuma keyvault"), checkAAD), s.kek.Seal(nil, s.idKey, idAAD)); err != nil {
-			return fmt.Errorf("keyvault: initialise %s: %w", s.cfg.Path, err)
-		}
-		return tx.Commit()
+// Stop stops serving, finishes the operations under way and closes the
+// store. Calls after Stop answer unavailable; Start may run again.
+func (s *Service) Stop(ctx context.Context) error {
+	if s.svc != nil {
+		_ = s.svc.Stop()
+		s.svc = nil
 	}
-	if err != nil {
-		return fmt.Errorf("keyvault: read %s: %w", s.cfg.Path, err)
+	s.mu.Lock()
+	st := s.st
+	s.st = nil
+	s.mu.Unlock()
+	if st == nil {
+		return nil
 	}
-	if _, err := s.kek.Open(check, checkAAD); err != nil {
-		return fmt.Errorf("keyvault: the master key does not open %s; it was created with another key "+
-			"(check --master-key-file / KUMA_MASTER_KEY; rotate with `kuma keyvault rotate`)", s.cfg.Path)
+	return st.close()
+}
+
+// current is the running store and id key, or unavailable after Stop.
+func (s *Service) current() (store, []byte, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.st == nil {
+		return nil, nil, kuma.Errorf(kuma.CodeUnavailable, "keyvault is stopped")
 	}
-	if err := s.db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'id-hash-key'`).Scan(&idSealed); err != nil {
-		return fmt.Errorf("keyvault: read id-hash key: %w", err)
-	}
-	if s.idKey, err = s.kek.Open(idSealed, idAAD); err != nil {
-		return fmt.Errorf("keyvault: id-hash key does not open: %w", err)
-	}
-	return nil
+	return s.st, s.idKey, nil
 }
 
 // idHash is what the keyvault remembers of a forgotten id: a keyed hash, so
-// the id itself is gone but a later request for it is still recognised.
-func (s *Service) idHash(kctx, entity string) []byte {
-	m := hmac.New(sha256.New, s.idKey)
+// the id itself is gone but a later request for it is still recognised. It
+// is also the entity's pseudonym in the event stream (base64url): only the
+// keyvault holds its key, so nothing else can tell which id a pseudonym
+// stands for, or test a guessed id against the stream. Every instance that
+// shares a store shares its id key, so they all name an entity alike.
+func idHash(idKey []byte, kctx, entity string) []byte {
+	m := hmac.New(sha256.New, idKey)
 	m.Write([]byte(kctx))
 	m.Write([]byte{0})
 	m.Write([]byte(entity))
 	return m.Sum(nil)
 }
 
-// Stop stops serving, finishes queued operations and closes the file.
-func (s *Service) Stop(ctx context.Context) error {
-	if s.svc != nil {
-		_ = s.svc.Stop()
-		s.svc = nil
+// Pseudonym is the entity's name in the event stream (see idHash); empty
+// while the keyvault is stopped.
+func (s *Service) Pseudonym(kctx, entity string) string {
+	_, idKey, err := s.current()
+	if err != nil {
+		return ""
 	}
-	s.closeMu.Lock()
-	wasOpen := s.ops != nil && !s.closed
-	if wasOpen {
-		s.closed = true
-		close(s.ops)
-	}
-	s.closeMu.Unlock()
-	if wasOpen {
-		<-s.done // queued operations finish
-	}
-	if s.db != nil {
-		err := s.db.Close()
-		s.db = nil
-		return err
-	}
-	return nil
+	return encodePseudonym(idHash(idKey, kctx, entity))
 }
 
+func encodePseudonym(h []byte) string { return base64.RawURLEncoding.EncodeToString(h) }
+
+// parsePseudonym reads a pseudonym back into the id hash it encodes.
+func parsePseudonym(p string) ([]byte, error) {
+	h, err := base64.RawURLEncoding.DecodeString(p)
+	if err != nil || len(h) != sha256.Size {
+		return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed pseudonym")
+	}
+	return h, nil
+}
+
+// maxInFlight bounds the requests of one endpoint handled at once.
+const maxInFlight = 64
+
 func (s *Service) serve(ctx context.Context) error {
-	svc, err := micro.AddService(s.nc, micro.Config{
+	svc, err := natsbus.AddService(s.nc, natsbus.ServiceConfig{
 		Name: "kuma-keyvault", Version: Version,
 		Description: "Per-entity data keys wrapped by the master key; crypto-shredding",
 		QueueGroup:  "kuma-keyvault",
+		// A JetStream store's request waits on the bucket's leader, for
+		// seconds while one is elected: the requests behind it must not
+		// wait too. The file store queues them into its group commit.
+		Concurrency: maxInFlight,
 	})
 	if err != nil {
 		return fmt.Errorf("keyvault: register micro service: %w", err)
 	}
 	s.svc = svc
 	add := func(name, subject string, h func(context.Context, []byte) (any, error)) error {
-		return svc.AddEndpoint(name, natsbus.Guard(func(req micro.Request) {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			out, err := h(ctx, req.Data())
-			if err != nil {
+		return svc.AddEndpoint(name, subject, natsbus.JSONEndpoint{
+			Answer: func(ctx context.Context, req micro.Request) (any, error) {
+				return h(ctx, req.Data())
+			},
+			Timeout:  30 * time.Second,
+			MaxReply: natsbus.ReplyLimit(s.nc),
+			Hint:     "ask for the pseudonyms of fewer entities at once",
+			Answered: func(_ micro.Request, err error) {
 				if kuma.ErrorCode(err) == kuma.CodeInternal {
 					s.cfg.Logger.Error("keyvault request failed", "endpoint", name, "err", err)
 				}
-				_ = natsbus.MicroError(req, err)
-				return
-			}
-			_ = req.RespondJSON(out)
-		}), micro.WithEndpointSubject(subject))
+			},
+		})
 	}
 	errs := []error{
 		add("key", vaultclient.SubjectKey, func(ctx context.Context, b []byte) (any, error) {
@@ -266,11 +255,21 @@ func (s *Service) serve(ctx context.Context) error {
 			if err := json.Unmarshal(b, &r); err != nil {
 				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed key request")
 			}
-			k, err := s.DataKey(ctx, r.Context, r.Entity, r.Create)
+			if r.Pseudonym != "" {
+				return s.KeyByPseudonym(ctx, r.Context, r.Pseudonym)
+			}
+			return s.DataKey(ctx, r.Context, r.Entity, r.Create)
+		}),
+		add("pseudonyms", vaultclient.SubjectPseudonyms, func(ctx context.Context, b []byte) (any, error) {
+			var r vaultclient.PseudonymsRequest
+			if err := json.Unmarshal(b, &r); err != nil {
+				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed pseudonyms request")
+			}
+			ps, err := s.Pseudonyms(ctx, r.Context, r.Entities)
 			if err != nil {
 				return nil, err
 			}
-			return vaultclient.KeyReply{Key: k}, nil
+			return vaultclient.PseudonymsReply{Pseudonyms: ps}, nil
 		}),
 		add("shred", vaultclient.SubjectShred, func(ctx context.Context, b []byte) (any, error) {
 			var r vaultclient.ShredRequest
@@ -284,7 +283,13 @@ func (s *Service) serve(ctx context.Context) error {
 			if err := json.Unmarshal(b, &r); err != nil {
 				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed request")
 			}
-			rec, err := s.Forgotten(ctx, r.Context, r.Entity)
+			var rec *kuma.ForgetReply
+			var err error
+			if r.Pseudonym != "" {
+				rec, err = s.ForgottenPseudonym(ctx, r.Context, r.Pseudonym)
+			} else {
+				rec, err = s.Forgotten(ctx, r.Context, r.Entity)
+			}
 			if err != nil {
 				return nil, err
 			}

@@ -35,9 +35,12 @@ func now() time.Time { return fixedNow }
 // keyAPI is what both the in-process Service and the NATS client offer, so
 // the same checks run on both paths.
 type keyAPI interface {
-	DataKey(ctx context.Context, kctx, entity string, create bool) ([]byte, error)
+	DataKey(ctx context.Context, kctx, entity string, create bool) (vaultclient.KeyReply, error)
+	KeyByPseudonym(ctx context.Context, kctx, pseudonym string) (vaultclient.KeyReply, error)
 	Shred(ctx context.Context, r vaultclient.ShredRequest) (*kuma.ForgetReply, error)
 	Forgotten(ctx context.Context, kctx, entity string) (*kuma.ForgetReply, error)
+	ForgottenPseudonym(ctx context.Context, kctx, pseudonym string) (*kuma.ForgetReply, error)
+	Pseudonyms(ctx context.Context, kctx string, entities []string) ([]string, error)
 }
 
 var (
@@ -92,26 +95,38 @@ func stopVault(t *testing.T, kv *keyvault.Service) {
 
 func dbPath(t *testing.T) string { return filepath.Join(t.TempDir(), "keyvault", "keys.db") }
 
-// forBothPaths runs f once against the Service directly and once through
-// vaultclient over a real NATS server.
+// forBothPaths runs f against every store (conformance_test.go), each
+// once against the Service directly and once through vaultclient over a
+// real NATS server.
 func forBothPaths(t *testing.T, f func(t *testing.T, api keyAPI, kv *keyvault.Service)) {
-	t.Run("in-process", func(t *testing.T) {
-		kv := startVault(t, dbPath(t), envelope.NewRandomKey(), nil)
-		f(t, kv, kv)
-	})
-	t.Run("nats", func(t *testing.T) {
-		nc := startNATS(t)
-		kv := startVault(t, dbPath(t), envelope.NewRandomKey(), nc)
-		f(t, vaultclient.New(nc, 0), kv)
-	})
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) {
+			t.Run("in-process", func(t *testing.T) {
+				var nc *nats.Conn
+				if b.features.NeedsNATS {
+					nc = startNATS(t)
+				}
+				st := b.storage(t, nc)
+				kv := st.start(t, envelope.NewRandomKey(), nc)
+				f(t, kv, kv)
+			})
+			t.Run("nats", func(t *testing.T) {
+				nc := startNATS(t)
+				st := b.storage(t, nc)
+				kv := st.start(t, envelope.NewRandomKey(), nc)
+				f(t, vaultclient.New(nc, 0), kv)
+			})
+		})
+	}
 }
 
 func mustKey(t *testing.T, api keyAPI, kctx, entity string, create bool) []byte {
 	t.Helper()
-	k, err := api.DataKey(t.Context(), kctx, entity, create)
+	r, err := api.DataKey(t.Context(), kctx, entity, create)
 	if err != nil {
 		t.Fatalf("DataKey(%q, %q, create=%v): got error %v, want a key", kctx, entity, create, err)
 	}
+	k := r.Key
 	if len(k) != envelope.KeySize {
 		t.Fatalf("DataKey(%q, %q): got %d bytes, want %d", kctx, entity, len(k), envelope.KeySize)
 	}
@@ -297,7 +312,7 @@ func TestShred(t *testing.T) {
 		for _, create := range []bool{true, false} {
 			k, err := api.DataKey(ctx, "default", "victim", create)
 			wantCode(t, fmt.Sprintf("DataKey(create=%v) after shred", create), err, kuma.ErrEntityForgotten)
-			if k != nil {
+			if k.Key != nil {
 				t.Errorf("DataKey(create=%v) after shred: got key %x, want none", create, k)
 			}
 		}
@@ -668,7 +683,7 @@ func TestConcurrentDataKeyCreates(t *testing.T) {
 					errs = append(errs, fmt.Errorf("%s: %w", e, err))
 					return
 				}
-				got[e] = append(got[e], k)
+				got[e] = append(got[e], k.Key)
 			})
 		}
 		wg.Wait()
@@ -758,9 +773,10 @@ func TestMicroServiceInfo(t *testing.T) {
 		t.Errorf("info version: got %q, want %q", info.Version, keyvault.Version)
 	}
 	want := map[string]string{
-		"key":       vaultclient.SubjectKey,
-		"shred":     vaultclient.SubjectShred,
-		"forgotten": vaultclient.SubjectForgotten,
+		"key":        vaultclient.SubjectKey,
+		"shred":      vaultclient.SubjectShred,
+		"forgotten":  vaultclient.SubjectForgotten,
+		"pseudonyms": vaultclient.SubjectPseudonyms,
 	}
 	if len(info.Endpoints) != len(want) {
 		t.Fatalf("endpoints: got %d (%+v), want %d", len(info.Endpoints), info.Endpoints, len(want))
@@ -768,7 +784,7 @@ func TestMicroServiceInfo(t *testing.T) {
 	for _, ep := range info.Endpoints {
 		subj, ok := want[ep.Name]
 		if !ok {
-			t.Errorf("endpoint %q: not one of key, shred, forgotten", ep.Name)
+			t.Errorf("endpoint %q: not one of key, shred, forgotten, pseudonyms", ep.Name)
 			continue
 		}
 		if ep.Subject != subj {

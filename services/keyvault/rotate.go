@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/sqlite"
 )
@@ -15,6 +16,12 @@ import (
 // old master key to the new one, in one transaction: either every key is
 // under the new master key or none is. Run it with the keyvault stopped.
 // Data keys do not change, so no event needs re-sealing.
+//
+// Rotate covers the file store only. A file whose keys were imported into
+// the JetStream bucket is refused: the keys are no longer in it, and
+// rotating the bucket's master key (re-wrapping every key message and
+// securely erasing the old ones, with every instance stopped) is not
+// built yet.
 func Rotate(ctx context.Context, path string, oldKey, newKey []byte) (keys int, err error) {
 	oldK, err := envelope.NewKey(oldKey)
 	if err != nil {
@@ -25,7 +32,7 @@ func Rotate(ctx context.Context, path string, oldKey, newKey []byte) (keys int, 
 		return 0, fmt.Errorf("new master key: %w", err)
 	}
 	if _, err := os.Stat(path); err != nil {
-		return 0, fmt.Errorf("keyvault file: %w", err)
+		return 0, fmt.Errorf("keyvault file: %w (a cluster member keeps its keys in the JetStream bucket %s instead, whose master-key rotation is not built yet)", err, cluster.KeysBucket)
 	}
 	db, err := sql.Open("sqlite", sqlite.DSN(path, pragmas...)+"&mode=rw")
 	if err != nil {
@@ -39,6 +46,11 @@ func Rotate(ctx context.Context, path string, oldKey, newKey []byte) (keys int, 
 	}
 	defer tx.Rollback()
 
+	var moved []byte
+	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = ?`, movedKey).Scan(&moved); err == nil {
+		return 0, fmt.Errorf("the keys of %s were moved to %s: rotating the master key of the cluster's bucket is not supported yet "+
+			"(see docs/security.md); nothing was changed", path, moved)
+	}
 	for _, name := range []string{"check", "id-hash-key"} {
 		aad := envelope.AAD(envelope.PurposeMeta, "", name, 0)
 		var v []byte

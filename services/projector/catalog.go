@@ -13,6 +13,9 @@ import (
 type catalog struct{ db *sql.DB }
 
 func openCatalog(ctx context.Context, path string) (*catalog, error) {
+	if err := sqlite.PrepareFile(path); err != nil {
+		return nil, err
+	}
 	db, err := sql.Open("sqlite", sqlite.DSN(path, "busy_timeout(10000)", "journal_mode(WAL)", "synchronous(FULL)"))
 	if err != nil {
 		return nil, err
@@ -51,3 +54,31 @@ func (c *catalog) setBuilding(ctx context.Context, name string, gen int64) error
 }
 
 func (c *catalog) close() error { return c.db.Close() }
+
+// remove forgets a projection (a drop): its generations are gone.
+func (c *catalog) remove(ctx context.Context, name string) (bool, error) {
+	res, err := c.db.ExecContext(ctx, `DELETE FROM projections WHERE name = ?`, name)
+	if err != nil {
+		return false, err
+	}
+	n, err := res.RowsAffected()
+	return n > 0, err
+}
+
+// names lists every projection the catalog knows, declared or not.
+func (c *catalog) names(ctx context.Context) ([]string, error) {
+	rows, err := c.db.QueryContext(ctx, `SELECT name FROM projections ORDER BY name`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			return nil, err
+		}
+		out = append(out, n)
+	}
+	return out, rows.Err()
+}

@@ -3,9 +3,11 @@ package projector
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -54,6 +56,13 @@ func (unmarshaler) Unmarshal(m jetstream.Msg) (*message.Message, error) {
 	return wm, nil
 }
 
+// Metadata keys of a projector's durable consumers: the replica (node) and
+// the projection it feeds.
+const (
+	consumerMetaNode       = "kuma_projector_node"
+	consumerMetaProjection = "kuma_projection"
+)
+
 // consumerPrefix begins the names of a generation's durable consumers: per
 // node (each projector keeps its own read models), per projection, per
 // generation.
@@ -86,8 +95,18 @@ func (g *generation) ensureConsumer(ctx context.Context, ackWait time.Duration) 
 	if err != nil {
 		return nil, err
 	}
+	// A consumer has one replica (below), so an earlier one whose server
+	// is down cannot be deleted until the server is back: it is left
+	// behind, unused (a later subscription of the generation, a rebuild's
+	// swap or a drop deletes it), and a new one made beside it. Waiting
+	// for the delete would keep the replica stalled as long as the server
+	// stays down.
 	if err := deleteConsumers(ctx, stream, g.prefix); err != nil {
-		return nil, err
+		if ctx.Err() != nil {
+			return nil, err
+		}
+		g.p.svc.log.Warn("earlier durables of the projection could not all be deleted (their server may be down); making a new one beside them",
+			"projection", g.p.name, "generation", g.gen, "err", err)
 	}
 	applied := g.rm.seq()
 	name := g.prefix + "_" + strconv.FormatInt(time.Now().UnixNano(), 36)
@@ -98,8 +117,19 @@ func (g *generation) ensureConsumer(ctx context.Context, ackWait time.Duration) 
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		// One message at a time: per shard, events apply in commit order.
 		MaxAckPending: 1,
+		// One replica whatever the stream's: with one message in flight,
+		// each ack is a round of the consumer's Raft group before the next
+		// delivery, and at three replicas a replica applied a message per
+		// round and fell further behind the writes for good. The read
+		// model, not the consumer, holds the position, so a consumer lost
+		// with its server is only recreated there (watch).
+		Replicas:      1,
 		AckWait:       ackWait,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
+		// Names are cleaned and joined with '_', which context and node
+		// names may hold too: metadata is how status finds each replica's
+		// durables (and so a replica that no longer answers).
+		Metadata: map[string]string{consumerMetaNode: g.p.svc.cfg.NodeName, consumerMetaProjection: g.p.name},
 	}
 	if applied > 0 {
 		si, err := stream.Info(ctx)
@@ -129,8 +159,15 @@ func (g *generation) ensureConsumer(ctx context.Context, ackWait time.Duration) 
 	return c, nil
 }
 
-// deleteConsumers deletes the durables whose names start with prefix.
+// consumerDeleteWait bounds deleteConsumers: a durable whose one server is
+// down does not answer its delete until the server is back.
+const consumerDeleteWait = 3 * time.Second
+
+// deleteConsumers deletes the durables whose names start with prefix,
+// within consumerDeleteWait.
 func deleteConsumers(ctx context.Context, stream jetstream.Stream, prefix string) error {
+	ctx, cancel := context.WithTimeout(ctx, consumerDeleteWait)
+	defer cancel()
 	names := stream.ConsumerNames(ctx)
 	var old []string
 	for n := range names.Name() {
@@ -141,12 +178,13 @@ func deleteConsumers(ctx context.Context, stream jetstream.Stream, prefix string
 	if err := names.Err(); err != nil {
 		return err
 	}
+	var errs []error
 	for _, n := range old {
 		if err := stream.DeleteConsumer(ctx, n); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
-			return err
+			errs = append(errs, fmt.Errorf("%s: %w", n, err))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // resources hands the consumer made by ensureConsumer to the subscriber,
@@ -171,6 +209,25 @@ type guarded struct {
 type gate struct {
 	mu       sync.Mutex
 	stopping bool
+	// busy is set while a delivery runs, last is when one last began or
+	// ended (unix ns): with neither for a while and an ack pending on the
+	// durable, a delivery or an ack was lost (stalled).
+	busy atomic.Bool
+	last atomic.Int64
+}
+
+func newGate(now time.Time) *gate {
+	g := &gate{}
+	g.last.Store(now.UnixNano())
+	return g
+}
+
+// idleFor is how long no delivery has run, zero while one runs.
+func (g *gate) idleFor(now time.Time) time.Duration {
+	if g.busy.Load() {
+		return 0
+	}
+	return now.Sub(time.Unix(0, g.last.Load()))
 }
 
 // close waits for the delivery in flight and lets no other through.
@@ -184,6 +241,12 @@ func (c guarded) Consume(h jetstream.MessageHandler, opts ...jetstream.PullConsu
 	return c.Consumer.Consume(func(m jetstream.Msg) {
 		c.g.mu.Lock()
 		defer c.g.mu.Unlock()
+		c.g.busy.Store(true)
+		c.g.last.Store(time.Now().UnixNano())
+		defer func() {
+			c.g.last.Store(time.Now().UnixNano())
+			c.g.busy.Store(false)
+		}()
 		if c.g.stopping {
 			// Handed back at once: left unacknowledged, it would hold
 			// the durable (one message in flight) for a whole ack wait

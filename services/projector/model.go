@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/projection"
 )
 
@@ -27,8 +28,41 @@ type model interface {
 	apply(t txn, evs []projection.Event) (int, error)
 	// forget drops what the model holds of an entity.
 	forget(t txn, entity string) error
-	// query answers a query on a read-only connection.
-	query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) (*kuma.QueryReply, error)
+	// query answers a query on a read-only connection, with no more rows
+	// than page lets fit in one answer.
+	query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest, page *rowPage) (*kuma.QueryReply, error)
+}
+
+// replyAround is what a query answer holds besides its rows: the longest
+// next_cursor (an entity id of 128 characters in base64) and a position,
+// with their keys, and room to spare.
+const replyAround = 512
+
+// rowPage keeps a query's rows within one answer: a page is cut by size as
+// well as by count, and next_cursor gives the rest. The first row is always
+// taken if it fits at all; one that cannot answers payload_too_large.
+type rowPage struct {
+	limit int // the largest answer body
+	page  *natsbus.Page
+}
+
+func newRowPage(maxReply int) *rowPage {
+	return &rowPage{limit: maxReply, page: natsbus.NewPage(maxReply, replyAround)}
+}
+
+// add reports whether row fits in what is left, and takes its room if so.
+// A row that does not fit on an empty page is the error the caller
+// returns, described by what.
+func (p *rowPage) add(row map[string]any, what func() string) (bool, error) {
+	fits, size, err := p.page.Add(row)
+	if err != nil || fits {
+		return fits, err
+	}
+	if p.page.Len() == 0 {
+		return false, natsbus.TooLarge(size+replyAround, p.limit, what(),
+			"no page can hold it; narrow the query, or raise the NATS server's max_payload")
+	}
+	return false, nil
 }
 
 // declared runs a projection declared in a file or in Go.
@@ -69,7 +103,7 @@ func (d *declared) forget(t txn, entity string) error {
 	return t.exec(d.c.Forget.SQL, args...)
 }
 
-func (d *declared) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
+func (d *declared) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest, page *rowPage) (*kuma.QueryReply, error) {
 	st := d.c.Queries[r.Query]
 	if st == nil {
 		return nil, kuma.Errorf(kuma.CodeNotFound, "projection %q has no query %q", d.c.Spec.Name, r.Query)
@@ -115,6 +149,16 @@ func (d *declared) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) 
 				continue
 			}
 			row[c] = vals[i]
+		}
+		fits, err := page.add(row, func() string {
+			return fmt.Sprintf("row %d of query %q", offset+1, r.Query)
+		})
+		if err != nil {
+			return nil, err
+		}
+		if !fits {
+			out.NextCursor = encodeOffset(offset + int64(len(out.Rows)))
+			break
 		}
 		out.Rows = append(out.Rows, row)
 	}
@@ -233,7 +277,7 @@ func (m *entities) forget(t txn, entity string) error {
 // query answers {"params": {"where": {...}, "prefix": "..."}}: equality on
 // top-level state fields (scalars only), an entity id prefix, pages in
 // entity id order with the last id as cursor.
-func (m *entities) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
+func (m *entities) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest, page *rowPage) (*kuma.QueryReply, error) {
 	if r.Query != "" {
 		return nil, kuma.Errorf(kuma.CodeNotFound, "the entities projection has no named queries; send params.where and params.prefix")
 	}
@@ -303,11 +347,22 @@ func (m *entities) query(ctx context.Context, db *sql.DB, r *kuma.QueryRequest) 
 		if err := rows.Scan(&e, &v, &state, &at); err != nil {
 			return nil, queryError(ctx, err)
 		}
-		last = e
-		out.Rows = append(out.Rows, map[string]any{
+		row := map[string]any{
 			"entity": e, "version": v, "state": json.RawMessage(state),
 			"updated_at": time.UnixMicro(at).UTC(),
+		}
+		fits, err := page.add(row, func() string {
+			return fmt.Sprintf("the row of entity %q (its state at version %d)", e, v)
 		})
+		if err != nil {
+			return nil, err
+		}
+		if !fits {
+			out.NextCursor = base64.RawURLEncoding.EncodeToString([]byte(last))
+			break
+		}
+		last = e
+		out.Rows = append(out.Rows, row)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, queryError(ctx, err)

@@ -105,7 +105,7 @@ func (g *generation) run(ctx context.Context) error {
 		nc.Close()
 		return err
 	}
-	gt := &gate{}
+	gt := newGate(time.Now())
 	g.mu.Lock()
 	g.gate = gt
 	g.mu.Unlock()
@@ -130,6 +130,12 @@ func (g *generation) run(ctx context.Context) error {
 	if err != nil {
 		nc.Close()
 		return err
+	}
+	svc.routerMu.Lock()
+	defer svc.routerMu.Unlock()
+	if svc.stopping {
+		_ = sub.Close()
+		return errStopping
 	}
 	g.nc, g.sub = nc, sub
 	g.handler = svc.router.AddNoPublisherHandler(g.currentConsumer(), kuma.EventsWildcard(svc.cfg.Context), sub, g.handle)
@@ -168,19 +174,71 @@ func (g *generation) currentConsumer() string {
 	return g.consumer
 }
 
+// stalled tells whether the generation's durable waits for an ack that
+// will not come, or for a pull that will not come: no delivery has run here
+// for stallAfter while the durable counts a message out to this subscriber,
+// or has messages and no pull request waiting. The first happens when the
+// durable's leader is lost between a delivery and its ack (a node of the
+// cluster dies): the message would come again only after the ack wait
+// (35 s), and queries with after on this replica would time out until then.
+func (g *generation) stalled(stallAfter time.Duration) bool {
+	g.mu.Lock()
+	gt := g.gate
+	g.mu.Unlock()
+	if gt == nil || gt.idleFor(time.Now()) < stallAfter {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := g.p.svc.stream(ctx)
+	if err != nil {
+		return false
+	}
+	c, err := s.Consumer(ctx, g.currentConsumer())
+	if err != nil {
+		// The stream answers and the durable does not: its one server
+		// (consumer.go) is down or cut off, and nothing comes from it
+		// until it is back. Idle that long and behind the stream (the
+		// caller checked), it is as good as lost.
+		return true
+	}
+	// Either a message is out that no delivery here holds, or messages
+	// wait and no pull request of this subscriber is at the durable (lost
+	// while the durable had no leader, as when a cluster forms: the pull
+	// would be sent again only after missed heartbeats, 30 s).
+	info := c.CachedInfo()
+	lost := info.NumAckPending > 0 || (info.NumPending > 0 && info.NumWaiting == 0)
+	return lost && gt.idleFor(time.Now()) >= stallAfter
+}
+
 // resubscribe replaces a subscription whose durable consumer was deleted
-// under it (by an operator, or lost with a server): the new one is created
-// at the read model's position, so nothing is missed.
-func (g *generation) resubscribe() {
+// under it (by an operator, or lost with a server), or that stalled (see
+// stalled): the new one is created at the read model's position, so
+// nothing is missed, and a message applied twice changes nothing.
+func (g *generation) resubscribe() { g.replace(false) }
+
+func (g *generation) replace(stall bool) {
 	// One at a time; one asked for meanwhile runs after (the consumer it
 	// finds may be the one being deleted).
 	g.resubMu.Lock()
 	defer g.resubMu.Unlock()
-	if g.ended() || !g.consumerGone() {
+	if g.ended() {
 		return
 	}
 	log := g.p.svc.log
-	log.Warn("durable consumer deleted; recreating it at the read model's position", "consumer", g.currentConsumer())
+	if stall {
+		if !g.stalled(g.p.svc.cfg.StallAfter) {
+			return
+		}
+		log.Warn("durable consumer stalled (an ack pending that no delivery here holds, or no pull request, as when its leader was lost); recreating it at the read model's position",
+			"consumer", g.currentConsumer())
+		g.p.svc.metrics.stalls.Inc()
+	} else {
+		if !g.consumerGone() {
+			return
+		}
+		log.Warn("durable consumer deleted; recreating it at the read model's position", "consumer", g.currentConsumer())
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	// The new subscription runs before the old handler stops: a Watermill
@@ -191,7 +249,11 @@ func (g *generation) resubscribe() {
 	if g.p.svc.runCtx.Err() != nil {
 		return // the service is stopping
 	}
-	for g.run(ctx) != nil && ctx.Err() == nil {
+	for {
+		err := g.run(ctx)
+		if err == nil || errors.Is(err, errStopping) || ctx.Err() != nil {
+			break
+		}
 		time.Sleep(500 * time.Millisecond)
 	}
 	stopHandler(ctx, oldHandler)
@@ -268,7 +330,7 @@ func (g *generation) handle(msg *message.Message) error {
 	b.span = span.SpanContext()
 	// An owner's epoch claim carries nothing to apply; the fault tests'
 	// points are about events and notices.
-	work := len(b.events) > 0 || b.forget != ""
+	work := len(b.events) > 0 || b.forget != "" || b.forgetPseudonym != ""
 	if work {
 		svc.cfg.Failpoint("projector-before-apply")
 	}
@@ -332,15 +394,24 @@ func (g *generation) decode(ctx context.Context, msg *message.Message) (*batch, 
 	b := &batch{streamSeq: seq}
 	if strings.HasSuffix(msg.Metadata.Get(metaSubject), ".forgotten") {
 		var n kuma.ForgottenNotice
-		if err := json.Unmarshal(msg.Payload, &n); err != nil || n.Entity == "" {
+		if err := json.Unmarshal(msg.Payload, &n); err != nil || (n.Entity == "") == (n.Pseudonym == "") {
 			return nil, fmt.Errorf("projector: malformed forget notice at stream sequence %d", seq)
 		}
-		b.shard, b.forget = n.Shard, n.Entity
-		return b, nil
+		b.shard = n.Shard
+		return b, g.confirmForget(ctx, b, n)
 	}
 	var sm kuma.StreamMessage
-	if err := kuma.DecodeStreamMessage(msg.Payload, &sm); err != nil {
-		return nil, fmt.Errorf("projector: malformed stream message at sequence %d: %w", seq, err)
+	err = kuma.DecodeStreamMessage(msg.Payload, &sm)
+	if err != nil {
+		err = &rejectError{streamSeq: seq, reason: "its body is not a stream message: " + err.Error()}
+	} else {
+		err = verifyStreamMessage(svc.cfg.Context, seq, msg, &sm)
+	}
+	if rj := (*rejectError)(nil); errors.As(err, &rj) {
+		// Not the relay's: nothing of it is applied, and the projection
+		// stops at it (see readModel.apply).
+		b.rejected = rj
+		return b, nil
 	}
 	b.shard = sm.Shard
 	b.events = make([]projection.Event, 0, len(sm.Events))
@@ -357,10 +428,45 @@ func (g *generation) decode(ctx context.Context, msg *message.Message) (*batch, 
 		if op.Forgotten {
 			continue
 		}
-		b.events = append(b.events, projection.Event{Entity: se.Entity, Version: se.Version, Time: se.Time,
+		if op.Pseudonym != "" && b.pseudonyms[op.Pseudonym] == "" {
+			if b.pseudonyms == nil {
+				b.pseudonyms = map[string]string{}
+			}
+			b.pseudonyms[op.Pseudonym] = op.Entity
+		}
+		b.events = append(b.events, projection.Event{Entity: op.Entity, Version: se.Version, Time: se.Time,
 			Position: se.Position, Type: op.Type, Data: op.Data})
 	}
 	return b, nil
+}
+
+// confirmForget sets the batch's forget only if the keyvault confirms that
+// the notice's entity is forgotten: anyone able to publish into the stream
+// could write a notice, and a forged one must not drop a live entity. An
+// unconfirmed notice is logged, counted, and applied as nothing.
+func (g *generation) confirmForget(ctx context.Context, b *batch, n kuma.ForgottenNotice) error {
+	svc := g.p.svc
+	var rec *kuma.ForgetReply
+	var err error
+	if n.Pseudonym != "" {
+		rec, err = svc.cfg.Keys.ForgottenPseudonym(ctx, svc.cfg.Context, n.Pseudonym)
+	} else if kuma.ValidateEntityID(n.Entity) == nil {
+		rec, err = svc.cfg.Keys.Forgotten(ctx, svc.cfg.Context, n.Entity) // a notice written before pseudonyms
+	}
+	if errors.Is(err, kuma.ErrBadRequest) {
+		err = nil // a malformed pseudonym names no forgotten entity
+	}
+	if err != nil {
+		return fmt.Errorf("projector: confirm a forget notice with the keyvault: %w", err)
+	}
+	if rec == nil {
+		svc.metrics.ignoredNotices.Inc()
+		svc.log.Warn("forget notice ignored: the keyvault says the entity is not forgotten (a forged notice?)",
+			"projection", g.p.name, "stream_seq", b.streamSeq)
+		return nil
+	}
+	b.forget, b.forgetPseudonym = n.Entity, n.Pseudonym
+	return nil
 }
 
 // applied is called after each commit of a generation: it wakes readers
@@ -447,9 +553,8 @@ func (p *projectionRT) start(ctx context.Context, gen int64, spec string) (*gene
 	if err != nil {
 		return nil, err
 	}
-	if err := deleteConsumers(ctx, s, consumerPrefix(svc.cfg.NodeName, svc.cfg.Context, p.name, gen)); err != nil {
-		return nil, err
-	}
+	// Durables a crashed rebuild left go when the generation subscribes
+	// (ensureConsumer).
 	if info, err := s.Info(ctx); err == nil {
 		target = info.State.LastSeq
 	}
@@ -513,12 +618,12 @@ func (p *projectionRT) appliedSpan(shard int) trace.SpanContext {
 
 // query answers from the live generation; if a swap closed the copy under
 // it, it asks the new live one.
-func (p *projectionRT) query(ctx context.Context, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
+func (p *projectionRT) query(ctx context.Context, r *kuma.QueryRequest, maxReply int) (*kuma.QueryReply, error) {
 	for {
 		p.mu.Lock()
 		live := p.live
 		p.mu.Unlock()
-		out, ok, err := live.rm.query(ctx, r)
+		out, ok, err := live.rm.query(ctx, r, maxReply)
 		if ok {
 			return out, err
 		}

@@ -36,7 +36,15 @@ type readModel struct {
 	lastPos   kuma.Position
 	skipped   int64
 	spans     map[int]trace.SpanContext // per shard, the last apply's span
+	// mapped holds pseudonyms known to be in _kuma_pseudonyms, so that an
+	// entity's row is written once, not once per message (bounded: emptied
+	// when full, which costs only rewrites that change nothing).
+	mappedMu sync.Mutex
+	mapped   map[string]struct{}
 }
+
+// maxMapped bounds readModel.mapped.
+const maxMapped = 200_000
 
 const bookkeeping = `
 CREATE TABLE IF NOT EXISTS _kuma_positions (shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
@@ -47,7 +55,11 @@ CREATE TABLE IF NOT EXISTS _kuma_skipped (
 	event_type TEXT NOT NULL,
 	error      TEXT NOT NULL,
 	skipped_at TEXT NOT NULL
-);`
+);
+CREATE TABLE IF NOT EXISTS _kuma_pseudonyms (
+	pseudonym TEXT PRIMARY KEY,
+	entity    TEXT NOT NULL
+) WITHOUT ROWID;`
 
 // openReadModel opens (creating when new) a generation's file. fresh files
 // get the model's schema and the spec they were built with, so an old
@@ -55,6 +67,9 @@ CREATE TABLE IF NOT EXISTS _kuma_skipped (
 func openReadModel(ctx context.Context, path string, m model, specJSON string) (*readModel, error) {
 	_, statErr := os.Stat(path)
 	fresh := errors.Is(statErr, os.ErrNotExist)
+	if err := sqlite.PrepareFile(path); err != nil {
+		return nil, err
+	}
 	// synchronous NORMAL: a power loss may cost the last transactions, but
 	// the read model's positions fall back with them, and a consumer whose
 	// acks are ahead of the read model is recreated at its position (see
@@ -67,7 +82,7 @@ func openReadModel(ctx context.Context, path string, m model, specJSON string) (
 		return nil, err
 	}
 	w.SetMaxOpenConns(1)
-	rm := &readModel{path: path, model: m, w: w, positions: map[int]int64{}, spans: map[int]trace.SpanContext{},
+	rm := &readModel{path: path, model: m, w: w, positions: map[int]int64{}, spans: map[int]trace.SpanContext{}, mapped: map[string]struct{}{},
 		stmts: map[string]*sql.Stmt{}, unprepared: map[string]bool{}}
 	if err := rm.init(ctx, fresh, specJSON); err != nil {
 		w.Close()
@@ -209,9 +224,17 @@ type batch struct {
 	shard     int
 	lastSeq   int64 // the message's last position in its shard (0 for a notice)
 	events    []projection.Event
-	forget    string // entity of a forget notice
-	skip      map[string]skipNote
-	span      trace.SpanContext // of the apply, for queries that wait for its position
+	forget    string       // entity of a forget notice written before pseudonyms
+	rejected  *rejectError // a message the relay did not publish: applies nothing
+	// forgetPseudonym names the entity of a forget notice (both forget
+	// fields are set only once the keyvault confirmed the forget).
+	forgetPseudonym string
+	// pseudonyms maps the pseudonyms of the batch's entities to their ids:
+	// the read model keeps them, since a forget notice names the entity
+	// only by pseudonym and the keyvault no longer knows the id by then.
+	pseudonyms map[string]string
+	skip       map[string]skipNote
+	span       trace.SpanContext // of the apply, for queries that wait for its position
 }
 
 type skipNote struct{ entity, eventType, err string }
@@ -235,10 +258,22 @@ func (e *applyError) Unwrap() error { return e.err }
 func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 	rm.mu.RLock()
 	done := b.lastSeq > 0 && rm.positions[b.shard] >= b.lastSeq
+	// A refused message has no position: its stream sequence tells a
+	// redelivery of one already skipped.
+	done = done || b.rejected != nil && b.streamSeq <= rm.streamSeq
 	from := rm.positions[b.shard]
 	rm.mu.RUnlock()
 	if done {
 		return nil // a redelivery: already applied
+	}
+	var rejectNote skipNote
+	if b.rejected != nil {
+		pos := rejectedPosition(b.streamSeq)
+		note, ok := b.skip[pos]
+		if !ok {
+			return &applyError{event: projection.Event{Position: pos}, err: b.rejected}
+		}
+		rejectNote = note
 	}
 	tx, err := rm.w.BeginTx(ctx, nil)
 	if err != nil {
@@ -253,21 +288,61 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 		return t.exec(`INSERT OR REPLACE INTO _kuma_skipped (position, entity, event_type, error, skipped_at) VALUES (?, ?, ?, ?, ?)`,
 			position, entity, note.eventType, note.err, now.UTC().Format(time.RFC3339Nano))
 	}
-	if b.forget != "" {
+	if b.rejected != nil {
+		// Skipped by an operator: recorded, and only the stream sequence
+		// moves past it.
+		if err := skip(rejectedPosition(b.streamSeq), "", rejectNote); err != nil {
+			return err
+		}
+	}
+	forget := b.forget
+	if b.forgetPseudonym != "" {
+		row, err := t.queryRow(`SELECT entity FROM _kuma_pseudonyms WHERE pseudonym = ?`, b.forgetPseudonym)
+		if err != nil {
+			return err
+		}
+		if err := row.Scan(&forget); err != nil && !errors.Is(err, sql.ErrNoRows) {
+			return err
+		}
+		// No row: the model never held the entity, so it has nothing to drop.
+	}
+	if forget != "" {
 		if note, ok := b.skip[forgetPosition]; ok {
 			// The id is not kept: the entity is forgotten.
 			if err := skip(forgetPosition+strconv.FormatUint(b.streamSeq, 10), "", note); err != nil {
 				return err
 			}
 		} else {
-			if err := rm.model.forget(t, b.forget); err != nil {
-				return rm.failed(ctx, &applyError{event: projection.Event{Position: forgetPosition, Entity: b.forget, Type: "(forgotten)"}, err: err})
+			if err := rm.model.forget(t, forget); err != nil {
+				return rm.failed(ctx, &applyError{event: projection.Event{Position: forgetPosition, Type: "(forgotten)"}, err: err})
 			}
 			// What an operator skipped of the entity goes too.
-			if err := t.exec(`DELETE FROM _kuma_skipped WHERE entity = ?`, b.forget); err != nil {
+			if err := t.exec(`DELETE FROM _kuma_skipped WHERE entity = ?`, forget); err != nil {
 				return err
 			}
 		}
+		// By pseudonym (its key) when the notice has it; a notice written
+		// before pseudonyms names the id (rare: a scan is fine).
+		del, arg := `DELETE FROM _kuma_pseudonyms WHERE pseudonym = ?`, b.forgetPseudonym
+		if arg == "" {
+			del, arg = `DELETE FROM _kuma_pseudonyms WHERE entity = ?`, forget
+		}
+		if err := t.exec(del, arg); err != nil {
+			return err
+		}
+	}
+	var mapped []string
+	for p, entity := range b.pseudonyms {
+		rm.mappedMu.Lock()
+		_, ok := rm.mapped[p]
+		rm.mappedMu.Unlock()
+		if ok {
+			continue
+		}
+		if err := t.exec(`INSERT OR IGNORE INTO _kuma_pseudonyms (pseudonym, entity) VALUES (?, ?)`, p, entity); err != nil {
+			return err
+		}
+		mapped = append(mapped, p)
 	}
 	evs := b.events[:0:0]
 	for _, ev := range b.events {
@@ -305,7 +380,18 @@ func (rm *readModel) apply(ctx context.Context, b *batch, now time.Time) error {
 	if err := tx.Commit(); err != nil {
 		return err
 	}
-	if b.forget != "" {
+	rm.mappedMu.Lock()
+	if len(rm.mapped)+len(mapped) > maxMapped {
+		clear(rm.mapped)
+	}
+	for _, p := range mapped {
+		rm.mapped[p] = struct{}{}
+	}
+	if b.forgetPseudonym != "" {
+		delete(rm.mapped, b.forgetPseudonym)
+	}
+	rm.mappedMu.Unlock()
+	if forget != "" {
 		if err := rm.truncateWAL(ctx); err != nil {
 			return err
 		}
@@ -386,14 +472,15 @@ func (rm *readModel) seq() uint64 {
 }
 
 // query runs a query unless the read model was closed (swapped out by a
-// rebuild meanwhile): the caller then asks the live generation.
-func (rm *readModel) query(ctx context.Context, r *kuma.QueryRequest) (*kuma.QueryReply, bool, error) {
+// rebuild meanwhile): the caller then asks the live generation. Its rows
+// fit in an answer of maxReply bytes.
+func (rm *readModel) query(ctx context.Context, r *kuma.QueryRequest, maxReply int) (*kuma.QueryReply, bool, error) {
 	rm.mu.RLock()
 	defer rm.mu.RUnlock()
 	if rm.closed {
 		return nil, false, nil
 	}
-	out, err := rm.model.query(ctx, rm.r, r)
+	out, err := rm.model.query(ctx, rm.r, r, newRowPage(maxReply))
 	if out != nil && rm.lastPos.Seq > 0 {
 		out.Position = rm.lastPos.String()
 	}

@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -25,10 +24,12 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/projection"
+	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -39,6 +40,18 @@ import (
 
 // Version is the projector's semver, shown by `nats micro ls`.
 const Version = "0.1.0"
+
+// KeyVault is what the projector needs of the keyvault: keys to open
+// payloads (by the pseudonym the stream names an entity by), and its word
+// that an entity was forgotten before a notice drops anything.
+type KeyVault interface {
+	keycache.Vault
+	// Forgotten returns the forget record of an entity, or nil.
+	Forgotten(ctx context.Context, kctx, entity string) (*kuma.ForgetReply, error)
+	// ForgottenPseudonym returns the forget record of the entity of a
+	// pseudonym, or nil.
+	ForgottenPseudonym(ctx context.Context, kctx, pseudonym string) (*kuma.ForgetReply, error)
+}
 
 // Config configures a projector for one context.
 type Config struct {
@@ -53,14 +66,29 @@ type Config struct {
 	NodeName string
 	// Specs are the declared projections.
 	Specs []projection.Spec
-	// Keys opens payloads: the keyvault in process or over NATS.
-	Keys keycache.Vault
+	// Keys opens payloads and confirms forget notices: the keyvault in
+	// process or over NATS.
+	Keys KeyVault
 	// Dial opens a NATS connection for one generation's subscriber (closing
 	// a Watermill subscriber drains its connection, so none is shared).
 	Dial func() (*nats.Conn, error)
 
-	QueryTimeout      time.Duration // a query's time limit (default 2s)
+	QueryTimeout time.Duration // a query's time limit (default 2s)
+	// MaxReplyBytes bounds one answer's body (0: the NATS server's max
+	// payload less natsbus.ReplyHeadroom; never more than that). Query
+	// pages are cut to fit it, with next_cursor for the rest.
+	MaxReplyBytes int
+	// ReplicaStatusWait bounds how long a status request waits for the
+	// other replicas' answers (default 1s), ReplicaAdminWait the same for
+	// rebuild, retry and skip (default 3s). A replica that answers later
+	// is reported missing.
+	ReplicaStatusWait time.Duration
+	ReplicaAdminWait  time.Duration
 	AckWait           time.Duration // longest apply of one message (default 30s)
+	// StallAfter is how long a generation may see no delivery while its
+	// durable counts one out before it is recreated (default 5s; see
+	// generation.stalled). It must exceed StoppedRetryEvery.
+	StallAfter        time.Duration
 	StoppedRetryEvery time.Duration // how often a stopped projection looks for an operator's action (default 1s)
 	KeyCacheSize      int
 	KeyCacheTTL       time.Duration
@@ -80,16 +108,25 @@ func (c *Config) setDefaults() {
 		c.Reducer = kuma.MergePatch{}
 	}
 	if c.NodeName == "" {
-		c.NodeName, _ = os.Hostname()
+		c.NodeName = cluster.DefaultNodeName()
 	}
 	if c.QueryTimeout == 0 {
 		c.QueryTimeout = 2 * time.Second
+	}
+	if c.ReplicaStatusWait == 0 {
+		c.ReplicaStatusWait = time.Second
+	}
+	if c.ReplicaAdminWait == 0 {
+		c.ReplicaAdminWait = 3 * time.Second
 	}
 	if c.AckWait == 0 {
 		c.AckWait = 30 * time.Second
 	}
 	if c.StoppedRetryEvery == 0 {
 		c.StoppedRetryEvery = time.Second
+	}
+	if c.StallAfter == 0 {
+		c.StallAfter = max(5*time.Second, 3*c.StoppedRetryEvery)
 	}
 	if c.KeyCacheSize == 0 {
 		c.KeyCacheSize = 100_000
@@ -139,11 +176,13 @@ type Service struct {
 	tracer  trace.Tracer
 	keys    *keycache.Cache
 	metrics *metrics
+	// maxReply is the largest answer body, fixed at Start.
+	maxReply int
 
 	specs   map[string]*projection.Compiled
 	router  *message.Router
 	catalog *catalog
-	micro   micro.Service
+	micro   *natsbus.Service
 	shreds  *nats.Subscription
 	runCtx  context.Context
 	cancel  context.CancelFunc
@@ -152,7 +191,17 @@ type Service struct {
 	mu    sync.Mutex
 	projs map[string]*projectionRT
 	js    jetstream.JetStream
+
+	// routerMu orders adding a handler to the router (generation.run)
+	// against Stop closing it: a handler added while the router closes
+	// raced Watermill's own close (go test -race in CI), and one added
+	// after would never run. stopping is set under it before the close.
+	routerMu sync.Mutex
+	stopping bool
 }
+
+// errStopping is what adding a subscription answers once Stop has begun.
+var errStopping = errors.New("projector: stopping")
 
 // New validates the config and the declared projections; Start runs them.
 func New(cfg Config, nc *nats.Conn) (*Service, error) {
@@ -215,8 +264,16 @@ func (s *Service) jetstream() (jetstream.JetStream, error) {
 // queries. The context's stream must exist (the shardnode creates it); Start
 // waits for it up to ctx.
 func (s *Service) Start(ctx context.Context) error {
-	if err := os.MkdirAll(s.dir, 0o755); err != nil {
-		return err
+	s.maxReply = natsbus.ReplyLimit(s.nc)
+	if s.cfg.MaxReplyBytes > 0 {
+		s.maxReply = min(s.maxReply, s.cfg.MaxReplyBytes)
+	}
+	// Read models hold event data in clear: only Kuma's user may list or
+	// read them (a folder an older Kuma made 0755 is narrowed).
+	for _, dir := range []string{filepath.Dir(s.dir), s.dir} {
+		if err := sqlite.PrepareDir(dir); err != nil {
+			return fmt.Errorf("projector: %w", err)
+		}
 	}
 	if err := s.waitForStream(ctx); err != nil {
 		return err
@@ -259,6 +316,7 @@ func (s *Service) Start(ctx context.Context) error {
 			return err
 		}
 	}
+	s.noteOrphans(ctx)
 	if s.shreds, err = s.keys.SubscribeShredded(s.nc); err != nil {
 		s.Stop(context.Background())
 		return err
@@ -397,6 +455,17 @@ func (s *Service) watch(ctx context.Context) {
 		// A durable deleted under a subscription is normally reported
 		// by it; this catches the case where it is not.
 		if tick++; tick%5 == 0 {
+			// A generation at the stream's end has nothing to wait for:
+			// only one behind it can be stalled (and costs a look at its
+			// durable).
+			var last uint64
+			ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			if st, err := s.stream(ictx); err == nil {
+				if info, err := st.Info(ictx); err == nil {
+					last = info.State.LastSeq
+				}
+			}
+			cancel()
 			for _, p := range s.projections() {
 				p.mu.Lock()
 				gens := []*generation{p.live, p.next}
@@ -404,6 +473,8 @@ func (s *Service) watch(ctx context.Context) {
 				for _, g := range gens {
 					if g != nil && !g.ended() && g.consumerGone() {
 						g.resubscribe()
+					} else if g != nil && !g.ended() && g.rm.seq() < last && g.stalled(s.cfg.StallAfter) {
+						g.replace(true)
 					}
 				}
 			}
@@ -446,6 +517,13 @@ func (s *Service) Query(ctx context.Context, name string, r *kuma.QueryRequest) 
 	defer span.End()
 	if after.Seq > 0 {
 		if err := p.wait(ctx, after, wait); err != nil {
+			// Each replica waits for its own copy: a replica far behind
+			// times out where another would answer. The node says which;
+			// a retry may reach another replica (timeout is retryable).
+			if kerr := kuma.AsError(err); kerr.Code == kuma.CodeTimeout {
+				kerr.Details = map[string]any{"node": s.cfg.NodeName}
+				return nil, kerr
+			}
 			return nil, err
 		}
 		// The query joins the trace of the write it waited for, through
@@ -456,7 +534,7 @@ func (s *Service) Query(ctx context.Context, name string, r *kuma.QueryRequest) 
 	}
 	qctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
 	defer cancel()
-	return p.query(qctx, r)
+	return p.query(qctx, r, s.maxReply)
 }
 
 // Rebuild starts a rebuild of one projection and returns at once.
@@ -484,7 +562,7 @@ func (s *Service) Skip(name, position string) error {
 	if err != nil {
 		return err
 	}
-	if position != forgetPosition {
+	if position != forgetPosition && !isRejectedPosition(position) {
 		if _, err := kuma.ParsePosition(position); err != nil {
 			return err
 		}
@@ -527,6 +605,10 @@ func (s *Service) Stop(ctx context.Context) error {
 		}
 		p.mu.Unlock()
 	}
+	// No handler is added from here on (a durable replaced meanwhile).
+	s.routerMu.Lock()
+	s.stopping = true
+	s.routerMu.Unlock()
 	// Let the deliveries in flight finish and no other start; then the
 	// router closes every subscriber at once.
 	for _, g := range gens {
@@ -549,7 +631,7 @@ func (s *Service) Stop(ctx context.Context) error {
 // serve registers the NATS micro service "kuma-projector": queries, the
 // admin subjects and the status part a shardnode includes in its answer.
 func (s *Service) serve(ctx context.Context) error {
-	svc, err := micro.AddService(s.nc, micro.Config{
+	svc, err := natsbus.AddService(s.nc, natsbus.ServiceConfig{
 		Name: "kuma-projector", Version: Version,
 		Description: "Read models from the event stream: queries, rebuilds",
 		QueueGroup:  "kuma-projector",
@@ -574,44 +656,85 @@ func (s *Service) serve(ctx context.Context) error {
 			}
 			return s.Query(ctx, name(req), &r)
 		}},
+		// Admin commands and status reach every replica (replicas.go).
 		{"rebuild", kuma.ProjectionAdminSubject(kctx, "rebuild", "*"), func(ctx context.Context, req micro.Request) (any, error) {
-			return s.Rebuild(ctx, name(req))
+			if err := kuma.DecodeEmpty(req.Data()); err != nil {
+				return nil, err
+			}
+			return s.RebuildAll(ctx, name(req))
 		}},
 		{"retry", kuma.ProjectionAdminSubject(kctx, "retry", "*"), func(ctx context.Context, req micro.Request) (any, error) {
-			return map[string]any{"projection": name(req), "retrying": true}, s.Retry(name(req))
+			if err := kuma.DecodeEmpty(req.Data()); err != nil {
+				return nil, err
+			}
+			return s.RetryAll(ctx, name(req))
 		}},
 		{"skip", kuma.ProjectionAdminSubject(kctx, "skip", "*"), func(ctx context.Context, req micro.Request) (any, error) {
 			var r kuma.SkipRequest
 			if err := kuma.Decode(req.Data(), &r); err != nil {
 				return nil, err
 			}
-			return map[string]any{"projection": name(req), "skipped": r.Position}, s.Skip(name(req), r.Position)
+			return s.SkipAll(ctx, name(req), r.Position)
+		}},
+		{"drop", kuma.ProjectionAdminSubject(kctx, "drop", "*"), func(ctx context.Context, req micro.Request) (any, error) {
+			if err := kuma.DecodeEmpty(req.Data()); err != nil {
+				return nil, err
+			}
+			return s.DropAll(ctx, name(req))
 		}},
 		{"status", kuma.ProjectorStatusSubject(kctx), func(ctx context.Context, req micro.Request) (any, error) {
-			return s.Status(ctx)
+			return s.StatusAll(ctx)
 		}},
 	}
-	for _, e := range endpoints {
-		h := e.h
-		err := svc.AddEndpoint(e.name+"-"+kctx, natsbus.Guard(func(req micro.Request) {
+	for _, op := range []string{"rebuild", "retry", "skip", "drop", "status"} {
+		// Every replica, outside the queue group; natsbus.Service refuses
+		// a reserved reply subject here as on every endpoint.
+		err := svc.AddBroadcastEndpoint("replicas-"+op+"-"+kctx, kuma.ProjectorReplicasSubject(kctx, op), micro.HandlerFunc(func(req micro.Request) {
 			ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
-			ctx, cancel := context.WithTimeout(ctx, kuma.MaxQueryWait*time.Millisecond+s.cfg.QueryTimeout+time.Second)
+			ctx, cancel := context.WithTimeout(ctx, s.cfg.ReplicaAdminWait)
 			defer cancel()
-			out, err := h(ctx, req)
-			code := "ok"
-			if err != nil {
-				code = string(kuma.ErrorCode(err))
-			}
-			// Counted before the reply goes: whoever got a reply finds it
-			// counted.
-			s.metrics.requests.WithLabelValues(e.name, code).Inc()
-			if err != nil {
-				s.log.Debug("projector request failed", "subject", req.Subject(), "err", err)
-				_ = natsbus.MicroError(req, err)
+			var r replicaRequest
+			var a replicaAnswer
+			if err := json.Unmarshal(req.Data(), &r); err != nil {
+				a = replicaAnswer{Node: s.cfg.NodeName, Error: kuma.Errorf(kuma.CodeBadRequest, "replica request: %v", err)}
 			} else {
-				_ = req.RespondJSON(out)
+				a = s.replicaOp(ctx, op, &r)
 			}
-		}), micro.WithEndpointSubject(e.subject))
+			body, _ := json.Marshal(a)
+			code := "ok"
+			if a.Error != nil {
+				code = string(a.Error.Code)
+			}
+			s.metrics.requests.WithLabelValues("replicas-"+op, code).Inc()
+			if err := req.Respond(body); err != nil {
+				s.metrics.repliesFailed.WithLabelValues("replicas-"+op, string(natsbus.ReplyFailureCode(err))).Inc()
+				s.log.Warn("projector reply failed", "subject", req.Subject(), "err", err)
+			}
+		}))
+		if err != nil {
+			return fmt.Errorf("projector: endpoint replicas-%s: %w", op, err)
+		}
+	}
+	for _, e := range endpoints {
+		name := e.name
+		err := svc.AddEndpoint(name+"-"+kctx, e.subject, natsbus.JSONEndpoint{
+			Answer:   e.h,
+			Timeout:  kuma.MaxQueryWait*time.Millisecond + s.cfg.QueryTimeout + time.Second,
+			MaxReply: s.maxReply,
+			Hint:     "ask for fewer rows with limit",
+			// Counted before the reply goes: whoever got a reply finds
+			// it counted.
+			Answered: func(req micro.Request, err error) {
+				s.metrics.requests.WithLabelValues(name, natsbus.Code(err)).Inc()
+				if err != nil {
+					s.log.Debug("projector request failed", "subject", req.Subject(), "err", err)
+				}
+			},
+			ReplyFailed: func(req micro.Request, err error) {
+				s.metrics.repliesFailed.WithLabelValues(name, string(natsbus.ReplyFailureCode(err))).Inc()
+				s.log.Warn("projector reply failed", "subject", req.Subject(), "err", err)
+			},
+		})
 		if err != nil {
 			return fmt.Errorf("projector: endpoint %s: %w", e.name, err)
 		}
@@ -629,14 +752,4 @@ func metadataCarrier(md message.Metadata) nats.Header {
 		}
 	}
 	return h
-}
-
-func removeFiles(path string) error {
-	var errs []error
-	for _, suffix := range []string{"", "-wal", "-shm"} {
-		if err := os.Remove(path + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
 }

@@ -2,7 +2,8 @@
 // subjects kuma.<ctx>.<op>.<entity>, hashes the entity onto its context's
 // shard, forwards the request to that shard's internal subject and relays
 // the shardnode's answer to the client. Routers share a queue group: run as
-// many as you like.
+// many as you like. Each takes only the contexts it serves, so deployments
+// with different contexts can share one NATS.
 //
 // The router asks with a reply inbox of its own rather than passing the
 // client's on. That costs one hop on the way back, and buys two things:
@@ -25,6 +26,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -107,7 +110,7 @@ func (c *Config) Validate() error {
 type Service struct {
 	cfg    Config
 	nc     *nats.Conn
-	svc    micro.Service
+	svc    *natsbus.Service
 	tracer trace.Tracer
 
 	// inbox roots the router's reply subjects: inbox.<token>, one token
@@ -121,7 +124,14 @@ type Service struct {
 	sweep  chan struct{}
 	swept  sync.WaitGroup
 
-	forwarded, held, unavailable, dropped, refused atomic.Int64
+	forwarded, held, unavailable, dropped, refused, relayFailed atomic.Int64
+
+	// The feed (feed.go): requests served at once, and the context that
+	// ends their waits when the router stops.
+	feedSlots  chan struct{}
+	feeds      sync.WaitGroup
+	feedCtx    context.Context
+	feedCancel context.CancelFunc
 }
 
 // pending is a forwarded request waiting for its shardnode's answer.
@@ -142,7 +152,8 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if nc == nil {
 		return nil, errors.New("router: a NATS connection is required")
 	}
-	s := &Service{cfg: cfg, nc: nc, tracer: telemetry.Tracer(cfg.TracerProvider), wait: map[string]*pending{}}
+	s := &Service{cfg: cfg, nc: nc, tracer: telemetry.Tracer(cfg.TracerProvider), wait: map[string]*pending{},
+		feedSlots: make(chan struct{}, maxFeedWaiting)}
 	if cfg.Registerer != nil {
 		for _, c := range []prometheus.Collector{
 			prometheus.NewCounterFunc(prometheus.CounterOpts{
@@ -161,6 +172,10 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 				Name: "kuma_router_refused_replies_total",
 				Help: "Requests dropped because their reply subject lies in a Kuma or NATS namespace.",
 			}, func() float64 { return float64(s.refused.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "kuma_router_relay_failed_total",
+				Help: "Answers the router could not relay to the client (it answered an error instead).",
+			}, func() float64 { return float64(s.relayFailed.Load()) }),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "kuma_router_pending",
 				Help: "Requests forwarded and not yet answered.",
@@ -190,22 +205,42 @@ func (s *Service) Start(ctx context.Context) error {
 		return fmt.Errorf("router: %w", err)
 	}
 	s.sub = sub
-	svc, err := micro.AddService(s.nc, micro.Config{
+	svc, err := natsbus.AddService(s.nc, natsbus.ServiceConfig{
 		Name:        "kuma-router",
 		Version:     Version,
 		Description: "Routes kuma.<ctx>.<op>.<entity> requests to the entity's shard",
 		QueueGroup:  QueueGroup,
+		Refused: func(_, reply string) {
+			// Answering would publish into the namespace the reply names.
+			s.refused.Add(1)
+			s.cfg.Logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", reply)
+		},
 	})
 	if err != nil {
 		_ = sub.Unsubscribe()
 		return fmt.Errorf("router: register micro service: %w", err)
 	}
-	for _, op := range kuma.EntityOps {
-		subject := kuma.PublicPrefix + ".*." + op + ".*"
-		if err := svc.AddEndpoint(op, micro.HandlerFunc(s.forward), micro.WithEndpointSubject(subject)); err != nil {
+	// One endpoint per served context and operation, never kuma.*.<op>.*:
+	// routers of several deployments may share one NATS, and a router that
+	// took another context's request from the shared queue group could only
+	// answer not_found. Routers of one context subscribe to the same
+	// subjects, so each request still goes to one of them. The contexts
+	// are fixed by the configuration: a router serves a new context once it
+	// is restarted with it.
+	s.feedCtx, s.feedCancel = context.WithCancel(context.Background())
+	for _, name := range slices.Sorted(maps.Keys(s.cfg.Contexts)) {
+		for _, op := range kuma.EntityOps {
+			subject := kuma.PublicPrefix + "." + name + "." + op + ".*"
+			if err := svc.AddEndpoint(op+"-"+name, subject, micro.HandlerFunc(s.forward)); err != nil {
+				_ = svc.Stop()
+				_ = sub.Unsubscribe()
+				return fmt.Errorf("router: add endpoint %s: %w", subject, err)
+			}
+		}
+		if err := svc.AddEndpoint("feed-"+name, kuma.FeedSubject(name), s.feedHandler(name, s.cfg.Contexts[name])); err != nil {
 			_ = svc.Stop()
 			_ = sub.Unsubscribe()
-			return fmt.Errorf("router: add endpoint %s: %w", subject, err)
+			return fmt.Errorf("router: add the feed endpoint of %q: %w", name, err)
 		}
 	}
 	if err := natsbus.Flush(ctx, s.nc); err != nil {
@@ -222,14 +257,9 @@ func (s *Service) Start(ctx context.Context) error {
 }
 
 // forward sends the request on to its shard. The answer comes back to the
-// router's inbox (onAnswer), which relays it to the client.
+// router's inbox (onAnswer), which relays it to the client. A request
+// whose reply subject is reserved never gets here: the service drops it.
 func (s *Service) forward(req micro.Request) {
-	if !kuma.ReplyAllowed(req.Reply()) {
-		// Answering would publish into the namespace the reply names.
-		s.refused.Add(1)
-		s.cfg.Logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", req.Reply())
-		return
-	}
 	ctxName, op, entity, ok := kuma.ParseEntitySubject(req.Subject())
 	if !ok {
 		s.fail(req, kuma.Errorf(kuma.CodeBadRequest, "subject %q is not kuma.<ctx>.<op>.<entity>", req.Subject()))
@@ -316,7 +346,18 @@ func (s *Service) onAnswer(m *nats.Msg) {
 	defer p.span.End()
 	out := &nats.Msg{Subject: p.reply, Header: m.Header, Data: m.Data}
 	if err := s.nc.PublishMsg(out); err != nil {
+		// The same bytes reached this connection, so only a server with
+		// a smaller max payload than the shardnode's (members configured
+		// apart) or a closing connection refuses them. The client is told
+		// rather than left to wait out its timeout.
+		s.relayFailed.Add(1)
 		s.cfg.Logger.Warn("router could not relay an answer", "subject", p.msg.Subject, "err", err)
+		why := kuma.Errorf(kuma.CodeInternal, "the router could not relay the answer")
+		if natsbus.ReplyFailureCode(err) == kuma.CodePayloadTooLarge {
+			why = natsbus.TooLarge(len(m.Data), int(s.nc.MaxPayload()), "the answer to "+p.msg.Subject,
+				"the router's NATS server has a smaller max_payload than the shardnode's: give every server of the cluster the same")
+		}
+		s.answer(p.reply, why)
 	}
 }
 
@@ -428,6 +469,10 @@ func (s *Service) Held() int64 { return s.held.Load() }
 // Unavailable returns how many requests the router answered unavailable.
 func (s *Service) Unavailable() int64 { return s.unavailable.Load() }
 
+// RelayFailed returns how many answers the router could not relay (the
+// client got an error instead).
+func (s *Service) RelayFailed() int64 { return s.relayFailed.Load() }
+
 // Refused returns how many requests were dropped for a reserved reply subject.
 func (s *Service) Refused() int64 { return s.refused.Load() }
 
@@ -438,8 +483,16 @@ func (s *Service) Pending() int {
 	return len(s.wait)
 }
 
+// stopPendingMax bounds Stop's wait for the answers to forwarded requests.
+// A commit answers in milliseconds; one still unanswered after this long
+// waits on something that may not come back soon (a stream without its
+// quorum while the whole cluster stops), and the node's stop must fit in
+// its grace period (docker-compose kills after 10 s). Its client retries
+// with the same idempotency key, which is safe whatever the owner did.
+const stopPendingMax = 2 * time.Second
+
 // Stop deregisters the service, so no new request comes in, waits (within
-// ctx) for the answers to requests already forwarded, and answers the rest
+// ctx and stopPendingMax) for the answers to requests already forwarded, and answers the rest
 // unavailable before it stops listening: a client retries those elsewhere
 // instead of waiting out its timeout.
 func (s *Service) Stop(ctx context.Context) error {
@@ -450,7 +503,7 @@ func (s *Service) Stop(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
-	wait, cancel := context.WithTimeout(ctx, 5*time.Second)
+	wait, cancel := context.WithTimeout(ctx, stopPendingMax)
 	defer cancel()
 	for s.Pending() > 0 && wait.Err() == nil {
 		select {
@@ -467,6 +520,8 @@ func (s *Service) Stop(ctx context.Context) error {
 		p.span.End()
 		s.answer(p.reply, kuma.Errorf(kuma.CodeUnavailable, "router stopped before %s answered; retry with the same idempotency key", p.msg.Subject))
 	}
+	s.feedCancel() // waiting feed requests answer unavailable now
+	s.feeds.Wait()
 	close(s.sweep)
 	s.swept.Wait()
 	s.svc = nil

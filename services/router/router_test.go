@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/placement"
 	"github.com/kumadb/kuma/services/router"
@@ -27,6 +27,13 @@ func startRouter(t *testing.T, tune func(*router.Config)) (*router.Service, *nat
 		t.Fatal(err)
 	}
 	t.Cleanup(rc.Close)
+	return startRouterOn(t, rc, tune), nc
+}
+
+// startRouterOn runs a router for context "default" on rc; it stops when
+// the test ends.
+func startRouterOn(t *testing.T, rc *nats.Conn, tune func(*router.Config)) *router.Service {
+	t.Helper()
 	cfg := router.Config{Contexts: map[string]int{kuma.DefaultContext: shards}}
 	if tune != nil {
 		tune(&cfg)
@@ -44,7 +51,7 @@ func startRouter(t *testing.T, tune func(*router.Config)) (*router.Service, *nat
 		defer cancel()
 		_ = r.Stop(ctx)
 	})
-	return r, nc
+	return r
 }
 
 // owner subscribes to the shard subject of entity the way a shardnode does,

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -118,17 +119,25 @@ func (a *actor) handle(req *request) {
 	defer cancel()
 	reply, err := a.serve(ctx, req)
 	err, reported := a.sh.storageError(err) // corrupt.go
+	var body []byte
+	if err == nil {
+		// Encoded and measured before it is counted: an answer NATS
+		// cannot carry is counted and sent as payload_too_large, never
+		// counted ok and lost.
+		var fits bool
+		if body, fits, err = natsbus.EncodeReply(reply, a.sh.maxReply); err == nil && !fits {
+			err = a.tooLarge(req.op, reply, len(body))
+		}
+	}
+	code := "ok"
 	if err != nil {
-		span.SetStatus(codes.Error, string(kuma.ErrorCode(err)))
+		code = string(kuma.ErrorCode(err))
+		span.SetStatus(codes.Error, code)
 	}
 	m := a.sh.node.metrics
-	if err != nil {
-		m.requests.WithLabelValues(req.op, string(kuma.ErrorCode(err))).Inc()
-	} else {
-		m.requests.WithLabelValues(req.op, "ok").Inc()
-		if r, ok := reply.(*kuma.AppendReply); ok && !r.Duplicate {
-			m.appended.Add(float64(r.LastVersion - r.FirstVersion + 1))
-		}
+	m.requests.WithLabelValues(req.op, code).Inc()
+	if r, ok := reply.(*kuma.AppendReply); ok && err == nil && !r.Duplicate {
+		m.appended.Add(float64(r.LastVersion - r.FirstVersion + 1))
 	}
 	nc := a.sh.node.nc
 	if err != nil {
@@ -138,12 +147,34 @@ func (a *actor) handle(req *request) {
 		}
 		err = natsbus.RespondError(nc, req.msg, err)
 	} else {
-		err = natsbus.RespondJSON(nc, req.msg, reply)
+		err = natsbus.RespondBody(nc, req.msg, body)
 		a.afterAck(reply)
 	}
 	if err != nil {
-		a.sh.node.cfg.Logger.Warn("reply failed", "entity", a.id, "op", req.op, "err", err)
+		m.replyFailed(req.op, err)
+		// The shard, not the id: logs outlive a forget.
+		a.sh.node.cfg.Logger.Warn("reply failed", "shard", a.sh.n, "op", req.op, "err", err)
 	}
+}
+
+// tooLarge is the payload_too_large answer to op when its reply of size
+// bytes does not fit in one message: it says what the client can do instead.
+func (a *actor) tooLarge(op string, reply any, size int) *kuma.Error {
+	limit := a.sh.maxReply
+	switch r := reply.(type) {
+	case *kuma.ReadReply:
+		e := natsbus.TooLarge(size, limit, fmt.Sprintf("the state of %q at version %d", a.id, r.Version),
+			"page its events with history, or read an earlier version with at_version")
+		e.Details["version"] = r.Version
+		return e
+	case *kuma.ExportReply:
+		e := natsbus.TooLarge(size, limit, fmt.Sprintf("the export of %q", a.id),
+			"page its events with history instead, from_version 1 until next_version is null")
+		e.Details["version"] = r.Version
+		return e
+	}
+	return natsbus.TooLarge(size, limit, fmt.Sprintf("the answer to %s of %q", op, a.id),
+		"raise the NATS server's max_payload")
 }
 
 // afterAck is the fault tests' after-ack-before-publish point: the reply to
@@ -522,37 +553,78 @@ func (a *actor) forgottenError() error {
 		Message: fmt.Sprintf("entity %q was forgotten at %s", a.id, a.forgotten.ForgottenAt.Format(time.RFC3339Nano))}
 }
 
-func (a *actor) history(ctx context.Context, r *kuma.HistoryRequest) (*kuma.HistoryReply, error) {
+// history answers one page of events from r.FromVersion: at most r.Limit
+// events, and no more than fit in one answer of a.sh.maxReply bytes, so
+// that a page of large events is cut short (next_version says where to go
+// on) instead of being lost. The page is encoded here, each event once, to
+// measure it; the bytes are what json.Marshal makes of a HistoryReply.
+func (a *actor) history(ctx context.Context, r *kuma.HistoryRequest) (any, error) {
 	if err := r.Validate(); err != nil {
 		return nil, err
 	}
 	if a.version == 0 {
 		return nil, a.missing(ctx)
 	}
-	out := &kuma.HistoryReply{Entity: a.id, Events: []kuma.RecordedEvent{}}
 	if r.FromVersion > a.version {
-		return out, nil
+		return &kuma.HistoryReply{Entity: a.id, Events: []kuma.RecordedEvent{}}, nil
 	}
 	stored, err := a.sh.store.Events(ctx, a.id, r.FromVersion, a.version, r.Limit)
 	if err != nil {
 		return nil, err
 	}
-	if out.Events, err = a.open(stored); err != nil {
+	id, err := json.Marshal(a.id)
+	if err != nil {
 		return nil, err
 	}
-	if n := len(stored); n > 0 && stored[n-1].Version < a.version {
-		next := stored[n-1].Version + 1
-		out.NextVersion = &next
-	}
-	return out, nil
-}
-
-func (a *actor) export(ctx context.Context, msg *nats.Msg) (json.RawMessage, error) {
-	if len(msg.Data) > 0 {
-		var empty struct{}
-		if err := kuma.Decode(msg.Data, &empty); err != nil {
+	// The reply around the events, with room for the longest next_version.
+	const around = len(`{"entity":,"events":,"next_version":-9223372036854775808}`)
+	page := natsbus.NewPage(a.sh.maxReply, around+len(id))
+	var next *int64
+	for i := range stored {
+		// Opened one at a time: the events past the cut are not
+		// decrypted for nothing.
+		ev, err := a.open(stored[i : i+1])
+		if err != nil {
 			return nil, err
 		}
+		fits, size, err := page.Add(&ev[0])
+		if err != nil {
+			return nil, err
+		}
+		if fits {
+			continue
+		}
+		v := ev[0].Version
+		if page.Len() == 0 {
+			e := natsbus.TooLarge(size+around+len(id)+2, a.sh.maxReply, fmt.Sprintf("event %d of %q", v, a.id),
+				fmt.Sprintf("no page can hold it until the NATS server's max_payload is raised; history from_version %d goes on after it", v+1))
+			e.Details["version"] = v
+			return nil, e
+		}
+		next = &v
+		break
+	}
+	if n := len(stored); next == nil && n > 0 && stored[n-1].Version < a.version {
+		v := stored[n-1].Version + 1
+		next = &v
+	}
+	b := make([]byte, 0, len(id)+around+page.Size())
+	b = append(append(append(b, `{"entity":`...), id...), `,"events":`...)
+	b = append(page.AppendTo(b), `,"next_version":`...)
+	if next == nil {
+		b = append(b, "null"...)
+	} else {
+		b = strconv.AppendInt(b, *next, 10)
+	}
+	return json.RawMessage(append(b, '}')), nil
+}
+
+// export answers everything held about the entity. The answer passes the
+// same size check as every other (handle): an entity too large for one
+// message answers payload_too_large, and the client pages history.
+func (a *actor) export(ctx context.Context, msg *nats.Msg) (*kuma.ExportReply, error) {
+	if err := kuma.DecodeEmpty(msg.Data); err != nil {
+		return nil, err
 	}
 	if a.version == 0 {
 		return nil, a.missing(ctx)
@@ -565,17 +637,6 @@ func (a *actor) export(ctx context.Context, msg *nats.Msg) (json.RawMessage, err
 	if err != nil {
 		return nil, err
 	}
-	out := &kuma.ExportReply{Entity: a.id, Version: a.version, State: a.state, Events: events,
-		ExportedAt: a.sh.node.cfg.Now().UTC()}
-	// Leave room for headers; a reply over the server's limit would be lost.
-	b, err := json.Marshal(out)
-	if err != nil {
-		return nil, err
-	}
-	if limit := a.sh.node.nc.MaxPayload(); int64(len(b))+1024 > limit {
-		return nil, &kuma.Error{Code: kuma.CodePayloadTooLarge,
-			Message: fmt.Sprintf("export of %q is %d bytes, over the %d-byte message limit; page it with history", a.id, len(b), limit),
-			Details: map[string]any{"version": a.version}}
-	}
-	return b, nil
+	return &kuma.ExportReply{Entity: a.id, Version: a.version, State: a.state, Events: events,
+		ExportedAt: a.sh.node.cfg.Now().UTC()}, nil
 }

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -90,11 +92,26 @@ func (sh *shard) replay(ctx context.Context, stream jetstream.Stream, from, to u
 	if from > 0 {
 		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, from+1
 	}
-	cons, err := stream.OrderedConsumer(ctx, cfg)
+	// Just after a cluster formed (a standalone node's streams restored a
+	// moment ago), JetStream may not answer for a while: wait for it here
+	// rather than fail the take. A failed take costs a retake, and a file
+	// not yet marked whole (written by a Kuma before the mark) trusts only
+	// what the stream confirms of it at the retake (openOwned), dropping
+	// acknowledged events nobody else ever had (seen in
+	// TestStandaloneKilledThenClustered before the mark).
+	var cons jetstream.Consumer
+	err := natsbus.RetryJetStream(ctx, sh.node.cfg.Logger, func(ctx context.Context) error {
+		var err error
+		cons, err = stream.OrderedConsumer(ctx, cfg)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("shardnode: replay shard %d: %w", sh.n, err)
 	}
 	var batch []sqlite.ReplicatedEvent
+	// Forget notices name entities by pseudonym; which of the file's ids
+	// they stand for is found once the replay is done.
+	forgot := map[string]bool{}
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -123,17 +140,24 @@ func (sh *shard) replay(ctx context.Context, stream jetstream.Stream, from, to u
 					if err != nil {
 						return fmt.Errorf("shardnode: replay shard %d: message %d: %w", sh.n, md.Sequence.Stream, err)
 					}
+					// The stream names the entity by pseudonym: the
+					// keyvault gives its id while it lives; an entity
+					// forgotten since keeps only its position.
+					ent, gone, err := sh.node.keys.Resolve(ctx, sh.cc.Name, e)
+					if err != nil {
+						return fmt.Errorf("shardnode: replay shard %d: message %d: %w", sh.n, md.Sequence.Stream, err)
+					}
 					batch = append(batch, sqlite.ReplicatedEvent{OutboxEvent: sqlite.OutboxEvent{
-						Seq: p.Seq, Entity: e.Entity, Version: e.Version, Payload: e.Payload, Time: e.Time.UnixNano(),
+						Seq: p.Seq, Entity: ent.Entity, Version: e.Version, Payload: e.Payload, Time: e.Time.UnixNano(),
 						Idempotency: e.IdempotencyKey, FirstVersion: e.FirstVersion,
-					}})
+					}, Skipped: gone})
 				}
 			} else {
 				var fn kuma.ForgottenNotice
 				if err := json.Unmarshal(m.Data(), &fn); err != nil {
 					return fmt.Errorf("shardnode: replay shard %d: forget notice %d: %w", sh.n, md.Sequence.Stream, err)
 				}
-				batch = append(batch, sqlite.ReplicatedEvent{OutboxEvent: sqlite.OutboxEvent{Entity: fn.Entity}, Forgotten: true})
+				forgot[fn.Pseudonym+"\x00"+fn.Entity] = true
 			}
 			if len(batch) >= 2000 {
 				if err := flush(); err != nil {
@@ -141,7 +165,10 @@ func (sh *shard) replay(ctx context.Context, stream jetstream.Stream, from, to u
 				}
 			}
 			if md.Sequence.Stream >= to {
-				return flush()
+				if err := flush(); err != nil {
+					return err
+				}
+				return sh.purgeForgotten(ctx, forgot)
 			}
 		}
 		if err := msgs.Error(); err != nil {
@@ -151,4 +178,67 @@ func (sh *shard) replay(ctx context.Context, stream jetstream.Stream, from, to u
 			return err
 		}
 	}
+}
+
+// purgeForgotten drops the rows of the entities that the replayed forget
+// notices name (keys "<pseudonym>\x00<id>", one of the two set). A notice is
+// believed only if the keyvault confirms the shred: anyone who can publish
+// into the stream can write one. Notices name entities by pseudonym, and the
+// keyvault no longer knows the id of a forgotten one, so the file's ids are
+// turned into pseudonyms to find them (a rebuild that replayed a notice is
+// rare, and the keyvault computes them without storage).
+func (sh *shard) purgeForgotten(ctx context.Context, notices map[string]bool) error {
+	if len(notices) == 0 {
+		return nil
+	}
+	keys := sh.node.cfg.Keys
+	gone := map[string]bool{} // pseudonyms confirmed forgotten
+	var purge []sqlite.ReplicatedEvent
+	for n := range notices {
+		pseudonym, entity, _ := strings.Cut(n, "\x00")
+		var rec *kuma.ForgetReply
+		var err error
+		if pseudonym != "" {
+			rec, err = keys.ForgottenPseudonym(ctx, sh.cc.Name, pseudonym)
+		} else if kuma.ValidateEntityID(entity) == nil {
+			rec, err = keys.Forgotten(ctx, sh.cc.Name, entity) // a notice written before pseudonyms
+		}
+		switch {
+		case err != nil:
+			return fmt.Errorf("shardnode: replay shard %d: confirm a forget notice: %w", sh.n, err)
+		case rec == nil:
+			sh.node.cfg.Logger.Warn("forget notice of an entity that is not forgotten ignored (forged?)", "context", sh.cc.Name, "shard", sh.n)
+		case pseudonym != "":
+			gone[pseudonym] = true
+		default:
+			purge = append(purge, sqlite.ReplicatedEvent{OutboxEvent: sqlite.OutboxEvent{Entity: entity}, Forgotten: true})
+		}
+	}
+	if len(gone) > 0 {
+		ids, err := sh.store.EntityIDs(ctx)
+		if err != nil {
+			return err
+		}
+		for len(ids) > 0 {
+			chunk := ids[:min(len(ids), 5000)]
+			ids = ids[len(chunk):]
+			ps, err := keys.Pseudonyms(ctx, sh.cc.Name, chunk)
+			if err != nil {
+				return fmt.Errorf("shardnode: replay shard %d: pseudonyms: %w", sh.n, err)
+			}
+			for i, p := range ps {
+				if i < len(chunk) && gone[p] {
+					purge = append(purge, sqlite.ReplicatedEvent{OutboxEvent: sqlite.OutboxEvent{Entity: chunk[i]}, Forgotten: true})
+				}
+			}
+		}
+	}
+	if len(purge) == 0 {
+		return nil
+	}
+	if _, err := sh.store.ApplyReplicated(ctx, purge); err != nil {
+		return err
+	}
+	sh.node.cfg.Logger.Info("catch-up dropped the rows of forgotten entities", "context", sh.cc.Name, "shard", sh.n, "entities", len(purge))
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strconv"
 	"sync"
@@ -102,13 +103,12 @@ type owner struct {
 
 	stop chan struct{}
 	done sync.WaitGroup
-}
-
-// ShardMove is a shard in motion, for status.
-type ShardMove struct {
-	Context string
-	Shard   int
-	What    string
+	// moves is the parent of every move's context: a stop cancels it when
+	// the moves under way have had their time (stop.go), so that a take or
+	// an upload waiting on a stream that lost its quorum (the whole cluster
+	// stopping) does not hold the stop up.
+	moves      context.Context
+	abortMoves context.CancelFunc
 }
 
 func (o *owner) now() time.Duration { return time.Since(o.base) }
@@ -135,15 +135,15 @@ func (o *owner) endMove(k shardKey) {
 }
 
 // Moves lists the shards this node is moving.
-func (s *Service) Moves() []ShardMove {
+func (s *Service) Moves() []kuma.ShardMove {
 	if s.owner == nil {
 		return nil
 	}
 	s.owner.mu.Lock()
 	defer s.owner.mu.Unlock()
-	out := make([]ShardMove, 0, len(s.owner.moving))
+	out := make([]kuma.ShardMove, 0, len(s.owner.moving))
 	for k, w := range s.owner.moving {
-		out = append(out, ShardMove{Context: k.ctx, Shard: k.n, What: w})
+		out = append(out, kuma.ShardMove{Node: s.cfg.NodeName, Context: k.ctx, Shard: k.n, What: w})
 	}
 	return out
 }
@@ -152,7 +152,16 @@ func (o *owner) heartbeat(ctx context.Context) error {
 	o.mu.Lock()
 	draining := o.draining
 	o.mu.Unlock()
-	return o.store.Heartbeat(ctx, cluster.Member{Started: o.s.started, Draining: draining})
+	return o.store.Heartbeat(ctx, cluster.Member{Started: o.s.started, Draining: draining, Contexts: o.contexts()})
+}
+
+// contexts names the contexts this node serves, for its member record.
+func (o *owner) contexts() []string {
+	out := make([]string, len(o.s.cfg.Contexts))
+	for i, cc := range o.s.cfg.Contexts {
+		out[i] = cc.Name
+	}
+	return out
 }
 
 // members is the live members, this node always among them while it runs.
@@ -168,7 +177,17 @@ func (o *owner) members() []cluster.Member {
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return append(ms, cluster.Member{Node: o.s.cfg.NodeName, Draining: o.draining})
+	return append(ms, cluster.Member{Node: o.s.cfg.NodeName, Draining: o.draining, Contexts: o.contexts()})
+}
+
+// stopping reports whether Stop has begun (o.stop is closed).
+func (o *owner) stopping() bool {
+	select {
+	case <-o.stop:
+		return true
+	default:
+		return false
+	}
 }
 
 func (o *owner) run() {
@@ -178,6 +197,11 @@ func (o *owner) run() {
 	tick := time.NewTicker(o.cfg.Tick)
 	defer tick.Stop()
 	for {
+		// A stop comes first: select picks at random among ready cases,
+		// and a tick or a change ready beside it ran another pass.
+		if o.stopping() {
+			return
+		}
 		select {
 		case <-o.stop:
 			return
@@ -208,13 +232,24 @@ func (o *owner) reconcile(ctx context.Context, sync bool) {
 	for i := range o.s.cfg.Contexts {
 		cc := &o.s.cfg.Contexts[i]
 		for n := 0; n < cc.Shards; n++ {
+			if !sync && o.stopping() {
+				// The node is stopping: with the lease bucket out of
+				// quorum (the whole cluster stopping) every renewal waits
+				// out its timeout, and a pass over all shards took longer
+				// than the stop's whole budget.
+				return
+			}
 			k := shardKey{cc.Name, n}
 			if sh := o.s.shardAt(k); sh != nil {
 				o.renew(sh)
 				want := o.store.Desired(cc.Name, n, members)
 				if want != "" && want != me && o.store.Alive(want) && o.now()-sh.acquired > o.cfg.MinHold &&
 					o.beginMove(k, "handing off to "+want, false) {
-					o.goMove(func() { o.handoff(sh, want) })
+					o.goMove(func() {
+						ctx, cancel := context.WithTimeout(o.moves, 2*time.Minute)
+						defer cancel()
+						o.handoff(ctx, sh, want, false)
+					})
 				}
 				o.snapshotIfDue(sh)
 				continue
@@ -256,7 +291,7 @@ func (o *owner) reconcile(ctx context.Context, sync bool) {
 			if sync {
 				o.take(ctx, cc, n, prev)
 			} else {
-				o.goMove(func() { o.take(context.Background(), cc, n, prev) })
+				o.goMove(func() { o.take(o.moves, cc, n, prev) })
 			}
 		}
 	}
@@ -335,11 +370,7 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 		} else {
 			log.Error("could not open the shard; releasing it", "err", err)
 		}
-		rctx, cancel := context.WithTimeout(context.Background(), o.cfg.LeaseTTL/2)
-		defer cancel()
-		if _, rerr := o.store.Release(rctx, lease, ""); rerr != nil {
-			log.Warn("release failed", "err", rerr)
-		}
+		o.releaseUnserved(lease, log)
 		return
 	}
 	// Tell the previous owner this node answers now, so that it stops
@@ -359,7 +390,14 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 		_ = sh.store.Close()
 		return
 	default:
-		log.Warn("could not mark the lease serving", "err", err)
+		// Not served unmarked: the next taker would not know this epoch
+		// wrote anything (Lease.Wrote) and could trust a copy that lacks
+		// its events. The control loop takes the shard again.
+		log.Warn("could not mark the lease serving; letting the shard go", "err", err)
+		sh.stopServing(ctx)
+		_ = sh.store.Close()
+		o.releaseUnserved(lease, log)
+		return
 	}
 	o.s.addShard(sh)
 	o.unrefuse(k) // this node had handed it off, and has it back
@@ -374,22 +412,46 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 	o.s.checkInBackground(sh)
 }
 
+// releaseUnserved gives up the lease of a take that did not get as far as
+// serving, so that the control loop (here or elsewhere) takes it again.
+func (o *owner) releaseUnserved(lease cluster.Lease, log *slog.Logger) {
+	limit := o.cfg.LeaseTTL / 2
+	if o.moves.Err() != nil {
+		limit = stopWriteMax // cut short by a stop, which must not wait on the buckets
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	if _, err := o.store.Release(ctx, lease, ""); err != nil {
+		log.Warn("release failed", "err", err)
+	}
+}
+
 // handoff moves a shard to another node: stop taking requests, finish what
 // was taken, publish the outbox, upload a consistent copy, release the lease
 // naming the new owner. Requests in between find no responder (clients
-// retry, the Go client by itself).
-func (o *owner) handoff(sh *shard, to string) {
+// retry, the Go client by itself). ctx bounds it. A hand-off that fails
+// while the node runs serves the shard again; one that fails while it stops
+// (stopping) leaves the shard, stopped, for Stop to close with the others.
+func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool) {
 	k := shardKey{sh.cc.Name, sh.n}
 	defer o.endMove(k)
 	log := o.s.cfg.Logger.With("context", sh.cc.Name, "shard", sh.n, "to", to)
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
 	o.s.removeShard(sh)
-	o.refuse(sh) // before the serving member leaves: see refuse.go
+	o.refuse(sh, to) // before the serving member leaves: see refuse.go
 	sh.stopServing(ctx)
 	o.s.cfg.Failpoint("handoff-after-stop")
 	err := o.upload(ctx, sh)
+	if err != nil && (stopping || o.moves.Err() != nil) {
+		// Reopening would wait on the same stream and buckets that just
+		// failed, or was cut short by the stop; the node is leaving
+		// anyway, and Stop hands the shard off again or closes it. Nobody
+		// was named, so nobody serves it meanwhile: stop refusing.
+		log.Warn("hand-off failed; the shard closes with the node", "err", err)
+		o.unrefuse(k)
+		o.s.addShard(sh)
+		return
+	}
 	if err != nil {
 		// Keep the shard: reopen it under the same lease and try later.
 		log.Warn("hand-off failed; serving the shard again", "err", err)
@@ -413,6 +475,9 @@ func (o *owner) handoff(sh *shard, to string) {
 	}
 	if _, err := o.store.Release(ctx, sh.lease(), to); err != nil && !errors.Is(err, cluster.ErrConflict) {
 		log.Warn("release failed; the lease will run out instead", "err", err)
+		if stopping || o.moves.Err() != nil {
+			o.unrefuse(k) // nobody takes it before the lease runs out
+		}
 	}
 	o.s.metrics.moves.WithLabelValues("out").Inc()
 	log.Info("shard handed off", "events", sh.store.LastSeq(), "took", time.Since(start).Round(time.Millisecond))
@@ -458,55 +523,13 @@ func (o *owner) snapshotIfDue(sh *shard) {
 	sh.snapshotTried.Store(int64(o.now()))
 	o.goMove(func() {
 		defer o.endMove(k)
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		ctx, cancel := context.WithTimeout(o.moves, time.Minute)
 		defer cancel()
 		sh.snapshotDirty.Store(false)
 		if err := o.upload(ctx, sh); err != nil {
 			o.s.cfg.Logger.Warn("snapshot upload failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
 		}
 	})
-}
-
-// drain hands every shard off to the nodes that should have them once this
-// one is gone (a graceful stop), and releases what nobody can take.
-func (o *owner) drain(ctx context.Context) {
-	o.mu.Lock()
-	o.draining = true
-	o.mu.Unlock()
-	hctx, cancel := context.WithTimeout(ctx, o.cfg.Heartbeat*2)
-	if err := o.heartbeat(hctx); err != nil {
-		o.s.cfg.Logger.Warn("could not announce draining", "err", err)
-	}
-	cancel()
-	members := o.members()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, max(o.cfg.MaxMoves, 4))
-	for _, sh := range o.s.allShards() {
-		want := o.store.Desired(sh.cc.Name, sh.n, members)
-		if want == "" || want == o.s.cfg.NodeName {
-			continue // nobody to take it: it closes with the node
-		}
-		k := shardKey{sh.cc.Name, sh.n}
-		for !o.beginMove(k, "handing off to "+want, true) {
-			select { // a background move of this shard is finishing
-			case <-ctx.Done():
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-		if o.s.shardAt(k) != sh {
-			o.endMove(k)
-			continue
-		}
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			o.handoff(sh, want)
-		}()
-	}
-	wg.Wait()
 }
 
 // lostShard stops serving a shard this node no longer owns (its lease was
@@ -538,7 +561,7 @@ func (s *Service) lostShard(sh *shard, why string) {
 
 // fenceErr is what a commit gets once the shard's lease has run out.
 func (sh *shard) fence() error {
-	if sh.node.owner.now() > time.Duration(sh.deadline.Load()) {
+	if sh.owner.now() > time.Duration(sh.deadline.Load()) {
 		sh.node.metrics.fenced.WithLabelValues("lease").Inc()
 		return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q: this node's lease ran out (the shard may be moving); retry", sh.n, sh.cc.Name)
 	}
@@ -569,15 +592,17 @@ func (s *Service) openOwned(ctx context.Context, cc *ContextConfig, n int, lease
 	// history only if the owner got as far as serving (it marks its lease
 	// Serving once caught up): a taker that failed half-way through its
 	// catch-up leaves a file stamped with its epoch but short of the stream.
-	prevEpoch := int64(0)
+	// A copy marked whole as of the last epoch that served, or later, is
+	// whole too, whatever takes failed since (they wrote nothing).
+	prevEpoch, wrote := int64(0), int64(0)
 	if prev != nil {
-		prevEpoch = prev.Epoch
+		prevEpoch, wrote = prev.Epoch, prev.LastServed()
 		if !prev.Serving {
-			prevEpoch = -prev.Epoch // matches no copy: trust only what was published
+			prevEpoch = -prev.Epoch // matches no copy's epoch
 		}
 	}
 	path := shardPath(s.cfg.DataDir, cc.Name, n)
-	base, err := s.chooseBase(ctx, cc, n, path, prevEpoch)
+	base, err := s.chooseBase(ctx, cc, n, path, prevEpoch, wrote)
 	if err != nil {
 		return nil, err
 	}
@@ -609,6 +634,12 @@ func (s *Service) openOwned(ctx context.Context, cc *ContextConfig, n int, lease
 	if err := sh.relay.resume(ctx); err != nil {
 		return fail(err)
 	}
+	// Caught up and claimed: the file is the shard's whole history as of
+	// this epoch, before the lease says Serving (what a failed take after
+	// this one trusts).
+	if err := sh.store.MarkWhole(ctx); err != nil {
+		return fail(err)
+	}
 	sh.relay.start()
 	if err := sh.subscribe(); err != nil {
 		return fail(err)
@@ -623,10 +654,12 @@ type baseChoice struct {
 }
 
 // chooseBase puts the best starting copy at path. A copy written under the
-// lease's previous epoch is the latest owner's own and trusted whole; any
-// other copy only up to what it knew was published, since another owner may
-// have written different events after that.
-func (s *Service) chooseBase(ctx context.Context, cc *ContextConfig, n int, path string, prevEpoch int64) (baseChoice, error) {
+// lease's previous epoch (when it served) is the latest owner's own and
+// trusted whole, and so is a local file marked whole as of wrote, the last
+// epoch that served, or later; any other copy only up to what it knew was
+// published, since another owner may have written different events after
+// that.
+func (s *Service) chooseBase(ctx context.Context, cc *ContextConfig, n int, path string, prevEpoch, wrote int64) (baseChoice, error) {
 	var local *sqlite.BackupInfo
 	if _, err := os.Stat(path); err == nil {
 		info, err := sqlite.Inspect(ctx, path)
@@ -637,17 +670,15 @@ func (s *Service) chooseBase(ctx context.Context, cc *ContextConfig, n int, path
 	}
 	// With no lease before this one, nobody else has ever owned the shard.
 	whole := func(epoch int64) bool { return prevEpoch == 0 || epoch == prevEpoch }
-	trust := func(info sqlite.BackupInfo) int64 {
-		if whole(info.Epoch) {
-			return info.LastSeq
-		}
-		return info.Published
-	}
 	choice := baseChoice{}
 	if local != nil {
-		choice.trusted = trust(*local)
+		wholeFile := whole(local.Epoch) || wrote > 0 && local.WholeOf >= wrote
+		choice.trusted = local.Published
+		if wholeFile {
+			choice.trusted = local.LastSeq
+		}
 		choice.truncate = choice.trusted < local.LastSeq
-		if whole(local.Epoch) {
+		if wholeFile {
 			// The last owner was this file's writer: the stream holds
 			// nothing it lacks; the catch-up only reads to the end.
 			choice.fromStreamSeq = lastStreamSeqUnknown

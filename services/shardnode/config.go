@@ -43,6 +43,11 @@ type KeyVault interface {
 	Shred(ctx context.Context, r vaultclient.ShredRequest) (*kuma.ForgetReply, error)
 	// Forgotten returns the forget record, or nil.
 	Forgotten(ctx context.Context, kctx, entity string) (*kuma.ForgetReply, error)
+	// ForgottenPseudonym is Forgotten for an entity named by pseudonym.
+	ForgottenPseudonym(ctx context.Context, kctx, pseudonym string) (*kuma.ForgetReply, error)
+	// Pseudonyms returns the stream pseudonyms of ids, in order (also of
+	// forgotten ones: a forget notice names the entity by it).
+	Pseudonyms(ctx context.Context, kctx string, entities []string) ([]string, error)
 }
 
 // Config of a shardnode.
@@ -64,6 +69,11 @@ type Config struct {
 	MaxActors int
 	// MailboxLen is each actor's queue length (default 256).
 	MailboxLen int
+	// MaxReplyBytes bounds one answer's body (0: the NATS server's max
+	// payload less natsbus.ReplyHeadroom; never more than that). History
+	// pages are cut to fit it; a state or export over it answers
+	// payload_too_large.
+	MaxReplyBytes int
 	// Keys is the keyvault that holds every entity's data key (required).
 	Keys KeyVault
 	// KeyCacheSize and KeyCacheTTL bound the node's cache of data keys
@@ -92,18 +102,26 @@ type Config struct {
 	Now     func() time.Time
 }
 
+// Defaults of the settings `kuma up` and `kuma serve` take as flags: the
+// flags show these, so each value lives here only.
+const (
+	DefaultSnapshotEvery = 100
+	DefaultIdleTimeout   = 2 * time.Minute
+	DefaultMaxActors     = 100_000
+)
+
 func (c *Config) setDefaults() {
 	if c.Synchronous == "" {
 		c.Synchronous = sqlite.SyncFull
 	}
 	if c.SnapshotEvery <= 0 {
-		c.SnapshotEvery = 100
+		c.SnapshotEvery = DefaultSnapshotEvery
 	}
 	if c.IdleTimeout <= 0 {
-		c.IdleTimeout = 2 * time.Minute
+		c.IdleTimeout = DefaultIdleTimeout
 	}
 	if c.MaxActors <= 0 {
-		c.MaxActors = 100_000
+		c.MaxActors = DefaultMaxActors
 	}
 	if c.MailboxLen <= 0 {
 		c.MailboxLen = 256
@@ -115,7 +133,7 @@ func (c *Config) setDefaults() {
 		c.KeyCacheTTL = 10 * time.Minute
 	}
 	if c.NodeName == "" {
-		c.NodeName = "kuma"
+		c.NodeName = cluster.DefaultNodeName()
 	}
 	if c.Failpoint == nil {
 		c.Failpoint = func(string) {}
@@ -162,17 +180,36 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("shardnode: context %q is listed twice", cc.Name))
 		}
 		seen[cc.Name] = true
-		switch cc.Durability {
-		case "", DurabilityLocal, DurabilityReplicated:
-		default:
-			errs = append(errs, fmt.Errorf("shardnode: context %q: durability must be %q or %q, got %q",
-				cc.Name, DurabilityLocal, DurabilityReplicated, cc.Durability))
+		if err := ValidateDurability(cc.Durability); err != nil {
+			errs = append(errs, fmt.Errorf("shardnode: context %q: %w", cc.Name, err))
 		}
-		if cc.Shards < 1 || cc.Shards > 4096 {
-			errs = append(errs, fmt.Errorf("shardnode: context %q: shards must be 1 to 4096, got %d", cc.Name, cc.Shards))
+		if err := ValidateShards(cc.Shards); err != nil {
+			errs = append(errs, fmt.Errorf("shardnode: context %q: %w", cc.Name, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// MaxShards is the most shards a context may have.
+const MaxShards = 4096
+
+// ValidateShards checks a context's shard count; the flag, the app's
+// config and the shardnode's all check with it.
+func ValidateShards(n int) error {
+	if n < 1 || n > MaxShards {
+		return fmt.Errorf("shards must be 1 to %d, got %d", MaxShards, n)
+	}
+	return nil
+}
+
+// ValidateDurability checks a context's durability ("" is the default,
+// local).
+func ValidateDurability(d string) error {
+	switch d {
+	case "", DurabilityLocal, DurabilityReplicated:
+		return nil
+	}
+	return fmt.Errorf("durability must be %s or %s, got %q", DurabilityLocal, DurabilityReplicated, d)
 }
 
 // contextMeta is <data>/<ctx>/context.json: what the context was created

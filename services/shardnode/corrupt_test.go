@@ -1,7 +1,6 @@
 package shardnode_test
 
 import (
-	"bytes"
 	"context"
 	"database/sql"
 	"encoding/binary"
@@ -14,14 +13,14 @@ import (
 	"reflect"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/kumadb/kuma/pkg/app"
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/internal/damage"
+	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/kumatest"
 	"github.com/kumadb/kuma/pkg/placement"
 	"github.com/kumadb/kuma/pkg/sqlite"
 )
@@ -31,23 +30,12 @@ import (
 const corruptShards = 4
 
 // corruptLog collects a node's log lines.
-type corruptLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *corruptLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
+type corruptLog struct{ kumatest.LogBuffer }
 
 // lines returns the log lines that contain every one of subs.
 func (l *corruptLog) lines(subs ...string) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	var out []string
-	for _, line := range strings.Split(l.buf.String(), "\n") {
+	for _, line := range strings.Split(l.String(), "\n") {
 		all := line != ""
 		for _, s := range subs {
 			all = all && strings.Contains(line, s)
@@ -246,24 +234,6 @@ func corruptWaitLog(t *testing.T, logs *corruptLog, subs ...string) {
 	}
 }
 
-// corruptFlip XORs the byte at off of the file with mask.
-func corruptFlip(t *testing.T, path string, off int64, mask byte) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := []byte{0}
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= mask
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // corruptMoveAside does what the operator does with a corrupt shard file:
 // it moves the file (and its WAL and shared memory) out of the data dir.
 func corruptMoveAside(t *testing.T, path string) {
@@ -341,7 +311,7 @@ func TestCorruptShardFileStopsServing(t *testing.T) {
 	const bad = 1
 	path := corruptShardFile(dir, bad)
 	page, pageSize, entity := corruptEventsLeaf(t, path)
-	corruptFlip(t, path, (page-1)*pageSize, 0x01) // table leaf 0x0d becomes 0x0c: no such page type
+	damage.Flip(t, path, (page-1)*pageSize, 0x01) // table leaf 0x0d becomes 0x0c: no such page type
 	t.Logf("flipped the type bit of page %d of %s (events of %s)", page, filepath.Base(path), entity)
 
 	n.Restart()
@@ -396,7 +366,7 @@ func TestCorruptShardFileStopsServing(t *testing.T) {
 	corruptWaitLog(t, logs, "shard file checked", fmt.Sprintf("shard=%d", late))
 	latePath := corruptShardFile(dir, late)
 	page, pageSize, lateEntity := corruptEventsLeaf(t, latePath)
-	corruptFlip(t, latePath, (page-1)*pageSize, 0x01)
+	damage.Flip(t, latePath, (page-1)*pageSize, 0x01)
 	if err := corruptRefused(ctx, c, lateEntity, late); err != nil {
 		t.Fatalf("the first read of a page damaged at runtime: %v", err)
 	}

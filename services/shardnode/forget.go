@@ -63,6 +63,14 @@ func (a *actor) becomeForgotten(rec *kuma.ForgetReply) {
 // erase is steps 2 to 4 of forget: shred the key, announce, delete the rows.
 func (sh *shard) erase(ctx context.Context, p sqlite.PendingForget, events int64) (*kuma.ForgetReply, error) {
 	node := sh.node
+	// The notice names the entity by its pseudonym, as the stream does.
+	pseudonyms, err := node.cfg.Keys.Pseudonyms(ctx, sh.cc.Name, []string{p.Entity})
+	if err != nil {
+		return nil, err
+	}
+	if len(pseudonyms) != 1 {
+		return nil, kuma.Errorf(kuma.CodeInternal, "the keyvault answered %d pseudonyms for one id", len(pseudonyms))
+	}
 	rec, err := node.cfg.Keys.Shred(ctx, vaultclient.ShredRequest{
 		Context: sh.cc.Name, Entity: p.Entity, Reason: p.Reason, RequestedBy: p.RequestedBy,
 		EventsDeleted: events, At: p.RequestedAt,
@@ -71,8 +79,9 @@ func (sh *shard) erase(ctx context.Context, p sqlite.PendingForget, events int64
 		return nil, err
 	}
 	node.keys.Drop(sh.cc.Name, p.Entity)
+	sh.feedCache.forget(p.Entity)
 	node.cfg.Failpoint("forget-after-shred")
-	if err := sh.relay.announceForgotten(ctx, p.Entity, p.RequestedAt); err != nil {
+	if err := sh.relay.announceForgotten(ctx, pseudonyms[0], p.RequestedAt); err != nil {
 		node.cfg.Logger.Warn("forget notice not published", "context", sh.cc.Name, "shard", sh.n, "err", err)
 		return nil, err
 	}

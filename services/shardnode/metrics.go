@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -23,6 +24,10 @@ type metrics struct {
 	corrupt     *prometheus.GaugeVec
 	diskFull    prometheus.Counter
 	mailboxFull prometheus.Counter
+	// repliesFailed counts answers that were counted in requests and
+	// then could not be published; with the size check before the count
+	// (handle), only a connection closing under the reply lands here.
+	repliesFailed *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
@@ -70,6 +75,10 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			Name: "kuma_mailbox_full_total",
 			Help: "Requests refused as unavailable because their entity already had a full mailbox waiting.",
 		}),
+		repliesFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kuma_replies_failed_total",
+			Help: "Answers that could not be published, by operation and the protocol code of the failure (payload_too_large, internal): the client got no answer and times out.",
+		}, []string{"op", "code"}),
 	}
 	gauges := []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_live_actors", Help: "Entity actors in memory."},
@@ -90,12 +99,17 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 		reachable: prometheus.NewDesc("kuma_stream_reachable", "1 while the context's event stream answers.", []string{"context"}, nil),
 		messages:  prometheus.NewDesc("kuma_stream_messages", "Messages the context's event stream holds.", []string{"context"}, nil),
 	})
-	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced, m.corrupt, m.diskFull, m.mailboxFull}, gauges...) {
+	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced, m.corrupt, m.diskFull, m.mailboxFull, m.repliesFailed}, gauges...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// replyFailed counts an answer to op that NATS did not take.
+func (m *metrics) replyFailed(op string, err error) {
+	m.repliesFailed.WithLabelValues(op, string(natsbus.ReplyFailureCode(err))).Inc()
 }
 
 func (m *metrics) onGroup(commits, events int, took, sync time.Duration) {

@@ -36,6 +36,7 @@ const (
 
 type refusal struct {
 	sub     *nats.Subscription
+	to      string    // the node the shard was handed to
 	epoch   int64     // the lease epoch the shard was handed off under
 	since   time.Time // when the refusal began
 	serving time.Time // when the new owner was first seen serving
@@ -43,7 +44,7 @@ type refusal struct {
 
 // refuse makes this node answer the shard's requests unavailable until the
 // next owner serves them; call it before the serving member leaves.
-func (o *owner) refuse(sh *shard) {
+func (o *owner) refuse(sh *shard, to string) {
 	k := shardKey{sh.cc.Name, sh.n}
 	nc := o.s.nc
 	sub, err := nc.QueueSubscribe(kuma.ShardPrefix(sh.cc.Name, sh.n)+">", ShardQueue, func(m *nats.Msg) {
@@ -61,7 +62,7 @@ func (o *owner) refuse(sh *shard) {
 	if old := o.refusing[k]; old != nil {
 		_ = old.sub.Drain()
 	}
-	o.refusing[k] = &refusal{sub: sub, epoch: sh.lease().Epoch, since: time.Now()}
+	o.refusing[k] = &refusal{sub: sub, to: to, epoch: sh.lease().Epoch, since: time.Now()}
 	o.mu.Unlock()
 }
 
@@ -98,6 +99,33 @@ func (o *owner) endRefusals() {
 		// member is still refused (and so sent again), not dropped.
 		_ = sub.Drain()
 	}
+}
+
+// abandonRefusals ends the refusals of shards handed to a node that is
+// leaving too (draining, or no longer a member) and not yet serving them:
+// it takes no shard any more, so it never will, and waiting for it would
+// only hold this node's stop up. It returns how many refusals remain.
+func (o *owner) abandonRefusals() int {
+	staying := map[string]bool{}
+	for _, m := range o.store.Members() {
+		if !m.Draining {
+			staying[m.Node] = true
+		}
+	}
+	o.mu.Lock()
+	var done []*nats.Subscription
+	for k, r := range o.refusing {
+		if r.serving.IsZero() && !staying[r.to] {
+			done = append(done, r.sub)
+			delete(o.refusing, k)
+		}
+	}
+	left := len(o.refusing)
+	o.mu.Unlock()
+	for _, sub := range done {
+		_ = sub.Drain()
+	}
+	return left
 }
 
 // refusals counts the shards this node still refuses.

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -134,6 +136,8 @@ func (r *relay) waitPublished(ctx context.Context, seq int64) error {
 		case <-ch:
 		case <-ctx.Done():
 			return kuma.Errorf(kuma.CodeTimeout, "the events are stored on this node but the stream did not take them in time; retry with the same idempotency key")
+		case <-r.sh.gone.Done():
+			return kuma.Errorf(kuma.CodeUnavailable, "shard %d is stopping and the stream did not take the events in time; they are stored on this node: retry with the same idempotency key", r.sh.n)
 		}
 	}
 }
@@ -154,7 +158,7 @@ func (r *relay) claim(ctx context.Context, epoch int64, pos int64) error {
 	}
 	msg.Header.Set(kuma.HeaderEpoch, strconv.FormatInt(epoch, 10))
 	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".epoch." + strconv.FormatInt(epoch, 10)
-	ack, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
+	ack, err := natsbus.PublishDeduped(ctx, r.js, msg, id, jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
 		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
 	if err != nil {
 		return err
@@ -238,38 +242,53 @@ func (r *relay) note(noted int64) int64 {
 // publishOnce publishes the next run of unpublished events as one message and
 // returns how many it published.
 func (r *relay) publishOnce() (int, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(r.sh.gone, 10*time.Second)
 	defer cancel()
 	from := r.published.Load()
 	evs, err := r.sh.store.Outbox(ctx, from, relayMaxEvents)
 	if err != nil || len(evs) == 0 {
 		return 0, err
 	}
-	body := kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: make([]kuma.StreamEvent, 0, len(evs))}
-	size := 0
-	for _, e := range evs {
-		if size > 0 && size+len(e.Payload)*4/3+200 > relayMaxBytes {
-			break
-		}
-		size += len(e.Payload)*4/3 + 200
-		body.Events = append(body.Events, kuma.StreamEvent{
-			Entity: e.Entity, Version: e.Version, Time: time.Unix(0, e.Time).UTC(), Payload: e.Payload,
-			Position:       kuma.Position{Shard: r.sh.n, Seq: e.Seq}.String(),
-			IdempotencyKey: e.Idempotency, FirstVersion: e.FirstVersion,
-		})
-	}
 	if r.retryLast <= from {
 		r.retryLast = 0 // published since (resume read the stream)
 	}
-	if r.retryLast > 0 {
-		for i, e := range body.Events {
-			if p, _ := kuma.ParsePosition(e.Position); p.Seq > r.retryLast {
-				body.Events = body.Events[:i]
-				break
+	// covered: the outbox events this message stands for, up to the size
+	// limit, and after an unknown outcome exactly the batch sent before.
+	n, size := 0, 0
+	for _, e := range evs {
+		if size > 0 && size+len(e.Payload)*4/3+200 > relayMaxBytes || n > 0 && r.retryLast > 0 && e.Seq > r.retryLast {
+			break
+		}
+		size += len(e.Payload)*4/3 + 200
+		n++
+	}
+	covered := evs[:n]
+	body, through, err := r.pseudonymous(ctx, covered)
+	if err != nil {
+		return 0, err
+	}
+	if len(body.Events) == 0 {
+		// Every event is of entities forgotten since: nothing to publish
+		// (a forgotten entity's unpublished events never are). If they
+		// were sent before with an unknown outcome, that message may have
+		// landed: the next publish must expect it.
+		if r.retryLast > 0 {
+			seq, ok, err := r.landed(ctx, r.retryLast)
+			if err != nil {
+				return 0, err
+			}
+			if ok {
+				r.subjSeq.Store(seq)
 			}
 		}
+		r.retryLast = 0
+		r.setPublished(covered[len(covered)-1].Seq)
+		return len(covered), nil
 	}
-	last := evs[len(body.Events)-1].Seq
+	// The message ends at its last event (its Kuma-Last-Position): events
+	// of forgotten entities after it are the next round's, which skips them.
+	covered = covered[:through]
+	last := covered[len(covered)-1].Seq
 	data, err := json.Marshal(body)
 	if err != nil {
 		return 0, err
@@ -279,7 +298,7 @@ func (r *relay) publishOnce() (int, error) {
 	// headers, so the projector's apply joins the trace too.
 	var parent trace.SpanContext
 	var links []trace.Link
-	for _, e := range evs[:len(body.Events)] {
+	for _, e := range covered {
 		switch {
 		case !e.Trace.IsValid():
 		case !parent.IsValid():
@@ -307,13 +326,20 @@ func (r *relay) publishOnce() (int, error) {
 		id = r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".e" + strconv.FormatInt(e, 10) + "." + strconv.FormatInt(last, 10)
 		msg.Header.Set(kuma.HeaderOwnerEpoch, strconv.FormatInt(e, 10))
 	}
-	ack, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
+	ack, err := natsbus.PublishDeduped(ctx, r.js, msg, id, jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
 		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
 	switch {
 	case isWrongLastSequence(err):
 		// Either an earlier attempt of this very message landed and its ack
 		// was lost, or another owner has published since.
 		seq, ok, cerr := r.landed(ctx, last)
+		if cerr == nil && !ok && r.retryLast > last {
+			// The batch sent before ended later: its trailing events
+			// were of an entity forgotten since, left out this time.
+			if seq, ok, cerr = r.landed(ctx, r.retryLast); ok {
+				last = r.retryLast
+			}
+		}
 		if cerr != nil {
 			return 0, cerr
 		}
@@ -331,7 +357,44 @@ func (r *relay) publishOnce() (int, error) {
 	r.retryLast = 0
 	r.setPublished(last)
 	r.sh.node.cfg.Failpoint("relay-after-publish")
-	return len(body.Events), nil
+	return len(covered), nil
+}
+
+// pseudonymous builds the message of evs, each entity named by its
+// pseudonym (from the key cache: the append that committed the event has
+// just fetched the entity's key, and the pseudonym comes with it), so the
+// stream never holds an id. Events of an entity forgotten since they were
+// committed are left out: its key is gone, and its rows are about to go.
+// through is how many of evs the message stands for: up to its last event.
+func (r *relay) pseudonymous(ctx context.Context, evs []sqlite.OutboxEvent) (body kuma.StreamMessage, through int, err error) {
+	body = kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: make([]kuma.StreamEvent, 0, len(evs))}
+	var prev string
+	var pseudonym string
+	forgotten := false
+	for i, e := range evs {
+		if e.Entity != prev || prev == "" { // events of one entity come in runs
+			ent, err := r.sh.node.keys.Entry(ctx, r.sh.cc.Name, e.Entity, false)
+			switch {
+			case errors.Is(err, kuma.ErrEntityForgotten):
+				forgotten = true
+			case err != nil:
+				return kuma.StreamMessage{}, 0, fmt.Errorf("relay: pseudonym of an entity at position %d: %w", e.Seq, err)
+			default:
+				forgotten, pseudonym = false, ent.Pseudonym
+			}
+			prev = e.Entity
+		}
+		if forgotten {
+			continue
+		}
+		body.Events = append(body.Events, kuma.StreamEvent{
+			Pseudonym: pseudonym, Version: e.Version, Time: time.Unix(0, e.Time).UTC(), Payload: e.Payload,
+			Position:       kuma.Position{Shard: r.sh.n, Seq: e.Seq}.String(),
+			IdempotencyKey: e.Idempotency, FirstVersion: e.FirstVersion,
+		})
+		through = i + 1
+	}
+	return body, through, nil
 }
 
 // landed reports whether the subject's last message is ours, ending at
@@ -411,17 +474,18 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, name string, repl
 	return nil
 }
 
-// announceForgotten publishes the forget notice of an entity to the stream,
-// after its key is shredded and before its rows go: a crash in between
-// leaves the pending mark, and the restart announces again.
-func (r *relay) announceForgotten(ctx context.Context, entity string, at time.Time) error {
-	data, err := json.Marshal(kuma.ForgottenNotice{Context: r.sh.cc.Name, Shard: r.sh.n, Entity: entity, At: at})
+// announceForgotten publishes the forget notice of an entity, named by its
+// pseudonym, to the stream, after its key is shredded and before its rows
+// go: a crash in between leaves the pending mark, and the restart announces
+// again.
+func (r *relay) announceForgotten(ctx context.Context, pseudonym string, at time.Time) error {
+	data, err := json.Marshal(kuma.ForgottenNotice{Context: r.sh.cc.Name, Shard: r.sh.n, Pseudonym: pseudonym, At: at})
 	if err != nil {
 		return err
 	}
 	msg := nats.NewMsg(kuma.ForgottenSubject(r.sh.cc.Name, r.sh.n))
 	msg.Data = data
-	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".forgotten." + entity
+	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".forgotten." + pseudonym
 	if _, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name))); err != nil {
 		return kuma.Errorf(kuma.CodeUnavailable, "the event stream did not take the forget notice; retry the forget")
 	}

@@ -36,15 +36,17 @@ const peersTimeout = 2 * time.Second
 
 // replicatedStreams names the JetStream streams whose replicas follow the
 // cluster: each context's event stream and the streams behind the cluster
-// buckets (a KV bucket B is stream KV_B, an object store O is OBJ_O). They
+// buckets (a KV bucket B is stream KV_B, an object store O is OBJ_O), the
+// keyvault's bucket included (the keyvault creates it with the replicas
+// the cluster has then, and relies on this to raise it later). They
 // are raised through the streams themselves, which keeps every other
 // setting of the bucket as it is.
 func (s *Service) replicatedStreams() []string {
-	names := make([]string, 0, len(s.cfg.Contexts)+3)
+	names := make([]string, 0, len(s.cfg.Contexts)+4)
 	for _, cc := range s.cfg.Contexts {
 		names = append(names, kuma.StreamName(cc.Name))
 	}
-	return append(names, "KV_"+cluster.MembersBucket, "KV_"+cluster.LeasesBucket, "OBJ_"+cluster.SnapshotsBucket)
+	return append(names, "KV_"+cluster.MembersBucket, "KV_"+cluster.LeasesBucket, "OBJ_"+cluster.SnapshotsBucket, "KV_"+cluster.KeysBucket)
 }
 
 // replicaFloor is the replica count Start creates or updates the streams

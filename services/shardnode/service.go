@@ -17,7 +17,6 @@ import (
 	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/nats-io/nats.go/micro"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -32,12 +31,15 @@ type Service struct {
 	keys     *keycache.Cache
 	shredSub *nats.Subscription
 	js       jetstream.JetStream
-	micro    micro.Service
+	micro    *natsbus.Service
 	metrics  *metrics
 	tracer   trace.Tracer
 	// hooked is set when the config brought a Failpoint (fault tests): the
 	// work that only feeds a failpoint is skipped without one.
 	hooked bool
+	// maxReply is the largest answer body (Config.MaxReplyBytes, within
+	// what the NATS server carries), fixed at Start.
+	maxReply int
 
 	owner   *owner // membership, leases and moves (nil before Start)
 	started time.Time
@@ -48,7 +50,10 @@ type Service struct {
 	corruptMu sync.Mutex
 	corrupt   map[shardKey]*corruptShard // shards taken out of service (corrupt.go)
 	checkSem  chan struct{}              // one background file check at a time
-	bg        sync.WaitGroup             // file checks and corrupt shards stopping; Stop waits
+	// feedSlots bounds the feed requests served at once (feed.go): each
+	// holds a goroutine while it waits for new events.
+	feedSlots chan struct{}
+	bg        sync.WaitGroup // file checks and corrupt shards stopping; Stop waits
 }
 
 // New builds a shardnode that talks over nc. It does no I/O.
@@ -63,7 +68,7 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	}
 	tracer := telemetry.Tracer(cfg.TracerProvider)
 	s := &Service{cfg: cfg, nc: nc, tracer: tracer, hooked: hooked, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer),
-		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1)}
+		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1), feedSlots: make(chan struct{}, maxFeedRequests)}
 	reg := cfg.Registerer
 	if reg == nil {
 		reg = prometheus.NewRegistry() // counted, just not exported
@@ -81,6 +86,10 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 // held by other nodes come over as they hand them off.
 func (s *Service) Start(ctx context.Context) error {
 	s.started = s.cfg.Now().UTC()
+	s.maxReply = natsbus.ReplyLimit(s.nc)
+	if s.cfg.MaxReplyBytes > 0 {
+		s.maxReply = min(s.maxReply, s.cfg.MaxReplyBytes)
+	}
 	sub, err := s.keys.SubscribeShredded(s.nc)
 	if err != nil {
 		return fmt.Errorf("shardnode: subscribe to shreds: %w", err)
@@ -116,14 +125,25 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	for i := range s.cfg.Contexts {
 		cc := &s.cfg.Contexts[i]
-		if err := s.checkContextDir(cc); err != nil {
+		err := s.checkContextDir(cc)
+		if err == nil {
+			err = natsbus.RetryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
+				return store.AgreeShards(ctx, cc.Name, cc.Shards)
+			})
+			if err != nil {
+				err = fmt.Errorf("shardnode: %w", err)
+			}
+		}
+		if err != nil {
 			store.Close()
 			_ = s.Stop(ctx)
 			return err
 		}
 	}
+	moves, abortMoves := context.WithCancel(context.Background())
 	s.owner = &owner{s: s, store: store, cfg: s.cfg.Cluster, base: time.Now(),
-		moving: map[shardKey]string{}, refusing: map[shardKey]*refusal{}, stop: make(chan struct{})}
+		moving: map[shardKey]string{}, refusing: map[shardKey]*refusal{}, stop: make(chan struct{}),
+		moves: moves, abortMoves: abortMoves}
 	if err := s.owner.heartbeat(ctx); err != nil {
 		_ = s.Stop(ctx)
 		return fmt.Errorf("shardnode: join the cluster: %w", err)
@@ -155,10 +175,13 @@ func (s *Service) Start(ctx context.Context) error {
 // refuses a different shard count afterwards.
 func (s *Service) checkContextDir(cc *ContextConfig) error {
 	dir := contextDir(s.cfg.DataDir, cc.Name)
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		return fmt.Errorf("shardnode: create %s: %w", dir, err)
+	if err := sqlite.PrepareDir(dir); err != nil {
+		return fmt.Errorf("shardnode: %w", err)
 	}
 	path := filepath.Join(dir, "context.json")
+	if err := sqlite.MakePrivate(path); err != nil {
+		return fmt.Errorf("shardnode: %w", err)
+	}
 	b, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -184,7 +207,7 @@ func (s *Service) checkContextDir(cc *ContextConfig) error {
 // never leaves a half-written context.json.
 func writeFileSync(path string, b []byte) error {
 	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o640)
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, sqlite.PrivateFileMode)
 	if err != nil {
 		return fmt.Errorf("shardnode: write %s: %w", path, err)
 	}
@@ -227,7 +250,7 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n int, lease
 	if err != nil {
 		return nil, err
 	}
-	sh = newShard(s, cc, n, store, max(1, s.cfg.MaxActors/total))
+	sh = newShard(s, cc, n, store, max(1, s.cfg.MaxActors/total), s.maxReply)
 	sh.setLease(lease, sent, s.cfg.Cluster.LeaseTTL)
 	sh.acquired = s.owner.now()
 	sh.snapshotTried.Store(int64(sh.acquired))
@@ -268,74 +291,6 @@ func (s *Service) allShards() []*shard {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]*shard(nil), s.shards...)
-}
-
-// Stop hands the node's shards to the other members (when there are any),
-// stops taking requests, waits for requests already taken (and their
-// commits) to finish, closes every shard file and leaves the cluster. ctx
-// bounds the wait.
-func (s *Service) Stop(ctx context.Context) error {
-	if o := s.owner; o != nil {
-		close(o.stop)
-		o.done.Wait() // the control loop and the moves it started
-		o.drain(ctx)
-		// Keep refusing the shards handed off until their new owners serve
-		// them (refuse.go), at most 10 s: leaving at once could lose a
-		// request on its way to this node.
-		wait, cancel := context.WithTimeout(ctx, 10*time.Second)
-		for o.endRefusals(); o.refusals() > 0 && wait.Err() == nil; o.endRefusals() {
-			select {
-			case <-wait.Done():
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
-		cancel()
-	}
-	if s.shredSub != nil {
-		_ = s.shredSub.Unsubscribe()
-		s.shredSub = nil
-	}
-	if s.micro != nil {
-		_ = s.micro.Stop()
-		s.micro = nil
-	}
-	s.mu.Lock()
-	shards := s.shards
-	s.shards = nil
-	s.mu.Unlock()
-	var errs []error
-	var wg sync.WaitGroup
-	errCh := make(chan error, len(shards))
-	for _, sh := range shards {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := sh.close(ctx)
-			if o := s.owner; o != nil {
-				// Released, not left to run out: a restart (or anyone
-				// else) takes it at once.
-				if _, rerr := o.store.Release(ctx, sh.lease(), ""); rerr != nil && !errors.Is(rerr, cluster.ErrConflict) {
-					s.cfg.Logger.Warn("release failed", "shard", sh.n, "err", rerr)
-				}
-			}
-			errCh <- err
-		}()
-	}
-	wg.Wait()
-	close(errCh)
-	for err := range errCh {
-		errs = append(errs, err)
-	}
-	s.bg.Wait() // file checks (cancelled by the closes) and corrupt shards stopping
-	s.endCorrupt()
-	if o := s.owner; o != nil {
-		if err := o.store.Leave(ctx); err != nil {
-			s.cfg.Logger.Warn("could not leave the cluster; the membership runs out instead", "err", err)
-		}
-		o.store.Close()
-		s.owner = nil
-	}
-	return errors.Join(errs...)
 }
 
 // ShardStats describes one open shard, for status and tests.

@@ -27,12 +27,21 @@ import (
 // a passivated actor, and a passivated actor has answered everything it was
 // given.
 type shard struct {
-	node  *Service
+	node *Service
+	// owner is the node's owner when the shard opened: its clock measures
+	// the lease. Kept here because a commit cut short by a bounded stop can
+	// still reach the fence after the node has dropped its owner.
+	owner *owner
 	cc    *ContextConfig
 	n     int
 	store *sqlite.Shard
-	sub   *nats.Subscription
-	relay *relay
+	// maxReply is the largest answer body the shard's actors may send
+	// (Config.MaxReplyBytes): larger pages are cut, larger states refused.
+	maxReply int
+	sub      *nats.Subscription
+	relay    *relay
+	// feedCache holds the latest events as the feed shows them (feed.go).
+	feedCache *feedCache
 
 	mu         sync.Mutex
 	actors     map[string]*actor
@@ -58,6 +67,15 @@ type shard struct {
 	checkCtx  context.Context
 	stopCheck context.CancelFunc
 	full      atomic.Bool
+	// gone ends when a stop gives up waiting (its ctx ran out; giveUp): a
+	// publish in flight is cut short, appends waiting for the stream are
+	// answered unavailable, and so is every request still in an actor (one
+	// waiting on a keyvault whose bucket lost its quorum, say), instead of
+	// each waiting out its own time limit while the stop waits on them.
+	// What is committed stays in the shard file's outbox for the next
+	// owner's relay.
+	gone   context.Context
+	giveUp context.CancelFunc
 
 	actorsWG  sync.WaitGroup
 	sendsWG   sync.WaitGroup // dispatches between taking mu and filling a mailbox
@@ -65,14 +83,16 @@ type shard struct {
 	sweepDone chan struct{}
 }
 
-func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxActors int) *shard {
+func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxActors, maxReply int) *shard {
 	sh := &shard{
-		node: node, cc: cc, n: n, store: store,
+		node: node, owner: node.owner, cc: cc, n: n, store: store, maxReply: maxReply,
 		actors: map[string]*actor{}, lru: list.New(), maxActors: maxActors,
 		stopSweep: make(chan struct{}), sweepDone: make(chan struct{}),
 	}
 	sh.checkCtx, sh.stopCheck = context.WithCancel(context.Background())
+	sh.gone, sh.giveUp = context.WithCancel(context.Background())
 	sh.relay = newRelay(sh, node.js)
+	sh.feedCache = newFeedCache(feedCacheBytes)
 	go sh.sweepLoop()
 	return sh
 }
@@ -105,6 +125,15 @@ func (sh *shard) onMsg(msg *nats.Msg) {
 		sh.node.cfg.Logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", msg.Reply)
 		return
 	}
+	if msg.Subject == kuma.ShardFeedSubject(sh.cc.Name, sh.n) {
+		select {
+		case sh.node.feedSlots <- struct{}{}:
+			go sh.serveFeed(msg)
+		default:
+			sh.replyFeed(msg, nil, kuma.Errorf(kuma.CodeUnavailable, "this node serves %d feed requests already; retry", maxFeedRequests))
+		}
+		return
+	}
 	op, entity, ok := kuma.ParseShardSubject(msg.Subject)
 	if !ok {
 		sh.replyError(msg, kuma.Errorf(kuma.CodeNotFound, "unknown subject %q", msg.Subject))
@@ -125,7 +154,9 @@ func (sh *shard) onMsg(msg *nats.Msg) {
 			"entity %q belongs to shard %d of %d, not shard %d", entity, want, sh.cc.Shards, sh.n))
 		return
 	}
-	sh.dispatch(entity, &request{op: op, msg: msg, ctx: telemetry.Extract(context.Background(), msg.Header)})
+	// A request lives no longer than the shard's patience: a stop that
+	// gives up (gone) ends it.
+	sh.dispatch(entity, &request{op: op, msg: msg, ctx: telemetry.Extract(sh.gone, msg.Header)})
 }
 
 func knownOp(op string) bool {
@@ -143,6 +174,7 @@ func (sh *shard) replyError(msg *nats.Msg, err error) {
 	}
 	sh.node.metrics.requests.WithLabelValues(op, string(kuma.ErrorCode(err))).Inc()
 	if rerr := natsbus.RespondError(sh.node.nc, msg, err); rerr != nil {
+		sh.node.metrics.replyFailed(op, rerr)
 		sh.node.cfg.Logger.Warn("reply failed", "subject", msg.Subject, "err", rerr)
 	}
 }
@@ -259,6 +291,12 @@ func (sh *shard) stopServing(ctx context.Context) {
 }
 
 func (sh *shard) stopServingOnce(ctx context.Context) {
+	// Past ctx the stream and the requests in flight are given up on
+	// (gone): they are answered, not acknowledged, and the relay stops
+	// publishing, so that a stream or a keyvault without a quorum does not
+	// hold the stop up. What is committed stays in the outbox for the next
+	// owner.
+	defer context.AfterFunc(ctx, sh.giveUp)()
 	sh.stopCheck()
 	if sh.sub != nil {
 		if err := sh.sub.Drain(); err == nil {

@@ -46,7 +46,7 @@ type nodeReport struct {
 // node, for the whole cluster), kuma.<ctx>.shard.migrate (any node) and
 // this node's own report subject.
 func (s *Service) serveStatus(ctx context.Context) error {
-	svc, err := micro.AddService(s.nc, micro.Config{
+	svc, err := natsbus.AddService(s.nc, natsbus.ServiceConfig{
 		Name: "kuma-shardnode", Version: Version,
 		Description: "Owns shards: SQLite files, entity actors, the outbox relay",
 		QueueGroup:  "kuma-shardnode",
@@ -65,8 +65,13 @@ func (s *Service) serveStatus(ctx context.Context) error {
 			name, subject string
 			answer        func(context.Context, []byte) (any, error)
 		}{
-			{"status-" + name, kuma.PublicPrefix + "." + name + ".status",
-				func(ctx context.Context, _ []byte) (any, error) { return s.status(ctx, name, o) }},
+			{"status-" + name, kuma.StatusSubject(name),
+				func(ctx context.Context, body []byte) (any, error) {
+					if err := kuma.DecodeEmpty(body); err != nil {
+						return nil, err
+					}
+					return s.status(ctx, name, o)
+				}},
 			{"node-status-" + name, nodeStatusSubject(name, s.cfg.NodeName),
 				func(ctx context.Context, _ []byte) (any, error) { return s.report(ctx, name, o) }},
 			{"migrate-" + name, kuma.MigrateSubject(name),
@@ -74,16 +79,12 @@ func (s *Service) serveStatus(ctx context.Context) error {
 		}
 		for _, ep := range endpoints {
 			answer := ep.answer
-			err := svc.AddEndpoint(ep.name, natsbus.Guard(func(req micro.Request) {
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				out, err := answer(ctx, req.Data())
-				if err != nil {
-					_ = natsbus.MicroError(req, err)
-					return
-				}
-				_ = req.RespondJSON(out)
-			}), micro.WithEndpointSubject(ep.subject))
+			err := svc.AddEndpoint(ep.name, ep.subject, natsbus.JSONEndpoint{
+				Answer: func(ctx context.Context, req micro.Request) (any, error) {
+					return answer(ctx, req.Data())
+				},
+				MaxReply: natsbus.ReplyLimit(s.nc),
+			})
 			if err != nil {
 				return fmt.Errorf("shardnode: endpoint %s: %w", ep.subject, err)
 			}
@@ -163,7 +164,9 @@ func (s *Service) status(ctx context.Context, kctx string, o *owner) (*kuma.Stat
 		out.Projections = <-projections
 		return out, nil
 	}
-	members := o.members()
+	// Members serving other contexts on the same NATS are no part of this
+	// context's cluster.
+	members := cluster.ServingMembers(o.members(), kctx)
 	reports, failed := s.gather(ctx, kctx, members, self)
 	out.Shards = s.shardMap(o, cc, members, reports, failed)
 	owned := map[string]int{}
@@ -374,10 +377,12 @@ func nodeIn(list []string, s string) bool {
 	return false
 }
 
-// projections asks a projector of the context for its projections' status;
-// with none running (or none answering quickly) the list is empty.
+// projections asks a projector of the context for its projections' status
+// (that projector gathers every replica's, within its own deadline of 1 s
+// by default); with none running (or none answering in time) the list is
+// empty.
 func (s *Service) projections(ctx context.Context, kctx string) []kuma.ProjectionStatus {
-	ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	ctx, cancel := context.WithTimeout(ctx, nodeAskTimeout)
 	defer cancel()
 	msg, err := s.nc.RequestWithContext(ctx, kuma.ProjectorStatusSubject(kctx), nil)
 	if err != nil {

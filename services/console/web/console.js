@@ -60,11 +60,12 @@ function fmtRate(n) {
   return n.toFixed(n === 0 ? 0 : 1);
 }
 
+// fmtTime writes a time as ISO 8601 in UTC to the millisecond, as Kuma's
+// replies and logs do, whatever the browser's time zone.
 function fmtTime(iso) {
   const d = new Date(iso);
   if (isNaN(d)) return iso;
-  const pad = (x, n = 2) => String(x).padStart(n, "0");
-  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+  return d.toISOString();
 }
 
 function fmtMs(ms) {
@@ -148,7 +149,7 @@ function renderMonitor() {
   const s = state.last;
   if (!s) return;
   showBanner($("m-error"), s.error ? { code: s.error.code, message: "the status could not be read: " + s.error.message } : null);
-  $("m-updated").textContent = "Context " + s.context + " · updated " + new Date(s.time).toLocaleTimeString();
+  $("m-updated").textContent = "Context " + s.context + " · updated " + fmtTime(s.time).replace(/\.\d+Z$/, "Z");
   $("m-eps").textContent = fmtRate(s.events_per_sec);
   $("m-events-total").textContent = fmtInt.format(s.events_total);
   $("m-entities").textContent = fmtInt.format(s.entities);
@@ -178,8 +179,18 @@ function renderMonitor() {
   const tb = $("m-projections").querySelector("tbody");
   tb.innerHTML = s.projections.length ? s.projections.map((p) => `<tr>
       <td><b>${esc(p.name)}</b></td><td>${stateBadge(p)}</td>
-      <td class="num">${fmtInt.format(p.applied_stream_seq)}</td><td class="num">${fmtInt.format(p.lag)}</td></tr>`).join("")
-    : `<tr><td colspan="4" class="muted">No projector answered.</td></tr>`;
+      <td class="num">${fmtInt.format(p.applied_stream_seq)}</td><td class="num">${fmtInt.format(p.lag)}</td>
+      <td class="num">${esc(replicaSummary(p))}</td></tr>`).join("")
+    : `<tr><td colspan="5" class="muted">No projector answered.</td></tr>`;
+}
+
+// replicaSummary counts a projection's projector replicas, naming those
+// that did not answer: each node's projector keeps its own copy.
+function replicaSummary(p) {
+  const rs = p.replicas || [];
+  if (!rs.length) return "1";
+  const gone = rs.filter((r) => r.state === "unavailable").map((r) => r.node);
+  return gone.length ? `${rs.length - gone.length} of ${rs.length} (${gone.join(", ")} unavailable)` : String(rs.length);
 }
 
 function stateBadge(p) {
@@ -205,8 +216,30 @@ function renderShardMap(s) {
       <div class="owner">${esc(sh.owner)}</div>
       <div class="figs">${fmtInt.format(sh.events)} ev · ${fmtInt.format(sh.entities)} ent</div></div>`;
   }
-  $("m-shardmap").innerHTML = html;
+  const map = $("m-shardmap");
+  layoutShardMap(map, total);
+  map.innerHTML = html;
   $("m-legend").innerHTML = [...owners].map((o) => `<span><i style="background:${hue(o)}"></i>${esc(o)}</span>`).join("");
+}
+
+// layoutShardMap sizes the tiles to the shard count (full cards up to 32
+// shards, compact ones up to 128, colour tiles beyond, the details in each
+// tile's tooltip) and picks a column count that divides the shards, so the
+// last row is full: 16 shards lay out 8+8 or 4x4, never 5+5+5+1.
+function layoutShardMap(map, total) {
+  const density = total <= 32 ? "full" : total <= 128 ? "compact" : "dense";
+  const minTile = { full: 112, compact: 62, dense: 30 }[density];
+  const gap = density === "dense" ? 4 : 8;
+  const width = map.clientWidth || 600;
+  const maxCols = Math.max(1, Math.floor((width + gap) / (minTile + gap)));
+  let cols = Math.min(maxCols, total || 1);
+  for (let c = cols; c >= Math.ceil(cols / 2); c--) {
+    if (total % c === 0) { cols = c; break; }
+  }
+  map.dataset.density = density;
+  map.dataset.cols = String(cols);
+  map.style.gridTemplateColumns = `repeat(${cols}, minmax(0, 1fr))`;
+  map.style.gap = gap + "px";
 }
 
 function drawChart() {
@@ -273,17 +306,62 @@ function niceStep(x) {
 
 const ent = { id: "", version: 0, events: [], next: null, sel: 0, seq: 0, timer: 0 };
 
-async function loadRecent() {
+// The browser pages through the entities read model: a prefix, a filter on
+// one state field, 25 rows a page. Cursors of the pages seen so far make
+// "Prev" work; the count comes with the first page.
+const browse = { prefix: "", where: "", cursors: [""], page: 0, count: null, capped: false, next: "", seq: 0 };
+const browseLimit = 25;
+
+async function loadBrowse() {
+  const seq = ++browse.seq;
+  const q = new URLSearchParams({ limit: String(browseLimit) });
+  if (browse.prefix) q.set("prefix", browse.prefix);
+  if (browse.where) q.set("where", browse.where);
+  if (browse.cursors[browse.page]) q.set("cursor", browse.cursors[browse.page]);
   try {
-    const r = await api("/api/entities?limit=24");
+    const r = await api("/api/entities?" + q);
+    if (seq !== browse.seq) return;
+    showBanner($("browse-error"), null);
+    if (r.count !== undefined && r.count !== null) { browse.count = r.count; browse.capped = !!r.count_capped; }
+    browse.next = r.next_cursor || "";
     const rows = r.rows || [];
-    $("entity-recent").innerHTML = rows.map((row) =>
-      `<li><a href="#/entity/${encodeURIComponent(row.entity)}">${esc(row.entity)}</a></li>`).join("") ||
-      `<li class="muted">none yet</li>`;
+    $("browse-table").querySelector("tbody").innerHTML = rows.map((row) => `<tr>
+        <td><a class="mono" href="#/entity/${encodeURIComponent(row.entity)}">${esc(row.entity)}</a></td>
+        <td class="num">${fmtInt.format(row.version)}</td>
+        <td class="mono">${esc(fmtTime(row.updated_at))}</td>
+        <td class="mono state-cell" title="${esc(JSON.stringify(row.state))}">${esc(JSON.stringify(row.state))}</td></tr>`).join("") ||
+      `<tr><td colspan="4" class="muted">No entity matches.</td></tr>`;
+    const what = [browse.prefix && `prefix ${browse.prefix}`, browse.where && `where ${browse.where}`].filter(Boolean).join(", ");
+    $("browse-count").textContent = browse.count === null ? "" :
+      `${fmtInt.format(browse.count)}${browse.capped ? "+" : ""} ${browse.count === 1 ? "entity" : "entities"}${what ? " · " + what : ""}`;
+    const pages = browse.count === null ? null : Math.max(1, Math.ceil(browse.count / browseLimit));
+    $("browse-page").textContent = `page ${browse.page + 1}${pages ? " of " + fmtInt.format(pages) + (browse.capped ? "+" : "") : ""}`;
+    $("browse-prev").disabled = browse.page === 0;
+    $("browse-next").disabled = !browse.next;
   } catch (e) {
-    $("entity-recent").innerHTML = `<li class="muted">${esc(e.message)}</li>`;
+    if (seq !== browse.seq) return;
+    showBanner($("browse-error"), e);
   }
 }
+
+$("browse-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  browse.prefix = $("browse-prefix").value.trim();
+  browse.where = $("browse-where").value.trim();
+  browse.cursors = [""]; browse.page = 0; browse.count = null;
+  loadBrowse();
+});
+$("browse-next").addEventListener("click", () => {
+  if (!browse.next) return;
+  browse.cursors[browse.page + 1] = browse.next;
+  browse.page++;
+  loadBrowse();
+});
+$("browse-prev").addEventListener("click", () => {
+  if (browse.page === 0) return;
+  browse.page--;
+  loadBrowse();
+});
 
 let suggestTimer = 0;
 $("entity-input").addEventListener("input", () => {
@@ -309,7 +387,7 @@ async function openEntity(id, atVersion) {
   if (!id) {
     ent.id = "";
     $("entity-view").hidden = true; $("entity-empty").hidden = false;
-    loadRecent();
+    loadBrowse();
     return;
   }
   $("entity-input").value = id;
@@ -341,7 +419,7 @@ async function openEntity(id, atVersion) {
     const msg = e.code === "entity_forgotten" ? `${id} was forgotten: its events and key are gone.` :
       e.code === "not_found" ? `No entity ${id}: nothing was ever written to it.` : e.message;
     showBanner($("entity-error"), { code: e.code, message: msg });
-    loadRecent();
+    loadBrowse();
     ent.id = "";
   }
 }
@@ -510,6 +588,7 @@ function projCard(p) {
     </div>
     ${stuck}
     <div class="progress" data-f="rebuild" hidden></div>
+    <div class="replicas" data-f="replicas" hidden></div>
     <div class="positions" data-f="positions"></div>
   </div>`;
 }
@@ -525,6 +604,14 @@ function fillProj(p) {
   f("node").textContent = p.node || "–";
   const pos = Object.entries(p.positions || {}).sort((a, b) => a[0].localeCompare(b[0], undefined, { numeric: true }));
   f("positions").innerHTML = pos.length ? "Positions: " + pos.map(([, v]) => `<code>${esc(v)}</code>`).join("") : "No events applied yet.";
+  // Every replica's own copy: the figures above are the one furthest behind.
+  const rs = p.replicas || [], rel = f("replicas");
+  rel.hidden = rs.length < 2;
+  if (rs.length >= 2) {
+    rel.innerHTML = `<table class="table"><thead><tr><th>Replica (node)</th><th>State</th><th class="num">Messages applied</th><th class="num">Lag</th><th class="num">Generation</th></tr></thead><tbody>${
+      rs.map((r) => `<tr><td>${esc(r.node)}</td><td>${stateBadge(r)}</td><td class="num">${fmtInt.format(r.applied_stream_seq)}</td>
+        <td class="num">${fmtInt.format(r.lag)}</td><td class="num">${r.state === "unavailable" ? "–" : r.generation}</td></tr>`).join("")}</tbody></table>`;
+  }
   const rb = p.rebuild, el = f("rebuild");
   el.hidden = !rb;
   if (rb) {
@@ -543,14 +630,25 @@ $("p-list").addEventListener("click", async (e) => {
   if (act === "skip" && !confirm(`Skip the event at ${body.position} in ${name}? It will be recorded as skipped and never applied.`)) return;
   b.disabled = true;
   try {
-    await api(`/api/projections/${encodeURIComponent(name)}/${act}`, { body });
-    toast(act === "rebuild" ? `Rebuild of ${name} started; progress shows below.` : act === "retry" ? `${name} retries the event.` : `${name} skipped the event at ${body.position}.`);
+    const out = await api(`/api/projections/${encodeURIComponent(name)}/${act}`, { body });
+    toast((act === "rebuild" ? `Rebuild of ${name} started; progress shows below.` : act === "retry" ? `${name} retries the event.` : `${name} skipped the event at ${body.position}.`) + fanoutNote(out));
   } catch (err) {
     toast(err.message, true);
   } finally {
     b.disabled = false;
   }
 });
+
+// fanoutNote says which projector replicas did not apply an admin command.
+function fanoutNote(out) {
+  if (!out || !out.replicas || out.replicas.length < 2 && !(out.missing || []).length) return "";
+  const failed = out.replicas.filter((r) => !r.applied).map((r) => `${r.node} (${r.error ? r.error.message : "refused"})`);
+  const missing = out.missing || [];
+  let s = ` Applied on ${out.replicas.filter((r) => r.applied).length} of ${out.replicas.length + missing.length} replicas.`;
+  if (failed.length) s += ` Refused by ${failed.join(", ")}.`;
+  if (missing.length) s += ` No answer from ${missing.join(", ")}.`;
+  return s;
+}
 
 // ---------- start ----------
 

@@ -1,0 +1,335 @@
+// Package app wires Kuma's modules into a process, the way dskit-based
+// systems do: modules.go names every module and what it depends on, a target
+// names the modules to run (`all` is the single-process bundle), modules
+// start in dependency order and stop in reverse, so the embedded NATS server
+// stops last.
+package app
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/kumadb/kuma/pkg/cluster"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/pkg/projection"
+	"github.com/kumadb/kuma/pkg/sqlite"
+	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/kumadb/kuma/services/keyvault"
+	"github.com/kumadb/kuma/services/shardnode"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// Config is everything a Kuma process needs. Its zero value plus DataDir is a
+// working single-node store.
+type Config struct {
+	// Target is a module name or bundle: all (default), router, shardnode,
+	// projector, keyvault, console.
+	Target string
+	// DataDir holds the shard files and the embedded server's JetStream store.
+	DataDir string
+	// Context is the served context and Shards its shard count.
+	Context string
+	Shards  int
+	// NATSListen is where the embedded server listens (target all). A
+	// non-loopback address is refused unless Insecure is set: the embedded
+	// server has no authentication, so anyone who reaches it could read
+	// and erase everything.
+	NATSListen string
+	// Insecure allows NATSListen on a non-loopback address without
+	// authentication (`--insecure`), for a private network or a container
+	// whose port only trusted peers reach.
+	Insecure bool
+	// Join, ClusterListen and ClusterName make the embedded server (target
+	// all) a member of a NATS cluster with clustered JetStream; see
+	// natsbus.ServerConfig for what holds then. Join lists route URLs
+	// (nats://host:port) of running members, any of them: gossip finds the
+	// rest. ClusterListen is host:port for the other members' routes; alone
+	// (no Join) it makes this node the first member, whose JetStream waits
+	// for a second one. ClusterName defaults to "kuma" and must be the same
+	// on every member. The embedded server is named NodeName in a cluster.
+	// The cluster listener has no authentication either, so a non-loopback
+	// one needs Insecure, like NATSListen.
+	Join          []string
+	ClusterListen string
+	ClusterName   string
+	// ClusterAdvertise is the route address the other members are told to
+	// dial when they learn of this one by gossip (natsbus.ServerConfig);
+	// empty: the address its routes come from, with the ClusterListen port.
+	ClusterAdvertise string
+	// Keyvault says whether target all runs a keyvault instance:
+	// KeyvaultLocal (default) in this process, KeyvaultRemote none, using
+	// the other nodes' over NATS as `kuma serve --target shardnode` does (a
+	// node that is not to hold the master key). A single node keeps its keys
+	// in <data>/keyvault/keys.db; a cluster member and `kuma serve --target
+	// keyvault` keep them in the JetStream bucket KUMA_KEYS, which the
+	// cluster replicates and every instance shares, so no node is the
+	// keyvault's home (see keyvaultStore).
+	Keyvault string
+	// NATSURL is the external NATS to join (every target but all).
+	NATSURL string
+	// NATSUser and NATSPassword, or NATSCredsFile (a .creds file), or
+	// NATSNKeyFile (an NKey seed) authenticate this process to that NATS;
+	// NATSTLSCA is the CA of its certificate, NATSTLSCert and NATSTLSKey
+	// this process's client certificate. NATSInboxPrefix defaults to
+	// _INBOX.<NATSUser>. See natsauth.go and deployments/nats/kuma.conf.
+	NATSUser, NATSPassword, NATSCredsFile, NATSNKeyFile string
+	NATSTLSCA, NATSTLSCert, NATSTLSKey, NATSInboxPrefix string
+	// Durability is the context's acknowledgement rule: "local" (default,
+	// after the local fsync) or "replicated" (once the event stream, which
+	// the NATS cluster replicates, has the events too).
+	Durability string
+	// Synchronous is SQLite's durability setting: FULL (default) or NORMAL.
+	Synchronous string
+	// SnapshotEvery, IdleTimeout and MaxActors tune the shardnode's actors.
+	SnapshotEvery int64
+	IdleTimeout   time.Duration
+	MaxActors     int
+	// MailboxLen is each actor's queue (0: the shardnode's default); a
+	// request that finds its entity's queue full is answered unavailable.
+	MailboxLen int
+	// MaxPayload is the embedded NATS server's largest message in bytes (0:
+	// natsbus's default, 8 MiB). Every request and every answer must fit
+	// in it: larger answers are cut into pages or refused with
+	// payload_too_large (docs/protocol.md).
+	MaxPayload int32
+	// MasterKey is the keyvault's 32-byte master key; MasterKeyFile a file
+	// holding it in base64. With neither, target all keeps a generated key in
+	// <data>/keyvault/master.key and warns; other targets refuse to start.
+	MasterKey     []byte
+	MasterKeyFile string
+	// Tracing says where spans go: "" (off), "otlp" (configured by the
+	// standard OTEL_* variables) or "stdout". TracerProvider, when set,
+	// overrides it (tests record spans with it).
+	Tracing        telemetry.Exporter
+	TracerProvider trace.TracerProvider
+	// MetricsListen is where /metrics, /healthz and /readyz are served
+	// (host:port; empty: not served).
+	MetricsListen string
+	// Pprof adds Go's profiles (/debug/pprof/) to MetricsListen, for an
+	// operator profiling a node under load. Off by default: a profile shows
+	// the process's internals and costs CPU while it runs.
+	Pprof bool
+	// ConsoleListen is where the web console is served (host:port; empty:
+	// not served). ConsoleAllowWrites lets it forget entities and retry,
+	// skip or rebuild projections; `kuma up` sets it only when the console
+	// listens on loopback (natsbus.LoopbackListen).
+	ConsoleListen      string
+	ConsoleAllowWrites bool
+	// ReadyMaxLag is how many stream messages a projection may be behind
+	// while /readyz says ready (default 1,000).
+	ReadyMaxLag int64
+	// NodeName names this process in status (default: the host name).
+	NodeName string
+	// Failpoint is the shardnode's fault-test hook (nil in production).
+	Failpoint func(name string)
+	// ProjectionsFile declares read-model projections (YAML, see
+	// pkg/projection); Projections adds or declares them in Go. The
+	// built-in entities projection is always there.
+	ProjectionsFile string
+	Projections     []projection.Spec
+	// Reducers maps a context to its reducer; absent means JSON Merge Patch.
+	Reducers map[string]kuma.Reducer
+	Logger   *slog.Logger
+	Now      func() time.Time
+}
+
+// Defaults used by the CLI flags and by an empty Config.
+const (
+	DefaultDataDir    = "./data"
+	DefaultShards     = 16
+	DefaultNATSListen = "127.0.0.1:4222"
+	DefaultNATSURL    = "nats://127.0.0.1:4222"
+	// DefaultMetricsListen is where `kuma up` serves /metrics, /healthz and
+	// /readyz (the port OpenTelemetry's Prometheus exporter uses).
+	DefaultMetricsListen = "127.0.0.1:9464"
+	// DefaultConsoleListen is where `kuma up` serves the web console.
+	DefaultConsoleListen = "127.0.0.1:9480"
+	// DefaultClusterName names the NATS cluster of `kuma up --join`.
+	DefaultClusterName = "kuma"
+)
+
+// Bounds of MaxPayload (--max-payload).
+const (
+	MinMaxPayload = 128 << 10
+	MaxMaxPayload = 64 << 20
+)
+
+// Where the keyvault of target all runs (Config.Keyvault).
+const (
+	KeyvaultLocal  = "local"
+	KeyvaultRemote = "remote"
+)
+
+func (c *Config) setDefaults() {
+	if c.Target == "" {
+		c.Target = TargetAll
+	}
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.Context == "" {
+		c.Context = kuma.DefaultContext
+	}
+	if c.Shards == 0 {
+		c.Shards = DefaultShards
+	}
+	if c.NATSListen == "" {
+		c.NATSListen = DefaultNATSListen
+	}
+	if c.NATSURL == "" {
+		c.NATSURL = DefaultNATSURL
+	}
+	if c.Synchronous == "" {
+		c.Synchronous = sqlite.SyncFull
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.NodeName == "" {
+		c.NodeName = cluster.DefaultNodeName()
+	}
+	if c.ReadyMaxLag == 0 {
+		c.ReadyMaxLag = 1000
+	}
+	if c.ClusterName == "" {
+		c.ClusterName = DefaultClusterName
+	}
+	if c.Keyvault == "" {
+		c.Keyvault = KeyvaultLocal
+	}
+}
+
+// embedded reports whether the target runs the embedded NATS server.
+func (c *Config) embedded() bool { return slices.Contains(order(c.Target), ModuleNATSServer) }
+
+// clustered reports whether the embedded server joins a NATS cluster.
+func (c *Config) clustered() bool {
+	return c.ClusterListen != "" || len(c.Join) > 0 || c.ClusterAdvertise != ""
+}
+
+// keyvaultStore is where this process's keyvault keeps its keys. A single
+// `kuma up` keeps the local file: it has one keyvault and one disk, the
+// file costs a few fsyncs per thousand new keys (group commit) where the
+// bucket costs a JetStream round trip per key, and a standalone embedded
+// server does not replicate anyway. A cluster member, and the keyvault
+// target run apart against an external NATS, use the JetStream bucket, so
+// that any number of instances on any nodes share the keys and losing a
+// node loses no keyvault. A file with keys left from before is imported
+// into the bucket at start.
+func (c *Config) keyvaultStore() string {
+	if c.Target == TargetAll && !c.clustered() {
+		return keyvault.StoreFile
+	}
+	return keyvault.StoreJetStream
+}
+
+// natsServerConfig is the embedded server's configuration. A standalone
+// server keeps nats-server's name "kuma" as it always had; a cluster member
+// is named NodeName, which is unique in the cluster already.
+func (c *Config) natsServerConfig() natsbus.ServerConfig {
+	sc := natsbus.ServerConfig{
+		Listen:     c.NATSListen,
+		StoreDir:   filepath.Join(c.DataDir, "nats"),
+		MaxPayload: c.MaxPayload,
+		Logger:     c.Logger,
+	}
+	if c.clustered() {
+		sc.ServerName = c.NodeName
+		sc.ClusterName = c.ClusterName
+		sc.ClusterListen = c.ClusterListen
+		sc.Routes = c.Join
+		sc.ClusterAdvertise = c.ClusterAdvertise
+	}
+	return sc
+}
+
+// Validate reports every problem at once, each with its fix.
+func (c *Config) Validate() error {
+	var errs []error
+	if err := cluster.ValidateNode(c.NodeName); err != nil {
+		errs = append(errs, fmt.Errorf("--node: %w", err))
+	}
+	if _, ok := targets[c.Target]; !ok {
+		errs = append(errs, fmt.Errorf("target %q is unknown; use one of %v", c.Target, targetNames()))
+	}
+	if err := kuma.ValidateContext(c.Context); err != nil {
+		errs = append(errs, fmt.Errorf("--context: %w", err))
+	}
+	if err := shardnode.ValidateShards(c.Shards); err != nil {
+		errs = append(errs, fmt.Errorf("--%w", err))
+	}
+	if c.ConsoleListen != "" {
+		if _, _, err := net.SplitHostPort(c.ConsoleListen); err != nil {
+			errs = append(errs, fmt.Errorf("--console-listen %q: want host:port such as %s", c.ConsoleListen, DefaultConsoleListen))
+		}
+	} else if c.Target == ModuleConsole {
+		errs = append(errs, fmt.Errorf("target console needs --console-listen (host:port such as %s)", DefaultConsoleListen))
+	}
+	if c.embedded() && !c.Insecure && !natsbus.LoopbackListen(c.NATSListen) {
+		errs = append(errs, fmt.Errorf("--nats-listen %s is not a loopback address, and the embedded NATS server has no authentication: "+
+			"anyone who reaches it could read and erase everything; listen on 127.0.0.1, or pass --insecure (KUMA_INSECURE=true) "+
+			"if only trusted peers can reach it", c.NATSListen))
+	}
+	if c.MaxPayload != 0 && (c.MaxPayload < MinMaxPayload || c.MaxPayload > MaxMaxPayload) {
+		errs = append(errs, fmt.Errorf("--max-payload must be %d (128 KiB, room for one event of 64 KiB) to %d (64 MiB, NATS's own ceiling), got %d",
+			MinMaxPayload, MaxMaxPayload, c.MaxPayload))
+	}
+	if c.MaxPayload != 0 && !c.embedded() {
+		errs = append(errs, fmt.Errorf("--max-payload sets the embedded NATS server's, which target %s does not run; set max_payload in the NATS server's own configuration", c.Target))
+	}
+	errs = append(errs, c.validateCluster()...)
+	if err := c.validateNATSAuth(); err != nil {
+		errs = append(errs, err)
+	}
+	switch c.Keyvault {
+	case KeyvaultLocal:
+	case KeyvaultRemote:
+		if c.Target != TargetAll {
+			errs = append(errs, fmt.Errorf("--keyvault %s is for kuma up (target all); other targets never run a keyvault beside their service", c.Keyvault))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--keyvault must be %s (run it in this process) or %s (use the cluster's, over NATS), got %q", KeyvaultLocal, KeyvaultRemote, c.Keyvault))
+	}
+	if err := shardnode.ValidateDurability(c.Durability); err != nil {
+		errs = append(errs, fmt.Errorf("--%w", err))
+	}
+	switch c.Synchronous {
+	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:
+	default:
+		errs = append(errs, fmt.Errorf("--sync must be FULL or NORMAL, got %q", c.Synchronous))
+	}
+	return errors.Join(errs...)
+}
+
+// validateCluster checks the cluster settings of the embedded server.
+func (c *Config) validateCluster() []error {
+	if !c.clustered() {
+		return nil
+	}
+	if !c.embedded() {
+		return []error{fmt.Errorf("--join and --cluster-listen are for kuma up and kuma serve --target nats (the embedded NATS server); target %s joins a NATS cluster through --nats-url", c.Target)}
+	}
+	var errs []error
+	if len(c.Join) > 0 && c.ClusterListen == "" {
+		// natsbus says so too, in its own terms; this one names the flags.
+		errs = append(errs, errors.New("--join needs --cluster-listen: the host:port this node takes routes on, reachable by the other members "+
+			"(such as 0.0.0.0:6222), since the members found through the cluster dial back to it"))
+	} else if err := c.natsServerConfig().Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.ClusterListen != "" && !c.Insecure && !natsbus.LoopbackListen(c.ClusterListen) {
+		errs = append(errs, fmt.Errorf("--cluster-listen %s is not a loopback address, and the embedded server's routes have no authentication: "+
+			"anyone who reaches it could join the cluster and read and erase everything; listen on 127.0.0.1, or pass --insecure "+
+			"(KUMA_INSECURE=true) if only trusted peers can reach it", c.ClusterListen))
+	}
+	return errs
+}

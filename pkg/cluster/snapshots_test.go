@@ -1,0 +1,173 @@
+package cluster_test
+
+import (
+	"bytes"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/internal/kumatest"
+	"github.com/kumadb/kuma/pkg/cluster"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// storeFilesWith lists the files of the NATS store that contain s.
+func storeFilesWith(t *testing.T, dir, s string) []string {
+	t.Helper()
+	var hits []string
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // the server replaced it meanwhile (a .blk.tmp renamed)
+		}
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if bytes.Contains(b, []byte(s)) {
+			hits = append(hits, strings.TrimPrefix(path, dir))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hits
+}
+
+// waitGone waits until no file of the store holds s (erasing runs in the
+// background), failing the test if that does not happen in 30 s.
+func waitGone(t *testing.T, dir, s string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		hits := storeFilesWith(t, dir, s)
+		if len(hits) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still in %v", s, hits)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// snapshotFile writes a shard copy of several chunks that carries marker.
+func snapshotFile(t *testing.T, marker string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), marker+".db")
+	b := bytes.Repeat([]byte(marker+strings.Repeat(".", 1000)), 400) // ~400 KB: several 128 KB chunks
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// A replaced or deleted snapshot leaves no byte of its chunks in the NATS
+// store: a forgotten entity's id in an old copy of its shard must not
+// outlive the copy that replaced it (purged chunks stay in the block files
+// until they are compacted; erased ones are overwritten).
+func TestReplacedSnapshotLeavesNoChunks(t *testing.T) {
+	srv, nc := kumatest.NATS(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := open(t, js, "a")
+	dir := srv.JetStreamConfig().StoreDir
+	ctx := t.Context()
+
+	markers := []string{"COPY-ONE-b7x1", "COPY-TWO-q9z4", "COPY-THREE-m2k8"}
+	for i, m := range markers {
+		if err := s.PutSnapshot(ctx, snapshotFile(t, m), cluster.Snapshot{Context: "default", Shard: 3, Epoch: 1, LastSeq: int64(10 * (i + 1))}); err != nil {
+			t.Fatal(err)
+		}
+		// Another shard's snapshot shares the blocks and stays.
+		if i == 0 {
+			if err := s.PutSnapshot(ctx, snapshotFile(t, "NEIGHBOUR-c4v6"), cluster.Snapshot{Context: "default", Shard: 4, Epoch: 1, LastSeq: 5}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		info, ok, err := s.SnapshotInfo(ctx, "default", 3)
+		if err != nil || !ok || info.LastSeq != int64(10*(i+1)) {
+			t.Fatalf("after upload %d: %+v %v %v", i+1, info, ok, err)
+		}
+		got := filepath.Join(t.TempDir(), "got.db")
+		if err := s.GetSnapshot(ctx, "default", 3, got); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(got); !bytes.HasPrefix(b, []byte(m)) {
+			t.Fatalf("after upload %d the snapshot downloaded is not the last one uploaded", i+1)
+		}
+		if hits := storeFilesWith(t, dir, m); len(hits) == 0 {
+			t.Fatalf("the live snapshot %s is in no file of the store: the check below would prove nothing", m)
+		}
+		// The replaced copy is erased in the background.
+		for _, old := range markers[:i] {
+			waitGone(t, dir, old)
+		}
+	}
+	if err := s.DeleteSnapshot(ctx, "default", 3); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := s.SnapshotInfo(ctx, "default", 3); ok || err != nil {
+		t.Fatalf("after delete: ok=%v err=%v", ok, err)
+	}
+	if hits := storeFilesWith(t, dir, markers[2]); len(hits) > 0 {
+		t.Errorf("the deleted snapshot is still in %v", hits)
+	}
+	if info, ok, err := s.SnapshotInfo(ctx, "default", 4); !ok || err != nil || info.LastSeq != 5 {
+		t.Fatalf("the neighbour's snapshot: %+v %v %v", info, ok, err)
+	}
+	if hits := storeFilesWith(t, dir, "NEIGHBOUR-c4v6"); len(hits) == 0 {
+		t.Fatal("the neighbour's snapshot is gone from the store")
+	}
+}
+
+// An older copy left beside the newest (an erase a stop cut short) is erased
+// when a store opens.
+func TestOpenErasesLeftoverSnapshot(t *testing.T) {
+	srv, nc := kumatest.NATS(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	open(t, js, "a") // creates the bucket
+	obs, err := js.ObjectStore(ctx, cluster.SnapshotsBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, name := range []string{"default/shard-2", "default/shard-2.b"} {
+		f, err := os.Open(snapshotFile(t, []string{"LEFT-OVER-k3j5", "NEWEST-r8t2"}[i]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		meta := jetstream.ObjectMeta{Name: name, Metadata: map[string]string{"generation": []string{"4", "5"}[i], "last_seq": []string{"40", "50"}[i]}}
+		if _, err := obs.Put(ctx, meta, f); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+	dir := srv.JetStreamConfig().StoreDir
+	if len(storeFilesWith(t, dir, "LEFT-OVER-k3j5")) == 0 {
+		t.Fatal("the leftover is in no file: the check below would prove nothing")
+	}
+	s := open(t, js, "b")
+	waitGone(t, dir, "LEFT-OVER-k3j5")
+	if info, ok, err := s.SnapshotInfo(ctx, "default", 2); !ok || err != nil || info.LastSeq != 50 {
+		t.Fatalf("after the sweep: %+v %v %v, want the newest (last_seq 50)", info, ok, err)
+	}
+	if len(storeFilesWith(t, dir, "NEWEST-r8t2")) == 0 {
+		t.Fatal("the sweep erased the newest copy")
+	}
+}
