@@ -309,7 +309,7 @@ func TestDeclaredQueryPagesBySize(t *testing.T) {
 	}
 	// 600 KB of events to apply first: on a busy machine that takes longer
 	// than the default wait.
-	wait := 10_000
+	wait := 4_000 // under bigTimeout, so a late projection is answered timeout, not dropped
 	seen, pages := pageQuery(t, n.NC, "notes", kuma.QueryRequest{Query: "all", Limit: 100, After: last.Position, WaitMS: &wait}, "v")
 	if pages < 2 || len(seen) != notes {
 		t.Fatalf("%d rows of 50 KB came in %d pages with %d distinct rows, want %d rows over several pages", notes, pages, len(seen), notes)

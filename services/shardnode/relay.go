@@ -68,7 +68,28 @@ const (
 	relayMaxEvents = 1000
 	relayMaxBytes  = 512 << 10
 	relayLinger    = 5 * time.Millisecond
+	// relayHeaderRoom is kept free of a message's body for its headers
+	// (message id, positions, epoch, trace context).
+	relayHeaderRoom = 2 << 10
 )
+
+// maxBytes is the size a message's body may reach: the relay's own limit,
+// or less when the server's max payload is smaller (--max-payload), which
+// would refuse a bigger message every time it was retried.
+func (r *relay) maxBytes() int {
+	limit := relayMaxBytes
+	if mp := int(r.sh.node.nc.MaxPayload()) - relayHeaderRoom; mp > 0 && mp < limit {
+		limit = mp
+	}
+	return limit
+}
+
+// relayEventBytes bounds an event's share of a message: its payload in
+// base64 and the JSON around it (pseudonym, position, time, idempotency
+// key, each of bounded length; a key's byte may take six once escaped).
+func relayEventBytes(e sqlite.OutboxEvent) int {
+	return (len(e.Payload)+2)/3*4 + 6*len(e.Idempotency) + 256
+}
 
 func newRelay(sh *shard, js jetstream.JetStream) *relay {
 	return &relay{sh: sh, js: js, subject: kuma.EventsSubject(sh.cc.Name, sh.n),
@@ -254,12 +275,13 @@ func (r *relay) publishOnce() (int, error) {
 	}
 	// covered: the outbox events this message stands for, up to the size
 	// limit, and after an unknown outcome exactly the batch sent before.
+	limit := r.maxBytes()
 	n, size := 0, 0
 	for _, e := range evs {
-		if size > 0 && size+len(e.Payload)*4/3+200 > relayMaxBytes || n > 0 && r.retryLast > 0 && e.Seq > r.retryLast {
+		if size > 0 && size+relayEventBytes(e) > limit || n > 0 && r.retryLast > 0 && e.Seq > r.retryLast {
 			break
 		}
-		size += len(e.Payload)*4/3 + 200
+		size += relayEventBytes(e)
 		n++
 	}
 	covered := evs[:n]
