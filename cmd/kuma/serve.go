@@ -26,7 +26,7 @@ import (
 // serverFlags registers the flags shared by up and serve.
 func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string) {
 	fs.StringVar(&cfg.DataDir, "data", app.DefaultDataDir, "data directory (shard files, NATS store)")
-	fs.IntVar(&cfg.Shards, "shards", app.DefaultShards, "shards of the context; fixed when the data dir is created")
+	fs.IntVar(&cfg.Shards, "shards", 0, fmt.Sprintf("shards of the context, fixed when it is created; 0: what the context has (its data dir's, else the cluster's), %d for a new one", app.DefaultShards))
 	fs.StringVar(&cfg.Context, "context", kuma.DefaultContext, "context to serve")
 	fs.StringVar(&cfg.Synchronous, "sync", sqlite.SyncFull, "SQLite synchronous setting: FULL (survives power loss) or NORMAL (survives a process crash)")
 	fs.Int64Var(&cfg.SnapshotEvery, "snapshot-every", shardnode.DefaultSnapshotEvery, "write an entity snapshot every N events")
@@ -262,7 +262,7 @@ func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stde
 	// not come (a damaged file) must not hold the line back for good.
 	unserved := waitServed(ctx, a, 10*time.Second)
 	log.Info("kuma ready", "target", c.Target, "nats", a.ClientURL(), "data", c.DataDir,
-		"context", c.Context, "shards", c.Shards, "sync", c.Synchronous, "metrics", a.MetricsAddr(),
+		"context", c.Context, "shards", a.Shards(), "sync", c.Synchronous, "metrics", a.MetricsAddr(),
 		"console", consoleURL)
 	if len(unserved) > 0 {
 		log.Warn("shards placed on this node are not served yet", "shards", unserved)

@@ -29,6 +29,9 @@ type App struct {
 	srv   *server.Server
 	nc    *nats.Conn
 	vault *keyvault.Service
+	// shards is the shardnode of this process, if it runs one: it knows
+	// the context's shard count once started (Config.Shards may be 0).
+	shards *shardnode.Service
 	// registry holds every module's metrics; one per App, never global.
 	registry *prometheus.Registry
 	// ownTP is the tracer provider the App built (and must flush on Stop).
@@ -77,6 +80,10 @@ func New(cfg Config) (*App, error) {
 func (a *App) Registry() *prometheus.Registry { return a.registry }
 
 // Start starts every module of the target. On failure it stops what it had
+// Shards is the context's shard count as this process knows it: resolved
+// by its shardnode once started, else as configured (0: not known here).
+func (a *App) Shards() int { return a.shardCount() }
+
 // started and returns the error.
 func (a *App) Start(ctx context.Context) error {
 	if a.cfg.TracerProvider == nil && a.cfg.Tracing != telemetry.ExportNone {

@@ -33,7 +33,9 @@ type Config struct {
 	Target string
 	// DataDir holds the shard files and the embedded server's JetStream store.
 	DataDir string
-	// Context is the served context and Shards its shard count.
+	// Context is the served context and Shards its shard count: 0 (the
+	// default) is what the context already has (its data dir's count, else
+	// the cluster's), or DefaultShards for a new one (shardnode.Config).
 	Context string
 	Shards  int
 	// NATSListen is where the embedded server listens (target all). A
@@ -142,7 +144,7 @@ type Config struct {
 // Defaults used by the CLI flags and by an empty Config.
 const (
 	DefaultDataDir    = "./data"
-	DefaultShards     = 16
+	DefaultShards     = shardnode.DefaultShards
 	DefaultNATSListen = "127.0.0.1:4222"
 	DefaultNATSURL    = "nats://127.0.0.1:4222"
 	// DefaultMetricsListen is where `kuma up` serves /metrics, /healthz and
@@ -175,9 +177,6 @@ func (c *Config) setDefaults() {
 	}
 	if c.Context == "" {
 		c.Context = kuma.DefaultContext
-	}
-	if c.Shards == 0 {
-		c.Shards = DefaultShards
 	}
 	if c.NATSListen == "" {
 		c.NATSListen = DefaultNATSListen
@@ -264,8 +263,10 @@ func (c *Config) Validate() error {
 	if err := kuma.ValidateContext(c.Context); err != nil {
 		errs = append(errs, fmt.Errorf("--context: %w", err))
 	}
-	if err := shardnode.ValidateShards(c.Shards); err != nil {
-		errs = append(errs, fmt.Errorf("--%w", err))
+	if c.Shards != 0 { // 0: what the context has (shardnode.ContextConfig)
+		if err := shardnode.ValidateShards(c.Shards); err != nil {
+			errs = append(errs, fmt.Errorf("--%w", err))
+		}
 	}
 	if c.ConsoleListen != "" {
 		if _, _, err := net.SplitHostPort(c.ConsoleListen); err != nil {

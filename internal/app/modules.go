@@ -118,7 +118,7 @@ func (a *App) build(module string) (service, error) {
 		return &natsConnModule{app: a}, nil
 	case ModuleRouter:
 		return router.New(router.Config{
-			Contexts:       map[string]int{cfg.Context: cfg.Shards},
+			Contexts:       map[string]int{cfg.Context: a.shardCount()},
 			Registerer:     a.registry,
 			TracerProvider: a.cfg.TracerProvider,
 			Logger:         cfg.Logger.With("service", "router"),
@@ -156,7 +156,7 @@ func (a *App) build(module string) (service, error) {
 		}
 		svc, err := console.New(console.Config{
 			Context:     cfg.Context,
-			Shards:      cfg.Shards,
+			Shards:      a.shardCount(),
 			Listen:      cfg.ConsoleListen,
 			AllowWrites: cfg.ConsoleAllowWrites,
 			Gatherer:    a.registry,
@@ -194,7 +194,7 @@ func (a *App) build(module string) (service, error) {
 		if a.vault != nil {
 			keys = a.vault
 		}
-		return shardnode.New(shardnode.Config{
+		sn, err := shardnode.New(shardnode.Config{
 			Keys:           keys,
 			Failpoint:      cfg.Failpoint,
 			NodeName:       cfg.NodeName,
@@ -212,6 +212,11 @@ func (a *App) build(module string) (service, error) {
 			Logger:        cfg.Logger.With("service", "shardnode"),
 			Now:           cfg.Now,
 		}, a.nc)
+		if err != nil {
+			return nil, err
+		}
+		a.shards = sn
+		return sn, nil
 	}
 	return nil, fmt.Errorf("app: no module %q", module)
 }
@@ -383,4 +388,16 @@ func (m *natsConnModule) Stop(ctx context.Context) error {
 		nc.Close()
 	}
 	return nil
+}
+
+// shardCount is the context's shard count for the router and the console:
+// the one this process's shardnode resolved, or the configured one (0: the
+// router asks a shardnode, the console counts what status shows).
+func (a *App) shardCount() int {
+	if a.shards != nil {
+		if n := a.shards.Shards(a.cfg.Context); n > 0 {
+			return n
+		}
+	}
+	return a.cfg.Shards
 }

@@ -467,6 +467,22 @@ func (s *Store) Pin(kctx string, shard int) string {
 	return s.pinCache[pinKey(kctx, shard)]
 }
 
+// ShardCount is kctx's shard count as the cluster recorded it (AgreeShards);
+// ok is false when no node has served kctx yet.
+func (s *Store) ShardCount(ctx context.Context, kctx string) (n int, ok bool, err error) {
+	e, err := s.leases.Get(ctx, shardsKey(kctx))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	if n, err = strconv.Atoi(string(e.Value())); err != nil || n < 1 {
+		return 0, false, fmt.Errorf("cluster: %s in %s holds %q, not a shard count", shardsKey(kctx), LeasesBucket, e.Value())
+	}
+	return n, true, nil
+}
+
 // SetPin pins a shard to a node (`kuma migrate`); node "" removes the pin.
 func (s *Store) SetPin(ctx context.Context, kctx string, shard int, node string) error {
 	return SetPin(ctx, s.leases, kctx, shard, node)

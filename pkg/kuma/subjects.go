@@ -42,6 +42,16 @@ func ShardPrefix(ctx string, shard int) string {
 	return InternalPrefix + "." + ctx + ".shard." + strconv.Itoa(shard) + "."
 }
 
+// ShardCountSubject is where a shardnode of ctx tells the context's shard
+// count, to routers started without one: _kuma.<ctx>.shard.count. (A
+// shard's own subjects have a number where "count" is.)
+func ShardCountSubject(ctx string) string { return InternalPrefix + "." + ctx + ".shard.count" }
+
+// ShardCountReply answers ShardCountSubject.
+type ShardCountReply struct {
+	Shards int `json:"shards"`
+}
+
 // ParseEntitySubject splits kuma.<ctx>.<op>.<entity>.
 func ParseEntitySubject(subject string) (ctx, op, entity string, ok bool) {
 	parts := strings.Split(subject, ".")

@@ -36,7 +36,7 @@ const feedReplyEnvelope = len(`{"events":[],"next":""}`)
 // feedShareSlack is asked of each shard beyond its share of the page.
 const feedShareSlack = 8
 
-func (s *Service) feedHandler(kctx string, shards int) micro.HandlerFunc {
+func (s *Service) feedHandler(kctx string) micro.HandlerFunc {
 	// The service drops a request whose reply lies in a reserved
 	// namespace before this runs (natsbus.Service).
 	return func(req micro.Request) {
@@ -53,7 +53,7 @@ func (s *Service) feedHandler(kctx string, shards int) micro.HandlerFunc {
 		go func() {
 			defer s.feeds.Done()
 			defer func() { <-s.feedSlots }()
-			out, err := s.feed(s.feedCtx, kctx, shards, req.Data())
+			out, err := s.feed(s.feedCtx, kctx, req.Data())
 			if err != nil {
 				s.fail(req, err)
 				return
@@ -73,12 +73,16 @@ type shardPart struct {
 }
 
 // feed answers one feed request with the page's JSON.
-func (s *Service) feed(ctx context.Context, kctx string, shards int, body []byte) ([]byte, error) {
+func (s *Service) feed(ctx context.Context, kctx string, body []byte) ([]byte, error) {
 	var r kuma.FeedRequest
 	if err := kuma.Decode(body, &r); err != nil {
 		return nil, err
 	}
 	if err := r.Validate(); err != nil {
+		return nil, err
+	}
+	shards, _, err := s.counts.of(ctx, kctx)
+	if err != nil {
 		return nil, err
 	}
 	// The reply limit every answer keeps (natsbus.ReplyLimit), less the

@@ -52,7 +52,8 @@ const QueueGroup = "kuma-router"
 
 // Config of a router.
 type Config struct {
-	// Contexts maps each served context to its shard count.
+	// Contexts maps each served context to its shard count; 0 means ask a
+	// shardnode of the context (shards.go).
 	Contexts map[string]int
 	// HoldFor is how long a request whose shard has no owner answering is
 	// held and sent again before the client gets unavailable (default 2 s:
@@ -99,8 +100,8 @@ func (c *Config) Validate() error {
 		if err := kuma.ValidateContext(name); err != nil {
 			errs = append(errs, fmt.Errorf("router: %w", err))
 		}
-		if shards < 1 {
-			errs = append(errs, fmt.Errorf("router: context %q: shards must be 1 or more, got %d", name, shards))
+		if shards < 0 {
+			errs = append(errs, fmt.Errorf("router: context %q: shards must be 1 or more, or 0 to ask a shardnode; got %d", name, shards))
 		}
 	}
 	return errors.Join(errs...)
@@ -132,6 +133,8 @@ type Service struct {
 	feeds      sync.WaitGroup
 	feedCtx    context.Context
 	feedCancel context.CancelFunc
+
+	counts *shardCounts
 }
 
 // pending is a forwarded request waiting for its shardnode's answer.
@@ -153,7 +156,7 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		return nil, errors.New("router: a NATS connection is required")
 	}
 	s := &Service{cfg: cfg, nc: nc, tracer: telemetry.Tracer(cfg.TracerProvider), wait: map[string]*pending{},
-		feedSlots: make(chan struct{}, maxFeedWaiting)}
+		feedSlots: make(chan struct{}, maxFeedWaiting), counts: newShardCounts(nc, cfg.Contexts)}
 	if cfg.Registerer != nil {
 		for _, c := range []prometheus.Collector{
 			prometheus.NewCounterFunc(prometheus.CounterOpts{
@@ -237,7 +240,7 @@ func (s *Service) Start(ctx context.Context) error {
 				return fmt.Errorf("router: add endpoint %s: %w", subject, err)
 			}
 		}
-		if err := svc.AddEndpoint("feed-"+name, kuma.FeedSubject(name), s.feedHandler(name, s.cfg.Contexts[name])); err != nil {
+		if err := svc.AddEndpoint("feed-"+name, kuma.FeedSubject(name), s.feedHandler(name)); err != nil {
 			_ = svc.Stop()
 			_ = sub.Unsubscribe()
 			return fmt.Errorf("router: add the feed endpoint of %q: %w", name, err)
@@ -265,12 +268,16 @@ func (s *Service) forward(req micro.Request) {
 		s.fail(req, kuma.Errorf(kuma.CodeBadRequest, "subject %q is not kuma.<ctx>.<op>.<entity>", req.Subject()))
 		return
 	}
-	shards, ok := s.cfg.Contexts[ctxName]
+	if err := kuma.ValidateEntityID(entity); err != nil {
+		s.fail(req, err)
+		return
+	}
+	shards, ok, err := s.counts.of(context.Background(), ctxName)
 	if !ok {
 		s.fail(req, kuma.Errorf(kuma.CodeNotFound, "context %q is not served here", ctxName))
 		return
 	}
-	if err := kuma.ValidateEntityID(entity); err != nil {
+	if err != nil {
 		s.fail(req, err)
 		return
 	}

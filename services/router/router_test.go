@@ -3,6 +3,7 @@ package router_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -266,5 +267,46 @@ func TestStopAnswersWhatIsLeft(t *testing.T) {
 	}
 	if rerr := natsbus.ReplyError(msg); !errors.Is(rerr, kuma.ErrUnavailable) {
 		t.Fatalf("answer %v, want unavailable", rerr)
+	}
+}
+
+// TestAsksTheShardCountOnce: a router given no shard count answers
+// unavailable while no shardnode tells it, and once one does, routes by
+// that count, asking only once.
+func TestAsksTheShardCountOnce(t *testing.T) {
+	_, nc := startRouter(t, func(c *router.Config) {
+		c.Contexts = map[string]int{kuma.DefaultContext: 0}
+		c.HoldFor = 50 * time.Millisecond
+	})
+	msg, err := read(t, nc, "e-1")
+	if err != nil {
+		t.Fatalf("want an unavailable answer, got %v", err)
+	}
+	if rerr := natsbus.ReplyError(msg); !errors.Is(rerr, kuma.ErrUnavailable) {
+		t.Fatalf("with no shardnode to tell the count: %v, want unavailable", rerr)
+	}
+
+	var asked atomic.Int64
+	sub, err := nc.Subscribe(kuma.ShardCountSubject(kuma.DefaultContext), func(m *nats.Msg) {
+		asked.Add(1)
+		_ = m.Respond([]byte(fmt.Sprintf(`{"shards":%d}`, shards)))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	// owner listens where a count of shards puts the entity.
+	owner(t, nc, "e-1", ok)
+	for i := 0; i < 3; i++ {
+		msg, err := read(t, nc, "e-1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rerr := natsbus.ReplyError(msg); rerr != nil {
+			t.Fatalf("read %d once a shardnode tells the count: %v", i, rerr)
+		}
+	}
+	if n := asked.Load(); n != 1 {
+		t.Fatalf("the count was asked %d times, want once", n)
 	}
 }

@@ -25,7 +25,11 @@ import (
 
 // ContextConfig describes one context served by the node.
 type ContextConfig struct {
-	Name   string
+	Name string
+	// Shards is the context's shard count; 0 means what the context
+	// already has: the count its data dir was created with, else the one
+	// the cluster recorded when a node first served it, else, for a new
+	// context, DefaultShards. Start fills it in.
 	Shards int
 	// Reducer folds events into state; nil means kuma.MergePatch.
 	Reducer kuma.Reducer
@@ -183,8 +187,10 @@ func (c *Config) Validate() error {
 		if err := ValidateDurability(cc.Durability); err != nil {
 			errs = append(errs, fmt.Errorf("shardnode: context %q: %w", cc.Name, err))
 		}
-		if err := ValidateShards(cc.Shards); err != nil {
-			errs = append(errs, fmt.Errorf("shardnode: context %q: %w", cc.Name, err))
+		if cc.Shards != 0 { // 0: the context's own count (Start)
+			if err := ValidateShards(cc.Shards); err != nil {
+				errs = append(errs, fmt.Errorf("shardnode: context %q: %w", cc.Name, err))
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -193,8 +199,11 @@ func (c *Config) Validate() error {
 // MaxShards is the most shards a context may have.
 const MaxShards = 4096
 
-// ValidateShards checks a context's shard count; the flag, the app's
-// config and the shardnode's all check with it.
+// DefaultShards is the shard count of a new context when none is given.
+const DefaultShards = 16
+
+// ValidateShards checks a context's shard count when one is given; the
+// flag, the app's config and the shardnode's all check with it.
 func ValidateShards(n int) error {
 	if n < 1 || n > MaxShards {
 		return fmt.Errorf("shards must be 1 to %d, got %d", MaxShards, n)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -67,6 +68,8 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		return nil, errors.New("shardnode: a NATS connection is required")
 	}
 	tracer := telemetry.Tracer(cfg.TracerProvider)
+	// Start fills in the shard counts of this copy, not the caller's.
+	cfg.Contexts = slices.Clone(cfg.Contexts)
 	s := &Service{cfg: cfg, nc: nc, tracer: tracer, hooked: hooked, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer),
 		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1), feedSlots: make(chan struct{}, maxFeedRequests)}
 	reg := cfg.Registerer
@@ -125,7 +128,10 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	for i := range s.cfg.Contexts {
 		cc := &s.cfg.Contexts[i]
-		err := s.checkContextDir(cc)
+		err := s.resolveShards(ctx, store, cc)
+		if err == nil {
+			err = s.checkContextDir(cc)
+		}
 		if err == nil {
 			err = natsbus.RetryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
 				return store.AgreeShards(ctx, cc.Name, cc.Shards)
@@ -169,6 +175,61 @@ func (s *Service) Start(ctx context.Context) error {
 	s.cfg.Logger.Info("shardnode started", "node", s.cfg.NodeName, "contexts", len(s.cfg.Contexts),
 		"shards", len(s.allShards()), "members", len(store.Members()), "data", s.cfg.DataDir)
 	return nil
+}
+
+// resolveShards fills in a context's shard count when none was given: the
+// count its data dir was created with, else the one the cluster recorded
+// (a node joining a cluster that serves the context), else DefaultShards
+// for a new context. So a default can change without refusing the data
+// dirs and clusters made under the old one.
+func (s *Service) resolveShards(ctx context.Context, store *cluster.Store, cc *ContextConfig) error {
+	if cc.Shards != 0 {
+		return nil
+	}
+	path := filepath.Join(contextDir(s.cfg.DataDir, cc.Name), "context.json")
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		meta, err := decodeMeta(b)
+		if err != nil {
+			return fmt.Errorf("shardnode: %s is not valid JSON: %w", path, err)
+		}
+		if err := ValidateShards(meta.Shards); err != nil {
+			return fmt.Errorf("shardnode: %s: %w", path, err)
+		}
+		cc.Shards = meta.Shards
+		return nil
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("shardnode: read %s: %w", path, err)
+	}
+	var n int
+	var ok bool
+	err = natsbus.RetryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
+		n, ok, err = store.ShardCount(ctx, cc.Name)
+		return err
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("shardnode: the shard count of context %q: %w", cc.Name, err)
+	case ok:
+		cc.Shards = n
+		s.cfg.Logger.Info("shard count taken from the cluster", "context", cc.Name, "shards", n)
+	default:
+		cc.Shards = DefaultShards
+		s.cfg.Logger.Info("new context", "context", cc.Name, "shards", cc.Shards)
+	}
+	return nil
+}
+
+// Shards is the shard count of context kctx (0 if it is not served here),
+// known once Start has returned.
+func (s *Service) Shards(kctx string) int {
+	for _, cc := range s.cfg.Contexts {
+		if cc.Name == kctx {
+			return cc.Shards
+		}
+	}
+	return 0
 }
 
 // checkContextDir creates <data>/<ctx>/context.json on first start and

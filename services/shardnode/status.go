@@ -43,8 +43,9 @@ type nodeReport struct {
 
 // serveStatus registers the shardnode as the NATS micro service
 // "kuma-shardnode" answering, for each context, kuma.<ctx>.status (any
-// node, for the whole cluster), kuma.<ctx>.shard.migrate (any node) and
-// this node's own report subject.
+// node, for the whole cluster), kuma.<ctx>.shard.migrate (any node), the
+// context's shard count for routers (any node) and this node's own report
+// subject.
 func (s *Service) serveStatus(ctx context.Context) error {
 	svc, err := natsbus.AddService(s.nc, natsbus.ServiceConfig{
 		Name: "kuma-shardnode", Version: Version,
@@ -74,6 +75,8 @@ func (s *Service) serveStatus(ctx context.Context) error {
 				}},
 			{"node-status-" + name, nodeStatusSubject(name, s.cfg.NodeName),
 				func(ctx context.Context, _ []byte) (any, error) { return s.report(ctx, name, o) }},
+			{"shard-count-" + name, kuma.ShardCountSubject(name),
+				func(context.Context, []byte) (any, error) { return kuma.ShardCountReply{Shards: cc.Shards}, nil }},
 			{"migrate-" + name, kuma.MigrateSubject(name),
 				func(ctx context.Context, body []byte) (any, error) { return s.migrate(ctx, o, cc, body) }},
 		}
