@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
@@ -73,6 +75,13 @@ type shardPart struct {
 }
 
 // feed answers one feed request with the page's JSON.
+//
+// Followers at the same place ask the same question: requests alike in
+// every field that are in flight at once are answered by one page, asked
+// of the shards once (singleflight). Followers of the live tail ask at
+// the same cursor as each page ends, so they keep sharing, and the shards
+// and the router do the work of one follower for all of them; each still
+// gets its own copy of the page.
 func (s *Service) feed(ctx context.Context, kctx string, body []byte) ([]byte, error) {
 	var r kuma.FeedRequest
 	if err := kuma.Decode(body, &r); err != nil {
@@ -81,6 +90,22 @@ func (s *Service) feed(ctx context.Context, kctx string, body []byte) ([]byte, e
 	if err := r.Validate(); err != nil {
 		return nil, err
 	}
+	// Types in their order: a page is the same for any order, but the
+	// key need not know that.
+	key := kctx + "\x00" + r.After + "\x00" + strconv.Itoa(r.Limit) + "\x00" + strconv.Itoa(r.WaitMS) + "\x00" + r.Prefix + "\x00" + strings.Join(r.Types, "\x00")
+	out, err, shared := s.feedFlight.Do(key, func() (any, error) { return s.page(ctx, kctx, r) })
+	if err != nil {
+		return nil, err
+	}
+	s.feedPages.Add(1)
+	if shared {
+		s.feedShared.Add(1)
+	}
+	return out.([]byte), nil
+}
+
+// page answers one validated feed request.
+func (s *Service) page(ctx context.Context, kctx string, r kuma.FeedRequest) ([]byte, error) {
 	shards, _, err := s.counts.of(ctx, kctx)
 	if err != nil {
 		return nil, err

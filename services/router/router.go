@@ -42,6 +42,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/sync/singleflight"
 )
 
 // Version is the router's semver, shown by `nats micro ls`.
@@ -126,6 +127,7 @@ type Service struct {
 	swept  sync.WaitGroup
 
 	forwarded, held, unavailable, dropped, refused, relayFailed atomic.Int64
+	feedPages, feedShared                                       atomic.Int64
 
 	// The feed (feed.go): requests served at once, and the context that
 	// ends their waits when the router stops.
@@ -133,6 +135,7 @@ type Service struct {
 	feeds      sync.WaitGroup
 	feedCtx    context.Context
 	feedCancel context.CancelFunc
+	feedFlight singleflight.Group // alike feed requests in flight share a page
 
 	counts *shardCounts
 }
@@ -179,6 +182,14 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 				Name: "kuma_router_relay_failed_total",
 				Help: "Answers the router could not relay to the client (it answered an error instead).",
 			}, func() float64 { return float64(s.relayFailed.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "kuma_router_feed_pages_total",
+				Help: "Feed pages answered.",
+			}, func() float64 { return float64(s.feedPages.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "kuma_router_feed_shared_total",
+				Help: "Feed requests answered with a page made once for alike requests in flight at the same time (each such request counted).",
+			}, func() float64 { return float64(s.feedShared.Load()) }),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "kuma_router_pending",
 				Help: "Requests forwarded and not yet answered.",
@@ -482,6 +493,10 @@ func (s *Service) RelayFailed() int64 { return s.relayFailed.Load() }
 
 // Refused returns how many requests were dropped for a reserved reply subject.
 func (s *Service) Refused() int64 { return s.refused.Load() }
+
+// FeedShared is how many feed pages were answered with another alike
+// request's page.
+func (s *Service) FeedShared() int64 { return s.feedShared.Load() }
 
 // Pending returns how many forwarded requests wait for their answer.
 func (s *Service) Pending() int {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -308,5 +309,69 @@ func TestAsksTheShardCountOnce(t *testing.T) {
 	}
 	if n := asked.Load(); n != 1 {
 		t.Fatalf("the count was asked %d times, want once", n)
+	}
+}
+
+// TestAlikeFeedRequestsShareAPage: followers at the same place ask the
+// same question at once; the shards are asked once for all of them, and
+// each follower gets the page.
+func TestAlikeFeedRequestsShareAPage(t *testing.T) {
+	r, nc := startRouter(t, nil)
+	var asked atomic.Int64
+	for n := 0; n < shards; n++ {
+		sub, err := nc.Subscribe(kuma.ShardFeedSubject(kuma.DefaultContext, n), func(m *nats.Msg) {
+			asked.Add(1)
+			time.Sleep(300 * time.Millisecond) // the followers' requests overlap
+			page := kuma.ShardFeedPage{Next: 7}
+			if n == 0 {
+				page.Events = []kuma.ShardFeedEvent{{Time: 1, Seq: 7, JSON: []byte(`{"position":"p0.7"}`)}}
+			}
+			b, err := page.MarshalBinary()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			_ = m.Respond(b)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	const followers = 10
+	after := kuma.FeedCursor{Context: kuma.DefaultContext, After: make([]int64, shards)}.String()
+	body := []byte(fmt.Sprintf(`{"after":%q,"limit":10}`, after))
+	pages := make(chan string, followers)
+	for i := 0; i < followers; i++ {
+		go func() {
+			msg, err := nc.Request(kuma.FeedSubject(kuma.DefaultContext), body, 10*time.Second)
+			if err != nil {
+				pages <- err.Error()
+				return
+			}
+			pages <- string(msg.Data)
+		}()
+	}
+	var first string
+	for i := 0; i < followers; i++ {
+		p := <-pages
+		if !strings.Contains(p, `"p0.7"`) {
+			t.Fatalf("follower %d got %s, want the page with p0.7", i, p)
+		}
+		if i == 0 {
+			first = p
+		} else if p != first {
+			t.Fatalf("alike requests got different pages: %s and %s", first, p)
+		}
+	}
+	// Requests that arrive after a page was made make their own: at most a
+	// few rounds, never one per follower.
+	if n := asked.Load(); n >= followers*shards/2 {
+		t.Fatalf("the shards were asked %d times for %d alike requests: not shared", n, followers)
+	} else {
+		t.Logf("%d alike requests asked the %d shards %d times in all; %d pages shared", followers, shards, n, r.FeedShared())
 	}
 }
