@@ -20,7 +20,10 @@ import (
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/kumadb/kuma/services/console"
 	"github.com/kumadb/kuma/services/keyvault"
+	"github.com/kumadb/kuma/services/projector"
+	"github.com/kumadb/kuma/services/router"
 	"github.com/kumadb/kuma/services/shardnode"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -84,15 +87,18 @@ type Config struct {
 	// after the local fsync) or "replicated" (once the event stream, which
 	// the NATS cluster replicates, has the events too).
 	Durability string
-	// Synchronous is SQLite's durability setting: FULL (default) or NORMAL.
-	Synchronous string
-	// SnapshotEvery, IdleTimeout and MaxActors tune the shardnode's actors.
-	SnapshotEvery int64
-	IdleTimeout   time.Duration
-	MaxActors     int
-	// MailboxLen is each actor's queue (0: the shardnode's default); a
-	// request that finds its entity's queue full is answered unavailable.
-	MailboxLen int
+	// Shardnode, Projector, Router and Console are those services' own
+	// settings, with their own defaults (the shardnode's SQLite synchronous
+	// setting, snapshot interval, idle timeout and actor bounds, the
+	// console's address...). build hands each to its service whole, having
+	// filled in what the process gives every service: the context and its
+	// shard count, DataDir, NodeName, the keyvault, the connection, Logger,
+	// Now, the metrics registry and TracerProvider; whatever is set in
+	// those fields here is replaced.
+	Shardnode shardnode.Config
+	Projector projector.Config
+	Router    router.Config
+	Console   console.Config
 	// MaxPayload is the embedded NATS server's largest message in bytes (0:
 	// natsbus's default, 8 MiB). Every request and every answer must fit
 	// in it: larger answers are cut into pages or refused with
@@ -115,16 +121,13 @@ type Config struct {
 	// operator profiling a node under load. Off by default: a profile shows
 	// the process's internals and costs CPU while it runs.
 	Pprof bool
-	// ConsoleListen is where the web console is served (host:port; empty:
-	// not served). ConsoleAllowWrites lets it forget entities and retry,
-	// skip or rebuild projections; `kuma up` sets it only when the console
-	// listens on loopback (natsbus.LoopbackListen).
-	ConsoleListen      string
-	ConsoleAllowWrites bool
 	// ReadyMaxLag is how many stream messages a projection may be behind
 	// while /readyz says ready (default 1,000).
 	ReadyMaxLag int64
-	// NodeName names this process in status (default: the host name).
+	// NodeName names this process in status, in the cluster and in the
+	// projector's consumers (default: the host name made a valid node name,
+	// cluster.DefaultNodeName). It is worked out once here and given to
+	// every service, so that they all agree.
 	NodeName string
 	// Failpoint is the shardnode's fault-test hook (nil in production).
 	Failpoint func(name string)
@@ -185,8 +188,8 @@ func (c *Config) setDefaults() {
 	if c.NATSURL == "" {
 		c.NATSURL = DefaultNATSURL
 	}
-	if c.Synchronous == "" {
-		c.Synchronous = sqlite.SyncFull
+	if c.Durability == "" {
+		c.Durability = shardnode.DurabilityLocal
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -267,9 +270,9 @@ func (c *Config) Validate() error {
 	if err := shardnode.ValidateShards(c.Shards); err != nil {
 		errs = append(errs, fmt.Errorf("--%w", err))
 	}
-	if c.ConsoleListen != "" {
-		if _, _, err := net.SplitHostPort(c.ConsoleListen); err != nil {
-			errs = append(errs, fmt.Errorf("--console-listen %q: want host:port such as %s", c.ConsoleListen, DefaultConsoleListen))
+	if c.Console.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Console.Listen); err != nil {
+			errs = append(errs, fmt.Errorf("--console-listen %q: want host:port such as %s", c.Console.Listen, DefaultConsoleListen))
 		}
 	} else if c.Target == ModuleConsole {
 		errs = append(errs, fmt.Errorf("target console needs --console-listen (host:port such as %s)", DefaultConsoleListen))
@@ -302,10 +305,10 @@ func (c *Config) Validate() error {
 	if err := shardnode.ValidateDurability(c.Durability); err != nil {
 		errs = append(errs, fmt.Errorf("--%w", err))
 	}
-	switch c.Synchronous {
-	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:
+	switch c.Shardnode.Synchronous {
+	case "", sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff: // "": the shardnode's default, FULL
 	default:
-		errs = append(errs, fmt.Errorf("--sync must be FULL or NORMAL, got %q", c.Synchronous))
+		errs = append(errs, fmt.Errorf("--sync must be FULL or NORMAL, got %q", c.Shardnode.Synchronous))
 	}
 	return errors.Join(errs...)
 }
