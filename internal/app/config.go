@@ -31,15 +31,17 @@ import (
 // Config is everything a Kuma process needs. Its zero value plus DataDir is a
 // working single-node store.
 type Config struct {
-	// Target is a module name or bundle: all (default), router, shardnode,
-	// projector, keyvault, console.
+	// Target is what the process runs (targets in modules.go): all (the
+	// default, kuma up), router, shardnode, projector, keyvault, console,
+	// or nats (the embedded NATS server alone).
 	Target string
 	// DataDir holds the shard files and the embedded server's JetStream store.
 	DataDir string
 	// Context is the served context and Shards its shard count.
 	Context string
 	Shards  int
-	// NATSListen is where the embedded server listens (target all). A
+	// NATSListen is where the embedded server listens (targets all and
+	// nats). A
 	// non-loopback address is refused unless Insecure is set: the embedded
 	// server has no authentication, so anyone who reaches it could read
 	// and erase everything.
@@ -48,8 +50,8 @@ type Config struct {
 	// authentication (`--insecure`), for a private network or a container
 	// whose port only trusted peers reach.
 	Insecure bool
-	// Join, ClusterListen and ClusterName make the embedded server (target
-	// all) a member of a NATS cluster with clustered JetStream; see
+	// Join, ClusterListen and ClusterName make the embedded server (targets
+	// all and nats) a member of a NATS cluster with clustered JetStream; see
 	// natsbus.ServerConfig for what holds then. Join lists route URLs
 	// (nats://host:port) of running members, any of them: gossip finds the
 	// rest. ClusterListen is host:port for the other members' routes; alone
@@ -74,7 +76,8 @@ type Config struct {
 	// cluster replicates and every instance shares, so no node is the
 	// keyvault's home (see keyvaultStore).
 	Keyvault string
-	// NATSURL is the external NATS to join (every target but all).
+	// NATSURL is the external NATS to connect to (every target but all and
+	// nats, which run the embedded server and connect to it in process).
 	NATSURL string
 	// NATSUser and NATSPassword, or NATSCredsFile (a .creds file), or
 	// NATSNKeyFile (an NKey seed) authenticate this process to that NATS;
@@ -106,7 +109,8 @@ type Config struct {
 	MaxPayload int32
 	// MasterKey is the keyvault's 32-byte master key; MasterKeyFile a file
 	// holding it in base64. With neither, target all keeps a generated key in
-	// <data>/keyvault/master.key and warns; other targets refuse to start.
+	// <data>/keyvault/master.key and warns; the keyvault target refuses to
+	// start (see masterKey). Only the keyvault module reads them.
 	MasterKey     []byte
 	MasterKeyFile string
 	// Tracing says where spans go: "" (off), "otlp" (configured by the
@@ -129,7 +133,8 @@ type Config struct {
 	// cluster.DefaultNodeName). It is worked out once here and given to
 	// every service, so that they all agree.
 	NodeName string
-	// Failpoint is the shardnode's fault-test hook (nil in production).
+	// Failpoint is the fault tests' hook of the shardnode and the
+	// projector (nil in production).
 	Failpoint func(name string)
 	// ProjectionsFile declares read-model projections (YAML, see
 	// pkg/projection); Projections adds or declares them in Go. The
@@ -255,7 +260,13 @@ func (c *Config) natsServerConfig() natsbus.ServerConfig {
 	return sc
 }
 
-// Validate reports every problem at once, each with its fix.
+// Validate reports every problem at once, each with its fix, naming the flag
+// to change: it runs in New, before anything starts, and checks what the
+// flags set for every target. The rules shared with the services
+// (kuma.ValidateContext, cluster.ValidateNode, shardnode.ValidateShards and
+// ValidateDurability) are theirs, called here, not copied. Each service's
+// own Validate then checks its whole Config, wiring included, in build;
+// a check only a service makes (one that needs no flag name) belongs there.
 func (c *Config) Validate() error {
 	var errs []error
 	if err := cluster.ValidateNode(c.NodeName); err != nil {
