@@ -116,7 +116,7 @@ const (
 // (kuma up and kuma serve have them), each with its default and help:
 // --sync, --snapshot-every, --idle-timeout and --max-actors. A new tunable
 // setting needs its field, its flag here and its default in setDefaults,
-// nothing else: internal/app composes this Config whole. What the wiring
+// nothing else: the process composes this Config whole. What the wiring
 // gives (contexts, keys, logger, registry, clock) is no flag.
 func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Synchronous, "sync", sqlite.SyncFull, "SQLite synchronous setting: FULL (survives power loss) or NORMAL (survives a process crash)")
