@@ -29,7 +29,8 @@ import (
 )
 
 // Config is everything a Kuma process needs. Its zero value plus DataDir is a
-// working single-node store.
+// working single-node store. Its flags, and those of the services' configs
+// it composes, are registered in flags.go.
 type Config struct {
 	// Target is what the process runs (targets in modules.go): all (the
 	// default, kuma up), router, shardnode, projector, keyvault, console,
@@ -41,10 +42,9 @@ type Config struct {
 	Context string
 	Shards  int
 	// NATSListen is where the embedded server listens (targets all and
-	// nats). A
-	// non-loopback address is refused unless Insecure is set: the embedded
-	// server has no authentication, so anyone who reaches it could read
-	// and erase everything.
+	// nats). A non-loopback address is refused unless Insecure is set: the
+	// embedded server has no authentication, so anyone who reaches it could
+	// read and erase everything.
 	NATSListen string
 	// Insecure allows NATSListen on a non-loopback address without
 	// authentication (`--insecure`), for a private network or a container
