@@ -200,7 +200,7 @@ func connectFlags(fs *flag.FlagSet, timeoutUsage string) connection {
 		timeout: fs.Duration("timeout", 10*time.Second, timeoutUsage),
 		auth:    &app.Config{},
 	}
-	natsAuthFlags(fs, c.auth)
+	c.auth.RegisterNATSAuthFlags(fs)
 	return c
 }
 

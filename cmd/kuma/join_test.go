@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/kumadb/kuma/internal/app"
 )
 
 // TestJoinFlagTakesListsFromFlagsAndEnvironment: --join repeats and splits
@@ -29,7 +31,7 @@ func TestJoinFlagTakesListsFromFlagsAndEnvironment(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			fs := newFlagSet("up", io.Discard)
 			var got []string
-			fs.Var((*listFlag)(&got), "join", "")
+			fs.Var((*app.ListFlag)(&got), "join", "")
 			if _, err := parse(fs, tc.args, func(k string) string { return tc.env[k] }); err != nil {
 				t.Fatal(err)
 			}

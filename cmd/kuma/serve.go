@@ -16,44 +16,16 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/internal/app"
-	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
-	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
-	"github.com/kumadb/kuma/services/shardnode"
 )
 
-// serverFlags registers the flags shared by up and serve.
-func serverFlags(fs *flag.FlagSet, cfg *app.Config, logLevel, logFormat *string) {
-	fs.StringVar(&cfg.DataDir, "data", app.DefaultDataDir, "data directory (shard files, NATS store)")
-	fs.IntVar(&cfg.Shards, "shards", 0, fmt.Sprintf("shards of the context, fixed when it is created; 0: what the context has (its data dir's, else the cluster's), %d for a new one", app.DefaultShards))
-	fs.StringVar(&cfg.Context, "context", kuma.DefaultContext, "context to serve")
-	fs.StringVar(&cfg.Synchronous, "sync", sqlite.SyncFull, "SQLite synchronous setting: FULL (survives power loss) or NORMAL (survives a process crash)")
-	fs.Int64Var(&cfg.SnapshotEvery, "snapshot-every", shardnode.DefaultSnapshotEvery, "write an entity snapshot every N events")
-	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", shardnode.DefaultIdleTimeout, "passivate entity actors idle this long")
-	fs.IntVar(&cfg.MaxActors, "max-actors", shardnode.DefaultMaxActors, "live entity actors at most; least recently used idle ones are passivated")
-	fs.StringVar(&cfg.MasterKeyFile, "master-key-file", "", "file holding the keyvault's master key (base64 of 32 bytes); or set KUMA_MASTER_KEY")
-	fs.BoolVar(&cfg.Insecure, "insecure", false, "let the embedded NATS server listen on a non-loopback address without authentication (trusted networks only)")
-	fs.Func("max-payload", "largest NATS message in bytes of the embedded server (default 8 MiB); larger answers are paged or refused with payload_too_large", func(v string) error {
-		n, err := strconv.ParseInt(v, 10, 32)
-		if err != nil {
-			return fmt.Errorf("want a number of bytes, got %q", v)
-		}
-		cfg.MaxPayload = int32(n)
-		return nil
-	})
-	fs.StringVar(&cfg.ProjectionsFile, "projections", "", "YAML file declaring read-model projections (see docs/projections.md)")
-	fs.StringVar(&cfg.NodeName, "node", "", "this node's name, unique in the cluster (default: the host name)")
-	fs.StringVar(&cfg.Durability, "durability", shardnode.DurabilityLocal, "when an append is acknowledged: local (after this node's fsync) or replicated (once the replicated event stream has it too; see docs/cluster.md)")
+// logFlags registers the flags of the process's log, which kuma up and kuma
+// serve share; the rest of their flags are the app's (app.Config's
+// RegisterUpFlags and RegisterServeFlags).
+func logFlags(fs *flag.FlagSet, logLevel, logFormat *string) {
 	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "host:port for /metrics, /healthz and /readyz (empty: off)")
-	fs.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's profiles under /debug/pprof/ on --metrics-listen (for profiling a node under load)")
-	fs.StringVar(&cfg.ConsoleListen, "console-listen", "", "host:port of the web console (empty: off; see docs/console.md)")
 	fs.StringVar(logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
-	fs.BoolFunc("trace-stdout", "print spans to stdout (debugging); OTLP export is configured by OTEL_* variables", func(string) error {
-		cfg.Tracing = telemetry.ExportStdout
-		return nil
-	})
 }
 
 // secretsAndHooks fills what comes only from the environment: the master key
@@ -159,10 +131,8 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	fs := newFlagSet("up", stderr)
 	var cfg app.Config
 	var logLevel, logFormat string
-	serverFlags(fs, &cfg, &logLevel, &logFormat)
-	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server")
-	clusterFlags(fs, &cfg)
-	fs.StringVar(&cfg.Keyvault, "keyvault", app.KeyvaultLocal, "local: run a keyvault instance in this process (in a cluster, on the replicated bucket KUMA_KEYS that every instance shares); remote: run none here and use the other nodes' over NATS (a node that is not to hold the master key)")
+	cfg.RegisterUpFlags(fs)
+	logFlags(fs, &logLevel, &logFormat)
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
@@ -173,11 +143,11 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	// ... and the web console, which may change data only when it listens on
 	// loopback (kuma serve's console is read-only).
 	if !flagSet(fs, "console-listen") && getenv("KUMA_CONSOLE_LISTEN") == "" {
-		cfg.ConsoleListen = app.DefaultConsoleListen
+		cfg.Console.Listen = app.DefaultConsoleListen
 	}
 	// Only a console nobody on the network reaches may change data (forget
 	// an entity, rebuild a projection).
-	cfg.ConsoleAllowWrites = natsbus.LoopbackListen(cfg.ConsoleListen)
+	cfg.Console.AllowWrites = natsbus.LoopbackListen(cfg.Console.Listen)
 	cfg.Target = app.TargetAll
 	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
@@ -189,12 +159,8 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	fs := newFlagSet("serve", stderr)
 	var cfg app.Config
 	var logLevel, logFormat string
-	serverFlags(fs, &cfg, &logLevel, &logFormat)
-	fs.StringVar(&cfg.Target, "target", "", "service to run: router, shardnode, projector, keyvault, console, or nats (the embedded NATS server alone; all = kuma up)")
-	fs.StringVar(&cfg.NATSURL, "nats-url", app.DefaultNATSURL, "NATS server to connect to")
-	natsAuthFlags(fs, &cfg)
-	fs.StringVar(&cfg.NATSListen, "nats-listen", app.DefaultNATSListen, "host:port of the embedded NATS server (targets all and nats only)")
-	clusterFlags(fs, &cfg)
+	cfg.RegisterServeFlags(fs)
+	logFlags(fs, &logLevel, &logFormat)
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
@@ -205,15 +171,6 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 		return err
 	}
 	return serve(ctx, cfg, logLevel, logFormat, stderr)
-}
-
-// clusterFlags registers the embedded server's cluster flags, which kuma up
-// and kuma serve --target nats share (docs/cluster.md).
-func clusterFlags(fs *flag.FlagSet, cfg *app.Config) {
-	fs.Var((*listFlag)(&cfg.Join), "join", "route URL nats://host:port of a running cluster member to join; repeat it or separate URLs by commas (see docs/cluster.md)")
-	fs.StringVar(&cfg.ClusterListen, "cluster-listen", "", "host:port for the other cluster members' routes (empty: not a cluster member); needs --insecure unless loopback")
-	fs.StringVar(&cfg.ClusterAdvertise, "cluster-advertise", "", "host:port the other members dial for this one when they learn of it by gossip (default: the address its routes come from, with the --cluster-listen port); for NAT, published container ports or proxies")
-	fs.StringVar(&cfg.ClusterName, "cluster-name", app.DefaultClusterName, "NATS cluster name, the same on every member")
 }
 
 func helpOK(err error) error {
@@ -230,7 +187,7 @@ func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stde
 	if err != nil {
 		return err
 	}
-	cfg.Synchronous = strings.ToUpper(cfg.Synchronous)
+	cfg.Shardnode.Synchronous = strings.ToUpper(cfg.Shardnode.Synchronous)
 	cfg.Logger = log
 	a, err := app.New(cfg)
 	if err != nil {
@@ -262,7 +219,7 @@ func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stde
 	// not come (a damaged file) must not hold the line back for good.
 	unserved := waitServed(ctx, a, 10*time.Second)
 	log.Info("kuma ready", "target", c.Target, "nats", a.ClientURL(), "data", c.DataDir,
-		"context", c.Context, "shards", a.Shards(), "sync", c.Synchronous, "metrics", a.MetricsAddr(),
+		"context", c.Context, "shards", a.Shards(), "sync", c.Shardnode.Synchronous, "metrics", a.MetricsAddr(),
 		"console", consoleURL)
 	if len(unserved) > 0 {
 		log.Warn("shards placed on this node are not served yet", "shards", unserved)
@@ -303,24 +260,4 @@ func flagSet(fs *flag.FlagSet, name string) bool {
 	set := false
 	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
 	return set
-}
-
-// listFlag is a repeatable flag whose values may also be comma-separated,
-// so that one environment variable (KUMA_JOIN=a,b) can carry a list.
-type listFlag []string
-
-func (l *listFlag) String() string {
-	if l == nil {
-		return ""
-	}
-	return strings.Join(*l, ",")
-}
-
-func (l *listFlag) Set(v string) error {
-	for _, item := range strings.Split(v, ",") {
-		if item = strings.TrimSpace(item); item != "" {
-			*l = append(*l, item)
-		}
-	}
-	return nil
 }

@@ -365,7 +365,7 @@ func (e *env) startKuma(t *testing.T, target string) *app.App {
 	case "keyvault":
 		cfg.MasterKey = []byte("0123456789abcdef0123456789abcdef")
 	case "console":
-		cfg.ConsoleListen = "127.0.0.1:0"
+		cfg.Console.Listen = "127.0.0.1:0"
 	}
 	a, err := app.New(cfg)
 	if err != nil {

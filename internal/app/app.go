@@ -11,7 +11,6 @@ import (
 
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/telemetry"
-
 	"github.com/kumadb/kuma/services/console"
 	"github.com/kumadb/kuma/services/keyvault"
 	"github.com/kumadb/kuma/services/projector"
@@ -202,8 +201,6 @@ func (a *App) ClusterAddr() string {
 // Config returns the effective configuration, defaults filled in.
 func (a *App) Config() Config { return a.cfg }
 
-// Shardnode returns the running shardnode service, or nil when the target
-// has none. Status and tests read its stats.
 // Projector returns the running projector, or nil when the target has none.
 func (a *App) Projector() *projector.Service {
 	for _, m := range a.started {
@@ -214,6 +211,8 @@ func (a *App) Projector() *projector.Service {
 	return nil
 }
 
+// Shardnode returns the running shardnode service, or nil when the target
+// has none. Status and tests read its stats.
 func (a *App) Shardnode() *shardnode.Service {
 	for _, m := range a.started {
 		if s, ok := m.svc.(*shardnode.Service); ok {

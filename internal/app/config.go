@@ -20,16 +20,21 @@ import (
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/kumadb/kuma/services/console"
 	"github.com/kumadb/kuma/services/keyvault"
+	"github.com/kumadb/kuma/services/projector"
+	"github.com/kumadb/kuma/services/router"
 	"github.com/kumadb/kuma/services/shardnode"
 	"go.opentelemetry.io/otel/trace"
 )
 
 // Config is everything a Kuma process needs. Its zero value plus DataDir is a
-// working single-node store.
+// working single-node store. Its flags, and those of the services' configs
+// it composes, are registered in flags.go.
 type Config struct {
-	// Target is a module name or bundle: all (default), router, shardnode,
-	// projector, keyvault, console.
+	// Target is what the process runs (targets in modules.go): all (the
+	// default, kuma up), router, shardnode, projector, keyvault, console,
+	// or nats (the embedded NATS server alone).
 	Target string
 	// DataDir holds the shard files and the embedded server's JetStream store.
 	DataDir string
@@ -38,17 +43,17 @@ type Config struct {
 	// the cluster's), or DefaultShards for a new one (shardnode.Config).
 	Context string
 	Shards  int
-	// NATSListen is where the embedded server listens (target all). A
-	// non-loopback address is refused unless Insecure is set: the embedded
-	// server has no authentication, so anyone who reaches it could read
-	// and erase everything.
+	// NATSListen is where the embedded server listens (targets all and
+	// nats). A non-loopback address is refused unless Insecure is set: the
+	// embedded server has no authentication, so anyone who reaches it could
+	// read and erase everything.
 	NATSListen string
 	// Insecure allows NATSListen on a non-loopback address without
 	// authentication (`--insecure`), for a private network or a container
 	// whose port only trusted peers reach.
 	Insecure bool
-	// Join, ClusterListen and ClusterName make the embedded server (target
-	// all) a member of a NATS cluster with clustered JetStream; see
+	// Join, ClusterListen and ClusterName make the embedded server (targets
+	// all and nats) a member of a NATS cluster with clustered JetStream; see
 	// natsbus.ServerConfig for what holds then. Join lists route URLs
 	// (nats://host:port) of running members, any of them: gossip finds the
 	// rest. ClusterListen is host:port for the other members' routes; alone
@@ -73,7 +78,8 @@ type Config struct {
 	// cluster replicates and every instance shares, so no node is the
 	// keyvault's home (see keyvaultStore).
 	Keyvault string
-	// NATSURL is the external NATS to join (every target but all).
+	// NATSURL is the external NATS to connect to (every target but all and
+	// nats, which run the embedded server and connect to it in process).
 	NATSURL string
 	// NATSUser and NATSPassword, or NATSCredsFile (a .creds file), or
 	// NATSNKeyFile (an NKey seed) authenticate this process to that NATS;
@@ -86,15 +92,18 @@ type Config struct {
 	// after the local fsync) or "replicated" (once the event stream, which
 	// the NATS cluster replicates, has the events too).
 	Durability string
-	// Synchronous is SQLite's durability setting: FULL (default) or NORMAL.
-	Synchronous string
-	// SnapshotEvery, IdleTimeout and MaxActors tune the shardnode's actors.
-	SnapshotEvery int64
-	IdleTimeout   time.Duration
-	MaxActors     int
-	// MailboxLen is each actor's queue (0: the shardnode's default); a
-	// request that finds its entity's queue full is answered unavailable.
-	MailboxLen int
+	// Shardnode, Projector, Router and Console are those services' own
+	// settings, with their own defaults (the shardnode's SQLite synchronous
+	// setting, snapshot interval, idle timeout and actor bounds, the
+	// console's address...). build hands each to its service whole, having
+	// filled in what the process gives every service: the context and its
+	// shard count, DataDir, NodeName, the keyvault, the connection, Logger,
+	// Now, the metrics registry and TracerProvider; whatever is set in
+	// those fields here is replaced.
+	Shardnode shardnode.Config
+	Projector projector.Config
+	Router    router.Config
+	Console   console.Config
 	// MaxPayload is the embedded NATS server's largest message in bytes (0:
 	// natsbus's default, 8 MiB). Every request and every answer must fit
 	// in it: larger answers are cut into pages or refused with
@@ -102,7 +111,8 @@ type Config struct {
 	MaxPayload int32
 	// MasterKey is the keyvault's 32-byte master key; MasterKeyFile a file
 	// holding it in base64. With neither, target all keeps a generated key in
-	// <data>/keyvault/master.key and warns; other targets refuse to start.
+	// <data>/keyvault/master.key and warns; the keyvault target refuses to
+	// start (see masterKey). Only the keyvault module reads them.
 	MasterKey     []byte
 	MasterKeyFile string
 	// Tracing says where spans go: "" (off), "otlp" (configured by the
@@ -117,18 +127,16 @@ type Config struct {
 	// operator profiling a node under load. Off by default: a profile shows
 	// the process's internals and costs CPU while it runs.
 	Pprof bool
-	// ConsoleListen is where the web console is served (host:port; empty:
-	// not served). ConsoleAllowWrites lets it forget entities and retry,
-	// skip or rebuild projections; `kuma up` sets it only when the console
-	// listens on loopback (natsbus.LoopbackListen).
-	ConsoleListen      string
-	ConsoleAllowWrites bool
 	// ReadyMaxLag is how many stream messages a projection may be behind
 	// while /readyz says ready (default 1,000).
 	ReadyMaxLag int64
-	// NodeName names this process in status (default: the host name).
+	// NodeName names this process in status, in the cluster and in the
+	// projector's consumers (default: the host name made a valid node name,
+	// cluster.DefaultNodeName). It is worked out once here and given to
+	// every service, so that they all agree.
 	NodeName string
-	// Failpoint is the shardnode's fault-test hook (nil in production).
+	// Failpoint is the fault tests' hook of the shardnode and the
+	// projector (nil in production).
 	Failpoint func(name string)
 	// ProjectionsFile declares read-model projections (YAML, see
 	// pkg/projection); Projections adds or declares them in Go. The
@@ -184,8 +192,8 @@ func (c *Config) setDefaults() {
 	if c.NATSURL == "" {
 		c.NATSURL = DefaultNATSURL
 	}
-	if c.Synchronous == "" {
-		c.Synchronous = sqlite.SyncFull
+	if c.Durability == "" {
+		c.Durability = shardnode.DurabilityLocal
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -251,7 +259,13 @@ func (c *Config) natsServerConfig() natsbus.ServerConfig {
 	return sc
 }
 
-// Validate reports every problem at once, each with its fix.
+// Validate reports every problem at once, each with its fix, naming the flag
+// to change: it runs in New, before anything starts, and checks what the
+// flags set for every target. The rules shared with the services
+// (kuma.ValidateContext, cluster.ValidateNode, shardnode.ValidateShards and
+// ValidateDurability) are theirs, called here, not copied. Each service's
+// own Validate then checks its whole Config, wiring included, in build;
+// a check only a service makes (one that needs no flag name) belongs there.
 func (c *Config) Validate() error {
 	var errs []error
 	if err := cluster.ValidateNode(c.NodeName); err != nil {
@@ -268,9 +282,9 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--%w", err))
 		}
 	}
-	if c.ConsoleListen != "" {
-		if _, _, err := net.SplitHostPort(c.ConsoleListen); err != nil {
-			errs = append(errs, fmt.Errorf("--console-listen %q: want host:port such as %s", c.ConsoleListen, DefaultConsoleListen))
+	if c.Console.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Console.Listen); err != nil {
+			errs = append(errs, fmt.Errorf("--console-listen %q: want host:port such as %s", c.Console.Listen, DefaultConsoleListen))
 		}
 	} else if c.Target == ModuleConsole {
 		errs = append(errs, fmt.Errorf("target console needs --console-listen (host:port such as %s)", DefaultConsoleListen))
@@ -303,10 +317,10 @@ func (c *Config) Validate() error {
 	if err := shardnode.ValidateDurability(c.Durability); err != nil {
 		errs = append(errs, fmt.Errorf("--%w", err))
 	}
-	switch c.Synchronous {
-	case sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff:
+	switch c.Shardnode.Synchronous {
+	case "", sqlite.SyncFull, sqlite.SyncNormal, sqlite.SyncOff: // "": the shardnode's default, FULL
 	default:
-		errs = append(errs, fmt.Errorf("--sync must be FULL or NORMAL, got %q", c.Synchronous))
+		errs = append(errs, fmt.Errorf("--sync must be FULL or NORMAL, got %q", c.Shardnode.Synchronous))
 	}
 	return errors.Join(errs...)
 }

@@ -47,7 +47,7 @@ func readAll(t *testing.T, c *client.Client, entity string) []kuma.RecordedEvent
 // routing by themselves, then checks every entity's versions are 1..n with
 // no gap or duplicate and every acknowledged event is there exactly once.
 func TestConcurrentWritersKeepEveryEntityDense(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.SnapshotEvery = 10 })
+	n := kumatest.Start(t, func(c *app.Config) { c.Shardnode.SnapshotEvery = 10 })
 	viaRouter := n.Client(client.Options{})
 	direct := n.Client(client.Options{DirectShards: n.Cfg.Shards})
 
@@ -173,7 +173,7 @@ func TestExpectedVersionRaceHasOneWinner(t *testing.T) {
 // against an independent fold of the first N events, with snapshots every 7
 // events so most reads start from a snapshot.
 func TestTimeTravelEqualsFoldOfFirstN(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.SnapshotEvery = 7 })
+	n := kumatest.Start(t, func(c *app.Config) { c.Shardnode.SnapshotEvery = 7 })
 	c := n.Client(client.Options{})
 	rng := rand.New(rand.NewPCG(1, 2))
 	var inputs []kuma.EventInput
@@ -271,7 +271,7 @@ func jsonEqual(t *testing.T, a, b json.RawMessage) bool {
 // TestRestartBringsEverythingBack stops the node and starts it again on the
 // same data dir: every state, version and position continues.
 func TestRestartBringsEverythingBack(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.SnapshotEvery = 5 })
+	n := kumatest.Start(t, func(c *app.Config) { c.Shardnode.SnapshotEvery = 5 })
 	c := n.Client(client.Options{})
 	want := map[string]*kuma.ReadReply{}
 	for i := 0; i < 50; i++ {
@@ -313,9 +313,9 @@ func TestRestartBringsEverythingBack(t *testing.T) {
 // count bounded.
 func TestPassivationAndActorBound(t *testing.T) {
 	n := kumatest.Start(t, func(c *app.Config) {
-		c.IdleTimeout = 50 * time.Millisecond
-		c.MaxActors = 8 // 2 per shard
-		c.SnapshotEvery = 3
+		c.Shardnode.IdleTimeout = 50 * time.Millisecond
+		c.Shardnode.MaxActors = 8 // 2 per shard
+		c.Shardnode.SnapshotEvery = 3
 	})
 	c := n.Client(client.Options{})
 	want := map[string]string{}

@@ -86,7 +86,7 @@ func markerEvents(n int) []kuma.EventInput {
 // they exist to be queried, so they hold state in the clear; forget reaches
 // them (TestForgetLeavesTheMarkerNowhere).
 func TestMarkerIsNeverAtRest(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.SnapshotEvery = 5 })
+	n := kumatest.Start(t, func(c *app.Config) { c.Shardnode.SnapshotEvery = 5 })
 	c := n.Client(client.Options{})
 	for i := 0; i < 4; i++ {
 		if _, err := c.Append(t.Context(), "subject-1", markerEvents(7)); err != nil {
@@ -120,7 +120,7 @@ func TestMarkerIsNeverAtRest(t *testing.T) {
 // projection and a declared one), while running and after stop.
 func TestForgetLeavesTheMarkerNowhere(t *testing.T) {
 	n := kumatest.Start(t, func(c *app.Config) {
-		c.SnapshotEvery = 5
+		c.Shardnode.SnapshotEvery = 5
 		c.Projections = []projection.Spec{{
 			Name:    "notes",
 			Tables:  []string{`CREATE TABLE notes (entity TEXT NOT NULL, note TEXT NOT NULL)`},

@@ -29,7 +29,7 @@ const (
 	ModuleKeyvault   = "keyvault"
 	ModuleProjector  = "projector"
 	ModuleOps        = "ops"     // /metrics, /healthz, /readyz
-	ModuleConsole    = "console" // the web console, when ConsoleListen is set
+	ModuleConsole    = "console" // the web console, when Console.Listen is set
 	TargetAll        = "all"
 	// TargetNATS runs the embedded NATS server alone (`kuma serve --target
 	// nats`), a cluster member with JetStream through the same --join and
@@ -117,12 +117,12 @@ func (a *App) build(module string) (service, error) {
 	case ModuleNATSConn:
 		return &natsConnModule{app: a}, nil
 	case ModuleRouter:
-		return router.New(router.Config{
-			Contexts:       map[string]int{cfg.Context: a.shardCount()},
-			Registerer:     a.registry,
-			TracerProvider: a.cfg.TracerProvider,
-			Logger:         cfg.Logger.With("service", "router"),
-		}, a.nc)
+		rc := cfg.Router
+		rc.Contexts = map[string]int{cfg.Context: a.shardCount()}
+		rc.Registerer = a.registry
+		rc.TracerProvider = cfg.TracerProvider
+		rc.Logger = cfg.Logger.With("service", "router")
+		return router.New(rc, a.nc)
 	case ModuleKeyvault:
 		if cfg.Keyvault == KeyvaultRemote {
 			// No instance here: the shardnode and projector reach the
@@ -151,19 +151,17 @@ func (a *App) build(module string) (service, error) {
 	case ModuleOps:
 		return &opsModule{app: a}, nil
 	case ModuleConsole:
-		if cfg.ConsoleListen == "" {
+		if cfg.Console.Listen == "" {
 			return offModule{}, nil // target all without a console
 		}
-		svc, err := console.New(console.Config{
-			Context:     cfg.Context,
-			Shards:      a.shardCount(),
-			Listen:      cfg.ConsoleListen,
-			AllowWrites: cfg.ConsoleAllowWrites,
-			Gatherer:    a.registry,
-			NodeName:    cfg.NodeName,
-			Logger:      cfg.Logger.With("service", "console"),
-			Now:         cfg.Now,
-		}, a.nc)
+		cc := cfg.Console
+		cc.Context = cfg.Context
+		cc.Shards = a.shardCount()
+		cc.Gatherer = a.registry
+		cc.NodeName = cfg.NodeName
+		cc.Logger = cfg.Logger.With("service", "console")
+		cc.Now = cfg.Now
+		svc, err := console.New(cc, a.nc)
 		if err != nil {
 			return nil, err
 		}
@@ -173,20 +171,20 @@ func (a *App) build(module string) (service, error) {
 		if a.vault != nil {
 			keys = a.vault
 		}
-		return projector.New(projector.Config{
-			Context:        cfg.Context,
-			Reducer:        cfg.Reducers[cfg.Context],
-			DataDir:        cfg.DataDir,
-			NodeName:       cfg.NodeName,
-			Specs:          a.specs,
-			Keys:           keys,
-			Dial:           a.dial,
-			Failpoint:      cfg.Failpoint,
-			Registerer:     a.registry,
-			TracerProvider: cfg.TracerProvider,
-			Logger:         cfg.Logger.With("service", "projector"),
-			Now:            cfg.Now,
-		}, a.nc)
+		pc := cfg.Projector
+		pc.Context = cfg.Context
+		pc.Reducer = cfg.Reducers[cfg.Context]
+		pc.DataDir = cfg.DataDir
+		pc.NodeName = cfg.NodeName
+		pc.Specs = a.specs
+		pc.Keys = keys
+		pc.Dial = a.dial
+		pc.Failpoint = cfg.Failpoint
+		pc.Registerer = a.registry
+		pc.TracerProvider = cfg.TracerProvider
+		pc.Logger = cfg.Logger.With("service", "projector")
+		pc.Now = cfg.Now
+		return projector.New(pc, a.nc)
 	case ModuleShardnode:
 		// In one process the shardnode calls the keyvault directly; alone,
 		// it reaches a keyvault over NATS.
@@ -194,24 +192,19 @@ func (a *App) build(module string) (service, error) {
 		if a.vault != nil {
 			keys = a.vault
 		}
-		sn, err := shardnode.New(shardnode.Config{
-			Keys:           keys,
-			Failpoint:      cfg.Failpoint,
-			NodeName:       cfg.NodeName,
-			Registerer:     a.registry,
-			TracerProvider: cfg.TracerProvider,
-			DataDir:        cfg.DataDir,
-			Contexts: []shardnode.ContextConfig{{
-				Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context], Durability: cfg.Durability,
-			}},
-			Synchronous:   cfg.Synchronous,
-			SnapshotEvery: cfg.SnapshotEvery,
-			IdleTimeout:   cfg.IdleTimeout,
-			MaxActors:     cfg.MaxActors,
-			MailboxLen:    cfg.MailboxLen,
-			Logger:        cfg.Logger.With("service", "shardnode"),
-			Now:           cfg.Now,
-		}, a.nc)
+		sc := cfg.Shardnode
+		sc.Keys = keys
+		sc.Failpoint = cfg.Failpoint
+		sc.NodeName = cfg.NodeName
+		sc.Registerer = a.registry
+		sc.TracerProvider = cfg.TracerProvider
+		sc.DataDir = cfg.DataDir
+		sc.Contexts = []shardnode.ContextConfig{{
+			Name: cfg.Context, Shards: cfg.Shards, Reducer: cfg.Reducers[cfg.Context], Durability: cfg.Durability,
+		}}
+		sc.Logger = cfg.Logger.With("service", "shardnode")
+		sc.Now = cfg.Now
+		sn, err := shardnode.New(sc, a.nc)
 		if err != nil {
 			return nil, err
 		}
@@ -239,7 +232,7 @@ type consoleModule struct {
 
 func (m *consoleModule) Start(ctx context.Context) error {
 	err := m.Service.Start(ctx)
-	if err != nil && m.app.cfg.ConsoleListen == DefaultConsoleListen && errors.Is(err, syscall.EADDRINUSE) {
+	if err != nil && m.app.cfg.Console.Listen == DefaultConsoleListen && errors.Is(err, syscall.EADDRINUSE) {
 		m.app.cfg.Logger.Warn("console not served: its default address is in use; give --console-listen host:port",
 			"addr", DefaultConsoleListen)
 		return nil

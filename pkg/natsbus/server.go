@@ -406,8 +406,9 @@ func LoopbackHost(host string) bool {
 
 // LoopbackListen reports whether a listen address host:port is reachable
 // from this machine only. What listens elsewhere without authentication
-// (the embedded NATS server, its cluster routes, a console that can
-// change data) needs the operator's --insecure.
+// (the embedded NATS server, its cluster routes) needs the operator's
+// --insecure; kuma up's web console, which has no authentication either,
+// may change data only when it listens on loopback.
 func LoopbackListen(listen string) bool {
 	host, _, err := net.SplitHostPort(listen)
 	return err == nil && LoopbackHost(host)

@@ -14,6 +14,7 @@ import (
 	"context"
 	"embed"
 	"errors"
+	"flag"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -59,6 +60,15 @@ type Config struct {
 	MaxCount int
 	Logger   *slog.Logger
 	Now      func() time.Time
+}
+
+// RegisterFlags registers the console's flag on f with its default and
+// help: --console-listen (Listen; empty leaves the console off). The rest
+// of Config is given by the wiring: the served context and node, and
+// AllowWrites, which only the command may decide (kuma up allows writes on
+// loopback only).
+func (c *Config) RegisterFlags(f *flag.FlagSet) {
+	f.StringVar(&c.Listen, "console-listen", "", "host:port of the web console (empty: off; see docs/console.md)")
 }
 
 func (c *Config) setDefaults() {

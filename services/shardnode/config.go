@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -97,8 +98,9 @@ type Config struct {
 	// TracerProvider traces requests, commits, key fetches and relay
 	// publishes (nil: off).
 	TracerProvider trace.TracerProvider
-	// NodeName names this node in status and in the cluster (default
-	// "kuma"); it must be unique among the cluster's shardnodes.
+	// NodeName names this node in status and in the cluster (default: the
+	// host name, cluster.DefaultNodeName); it must be unique among the
+	// cluster's shardnodes.
 	NodeName string
 	// Cluster tunes membership, leases and shard moves.
 	Cluster ClusterConfig
@@ -106,13 +108,26 @@ type Config struct {
 	Now     func() time.Time
 }
 
-// Defaults of the settings `kuma up` and `kuma serve` take as flags: the
-// flags show these, so each value lives here only.
+// Defaults of the settings RegisterFlags makes flags of: setDefaults and
+// the flags' help both use these, so each value lives here only.
 const (
 	DefaultSnapshotEvery = 100
 	DefaultIdleTimeout   = 2 * time.Minute
 	DefaultMaxActors     = 100_000
 )
+
+// RegisterFlags registers the settings an operator tunes as flags of fs
+// (kuma up and kuma serve have them), each with its default and help:
+// --sync, --snapshot-every, --idle-timeout and --max-actors. A new tunable
+// setting needs its field, its flag here and its default in setDefaults,
+// nothing else: the process composes this Config whole. What the wiring
+// gives (contexts, keys, logger, registry, clock) is no flag.
+func (c *Config) RegisterFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.Synchronous, "sync", sqlite.SyncFull, "SQLite synchronous setting: FULL (survives power loss) or NORMAL (survives a process crash)")
+	fs.Int64Var(&c.SnapshotEvery, "snapshot-every", DefaultSnapshotEvery, "write an entity snapshot every N events")
+	fs.DurationVar(&c.IdleTimeout, "idle-timeout", DefaultIdleTimeout, "passivate entity actors idle this long")
+	fs.IntVar(&c.MaxActors, "max-actors", DefaultMaxActors, "live entity actors at most; least recently used idle ones are passivated")
+}
 
 func (c *Config) setDefaults() {
 	if c.Synchronous == "" {
@@ -202,8 +217,10 @@ const MaxShards = 4096
 // DefaultShards is the shard count of a new context when none is given.
 const DefaultShards = 16
 
-// ValidateShards checks a context's shard count when one is given; the
-// flag, the app's config and the shardnode's all check with it.
+// ValidateShards checks a context's shard count when one is given. The
+// shardnode's Validate checks each context with it, and internal/app checks
+// --shards with it for every target, so the rule and its message live here
+// only.
 func ValidateShards(n int) error {
 	if n < 1 || n > MaxShards {
 		return fmt.Errorf("shards must be 1 to %d, got %d", MaxShards, n)

@@ -218,7 +218,7 @@ func TestFloodOfUnknownAndInvalidEntities(t *testing.T) {
 		// proportional to them behind.
 		heapLimit = 256 * floodMiB
 	)
-	n := kumatest.Start(t, func(c *app.Config) { c.MaxActors = maxActors })
+	n := kumatest.Start(t, func(c *app.Config) { c.Shardnode.MaxActors = maxActors })
 	ctx := t.Context()
 	shards := n.Cfg.Shards
 

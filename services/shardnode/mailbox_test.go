@@ -24,7 +24,7 @@ import (
 // unavailable at once, and another entity of the same shard is served
 // meanwhile, since the shard's callback never waits on the hot entity.
 func TestFullMailboxIsRefusedNotWaitedOn(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.MailboxLen = 2 })
+	n := kumatest.Start(t, func(c *app.Config) { c.Shardnode.MailboxLen = 2 })
 	const burst = 300
 	hot := "hot-meter"
 	shard := placement.ShardOf(hot, n.Cfg.Shards)

@@ -18,9 +18,13 @@ func TestValidateShardsAndDurability(t *testing.T) {
 			t.Errorf("ValidateDurability(%q) = %v", d, err)
 		}
 	}
-	cfg := Config{Contexts: []ContextConfig{{Name: "default", Shards: 0, Durability: "sync"}}}
+	cfg := Config{Contexts: []ContextConfig{{Name: "default", Shards: -1, Durability: "sync"}, {Name: "other", Shards: 0}}}
 	err := cfg.Validate()
 	if err == nil || !strings.Contains(err.Error(), `context "default": shards must be`) || !strings.Contains(err.Error(), `context "default": durability must be`) {
-		t.Fatalf("Validate of a context with 0 shards and durability sync = %v", err)
+		t.Fatalf("Validate of a context with -1 shards and durability sync = %v", err)
+	}
+	// 0 is the context's own count, filled in at Start.
+	if strings.Contains(err.Error(), `context "other"`) {
+		t.Fatalf("Validate refused a context with 0 shards (the context's own count): %v", err)
 	}
 }
