@@ -278,6 +278,20 @@ func (s *Service) serve(ctx context.Context) error {
 			}
 			return s.Shred(ctx, r)
 		}),
+		add("backup", vaultclient.SubjectBackup, func(ctx context.Context, b []byte) (any, error) {
+			var r kuma.BackupRequest
+			if err := json.Unmarshal(b, &r); err != nil {
+				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed backup request")
+			}
+			return s.Backup(ctx, r.ID)
+		}),
+		add("tombstones", vaultclient.SubjectTombstones, func(ctx context.Context, b []byte) (any, error) {
+			var r kuma.TombstonesRequest
+			if err := json.Unmarshal(b, &r); err != nil {
+				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed tombstones request")
+			}
+			return s.Tombstones(ctx, r)
+		}),
 		add("forgotten", vaultclient.SubjectForgotten, func(ctx context.Context, b []byte) (any, error) {
 			var r vaultclient.KeyRequest
 			if err := json.Unmarshal(b, &r); err != nil {
