@@ -32,7 +32,7 @@ func BackupObjectName(id string) string { return id + "/keyvault/keys.db" }
 // errBucketBackup answers a backup or tombstones request on the JetStream
 // store: exporting the bucket into a file is not built.
 func errBucketBackup() error {
-	return kuma.Errorf(kuma.CodeUnavailable, "this keyvault keeps its keys in the JetStream bucket %s; "+
+	return kuma.Errorf(kuma.CodeNotFound, "there is no keyvault file to back up: this keyvault keeps its keys in the JetStream bucket %s; "+
 		"kuma backup copies only a file keyvault (a single `kuma up`) so far: back the bucket up with `nats stream backup KV_%s`",
 		cluster.KeysBucket, cluster.KeysBucket)
 }
