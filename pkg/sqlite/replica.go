@@ -132,7 +132,11 @@ type BackupInfo struct {
 // while the writer goes on: VACUUM INTO reads one snapshot of the WAL
 // database from its own connection, so commits are not held up.
 func (s *Shard) Backup(ctx context.Context, dst string) (BackupInfo, error) {
-	db, err := sql.Open("sqlite", DSN(s.cfg.Path, "busy_timeout(10000)"))
+	// secure_delete reaches the copy VACUUM INTO builds: without it a page
+	// the copy split keeps old bytes of rows in its free space (a root
+	// turned interior keeps its leaf cells), which a later purge of those
+	// rows, zeroing only their cells, leaves behind.
+	db, err := sql.Open("sqlite", DSN(s.cfg.Path, "busy_timeout(10000)", "secure_delete(ON)"))
 	if err != nil {
 		return BackupInfo{}, fmt.Errorf("sqlite: backup of %s: %w", s.cfg.Path, err)
 	}
