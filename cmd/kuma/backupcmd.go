@@ -127,9 +127,6 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer, get
 			_ = cluster.EraseBackup(ctx, js, rep.Object)
 			return manifestFile{}, err
 		}
-		if err := os.Chmod(dst, sqlite.PrivateFileMode); err != nil {
-			return manifestFile{}, err
-		}
 		sum, n, err := fileSHA256(dst)
 		if err != nil {
 			return manifestFile{}, err

@@ -61,18 +61,44 @@ func PutBackup(ctx context.Context, js jetstream.JetStream, name, path string) (
 	return BackupObject{Name: name, Bytes: int64(info.Size), SHA256: hex.EncodeToString(h.Sum(nil))}, nil
 }
 
-// GetBackup downloads the object name to path (the object store checks its
-// digest), then erases it from the bucket: chunks overwritten, entry deleted.
+// GetBackup downloads the object name to path, a new file created 0600
+// (the object store checks its digest), then erases it from the bucket:
+// chunks overwritten, entry deleted.
 // The download is kept even if the erase fails; the error says so.
 func GetBackup(ctx context.Context, js jetstream.JetStream, name, path string) error {
 	obs, err := js.ObjectStore(ctx, BackupsBucket)
 	if err != nil {
 		return fmt.Errorf("cluster: object store %s: %w", BackupsBucket, err)
 	}
-	if err := obs.GetFile(ctx, name, path); err != nil {
+	if err := download(ctx, obs, name, path); err != nil {
+		_ = os.Remove(path)
 		return fmt.Errorf("cluster: download backup %s: %w", name, err)
 	}
 	return EraseBackup(ctx, js, name)
+}
+
+// download writes the object to a new private file (0600; the object
+// store's GetFile would create it 0644), synced. The object reader checks
+// the digest at its end.
+func download(ctx context.Context, obs jetstream.ObjectStore, name, path string) error {
+	r, err := obs.Get(ctx, name)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, r); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // EraseBackup overwrites the chunks of the object name and deletes it. A
