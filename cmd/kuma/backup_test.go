@@ -87,7 +87,11 @@ func TestBackupUnderLoadRestoreAndForgetAgain(t *testing.T) {
 	time.Sleep(time.Second)
 	dir := filepath.Join(t.TempDir(), "backup")
 	began := time.Now()
-	out, errs, code := runCLI(t, env, "backup", dir)
+	decl := filepath.Join(t.TempDir(), "projections.yaml")
+	if err := os.WriteFile(decl, []byte("# the declarations the nodes run with\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errs, code := runCLI(t, env, "backup", dir, "--projections", decl)
 	if code != 0 {
 		close(stop)
 		wg.Wait()
@@ -100,8 +104,8 @@ func TestBackupUnderLoadRestoreAndForgetAgain(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(dir, manifestName)); err != nil || json.Unmarshal(b, &m) != nil {
 		t.Fatalf("manifest: %v %s", err, b)
 	}
-	if m.Shards != 4 || len(m.Files) != 5 || m.MasterKeyFingerprint == "" || m.Context != kuma.DefaultContext {
-		t.Fatalf("manifest %+v: want 4 shard files and the keyvault of %q", m, kuma.DefaultContext)
+	if m.Shards != 4 || len(m.Files) != 6 || m.MasterKeyFingerprint == "" || m.Context != kuma.DefaultContext {
+		t.Fatalf("manifest %+v: want 4 shard files, the projections and the keyvault of %q", m, kuma.DefaultContext)
 	}
 	if bytes.Contains(mustRead(t, filepath.Join(dir, keyvaultFile)), key) {
 		t.Fatal("the keyvault copy holds the master key")

@@ -63,6 +63,11 @@ type manifestFile struct {
 // keyvaultFile is the keyvault's path in a data directory and in a backup.
 var keyvaultFile = filepath.Join("keyvault", "keys.db")
 
+// projectionsFile is the copy of the projection declarations in a backup
+// (kuma backup --projections); restore checks it and leaves it there: the
+// nodes read it from wherever --projections names.
+const projectionsFile = "projections.yaml"
+
 func shardFile(kctx string, n int) string {
 	return filepath.Join(kctx, fmt.Sprintf("shard-%03d.db", n))
 }
@@ -75,6 +80,7 @@ func shardFile(kctx string, n int) string {
 func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet("backup", stderr)
 	conn := connectFlagsTimeout(fs, "give up on one file's copy (made, uploaded, downloaded) after this long", 5*time.Minute)
+	projections := fs.String("projections", "", "the projections YAML file the nodes run with (kuma up --projections): copied into the backup, checked like the rest")
 	pos, err := parse(fs, args, getenv)
 	if err != nil {
 		return helpOK(err)
@@ -151,6 +157,17 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer, get
 		f.Shard, f.LastSeq, f.Published = &n, rep.LastSeq, rep.Published
 		m.Files = append(m.Files, f)
 		fmt.Fprintf(stderr, "shard %d: %d bytes, last position %d\n", n, f.Bytes, f.LastSeq)
+	}
+	if *projections != "" {
+		if err := copyPrivate(*projections, filepath.Join(dir, projectionsFile)); err != nil {
+			return fail(fmt.Errorf("--projections: %w", err))
+		}
+		written = append(written, projectionsFile)
+		sum, n, err := fileSHA256(filepath.Join(dir, projectionsFile))
+		if err != nil {
+			return fail(err)
+		}
+		m.Files = append(m.Files, manifestFile{Path: projectionsFile, Bytes: n, SHA256: sum})
 	}
 	rctx, cancel = context.WithTimeout(ctx, *conn.timeout)
 	rep, err := c.BackupKeyvault(rctx, m.ID)
@@ -299,7 +316,7 @@ func checkBackup(dir string, key []byte) (*backupManifest, error) {
 	}
 	for _, f := range m.Files {
 		rel := filepath.FromSlash(f.Path)
-		if !want[rel] {
+		if !want[rel] && rel != projectionsFile {
 			return nil, fmt.Errorf("%s lists %q, which is not a file of a backup of %q with %d shards: damaged", manifestName, f.Path, m.Context, m.Shards)
 		}
 		delete(want, rel)
@@ -323,6 +340,10 @@ func checkBackup(dir string, key []byte) (*backupManifest, error) {
 func restoreInto(ctx context.Context, from, data string, m *backupManifest, key []byte, later []kuma.Tombstone, stderr io.Writer) error {
 	for _, f := range m.Files {
 		rel := filepath.FromSlash(f.Path)
+		if rel == projectionsFile {
+			fmt.Fprintf(stderr, "projection declarations: %s (checked; start the nodes with --projections naming it or its copy)\n", filepath.Join(from, rel))
+			continue
+		}
 		if err := copyPrivate(filepath.Join(from, rel), filepath.Join(data, rel)); err != nil {
 			return err
 		}
