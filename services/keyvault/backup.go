@@ -99,7 +99,10 @@ func vacuumInto(ctx context.Context, src, dst string) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("keyvault: backup: %w", err)
 	}
-	db, err := sql.Open("sqlite", sqlite.DSN(src, "busy_timeout(10000)"))
+	// secure_delete reaches the copy: without it the pages the copy splits
+	// keep old bytes of keys in their free space, which a restore's
+	// tombstones, overwriting only the deleted keys' cells, would leave.
+	db, err := sql.Open("sqlite", sqlite.DSN(src, "busy_timeout(10000)", "secure_delete(ON)"))
 	if err != nil {
 		return fmt.Errorf("keyvault: backup: %w", err)
 	}

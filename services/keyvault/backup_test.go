@@ -2,6 +2,7 @@ package keyvault_test
 
 import (
 	"bytes"
+	"database/sql"
 	"errors"
 	"os"
 	"path/filepath"
@@ -28,7 +29,7 @@ func TestConformanceBackupAndRestoreWithLaterTombstones(t *testing.T) {
 		ctx := t.Context()
 		master := envelope.NewRandomKey()
 		kv := st.start(t, master, nc)
-		keys := newKeys(t, kv, 4)
+		keys := newKeys(t, kv, 300) // enough for the copy to split pages
 		shred := func(e string) {
 			t.Helper()
 			if _, err := kv.Shred(ctx, vaultclient.ShredRequest{Context: "default", Entity: e, Reason: "test", EventsDeleted: 1}); err != nil {
@@ -73,6 +74,7 @@ func TestConformanceBackupAndRestoreWithLaterTombstones(t *testing.T) {
 			t.Fatalf("tombstones in pages of one: %d, want 2", len(later))
 		}
 
+		wrapped := wrappedKey(t, path, "user_1")
 		if _, err := keyvault.RestoreFile(ctx, path, envelope.NewRandomKey(), later); err == nil {
 			t.Fatal("the restore under another master key was not refused")
 		}
@@ -87,6 +89,9 @@ func TestConformanceBackupAndRestoreWithLaterTombstones(t *testing.T) {
 			if _, got := r.Forgotten("default", e); got != want {
 				t.Fatalf("Forgotten(%s) = %v, want %v", e, got, want)
 			}
+		}
+		if bytes.Contains(mustReadFile(t, path), wrapped[len(wrapped)-32:]) {
+			t.Fatal("the restored file still holds bytes of the wrapped key a later tombstone destroyed")
 		}
 		// The restored file is a keyvault of its own.
 		restored := (&storage{store: keyvault.StoreFile, path: path}).start(t, master, nil)
@@ -111,4 +116,19 @@ func mustReadFile(t *testing.T, path string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// wrappedKey reads an entity's wrapped key from a closed keyvault file.
+func wrappedKey(t *testing.T, path, entity string) []byte {
+	t.Helper()
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var w []byte
+	if err := db.QueryRow(`SELECT wrapped FROM keys WHERE context = 'default' AND entity = ?`, entity).Scan(&w); err != nil {
+		t.Fatal(err)
+	}
+	return w
 }
