@@ -68,7 +68,7 @@ func (s *Service) Backup(ctx context.Context, id string) (*kuma.BackupReply, err
 	tmp := filepath.Join(dir, "keys.db")
 	switch st := st.(type) {
 	case *sqliteStore:
-		err = vacuumInto(ctx, st.path, tmp)
+		err = sqlite.CopyInto(ctx, st.path, tmp)
 	case *jetStreamStore:
 		err = st.exportFile(ctx, tmp, idKey)
 	default:
@@ -87,30 +87,6 @@ func (s *Service) Backup(ctx context.Context, id string) (*kuma.BackupReply, err
 	}
 	return &kuma.BackupReply{Object: obj.Name, Bytes: obj.Bytes, SHA256: obj.SHA256,
 		MasterKeyFingerprint: MasterKeyFingerprint(s.cfg.MasterKey)}, nil
-}
-
-// vacuumInto writes a consistent copy of the SQLite file src to dst, which
-// is created private first (VACUUM INTO would create it 0644).
-func vacuumInto(ctx context.Context, src, dst string) error {
-	f, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, sqlite.PrivateFileMode)
-	if err != nil {
-		return fmt.Errorf("keyvault: backup: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("keyvault: backup: %w", err)
-	}
-	// secure_delete reaches the copy: without it the pages the copy splits
-	// keep old bytes of keys in their free space, which a restore's
-	// tombstones, overwriting only the deleted keys' cells, would leave.
-	db, err := sql.Open("sqlite", sqlite.DSN(src, "busy_timeout(10000)", "secure_delete(ON)"))
-	if err != nil {
-		return fmt.Errorf("keyvault: backup: %w", err)
-	}
-	defer db.Close()
-	if _, err := db.ExecContext(ctx, `VACUUM INTO ?`, dst); err != nil {
-		return fmt.Errorf("keyvault: backup of %s: %w", src, err)
-	}
-	return nil
 }
 
 // Tombstones returns a page of the forgotten ids, by pseudonym, in order:
