@@ -234,8 +234,7 @@ func (s *jetStreamStore) exportFile(ctx context.Context, dst string, idKey []byt
 		return err
 	}
 	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `INSERT INTO meta (key, value) VALUES ('check', ?), ('id-hash-key', ?)`,
-		s.kek.Seal(nil, []byte("kuma keyvault"), checkAAD), s.kek.Seal(nil, idKey, idKeyAAD)); err != nil {
+	if err := writeMeta(ctx, tx, s.kek, idKey); err != nil {
 		return err
 	}
 	for h, k := range keys {
