@@ -136,6 +136,7 @@ func TestBackupUnderLoadRestoreAndForgetAgain(t *testing.T) {
 	if code != 1 || !strings.Contains(errs, "another master key") {
 		t.Fatalf("restore under another master key: exit %d %s, want exit 1 naming the master key", code, errs)
 	}
+	t.Logf("another master key: %s", strings.TrimSpace(errs))
 	requireEmpty(t, data)
 
 	// A flipped byte: refused naming the file.
@@ -151,6 +152,35 @@ func TestBackupUnderLoadRestoreAndForgetAgain(t *testing.T) {
 	if code != 1 || !strings.Contains(errs, "default/shard-001.db is damaged") {
 		t.Fatalf("restore of a damaged backup: exit %d %s, want exit 1 naming default/shard-001.db", code, errs)
 	}
+	t.Logf("a flipped byte: %s", strings.TrimSpace(errs))
+	requireEmpty(t, data)
+
+	// A damaged page that the manifest agrees with (a backup damaged
+	// before its checksums were taken): SQLite's integrity check refuses
+	// it after the copy, and the data dir is emptied again.
+	b[len(b)/2] ^= 0x40
+	b[4096] = 0xff // page 2's b-tree page type
+	if err := os.WriteFile(victim, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var dm backupManifest
+	if err := json.Unmarshal(mustRead(t, filepath.Join(damaged, manifestName)), &dm); err != nil {
+		t.Fatal(err)
+	}
+	for i, f := range dm.Files {
+		if filepath.FromSlash(f.Path) == shardFile(kuma.DefaultContext, 1) {
+			dm.Files[i].SHA256, dm.Files[i].Bytes, _ = fileSHA256(victim)
+		}
+	}
+	mb, _ := json.Marshal(dm)
+	if err := os.WriteFile(filepath.Join(damaged, manifestName), mb, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, errs, code = runCLI(t, nil, "restore", "--from", damaged, "--data", data, "--master-key-file", keyFile)
+	if code != 1 || !strings.Contains(errs, "backup file default/shard-001.db: sqlite: integrity check") || !strings.Contains(errs, "left empty") {
+		t.Fatalf("restore of a file that fails the integrity check: exit %d %s, want exit 1 naming shard-001.db", code, errs)
+	}
+	t.Logf("a page damaged under a matching checksum: %s", strings.TrimSpace(errs))
 	requireEmpty(t, data)
 
 	out, errs, code = runCLI(t, map[string]string{"KUMA_MASTER_KEY": encodeKey(key)},

@@ -270,6 +270,11 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer, ge
 	}
 	fmt.Fprintf(stdout, "restored backup %s (context %q, %d shards, taken %s) into %s; start it with: kuma up --data %s --shards %d and the same master key\n",
 		m.ID, m.Context, m.Shards, m.StartedAt.Format(time.RFC3339), *dataDir, *dataDir, m.Shards)
+	for _, f := range m.Files {
+		if f.Path == projectionsFile {
+			fmt.Fprintf(stdout, "projection declarations (checked): %s; give it to the nodes with --projections\n", filepath.Join(*from, projectionsFile))
+		}
+	}
 	return nil
 }
 
@@ -281,7 +286,7 @@ func restoreMasterKey(file string, getenv func(string) string) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		return app.DecodeMasterKey(string(b[:len(strings.TrimRight(string(b), " \r\n\t"))]))
+		return app.DecodeMasterKey(strings.TrimSpace(string(b)))
 	}
 	if k := getenv("KUMA_MASTER_KEY"); k != "" {
 		return app.DecodeMasterKey(strings.TrimSpace(k))
@@ -341,8 +346,7 @@ func restoreInto(ctx context.Context, from, data string, m *backupManifest, key 
 	for _, f := range m.Files {
 		rel := filepath.FromSlash(f.Path)
 		if rel == projectionsFile {
-			fmt.Fprintf(stderr, "projection declarations: %s (checked; start the nodes with --projections naming it or its copy)\n", filepath.Join(from, rel))
-			continue
+			continue // the nodes read it from --projections
 		}
 		if err := copyPrivate(filepath.Join(from, rel), filepath.Join(data, rel)); err != nil {
 			return err
@@ -361,7 +365,7 @@ func restoreInto(ctx context.Context, from, data string, m *backupManifest, key 
 			return kv.Forgotten(m.Context, entity)
 		})
 		if err != nil {
-			return err
+			return fmt.Errorf("backup file %s: %w", filepath.ToSlash(shardFile(m.Context, n)), err)
 		}
 		if info.Forgotten > 0 {
 			fmt.Fprintf(stderr, "shard %d: %d forgotten entities marked; kuma up deletes their rows before serving\n", n, info.Forgotten)
