@@ -60,6 +60,35 @@ type manifestFile struct {
 	Published int64 `json:"published,omitempty"`
 }
 
+const backupHelp = `Usage: kuma backup DIR [flags]
+
+Copies the context's shard files and the keyvault into DIR (new or empty),
+online: each shard's owner and the keyvault make a consistent copy, which
+travels through the object store KUMA_BACKUPS and is erased there once
+downloaded. DIR/manifest.json lists every file with its sha256 and the
+master key's fingerprint. The master key is never in the backup: keep it
+apart. Read models are not copied; they are rebuilt from the stream.
+Needs the NATS user ops (deployments/nats/kuma.conf).
+
+`
+
+const restoreHelp = `Usage: kuma restore --from BACKUP --data DIR [--master-key-file F] [--tombstones FILE]
+
+Restores a backup offline into DIR, which must be new or empty; then run
+kuma up --data DIR --shards N with the same master key. Every checksum and
+the master key are checked before anything is written; on any failure DIR
+is left empty.
+
+Tombstones win: entities forgotten after the backup are forgotten again if
+you give the live keyvault's tombstones, exported with
+  kuma keyvault tombstones --nats-user ops > FILE
+Each destroys that entity's key in the restored keyvault, and its rows are
+deleted from the shard files at the first start, before the shard serves.
+Without them (the live keyvault is gone too), forget those entities again
+yourself.
+
+`
+
 // keyvaultFile is the keyvault's path in a data directory and in a backup.
 var keyvaultFile = filepath.Join("keyvault", "keys.db")
 
@@ -79,6 +108,7 @@ func shardFile(kctx string, n int) string {
 // its key in the keyvault's copy, or its id is forgotten there.
 func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet("backup", stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, backupHelp); fs.PrintDefaults() }
 	conn := connectFlagsTimeout(fs, "give up on one file's copy (made, uploaded, downloaded) after this long", 5*time.Minute)
 	projections := fs.String("projections", "", "the projections YAML file the nodes run with (kuma up --projections): copied into the backup, checked like the rest")
 	pos, err := parse(fs, args, getenv)
@@ -103,7 +133,7 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer, get
 	}
 	m := backupManifest{Format: manifestFormat, ID: newBackupID(), Context: *conn.ctxName,
 		StartedAt: time.Now().UTC(), KumaVersion: version}
-	rctx, cancel := context.WithTimeout(ctx, *conn.timeout)
+	rctx, cancel := context.WithTimeout(ctx, min(*conn.timeout, 30*time.Second))
 	st, err := c.Status(rctx)
 	cancel()
 	if err != nil {
@@ -114,9 +144,17 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer, get
 		return fmt.Errorf("status of context %q lists no shards; is it served?", m.Context)
 	}
 	var written []string
+	// A backup cut short removes what it wrote here and erases what the
+	// nodes uploaded for it (an upload answered after this gave up too, if
+	// it is there by then).
 	fail := func(err error) error {
 		for _, p := range written {
 			_ = os.Remove(filepath.Join(dir, p))
+		}
+		ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if _, eerr := cluster.EraseBackups(ectx, js, m.ID+"/"); eerr != nil {
+			fmt.Fprintf(stderr, "could not erase this backup's uploads from %s: %v\n", cluster.BackupsBucket, eerr)
 		}
 		return err
 	}
@@ -233,6 +271,7 @@ func fileSHA256(path string) (string, int64, error) {
 // which must be empty, and leaves D empty again if anything fails after.
 func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet("restore", stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, restoreHelp); fs.PrintDefaults() }
 	from := fs.String("from", "", "the backup directory (made by kuma backup)")
 	dataDir := fs.String("data", "", "the data directory to restore into: new or empty; then run kuma up --data with it")
 	keyFile := fs.String("master-key-file", "", "file with the master key the backup was made under (base64); or set KUMA_MASTER_KEY")

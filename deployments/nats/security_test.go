@@ -494,6 +494,10 @@ func (e *env) happyPath(t *testing.T, console *app.App) {
 			t.Fatalf("download of backup %s as ops: %v", rep.Object, err)
 		}
 	}
+	// What a backup cut short runs: list and erase what is left (nothing).
+	if n, err := cluster.EraseBackups(ctx, ojs, "natsconf/"); err != nil || n != 0 {
+		t.Fatalf("erase a backup's leftovers as ops: %d, %v", n, err)
+	}
 	if tb, err := oc.Tombstones(ctx, "", 10); err != nil || len(tb.Tombstones) != 1 {
 		t.Fatalf("tombstones as ops: %+v, %v, want user_2's", tb, err)
 	}

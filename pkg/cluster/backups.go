@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -131,4 +132,34 @@ func EraseBackup(ctx context.Context, js jetstream.JetStream, name string) error
 		return fmt.Errorf("cluster: erase backup %s: %w", name, err)
 	}
 	return nil
+}
+
+// EraseBackups erases every object whose name starts with prefix: what a
+// backup cut short left behind. It returns how many it erased.
+func EraseBackups(ctx context.Context, js jetstream.JetStream, prefix string) (int, error) {
+	obs, err := js.ObjectStore(ctx, BackupsBucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("cluster: object store %s: %w", BackupsBucket, err)
+	}
+	infos, err := obs.List(ctx)
+	if errors.Is(err, jetstream.ErrNoObjectsFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("cluster: list %s: %w", BackupsBucket, err)
+	}
+	n := 0
+	for _, info := range infos {
+		if info.Deleted || !strings.HasPrefix(info.Name, prefix) {
+			continue
+		}
+		if err := EraseBackup(ctx, js, info.Name); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
 }
