@@ -294,6 +294,7 @@ func TestRestoreRefusesUsage(t *testing.T) {
 		{[]string{"restore", "--data", t.TempDir()}, 2, "--from"},
 		{[]string{"backup"}, 2, "kuma backup DIR"},
 		{[]string{"backup", full}, 2, "not empty"},
+		{[]string{"backup", t.TempDir(), "--projections", filepath.Join(notBackup, "none.yaml")}, 2, "--projections"},
 	} {
 		_, errs, code := runCLI(t, nil, tc.args...)
 		if code != tc.code || !strings.Contains(errs, tc.want) {

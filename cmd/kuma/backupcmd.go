@@ -119,6 +119,11 @@ func cmdBackup(ctx context.Context, args []string, stdout, stderr io.Writer, get
 		return usageError{errors.New("usage: kuma backup DIR (a new or empty directory)")}
 	}
 	dir := pos[0]
+	if *projections != "" {
+		if _, err := os.Stat(*projections); err != nil {
+			return usageError{fmt.Errorf("--projections: %w", err)}
+		}
+	}
 	if err := emptyDir(dir); err != nil {
 		return usageError{err}
 	}
