@@ -194,10 +194,15 @@ type connection struct {
 // connectFlags registers --nats-url, --context, --timeout and the NATS
 // credential and TLS flags.
 func connectFlags(fs *flag.FlagSet, timeoutUsage string) connection {
+	return connectFlagsTimeout(fs, timeoutUsage, 10*time.Second)
+}
+
+// connectFlagsTimeout is connectFlags with another default --timeout.
+func connectFlagsTimeout(fs *flag.FlagSet, timeoutUsage string, timeout time.Duration) connection {
 	c := connection{
 		natsURL: fs.String("nats-url", app.DefaultNATSURL, "NATS server"),
 		ctxName: fs.String("context", kuma.DefaultContext, "Kuma context"),
-		timeout: fs.Duration("timeout", 10*time.Second, timeoutUsage),
+		timeout: fs.Duration("timeout", timeout, timeoutUsage),
 		auth:    &app.Config{},
 	}
 	c.auth.RegisterNATSAuthFlags(fs)
@@ -206,6 +211,16 @@ func connectFlags(fs *flag.FlagSet, timeoutUsage string) connection {
 
 // client connects to NATS and returns a Go client and the way to close it.
 func (c connection) client() (*client.Client, func(), error) {
+	nc, cl, err := c.connect()
+	if err != nil {
+		return nil, nil, err
+	}
+	return cl, nc.Close, nil
+}
+
+// connect is client with the connection itself, for commands that use
+// JetStream too; the caller closes it.
+func (c connection) connect() (*nats.Conn, *client.Client, error) {
 	auth, err := c.auth.NATSOptions()
 	if err != nil {
 		return nil, nil, usageError{err}
@@ -219,5 +234,5 @@ func (c connection) client() (*client.Client, func(), error) {
 		nc.Close()
 		return nil, nil, usageError{err}
 	}
-	return cl, nc.Close, nil
+	return nc, cl, nil
 }

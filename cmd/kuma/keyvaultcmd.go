@@ -13,10 +13,14 @@ import (
 	"github.com/kumadb/kuma/services/keyvault"
 )
 
-// cmdKeyvault runs offline keyvault maintenance: `kuma keyvault rotate`.
+// cmdKeyvault runs keyvault maintenance: `kuma keyvault rotate` (offline)
+// and `kuma keyvault tombstones` (against a running keyvault).
 func cmdKeyvault(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	if len(args) > 0 && args[0] == "tombstones" {
+		return cmdTombstones(ctx, args[1:], stdout, stderr, getenv)
+	}
 	if len(args) == 0 || args[0] != "rotate" {
-		return usageError{errors.New("usage: kuma keyvault rotate --data DIR --master-key-file OLD --new-master-key-file NEW")}
+		return usageError{errors.New("usage: kuma keyvault rotate --data DIR --master-key-file OLD --new-master-key-file NEW, or kuma keyvault tombstones > FILE")}
 	}
 	fs := newFlagSet("keyvault rotate", stderr)
 	dataDir := fs.String("data", app.DefaultDataDir, "data directory")

@@ -34,7 +34,13 @@ Usage:
   kuma status                           shards, nodes and projections
   kuma migrate --shard N --to NODE [--wait 30s] [--unpin]   move a shard to a node (a pin; --unpin drops it)
   kuma bench [--events N] [--baseline sqlite] [--verify] [--rate R] ...   the load test (see loadtest/README.md)
+  kuma backup DIR                       copy the shard files and the keyvault, online, into a new directory
+                                        (the master key is never in it; read models are rebuilt, not copied)
+  kuma restore --from DIR --data D [--master-key-file F] [--tombstones FILE]
+                                        offline, into an empty data dir; checks every checksum and the master key;
+                                        --tombstones forgets again what was forgotten after the backup
   kuma keyvault rotate --data DIR --master-key-file OLD --new-master-key-file NEW
+  kuma keyvault tombstones > FILE       the live keyvault's forgotten ids (by pseudonym), for restore --tombstones
   kuma version
 
 Every flag has a KUMA_* environment equivalent (--nats-url → KUMA_NATS_URL);
@@ -71,6 +77,10 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		err = cmdProjection(ctx, cmd, rest, stdout, stderr, getenv)
 	case "migrate":
 		err = cmdMigrate(ctx, rest, stdout, stderr, getenv)
+	case "backup":
+		err = cmdBackup(ctx, rest, stdout, stderr, getenv)
+	case "restore":
+		err = cmdRestore(ctx, rest, stdout, stderr, getenv)
 	case "keyvault":
 		err = cmdKeyvault(ctx, rest, stdout, stderr, getenv)
 	case "bench":

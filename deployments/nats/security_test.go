@@ -27,6 +27,7 @@ import (
 	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -67,6 +68,11 @@ var probes = []probe{
 	{"stream events", "kuma.probe.events.0", []string{"shardnode"}, nil},
 	{"stream forget notice", "kuma.probe.events.0.forgotten", []string{"shardnode"}, nil},
 	{"internal shard", "_kuma.probe.shard.0.append.e1", []string{"router"}, []string{"shardnode"}},
+	{"admin shard backup", "_kuma.probe.shard.0.backup", []string{"ops"}, []string{"shardnode"}},
+	{"keyvault backup", "_kuma.keyvault.backup", []string{"ops"}, []string{"keyvault"}},
+	{"keyvault tombstones", "_kuma.keyvault.tombstones", []string{"ops"}, []string{"keyvault"}},
+	{"$O backup chunk", "$O.KUMA_BACKUPS.C.probe", []string{"shardnode", "keyvault"}, nil},
+	{"$JS backup chunk erase", "$JS.API.STREAM.MSG.DELETE.OBJ_KUMA_BACKUPS", []string{"ops"}, nil},
 	{"keyvault key", "_kuma.keyvault.key", []string{"shardnode", "projector"}, []string{"keyvault"}},
 	{"keyvault shred", "_kuma.keyvault.shred", []string{"shardnode"}, []string{"keyvault"}},
 	{"keyvault forgotten", "_kuma.keyvault.forgotten", []string{"shardnode", "projector"}, []string{"keyvault"}},
@@ -468,6 +474,32 @@ func (e *env) happyPath(t *testing.T, console *app.App) {
 	st, err := oc.Status(ctx)
 	if err != nil || len(st.Shards) != 4 || len(st.Projections) == 0 {
 		t.Fatalf("status as ops: %+v, %v", st, err)
+	}
+	// ops backs up (what kuma backup does): a shard's copy and the
+	// keyvault's (exported from its bucket), each downloaded and erased,
+	// and the keyvault's tombstones.
+	ojs, err := jetstream.New(onc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, ask := range []func() (*kuma.BackupReply, error){
+		func() (*kuma.BackupReply, error) { return oc.BackupShard(ctx, 0, "natsconf") },
+		func() (*kuma.BackupReply, error) { return oc.BackupKeyvault(ctx, "natsconf") },
+	} {
+		rep, err := ask()
+		if err != nil {
+			t.Fatalf("backup %d as ops: %v", i, err)
+		}
+		if err := cluster.GetBackup(ctx, ojs, rep.Object, filepath.Join(t.TempDir(), "copy.db")); err != nil {
+			t.Fatalf("download of backup %s as ops: %v", rep.Object, err)
+		}
+	}
+	// What a backup cut short runs: list and erase what is left (nothing).
+	if n, err := cluster.EraseBackups(ctx, ojs, "natsconf/"); err != nil || n != 0 {
+		t.Fatalf("erase a backup's leftovers as ops: %d, %v", n, err)
+	}
+	if tb, err := oc.Tombstones(ctx, "", 10); err != nil || len(tb.Tombstones) != 1 {
+		t.Fatalf("tombstones as ops: %+v, %v, want user_2's", tb, err)
 	}
 	// The console (user console) serves an entity.
 	res, err := http.Get(console.Console().URL() + "api/entities/user_1")

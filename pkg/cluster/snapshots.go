@@ -81,17 +81,26 @@ func (s *Store) copies(ctx context.Context, kctx string, shard int) ([]*jetstrea
 // to erase it, so this takes a while for a large copy: tens of milliseconds
 // per 128 KiB chunk.
 func (s *Store) eraseChunks(ctx context.Context, info *jetstream.ObjectInfo) error {
-	subject := "$O." + SnapshotsBucket + ".C." + info.NUID
+	if err := eraseObjectChunks(ctx, s.snapStream, SnapshotsBucket, info); err != nil {
+		return fmt.Errorf("cluster: erase snapshot %s: %w", info.Name, err)
+	}
+	return nil
+}
+
+// eraseObjectChunks overwrites every chunk of an object of bucket (whose
+// stream is stream) in the server's block files.
+func eraseObjectChunks(ctx context.Context, stream jetstream.Stream, bucket string, info *jetstream.ObjectInfo) error {
+	subject := "$O." + bucket + ".C." + info.NUID
 	for seq := uint64(1); ; {
-		m, err := s.snapStream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
+		m, err := stream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return nil
 		}
 		if err != nil {
-			return fmt.Errorf("cluster: erase snapshot %s: %w", info.Name, err)
+			return err
 		}
-		if err := s.snapStream.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
-			return fmt.Errorf("cluster: erase snapshot %s: %w", info.Name, err)
+		if err := stream.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+			return err
 		}
 		seq = m.Sequence + 1
 	}

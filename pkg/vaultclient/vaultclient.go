@@ -25,6 +25,12 @@ const (
 	// SubjectShredded is broadcast after every shred so that every key cache
 	// drops the key at once.
 	SubjectShredded = "_kuma.keyvault.shredded"
+	// SubjectBackup uploads a consistent copy of the keyvault for `kuma
+	// backup` (kuma.BackupRequest, kuma.BackupReply); admin only.
+	SubjectBackup = "_kuma.keyvault.backup"
+	// SubjectTombstones lists the forgotten ids, by pseudonym
+	// (kuma.TombstonesRequest, kuma.TombstonesReply); admin only.
+	SubjectTombstones = "_kuma.keyvault.tombstones"
 )
 
 // KeyRequest asks for an entity's data key, creating it when Create is set.

@@ -32,7 +32,7 @@ import (
 )
 
 // Version is the keyvault's semver, shown by `nats micro ls`.
-const Version = "0.1.0"
+const Version = "0.2.0"
 
 // Where a keyvault keeps its keys (Config.Store).
 const (
@@ -234,12 +234,19 @@ func (s *Service) serve(ctx context.Context) error {
 		return fmt.Errorf("keyvault: register micro service: %w", err)
 	}
 	s.svc = svc
+	// A backup reads every key and tombstone (a bucket's one message per
+	// request): it gets minutes, every other request 30 s.
+	timeouts := map[string]time.Duration{"backup": 5 * time.Minute, "tombstones": 5 * time.Minute}
 	add := func(name, subject string, h func(context.Context, []byte) (any, error)) error {
+		timeout := timeouts[name]
+		if timeout == 0 {
+			timeout = 30 * time.Second
+		}
 		return svc.AddEndpoint(name, subject, natsbus.JSONEndpoint{
 			Answer: func(ctx context.Context, req micro.Request) (any, error) {
 				return h(ctx, req.Data())
 			},
-			Timeout:  30 * time.Second,
+			Timeout:  timeout,
 			MaxReply: natsbus.ReplyLimit(s.nc),
 			Hint:     "ask for the pseudonyms of fewer entities at once",
 			Answered: func(_ micro.Request, err error) {
@@ -277,6 +284,20 @@ func (s *Service) serve(ctx context.Context) error {
 				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed shred request")
 			}
 			return s.Shred(ctx, r)
+		}),
+		add("backup", vaultclient.SubjectBackup, func(ctx context.Context, b []byte) (any, error) {
+			var r kuma.BackupRequest
+			if err := json.Unmarshal(b, &r); err != nil {
+				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed backup request")
+			}
+			return s.Backup(ctx, r.ID)
+		}),
+		add("tombstones", vaultclient.SubjectTombstones, func(ctx context.Context, b []byte) (any, error) {
+			var r kuma.TombstonesRequest
+			if err := json.Unmarshal(b, &r); err != nil {
+				return nil, kuma.Errorf(kuma.CodeBadRequest, "malformed tombstones request")
+			}
+			return s.Tombstones(ctx, r)
 		}),
 		add("forgotten", vaultclient.SubjectForgotten, func(ctx context.Context, b []byte) (any, error) {
 			var r vaultclient.KeyRequest

@@ -777,6 +777,8 @@ func TestMicroServiceInfo(t *testing.T) {
 		"shred":      vaultclient.SubjectShred,
 		"forgotten":  vaultclient.SubjectForgotten,
 		"pseudonyms": vaultclient.SubjectPseudonyms,
+		"backup":     vaultclient.SubjectBackup,
+		"tombstones": vaultclient.SubjectTombstones,
 	}
 	if len(info.Endpoints) != len(want) {
 		t.Fatalf("endpoints: got %d (%+v), want %d", len(info.Endpoints), info.Endpoints, len(want))
@@ -784,7 +786,7 @@ func TestMicroServiceInfo(t *testing.T) {
 	for _, ep := range info.Endpoints {
 		subj, ok := want[ep.Name]
 		if !ok {
-			t.Errorf("endpoint %q: not one of key, shred, forgotten, pseudonyms", ep.Name)
+			t.Errorf("endpoint %q: not one of key, shred, forgotten, pseudonyms, backup, tombstones", ep.Name)
 			continue
 		}
 		if ep.Subject != subj {

@@ -137,8 +137,7 @@ func loadMeta(ctx context.Context, db *sql.DB, path string, kek *envelope.Key) (
 	err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'check'`).Scan(&check)
 	if errors.Is(err, sql.ErrNoRows) {
 		idKey := envelope.NewRandomKey()
-		if _, err := db.ExecContext(ctx, `INSERT INTO meta (key, value) VALUES ('check', ?), ('id-hash-key', ?)`,
-			kek.Seal(nil, []byte("kuma keyvault"), checkAAD), kek.Seal(nil, idKey, idKeyAAD)); err != nil {
+		if err := writeMeta(ctx, db, kek, idKey); err != nil {
 			return nil, fmt.Errorf("keyvault: initialise %s: %w", path, err)
 		}
 		return idKey, nil
@@ -158,6 +157,16 @@ func loadMeta(ctx context.Context, db *sql.DB, path string, kek *envelope.Key) (
 		return nil, fmt.Errorf("keyvault: id-hash key does not open: %w", err)
 	}
 	return idKey, nil
+}
+
+// writeMeta writes a new file's check value and its id key, both sealed
+// by the master key.
+func writeMeta(ctx context.Context, db interface {
+	ExecContext(context.Context, string, ...any) (sql.Result, error)
+}, kek *envelope.Key, idKey []byte) error {
+	_, err := db.ExecContext(ctx, `INSERT INTO meta (key, value) VALUES ('check', ?), ('id-hash-key', ?)`,
+		kek.Seal(nil, []byte("kuma keyvault"), checkAAD), kek.Seal(nil, idKey, idKeyAAD))
+	return err
 }
 
 // migratePseudonyms gives keys created before pseudonyms their id hash, so

@@ -54,7 +54,9 @@ type Service struct {
 	// feedSlots bounds the feed requests served at once (feed.go): each
 	// holds a goroutine while it waits for new events.
 	feedSlots chan struct{}
-	bg        sync.WaitGroup // file checks and corrupt shards stopping; Stop waits
+	// backupSlots lets one backup copy (backup.go) run at a time.
+	backupSlots chan struct{}
+	bg          sync.WaitGroup // file checks and corrupt shards stopping; Stop waits
 }
 
 // New builds a shardnode that talks over nc. It does no I/O.
@@ -71,7 +73,8 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	// Start fills in the shard counts of this copy, not the caller's.
 	cfg.Contexts = slices.Clone(cfg.Contexts)
 	s := &Service{cfg: cfg, nc: nc, tracer: tracer, hooked: hooked, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer),
-		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1), feedSlots: make(chan struct{}, maxFeedRequests)}
+		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1), feedSlots: make(chan struct{}, maxFeedRequests),
+		backupSlots: make(chan struct{}, 1)}
 	reg := cfg.Registerer
 	if reg == nil {
 		reg = prometheus.NewRegistry() // counted, just not exported

@@ -134,6 +134,10 @@ func (sh *shard) onMsg(msg *nats.Msg) {
 		}
 		return
 	}
+	if msg.Subject == kuma.ShardBackupSubject(sh.cc.Name, sh.n) {
+		go sh.serveBackup(msg)
+		return
+	}
 	op, entity, ok := kuma.ParseShardSubject(msg.Subject)
 	if !ok {
 		sh.replyError(msg, kuma.Errorf(kuma.CodeNotFound, "unknown subject %q", msg.Subject))
