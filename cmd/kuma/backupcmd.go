@@ -75,9 +75,9 @@ Needs the NATS user ops (deployments/nats/kuma.conf).
 const restoreHelp = `Usage: kuma restore --from BACKUP --data DIR [--master-key-file F] [--tombstones FILE]
 
 Restores a backup offline into DIR, which must be new or empty; then run
-kuma up --data DIR --shards N with the same master key. Every checksum and
-the master key are checked before anything is written; on any failure DIR
-is left empty.
+kuma up --data DIR with the same master key (the shard count is the
+backup's, from DIR). Every checksum and the master key are checked before
+anything is written; on any failure DIR is left empty.
 
 Tombstones win: entities forgotten after the backup are forgotten again if
 you give the live keyvault's tombstones, exported with
@@ -312,8 +312,12 @@ func cmdRestore(ctx context.Context, args []string, stdout, stderr io.Writer, ge
 		clearDir(*dataDir)
 		return fmt.Errorf("%w; %s was left empty", err, *dataDir)
 	}
-	fmt.Fprintf(stdout, "restored backup %s (context %q, %d shards, taken %s) into %s; start it with: kuma up --data %s --shards %d and the same master key\n",
-		m.ID, m.Context, m.Shards, m.StartedAt.Format(time.RFC3339), *dataDir, *dataDir, m.Shards)
+	start := "kuma up --data " + *dataDir
+	if m.Context != kuma.DefaultContext {
+		start += " --context " + m.Context
+	}
+	fmt.Fprintf(stdout, "restored backup %s (context %q, %d shards, taken %s) into %s; start it with: %s and the same master key\n",
+		m.ID, m.Context, m.Shards, m.StartedAt.Format(time.RFC3339), *dataDir, start)
 	for _, f := range m.Files {
 		if f.Path == projectionsFile {
 			fmt.Fprintf(stdout, "projection declarations (checked): %s; give it to the nodes with --projections\n", filepath.Join(*from, projectionsFile))
