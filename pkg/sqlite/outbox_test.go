@@ -99,3 +99,46 @@ func TestMarkWholeIsInspected(t *testing.T) {
 		}
 	}
 }
+
+// TestCopiesAreNotMarkedWhole: a copy of a shard file (a failover snapshot,
+// a backup) holds the writer's history only up to the moment it was made,
+// while the writer goes on writing under the same epoch. Carrying the
+// writer's whole_of mark, a copy put in place by a take that then failed
+// was trusted whole by the retake, which read nothing from the stream and
+// found the stream ahead of the file: the shard was declared corrupt
+// (TestKillEachNodeInTurn, 1 run in 7).
+func TestCopiesAreNotMarkedWhole(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(ctx, Config{Path: filepath.Join(dir, "s.db"), Context: "default", Shard: 0, Shards: 1, Epoch: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.MarkWhole(ctx); err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Backup(ctx, filepath.Join(dir, "copy.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.WholeOf != 0 || info.Epoch != 3 {
+		t.Fatalf("a copy of a file marked whole at epoch 3: %+v, want whole_of 0 (epoch 3 kept)", info)
+	}
+	if got, err := Inspect(ctx, filepath.Join(dir, "copy.db")); err != nil || got.WholeOf != 0 {
+		t.Fatalf("the copy inspected again: %+v, %v", got, err)
+	}
+	// An older copy that still carries the mark loses it.
+	if err := CopyInto(ctx, filepath.Join(dir, "s.db"), filepath.Join(dir, "old.db")); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := Inspect(ctx, filepath.Join(dir, "old.db")); got.WholeOf != 3 {
+		t.Fatalf("CopyInto alone keeps the file as it is: whole_of %d, want 3", got.WholeOf)
+	}
+	if err := UnmarkWhole(ctx, filepath.Join(dir, "old.db")); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := Inspect(ctx, filepath.Join(dir, "old.db")); got.WholeOf != 0 {
+		t.Fatalf("after UnmarkWhole: whole_of %d, want 0", got.WholeOf)
+	}
+}

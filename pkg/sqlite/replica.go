@@ -117,6 +117,23 @@ func (s *Shard) MarkWhole(ctx context.Context) error {
 	})
 }
 
+// UnmarkWhole removes the whole-history mark from a closed copy of a shard
+// file. The mark says its writer's own file holds everything written under
+// the epoch; a copy holds only what was written before it was made, and put
+// in place by a take that then failed, a copy trusted whole would make the
+// retake skip the stream's later events.
+func UnmarkWhole(ctx context.Context, path string) error {
+	db, err := sql.Open("sqlite", DSN(path, "busy_timeout(10000)"))
+	if err != nil {
+		return fmt.Errorf("sqlite: unmark %s: %w", path, err)
+	}
+	defer db.Close()
+	if _, err := db.ExecContext(ctx, `DELETE FROM meta WHERE key = 'whole_of'`); err != nil {
+		return fmt.Errorf("sqlite: unmark %s: %w", path, err)
+	}
+	return db.Close()
+}
+
 // BackupInfo describes a consistent copy of a shard file.
 type BackupInfo struct {
 	LastSeq   int64 // position of the last event in the copy
@@ -129,9 +146,14 @@ type BackupInfo struct {
 }
 
 // Backup writes a consistent copy of the shard to dst (which must not exist)
-// while the writer goes on (CopyInto).
+// while the writer goes on (CopyInto). The copy is not marked whole: the
+// writer goes on writing under its epoch after the copy is made.
 func (s *Shard) Backup(ctx context.Context, dst string) (BackupInfo, error) {
 	if err := CopyInto(ctx, s.cfg.Path, dst); err != nil {
+		return BackupInfo{}, err
+	}
+	if err := UnmarkWhole(ctx, dst); err != nil {
+		_ = os.Remove(dst)
 		return BackupInfo{}, err
 	}
 	info, err := Inspect(ctx, dst)

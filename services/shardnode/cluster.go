@@ -703,6 +703,13 @@ func (s *Service) chooseBase(ctx context.Context, cc *ContextConfig, n int, path
 				_ = os.Remove(tmp)
 				return baseChoice{}, fmt.Errorf("shardnode: the uploaded snapshot of shard %d is damaged: %w", n, err)
 			}
+			// A snapshot uploaded before copies lost the mark still
+			// carries its writer's: in place, after a take that fails,
+			// it would be trusted whole (sqlite.UnmarkWhole).
+			if err := sqlite.UnmarkWhole(ctx, tmp); err != nil {
+				_ = os.Remove(tmp)
+				return baseChoice{}, err
+			}
 			for _, suffix := range []string{"-wal", "-shm", ""} {
 				if err := os.Remove(path + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
 					return baseChoice{}, err
