@@ -141,7 +141,7 @@ func TestBackupUnderLoadRestoreAndForgetAgain(t *testing.T) {
 
 	// A flipped byte: refused naming the file.
 	damaged := filepath.Join(t.TempDir(), "damaged")
-	copyTree(t, dir, damaged)
+	kumatest.CopyDir(t, dir, damaged)
 	victim := filepath.Join(damaged, shardFile(kuma.DefaultContext, 1))
 	b := mustRead(t, victim)
 	b[len(b)/2] ^= 0x40
@@ -336,23 +336,6 @@ func shardFiles(data string) []string {
 		out = append(out, filepath.Join(data, shardFile(kuma.DefaultContext, n)))
 	}
 	return out
-}
-
-func copyTree(t *testing.T, from, to string) {
-	t.Helper()
-	err := filepath.Walk(from, func(p string, info os.FileInfo, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(from, p)
-		if info.IsDir() {
-			return os.MkdirAll(filepath.Join(to, rel), 0o700)
-		}
-		return copyPrivate(p, filepath.Join(to, rel))
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 }
 
 func encodeKey(key []byte) string { return base64.StdEncoding.EncodeToString(key) }

@@ -235,27 +235,6 @@ func openShardFile(t *testing.T, n *kumatest.Node, shard int) *sql.DB {
 	return db
 }
 
-func copyDir(t *testing.T, from, to string) {
-	t.Helper()
-	err := filepath.WalkDir(from, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(from, path)
-		if d.IsDir() {
-			return os.MkdirAll(filepath.Join(to, rel), 0o700)
-		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		return os.WriteFile(filepath.Join(to, rel), b, 0o600)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestYesterdaysCopyCannotOpenForgottenEntity copies the shard files, then
 // forgets one entity; a node started on the copies with the live keyvault
 // cannot open that entity's events, and opens every other entity.
@@ -272,8 +251,8 @@ func TestYesterdaysCopyCannotOpenForgottenEntity(t *testing.T) {
 	n.Stop()
 	// Yesterday's copy: the shard files and the JetStream store.
 	backup := t.TempDir()
-	copyDir(t, filepath.Join(n.Cfg.DataDir, "default"), filepath.Join(backup, "default"))
-	copyDir(t, filepath.Join(n.Cfg.DataDir, "nats"), filepath.Join(backup, "nats"))
+	kumatest.CopyDir(t, filepath.Join(n.Cfg.DataDir, "default"), filepath.Join(backup, "default"))
+	kumatest.CopyDir(t, filepath.Join(n.Cfg.DataDir, "nats"), filepath.Join(backup, "nats"))
 
 	n.Restart()
 	c = n.Client(client.Options{})
@@ -282,7 +261,7 @@ func TestYesterdaysCopyCannotOpenForgottenEntity(t *testing.T) {
 	}
 	n.Stop()
 	// Yesterday's shard files beside today's (live) keyvault.
-	copyDir(t, filepath.Join(n.Cfg.DataDir, "keyvault"), filepath.Join(backup, "keyvault"))
+	kumatest.CopyDir(t, filepath.Join(n.Cfg.DataDir, "keyvault"), filepath.Join(backup, "keyvault"))
 	if hits := filesContaining(t, backup, marker); len(hits) > 0 {
 		t.Fatalf("the copy holds the marker in the clear: %v", hits)
 	}

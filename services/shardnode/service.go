@@ -131,10 +131,7 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	for i := range s.cfg.Contexts {
 		cc := &s.cfg.Contexts[i]
-		err := s.resolveShards(ctx, store, cc)
-		if err == nil {
-			err = s.checkContextDir(cc)
-		}
+		err := s.checkContextDir(ctx, store, cc)
 		if err == nil {
 			err = natsbus.RetryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
 				return store.AgreeShards(ctx, cc.Name, cc.Shards)
@@ -180,48 +177,26 @@ func (s *Service) Start(ctx context.Context) error {
 	return nil
 }
 
-// resolveShards fills in a context's shard count when none was given: the
-// count its data dir was created with, else the one the cluster recorded
-// (a node joining a cluster that serves the context), else DefaultShards
-// for a new context. So a default can change without refusing the data
-// dirs and clusters made under the old one.
-func (s *Service) resolveShards(ctx context.Context, store *cluster.Store, cc *ContextConfig) error {
-	if cc.Shards != 0 {
-		return nil
-	}
-	path := filepath.Join(contextDir(s.cfg.DataDir, cc.Name), "context.json")
-	b, err := os.ReadFile(path)
-	switch {
-	case err == nil:
-		meta, err := decodeMeta(b)
-		if err != nil {
-			return fmt.Errorf("shardnode: %s is not valid JSON: %w", path, err)
-		}
-		if err := ValidateShards(meta.Shards); err != nil {
-			return fmt.Errorf("shardnode: %s: %w", path, err)
-		}
-		cc.Shards = meta.Shards
-		return nil
-	case !errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("shardnode: read %s: %w", path, err)
-	}
+// shardCountOf is the count of a context with no data dir here yet: the
+// one the cluster recorded (a node joining a cluster that serves it), else
+// DefaultShards for a new context.
+func (s *Service) shardCountOf(ctx context.Context, store *cluster.Store, kctx string) (int, error) {
 	var n int
 	var ok bool
-	err = natsbus.RetryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
-		n, ok, err = store.ShardCount(ctx, cc.Name)
+	err := natsbus.RetryJetStream(ctx, s.cfg.Logger, func(ctx context.Context) error {
+		var err error
+		n, ok, err = store.ShardCount(ctx, kctx)
 		return err
 	})
 	switch {
 	case err != nil:
-		return fmt.Errorf("shardnode: the shard count of context %q: %w", cc.Name, err)
+		return 0, fmt.Errorf("shardnode: the shard count of context %q: %w", kctx, err)
 	case ok:
-		cc.Shards = n
-		s.cfg.Logger.Info("shard count taken from the cluster", "context", cc.Name, "shards", n)
-	default:
-		cc.Shards = DefaultShards
-		s.cfg.Logger.Info("new context", "context", cc.Name, "shards", cc.Shards)
+		s.cfg.Logger.Info("shard count taken from the cluster", "context", kctx, "shards", n)
+		return n, nil
 	}
-	return nil
+	s.cfg.Logger.Info("new context", "context", kctx, "shards", DefaultShards)
+	return DefaultShards, nil
 }
 
 // Shards is the shard count of context kctx (0 if it is not served here),
@@ -236,8 +211,11 @@ func (s *Service) Shards(kctx string) int {
 }
 
 // checkContextDir creates <data>/<ctx>/context.json on first start and
-// refuses a different shard count afterwards.
-func (s *Service) checkContextDir(cc *ContextConfig) error {
+// refuses a different shard count afterwards. A context given no count
+// (0) takes the file's, or on first start the cluster's or the default
+// (shardCountOf): so a default can change without refusing the data dirs
+// and clusters made under the old one.
+func (s *Service) checkContextDir(ctx context.Context, store *cluster.Store, cc *ContextConfig) error {
 	dir := contextDir(s.cfg.DataDir, cc.Name)
 	if err := sqlite.PrepareDir(dir); err != nil {
 		return fmt.Errorf("shardnode: %w", err)
@@ -249,6 +227,11 @@ func (s *Service) checkContextDir(cc *ContextConfig) error {
 	b, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
+		if cc.Shards == 0 {
+			if cc.Shards, err = s.shardCountOf(ctx, store, cc.Name); err != nil {
+				return err
+			}
+		}
 		meta := contextMeta{Context: cc.Name, Shards: cc.Shards, CreatedAt: s.cfg.Now().UTC()}
 		b, _ := json.MarshalIndent(meta, "", "  ")
 		return writeFileSync(path, append(b, '\n'))
@@ -258,6 +241,12 @@ func (s *Service) checkContextDir(cc *ContextConfig) error {
 	meta, err := decodeMeta(b)
 	if err != nil {
 		return fmt.Errorf("shardnode: %s is not valid JSON: %w", path, err)
+	}
+	if cc.Shards == 0 {
+		if err := ValidateShards(meta.Shards); err != nil {
+			return fmt.Errorf("shardnode: %s: %w", path, err)
+		}
+		cc.Shards = meta.Shards
 	}
 	if meta.Shards != cc.Shards {
 		return fmt.Errorf("shardnode: context %q in %s was created with %d shards, not %d; "+
