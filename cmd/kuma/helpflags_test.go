@@ -14,10 +14,10 @@ import (
 var (
 	upFlagsBefore = strings.Fields(`cluster-advertise cluster-listen cluster-name console-listen context data
 		durability idle-timeout insecure join keyvault log-format log-level master-key-file max-actors max-payload
-		metrics-listen nats-listen node pprof projections shards snapshot-every sync trace-stdout`)
+		memory-limit-ratio metrics-listen nats-listen node pprof projections shards snapshot-every sync trace-stdout`)
 	serveFlagsBefore = strings.Fields(`cluster-advertise cluster-listen cluster-name console-listen context data
 		durability idle-timeout insecure join log-format log-level master-key-file max-actors max-payload
-		metrics-listen nats-creds nats-inbox-prefix nats-listen nats-nkey nats-password nats-tls-ca nats-tls-cert
+		memory-limit-ratio metrics-listen nats-creds nats-inbox-prefix nats-listen nats-nkey nats-password nats-tls-ca nats-tls-cert
 		nats-tls-key nats-url nats-user node pprof projections shards snapshot-every sync target trace-stdout`)
 )
 

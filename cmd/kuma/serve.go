@@ -15,17 +15,25 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/KimMachineGun/automemlimit/memlimit"
 	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/telemetry"
 )
 
-// logFlags registers the flags of the process's log, which kuma up and kuma
-// serve share; the rest of their flags are the app's (app.Config's
-// RegisterUpFlags and RegisterServeFlags).
-func logFlags(fs *flag.FlagSet, logLevel, logFormat *string) {
-	fs.StringVar(logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.StringVar(logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
+// processFlags are the flags of the process itself, which kuma up and kuma
+// serve share: its log and its memory limit. The rest of their flags are the
+// app's (app.Config's RegisterUpFlags and RegisterServeFlags).
+type processFlags struct {
+	logLevel, logFormat string
+	memoryLimitRatio    float64
+}
+
+func (p *processFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&p.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&p.logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
+	fs.Float64Var(&p.memoryLimitRatio, "memory-limit-ratio", defaultMemoryLimitRatio,
+		"share of the container's (cgroup's) memory limit that Go's heap may fill before the collector works harder (sets GOMEMLIMIT; 0: off; a GOMEMLIMIT in the environment wins)")
 }
 
 // secretsAndHooks fills what comes only from the environment: the master key
@@ -130,9 +138,9 @@ func isTerminal(w io.Writer) bool {
 func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet("up", stderr)
 	var cfg app.Config
-	var logLevel, logFormat string
+	var pf processFlags
 	cfg.RegisterUpFlags(fs)
-	logFlags(fs, &logLevel, &logFormat)
+	pf.register(fs)
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
@@ -152,15 +160,15 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, logLevel, logFormat, stderr)
+	return serve(ctx, cfg, pf, stderr)
 }
 
 func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
 	fs := newFlagSet("serve", stderr)
 	var cfg app.Config
-	var logLevel, logFormat string
+	var pf processFlags
 	cfg.RegisterServeFlags(fs)
-	logFlags(fs, &logLevel, &logFormat)
+	pf.register(fs)
 	if _, err := parse(fs, args, getenv); err != nil {
 		return helpOK(err)
 	}
@@ -170,7 +178,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, logLevel, logFormat, stderr)
+	return serve(ctx, cfg, pf, stderr)
 }
 
 func helpOK(err error) error {
@@ -182,9 +190,12 @@ func helpOK(err error) error {
 
 // serve runs an App until SIGINT or SIGTERM, then stops it: routers stop
 // taking requests, shards finish in-flight commits and close their files.
-func serve(ctx context.Context, cfg app.Config, logLevel, logFormat string, stderr io.Writer) error {
-	log, err := newLogger(stderr, logLevel, logFormat)
+func serve(ctx context.Context, cfg app.Config, pf processFlags, stderr io.Writer) error {
+	log, err := newLogger(stderr, pf.logLevel, pf.logFormat)
 	if err != nil {
+		return err
+	}
+	if err := applyMemoryLimit(ctx, pf.memoryLimitRatio, memlimit.FromCgroup, log); err != nil {
 		return err
 	}
 	cfg.Shardnode.Synchronous = strings.ToUpper(cfg.Shardnode.Synchronous)

@@ -11,8 +11,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -44,10 +46,11 @@ func TestImageRunsKuma(t *testing.T) {
 		t.Fatalf("image runs as %q, want the non-root 65532:65532", user)
 	}
 
-	run := func() (natsURL, httpURL string) {
+	run := func(opts ...string) (natsURL, httpURL string) {
 		t.Helper()
-		docker(t, "run", "-d", "--name", name, "-v", volume+":/data",
-			"-p", "127.0.0.1::4222", "-p", "127.0.0.1::9464", tag)
+		args := append([]string{"run", "-d", "--name", name, "-v", volume + ":/data",
+			"-p", "127.0.0.1::4222", "-p", "127.0.0.1::9464"}, opts...)
+		docker(t, append(args, tag)...)
 		natsURL = "nats://" + docker(t, "port", name, "4222/tcp")
 		httpURL = "http://" + docker(t, "port", name, "9464/tcp")
 		deadline := time.Now().Add(60 * time.Second)
@@ -100,11 +103,42 @@ func TestImageRunsKuma(t *testing.T) {
 	}
 	t.Logf("stopped cleanly in %s", time.Since(start).Round(time.Millisecond))
 	docker(t, "rm", name)
-	natsURL, _ = run()
+	// Restarted with a memory limit, Go's own limit follows it: 0.9 of it
+	// (--memory-limit-ratio's default), read from the container's cgroup.
+	natsURL, httpURL := run("--memory", "512m")
+	container := uint64(512 << 20)
+	if got, want := metric(t, httpURL, "go_gc_gomemlimit_bytes"), float64(uint64(float64(container)*0.9)); got != want {
+		t.Fatalf("go_gc_gomemlimit_bytes %.0f in a container of 512 MiB, want %.0f\n%s", got, want, docker(t, "logs", name))
+	}
 	withClient(func(c *client.Client) {
 		r, err := c.Read(ctx, "boxed")
 		if err != nil || r.Version != 10 || string(r.State) != `{"i":9}` {
 			t.Fatalf("after a restart on the volume: %+v, %v", r, err)
 		}
 	})
+}
+
+// metric reads one unlabelled gauge from the node's /metrics.
+func metric(t *testing.T, httpURL, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(httpURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("no %s in /metrics", name)
+	return 0
 }
