@@ -127,6 +127,11 @@ type Member struct {
 	// a shard of a context it does not serve (nobody would ever own it).
 	// Empty: every context (a node from before this field).
 	Contexts []string `json:"contexts,omitempty"`
+	// Refuses names the shards (ShardName) the node will not serve: their
+	// files are damaged there, so placement gives them to another member
+	// until an operator restores the file and restarts the node. Without
+	// it the shard's place stayed on the damaged node and nobody served it.
+	Refuses []string `json:"refuses,omitempty"`
 	// Seen is the server's time of the last heartbeat (not stored).
 	Seen time.Time `json:"-"`
 }
@@ -135,6 +140,14 @@ type Member struct {
 func (m Member) Serves(kctx string) bool {
 	return len(m.Contexts) == 0 || slices.Contains(m.Contexts, kctx)
 }
+
+// Refused reports whether the member will not serve shard n of kctx.
+func (m Member) Refused(kctx string, n int) bool {
+	return slices.Contains(m.Refuses, ShardName(kctx, n))
+}
+
+// ShardName names shard n of kctx in member records: "<ctx>/<n>".
+func ShardName(kctx string, n int) string { return kctx + "/" + strconv.Itoa(n) }
 
 // ServingMembers returns the members that serve kctx.
 func ServingMembers(members []Member, kctx string) []Member {
@@ -601,12 +614,12 @@ func (s *Store) write(ctx context.Context, l Lease, prev *Lease) (Lease, error) 
 }
 
 // Desired is where a shard should live: its pin when the pinned node is a
-// live, non-draining member, else the member with the highest rendezvous
-// score. "" when there is no candidate.
+// live, non-draining member that does not refuse the shard, else such a
+// member with the highest rendezvous score. "" when there is no candidate.
 func (s *Store) Desired(kctx string, shard int, members []Member) string {
 	names := make([]string, 0, len(members))
 	for _, m := range members {
-		if !m.Draining && m.Serves(kctx) {
+		if !m.Draining && m.Serves(kctx) && !m.Refused(kctx, shard) {
 			names = append(names, m.Node)
 		}
 	}

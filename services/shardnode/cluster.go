@@ -152,7 +152,7 @@ func (o *owner) heartbeat(ctx context.Context) error {
 	o.mu.Lock()
 	draining := o.draining
 	o.mu.Unlock()
-	return o.store.Heartbeat(ctx, cluster.Member{Started: o.s.started, Draining: draining, Contexts: o.contexts()})
+	return o.store.Heartbeat(ctx, cluster.Member{Started: o.s.started, Draining: draining, Contexts: o.contexts(), Refuses: o.s.refusedShards()})
 }
 
 // contexts names the contexts this node serves, for its member record.
@@ -172,12 +172,14 @@ func (o *owner) members() []cluster.Member {
 			o.mu.Lock()
 			ms[i].Draining = o.draining
 			o.mu.Unlock()
+			ms[i].Refuses = o.s.refusedShards()
 			return ms
 		}
 	}
+	refuses := o.s.refusedShards()
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return append(ms, cluster.Member{Node: o.s.cfg.NodeName, Draining: o.draining, Contexts: o.contexts()})
+	return append(ms, cluster.Member{Node: o.s.cfg.NodeName, Draining: o.draining, Contexts: o.contexts(), Refuses: refuses})
 }
 
 // stopping reports whether Stop has begun (o.stop is closed).
@@ -254,10 +256,16 @@ func (o *owner) reconcile(ctx context.Context, sync bool) {
 				o.snapshotIfDue(sh)
 				continue
 			}
-			if o.s.isCorrupt(k) {
-				continue // out of service until an operator restores it (corrupt.go)
-			}
 			lease, ok := o.store.Lease(cc.Name, n)
+			if o.s.isCorrupt(k) {
+				// Out of service here until an operator restores it
+				// (corrupt.go); placement gives it to another member, and
+				// once one serves it this node stops answering for it.
+				if ok && lease.Owner != "" && lease.Owner != me {
+					o.s.quietCorrupt(k)
+				}
+				continue
+			}
 			want := o.store.Desired(cc.Name, n, members)
 			var prev *cluster.Lease
 			switch {

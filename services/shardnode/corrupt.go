@@ -2,9 +2,11 @@ package shardnode
 
 import (
 	"context"
+	"slices"
 	"strconv"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
@@ -38,6 +40,51 @@ type corruptShard struct {
 // It names the shard, never the file or the SQLite error.
 func corruptError(kctx string, n int) error {
 	return kuma.Errorf(kuma.CodeInternal, "shard %d of %q is corrupt; the operator must restore it", n, kctx)
+}
+
+// movingOffCorruptError is the reply for a corrupt shard while another
+// member can take it: clients retry unavailable by themselves, and the
+// shard is served again once that member has taken it.
+func movingOffCorruptError(kctx string, n int) error {
+	return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q is moving off a node whose copy is damaged; retry", n, kctx)
+}
+
+// corruptAnswer is what this node answers for a shard it holds as corrupt:
+// unavailable while placement has another member for it (it is being taken
+// there), internal when none is left to take it.
+func (s *Service) corruptAnswer(kctx string, n int) error {
+	if o := s.owner; o != nil {
+		if want := o.store.Desired(kctx, n, o.members()); want != "" && want != s.cfg.NodeName {
+			return movingOffCorruptError(kctx, n)
+		}
+	}
+	return corruptError(kctx, n)
+}
+
+// refusedShards names the shards this node holds as corrupt, for its member
+// record: placement gives them to other members (cluster.Member.Refuses).
+func (s *Service) refusedShards() []string {
+	s.corruptMu.Lock()
+	defer s.corruptMu.Unlock()
+	var out []string
+	for k := range s.corrupt {
+		out = append(out, cluster.ShardName(k.ctx, k.n))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// quietCorrupt stops answering for corrupt shard k: another node serves it
+// now, and an answer from here would fail the requests that share its
+// queue group with the new owner's. The shard stays refused.
+func (s *Service) quietCorrupt(k shardKey) {
+	s.corruptMu.Lock()
+	defer s.corruptMu.Unlock()
+	if c := s.corrupt[k]; c != nil && c.sub != nil {
+		_ = c.sub.Drain()
+		c.sub = nil
+		s.cfg.Logger.Info("another node serves the corrupt shard now; this node stops answering for it", "context", k.ctx, "shard", k.n)
+	}
 }
 
 // diskFullError is the reply to a write the disk had no room for.
@@ -97,8 +144,9 @@ func (s *Service) shardCorrupt(kctx string, n int, cause error) {
 		if !ok || !knownOp(op) {
 			op = "unknown"
 		}
-		s.metrics.requests.WithLabelValues(op, string(kuma.CodeInternal)).Inc()
-		_ = natsbus.RespondError(nc, m, corruptError(kctx, n))
+		answer := s.corruptAnswer(kctx, n)
+		s.metrics.requests.WithLabelValues(op, string(kuma.ErrorCode(answer))).Inc()
+		_ = natsbus.RespondError(nc, m, answer)
 	})
 	if err != nil {
 		s.cfg.Logger.Warn("could not answer the corrupt shard's requests; they find no responder instead", "context", kctx, "shard", n, "err", err)
