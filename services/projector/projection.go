@@ -12,8 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	wmjs "github.com/ThreeDotsLabs/watermill-nats/v2/pkg/jetstream"
-	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/projection"
 	"github.com/kumadb/kuma/pkg/telemetry"
@@ -40,8 +38,58 @@ type projectionRT struct {
 	newModel func(spec string) (model, error)
 }
 
-// generation is one copy of a read model with the Watermill handler and
-// durable consumer that feed it.
+// streamMessage is one delivery of the event stream to a generation.
+type streamMessage struct {
+	ctx     context.Context // the delivery's: ends with its ack or nack
+	seq     uint64          // the stream sequence, if hasSeq
+	hasSeq  bool            // false if the delivery's metadata was unreadable
+	subject string
+	// header has the message's headers (the first value of each), keyed
+	// as they came; other keys the feed uses may sit beside them.
+	header  map[string]string
+	payload []byte
+}
+
+// errGiveBack, returned by a feed's handler, hands the message back to be
+// delivered again after the nack delay, with nothing logged.
+var errGiveBack = errors.New("projector: message handed back")
+
+// subscription is what a feed's subscribe needs.
+type subscription struct {
+	// consumer makes the subscription's durable consumer (ensureConsumer).
+	consumer func(ctx context.Context) (jetstream.Consumer, error)
+	topic    string
+	// handle applies one message: nil acks it; errGiveBack nacks it
+	// quietly; any other error nacks it, after the retries retryable
+	// allows, with the nack backoff.
+	handle func(*streamMessage) error
+	// onError hears the consumer's errors (a deleted durable, missed
+	// heartbeats, failed pulls).
+	onError func(error)
+}
+
+// feed brings a generation its stream messages: one durable consumer at a
+// time, one message in flight, in stream order. The Watermill adapter
+// (watermill.go) is the one implementation; subscribe, retirer and stop are
+// called one at a time.
+type feed interface {
+	// subscribe starts a new subscription; the one before it, if any,
+	// keeps its handler until its retirer is called.
+	subscribe(ctx context.Context, s subscription) error
+	// retirer returns what stops the current subscription and closes its
+	// connection, to be called once a successor runs.
+	retirer() func(ctx context.Context) error
+	// closeGate waits for the current subscription's delivery in flight
+	// and hands every later one back.
+	closeGate()
+	// gate is the current subscription's gate, nil before the first.
+	gate() *gate
+	// stop closes the gate and retires the current subscription.
+	stop(ctx context.Context) error
+}
+
+// generation is one copy of a read model with the feed and durable
+// consumer that feed it.
 type generation struct {
 	p        *projectionRT
 	gen      int64
@@ -50,10 +98,7 @@ type generation struct {
 	consumer string // the current durable (guarded by mu)
 	spec     string
 
-	handler *message.Handler
-	sub     *wmjs.Subscriber
-	nc      *nats.Conn
-	gate    *gate // of the current subscription
+	feed    feed
 	resubMu sync.Mutex
 
 	started time.Time
@@ -83,7 +128,7 @@ func (p *projectionRT) open(ctx context.Context, gen int64, spec string) (*gener
 		return nil, err
 	}
 	g := &generation{p: p, gen: gen, rm: rm, spec: spec, started: p.svc.cfg.Now(),
-		prefix: consumerPrefix(p.svc.cfg.NodeName, p.svc.cfg.Context, p.name, gen)}
+		prefix: consumerPrefix(p.svc.cfg.NodeName, p.svc.cfg.Context, p.name, gen), feed: p.svc.router.newFeed()}
 	if err := g.run(ctx); err != nil {
 		rm.close()
 		return nil, err
@@ -91,60 +136,21 @@ func (p *projectionRT) open(ctx context.Context, gen int64, spec string) (*gener
 	return g, nil
 }
 
-// run subscribes the generation through its own Watermill subscriber (and
-// NATS connection: closing a subscriber drains its connection) and adds its
-// handler to the service's router.
+// run subscribes the generation: a durable consumer at the read model's
+// position, and a subscription of the feed over it.
 func (g *generation) run(ctx context.Context) error {
 	svc := g.p.svc
-	nc, err := svc.cfg.Dial()
-	if err != nil {
-		return fmt.Errorf("projector: connect: %w", err)
-	}
-	cons, err := g.ensureConsumer(ctx, svc.cfg.AckWait+5*time.Second)
-	if err != nil {
-		nc.Close()
-		return err
-	}
-	gt := newGate(time.Now())
-	g.mu.Lock()
-	g.gate = gt
-	g.mu.Unlock()
-	sub, err := wmjs.NewSubscriber(wmjs.SubscriberConfig{
-		Conn:                nc,
-		Logger:              svc.wlog,
-		AckWaitTimeout:      svc.cfg.AckWait,
-		ResourceInitializer: resources(cons, gt),
-		NakDelay:            backoff{max: svc.cfg.StoppedRetryEvery},
-		Unmarshaler:         unmarshaler{},
-		// A lost ack only means a redelivery, which the read model's
-		// positions recognise; waiting for the server to confirm each ack
-		// would cost a round trip per message.
-		AckAsync: true,
+	return g.feed.subscribe(ctx, subscription{
+		consumer: func(ctx context.Context) (jetstream.Consumer, error) {
+			return g.ensureConsumer(ctx, svc.cfg.AckWait+5*time.Second)
+		},
+		topic:  kuma.EventsWildcard(svc.cfg.Context),
+		handle: g.handle,
 		// A deleted durable shows as ErrConsumerDeleted, or as missed
 		// heartbeats and failed pulls: on any error, look whether it is
 		// still there.
-		ConsumeOptions: []jetstream.PullConsumeOpt{jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-			go g.checkConsumer(err)
-		})},
+		onError: func(err error) { go g.checkConsumer(err) },
 	})
-	if err != nil {
-		nc.Close()
-		return err
-	}
-	svc.routerMu.Lock()
-	defer svc.routerMu.Unlock()
-	if svc.stopping {
-		_ = sub.Close()
-		return errStopping
-	}
-	g.nc, g.sub = nc, sub
-	g.handler = svc.router.AddNoPublisherHandler(g.currentConsumer(), kuma.EventsWildcard(svc.cfg.Context), sub, g.handle)
-	// The handler lives as long as the router's run, not the caller's ctx.
-	if err := svc.router.RunHandlers(svc.runCtx); err != nil {
-		sub.Close()
-		return err
-	}
-	return nil
 }
 
 // checkConsumer resubscribes when the generation's durable is gone.
@@ -182,9 +188,7 @@ func (g *generation) currentConsumer() string {
 // cluster dies): the message would come again only after the ack wait
 // (35 s), and queries with after on this replica would time out until then.
 func (g *generation) stalled(stallAfter time.Duration) bool {
-	g.mu.Lock()
-	gt := g.gate
-	g.mu.Unlock()
+	gt := g.feed.gate()
 	if gt == nil || gt.idleFor(time.Now()) < stallAfter {
 		return false
 	}
@@ -241,11 +245,11 @@ func (g *generation) replace(stall bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// The new subscription runs before the old handler stops: a Watermill
-	// router whose handlers have all stopped closes for good. The old one
-	// delivers nothing meanwhile (its gate is closed).
-	g.closeGate()
-	oldHandler, oldSub := g.handler, g.sub
+	// The new subscription runs before the old one stops (watermill.go,
+	// workaround 5). The old one delivers nothing meanwhile (its gate is
+	// closed).
+	g.feed.closeGate()
+	retire := g.feed.retirer()
 	if g.p.svc.runCtx.Err() != nil {
 		return // the service is stopping
 	}
@@ -256,25 +260,7 @@ func (g *generation) replace(stall bool) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	stopHandler(ctx, oldHandler)
-	if oldSub != nil {
-		_ = oldSub.Close()
-	}
-}
-
-func stopHandler(ctx context.Context, h *message.Handler) {
-	if h == nil {
-		return
-	}
-	select {
-	case <-h.Started():
-		h.Stop()
-		select {
-		case <-h.Stopped():
-		case <-ctx.Done():
-		}
-	default:
-	}
+	_ = retire(ctx)
 }
 
 // stop ends the generation's consumption (the durable stays unless drop).
@@ -284,12 +270,7 @@ func (g *generation) stop(ctx context.Context, drop bool) error {
 	g.mu.Unlock()
 	g.resubMu.Lock() // no resubscription under way or to come
 	defer g.resubMu.Unlock()
-	g.closeGate()
-	stopHandler(ctx, g.handler)
-	var err error
-	if g.sub != nil {
-		err = g.sub.Close()
-	}
+	err := g.feed.stop(ctx)
 	if drop {
 		if s, serr := g.p.svc.stream(ctx); serr == nil {
 			_ = deleteConsumers(ctx, s, g.prefix)
@@ -299,11 +280,11 @@ func (g *generation) stop(ctx context.Context, drop bool) error {
 	return errors.Join(err, g.rm.close())
 }
 
-// handle is the Watermill handler: one stream message, applied in one
+// handle is the feed's handler: one stream message, applied in one
 // transaction with the positions it reaches.
-func (g *generation) handle(msg *message.Message) error {
+func (g *generation) handle(msg *streamMessage) error {
 	svc := g.p.svc
-	ctx := telemetry.Extract(msg.Context(), metadataCarrier(msg.Metadata))
+	ctx := telemetry.Extract(msg.ctx, traceHeader(msg.header))
 	ctx, span := svc.tracer.Start(ctx, "kuma.projector apply", trace.WithSpanKind(trace.SpanKindConsumer),
 		trace.WithAttributes(attribute.String("kuma.projection", g.p.name), attribute.Int64("kuma.generation", g.gen)))
 	defer span.End()
@@ -317,10 +298,9 @@ func (g *generation) handle(msg *message.Message) error {
 	if g.stopped && !g.retry && g.skip == "" {
 		g.mu.Unlock()
 		// Stopped: give the message back (redelivered after the nack
-		// delay) without an error, which Watermill would log each time;
+		// delay) without an error, which would be logged each time;
 		// status shows why.
-		msg.Nack()
-		return nil
+		return errGiveBack
 	}
 	if g.skip != "" {
 		b.skip = map[string]skipNote{g.skip: g.skipNote}
@@ -385,23 +365,23 @@ func (g *generation) fail(err error) {
 // decode reads a stream message into a batch, opening every payload. An
 // event of a forgotten entity is left out: its key is gone, and its notice
 // (or an earlier one) removes whatever the read model held of it.
-func (g *generation) decode(ctx context.Context, msg *message.Message) (*batch, error) {
+func (g *generation) decode(ctx context.Context, msg *streamMessage) (*batch, error) {
 	svc := g.p.svc
-	seq, err := strconv.ParseUint(msg.Metadata.Get(metaStreamSeq), 10, 64)
-	if err != nil {
+	if !msg.hasSeq {
 		return nil, fmt.Errorf("projector: message without a stream sequence")
 	}
+	seq := msg.seq
 	b := &batch{streamSeq: seq}
-	if strings.HasSuffix(msg.Metadata.Get(metaSubject), ".forgotten") {
+	if strings.HasSuffix(msg.subject, ".forgotten") {
 		var n kuma.ForgottenNotice
-		if err := json.Unmarshal(msg.Payload, &n); err != nil || (n.Entity == "") == (n.Pseudonym == "") {
+		if err := json.Unmarshal(msg.payload, &n); err != nil || (n.Entity == "") == (n.Pseudonym == "") {
 			return nil, fmt.Errorf("projector: malformed forget notice at stream sequence %d", seq)
 		}
 		b.shard = n.Shard
 		return b, g.confirmForget(ctx, b, n)
 	}
 	var sm kuma.StreamMessage
-	err = kuma.DecodeStreamMessage(msg.Payload, &sm)
+	err := kuma.DecodeStreamMessage(msg.payload, &sm)
 	if err != nil {
 		err = &rejectError{streamSeq: seq, reason: "its body is not a stream message: " + err.Error()}
 	} else {
@@ -722,11 +702,15 @@ func (g *generation) ended() bool {
 }
 
 // closeGate waits for the delivery in flight and lets no other through.
-func (g *generation) closeGate() {
-	g.mu.Lock()
-	gt := g.gate
-	g.mu.Unlock()
-	if gt != nil {
-		gt.close()
+func (g *generation) closeGate() { g.feed.closeGate() }
+
+// traceHeader exposes a message's trace headers to the propagator.
+func traceHeader(h map[string]string) nats.Header {
+	out := nats.Header{}
+	for k, v := range h {
+		if strings.EqualFold(k, "traceparent") || strings.EqualFold(k, "tracestate") {
+			out[strings.ToLower(k)] = []string{v}
+		}
 	}
+	return out
 }

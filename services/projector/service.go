@@ -21,9 +21,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
-	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/kuma"
@@ -172,7 +169,6 @@ type Service struct {
 	nc      *nats.Conn
 	dir     string
 	log     *slog.Logger
-	wlog    watermill.LoggerAdapter
 	tracer  trace.Tracer
 	keys    *keycache.Cache
 	metrics *metrics
@@ -180,7 +176,7 @@ type Service struct {
 	maxReply int
 
 	specs   map[string]*projection.Compiled
-	router  *message.Router
+	router  *wmRouter
 	catalog *catalog
 	micro   *natsbus.Service
 	shreds  *nats.Subscription
@@ -191,17 +187,7 @@ type Service struct {
 	mu    sync.Mutex
 	projs map[string]*projectionRT
 	js    jetstream.JetStream
-
-	// routerMu orders adding a handler to the router (generation.run)
-	// against Stop closing it: a handler added while the router closes
-	// raced Watermill's own close (go test -race in CI), and one added
-	// after would never run. stopping is set under it before the close.
-	routerMu sync.Mutex
-	stopping bool
 }
-
-// errStopping is what adding a subscription answers once Stop has begun.
-var errStopping = errors.New("projector: stopping")
 
 // New validates the config and the declared projections; Start runs them.
 func New(cfg Config, nc *nats.Conn) (*Service, error) {
@@ -222,10 +208,6 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		}
 		s.specs[c.Spec.Name] = c
 	}
-	// Watermill's per-message Info lines are debug detail here.
-	s.wlog = watermill.NewSlogLoggerWithLevelMapping(cfg.Logger.With("component", "watermill"), map[slog.Level]slog.Level{
-		slog.LevelInfo: slog.LevelDebug,
-	})
 	s.keys = keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, s.tracer)
 	if s.metrics, err = newMetrics(cfg.Registerer, s); err != nil {
 		return nil, err
@@ -282,28 +264,21 @@ func (s *Service) Start(ctx context.Context) error {
 	if s.catalog, err = openCatalog(ctx, filepath.Join(s.dir, "catalog.db")); err != nil {
 		return err
 	}
-	s.router, err = message.NewRouter(message.RouterConfig{CloseTimeout: 10 * time.Second}, s.wlog)
+	runCtx, cancel := context.WithCancel(context.Background())
+	s.router, err = newWMRouter(wmRouterConfig{Logger: s.log, RunCtx: runCtx, Dial: s.cfg.Dial,
+		AckWait: s.cfg.AckWait, NakMax: s.cfg.StoppedRetryEvery, Retryable: retryable})
 	if err != nil {
+		cancel()
 		return err
 	}
-	s.router.AddMiddleware(
-		middleware.CorrelationID,
-		middleware.Retry{
-			MaxRetries: 3, InitialInterval: 50 * time.Millisecond, MaxInterval: time.Second, Multiplier: 2,
-			ShouldRetry: retryable, Logger: s.wlog,
-		}.Middleware,
-		// Innermost, so a panic becomes an error that Retry sees.
-		middleware.Recoverer,
-	)
-	runCtx, cancel := context.WithCancel(context.Background())
 	s.runCtx, s.cancel, s.done = runCtx, cancel, make(chan struct{})
 	go func() {
 		defer close(s.done)
-		if err := s.router.Run(runCtx); err != nil {
+		if err := s.router.run(); err != nil {
 			s.log.Error("projector router stopped", "err", err)
 		}
 	}()
-	<-s.router.Running()
+	<-s.router.running()
 
 	names := []string{EntitiesProjection}
 	for n := range s.specs {
@@ -605,17 +580,18 @@ func (s *Service) Stop(ctx context.Context) error {
 		}
 		p.mu.Unlock()
 	}
-	// No handler is added from here on (a durable replaced meanwhile).
-	s.routerMu.Lock()
-	s.stopping = true
-	s.routerMu.Unlock()
+	// No subscription is added from here on (a durable replaced
+	// meanwhile).
+	if s.router != nil {
+		s.router.refuse()
+	}
 	// Let the deliveries in flight finish and no other start; then the
 	// router closes every subscriber at once.
 	for _, g := range gens {
 		g.closeGate()
 	}
 	if s.router != nil {
-		errs = append(errs, s.router.Close())
+		errs = append(errs, s.router.close())
 		s.cancel()
 		<-s.done
 	}
@@ -740,16 +716,4 @@ func (s *Service) serve(ctx context.Context) error {
 		}
 	}
 	return natsbus.Flush(ctx, s.nc)
-}
-
-// metadataCarrier exposes a Watermill message's trace headers to the
-// propagator.
-func metadataCarrier(md message.Metadata) nats.Header {
-	h := nats.Header{}
-	for k, v := range md {
-		if strings.EqualFold(k, "traceparent") || strings.EqualFold(k, "tracestate") {
-			h[strings.ToLower(k)] = []string{v}
-		}
-	}
-	return h
 }
