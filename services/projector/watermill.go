@@ -18,8 +18,9 @@ package projector
 //     later RunHandlers (every later subscription of any generation) tries
 //     it again and fails the same way. So the ResourceInitializer only
 //     hands over a consumer made beforehand (ensureConsumer, consumer.go)
-//     and cannot fail; making it outside also gives each subscription a
-//     durable of its own name.
+//     and cannot fail. Making it outside also gives each subscription a
+//     durable of its own name, which the handler is named after: the
+//     Router panics on a second handler of a name it holds.
 //  3. The gate. When a handler stops, the subscriber's monitor goroutine
 //     closes the output channel while a delivery (handleMsg) may be about
 //     to send on it; the library says as much beside that select, and the
