@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,7 +20,11 @@ import (
 )
 
 // The adapter's tests run it against a real embedded nats-server with
-// JetStream: each shows one workaround of watermill.go doing its job.
+// JetStream: each shows one workaround of watermill.go doing its job. They
+// are in the package (the adapter is unexported), which cannot import
+// internal/kumatest (it imports internal/app, which imports this package):
+// hence a server and a log buffer of their own, as kumatest.NATS and
+// kumatest.LogBuffer.
 
 const wmCtx = "wm"
 
@@ -188,18 +193,6 @@ func subscribeTo(c jetstream.Consumer, h func(*streamMessage) error) subscriptio
 	}
 }
 
-func equalSeqs(got []uint64, want ...uint64) bool {
-	if len(got) != len(want) {
-		return false
-	}
-	for i := range got {
-		if got[i] != want[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // Workaround 1: a message Watermill's own unmarshaler refuses (a header
 // with two values) reaches the handler whole, with its stream sequence and
 // subject, and the one after it follows: nothing is lost, nothing panics.
@@ -237,7 +230,7 @@ func TestWatermillFeedDeliversWhatOthersCannotUnmarshal(t *testing.T) {
 		t.Fatal(err)
 	}
 	within(t, 10*time.Second, "both messages handled", func() bool { return len(got.get()) == 2 })
-	if s := got.get(); !equalSeqs(s, 1, 2) {
+	if s := got.get(); !slices.Equal(s, []uint64{1, 2}) {
 		t.Fatalf("got sequences %v, want [1 2]", s)
 	}
 	mu.Lock()
@@ -333,10 +326,10 @@ func TestWatermillReplaceMidDelivery(t *testing.T) {
 	}
 	rig.publishN(2)
 	within(t, 10*time.Second, "the replacement applies 2 to 6", func() bool { return len(next.get()) >= 5 })
-	if s := old.get(); !equalSeqs(s, 1) {
+	if s := old.get(); !slices.Equal(s, []uint64{1}) {
 		t.Errorf("the old subscription handled %v, want [1]", s)
 	}
-	if s := next.get(); !equalSeqs(s, 2, 3, 4, 5, 6) {
+	if s := next.get(); !slices.Equal(s, []uint64{2, 3, 4, 5, 6}) {
 		t.Errorf("the replacement handled %v, want [2 3 4 5 6]", s)
 	}
 	_ = f.stop(t.Context())
@@ -376,7 +369,7 @@ func TestWatermillOwnConnectionPerSubscription(t *testing.T) {
 	}
 	rig.publishN(1)
 	within(t, 10*time.Second, "the other subscription goes on", func() bool { return len(b.get()) == 2 })
-	if s := a.get(); !equalSeqs(s, 1) {
+	if s := a.get(); !slices.Equal(s, []uint64{1}) {
 		t.Errorf("the stopped subscription handled %v, want [1]", s)
 	}
 	_ = fb.stop(t.Context())
@@ -414,7 +407,7 @@ func TestWatermillGiveBackIsQuiet(t *testing.T) {
 		t.Fatal(err)
 	}
 	within(t, 10*time.Second, "handed back twice, then applied", func() bool { return len(got.get()) == 4 })
-	if s := got.get(); !equalSeqs(s, 1, 1, 1, 2) {
+	if s := got.get(); !slices.Equal(s, []uint64{1, 1, 1, 2}) {
 		t.Errorf("handled %v, want [1 1 1 2]", s)
 	}
 	if l := rig.logs.String(); strings.Contains(l, "level=ERROR") {
