@@ -6,55 +6,12 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
-	wmjs "github.com/ThreeDotsLabs/watermill-nats/v2/pkg/jetstream"
-	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
-
-// Metadata keys the projector's unmarshaler sets on every Watermill message.
-const (
-	metaStreamSeq = "kuma_stream_seq"
-	metaSubject   = "kuma_subject"
-	metaPending   = "kuma_pending"
-)
-
-// unmarshaler turns a JetStream message into a Watermill message that keeps
-// what the projector needs: the stream sequence (its resume point), the
-// subject (events or forget notice), and the headers, trace context
-// included. It never fails: the jetstream subscriber would dereference a nil
-// message on error.
-type unmarshaler struct{}
-
-func (unmarshaler) Unmarshal(m jetstream.Msg) (*message.Message, error) {
-	id := m.Headers().Get(nats.MsgIdHdr)
-	wm := message.NewMessage(id, m.Data())
-	for k, v := range m.Headers() {
-		if len(v) > 0 {
-			wm.Metadata.Set(k, v[0])
-		}
-	}
-	wm.Metadata.Set(metaSubject, m.Subject())
-	if md, err := m.Metadata(); err == nil {
-		wm.Metadata.Set(metaStreamSeq, strconv.FormatUint(md.Sequence.Stream, 10))
-		wm.Metadata.Set(metaPending, strconv.FormatUint(md.NumPending, 10))
-	}
-	if id == "" {
-		wm.UUID = wm.Metadata.Get(metaStreamSeq)
-	}
-	// The message id is the correlation id: one commit group, one id, in
-	// every log line about it.
-	middleware.SetCorrelationID(wm.UUID, wm)
-	return wm, nil
-}
 
 // Metadata keys of a projector's durable consumers: the replica (node) and
 // the projection it feeds.
@@ -86,10 +43,8 @@ func consumerPrefix(node, kctx, projection string, gen int64) string {
 // durable has a name of its own, so a pull still pending from a replaced
 // subscription can never be served by its successor's consumer.
 //
-// It runs before the Watermill handler is added, so that the subscriber's
-// ResourceInitializer (resources) does no I/O and cannot fail: Watermill's
-// router keeps a handler whose subscribe failed and tries it again on every
-// later RunHandlers.
+// It runs before the subscription starts, so that nothing in the
+// subscription itself does I/O that can fail (watermill.go, workaround 2).
 func (g *generation) ensureConsumer(ctx context.Context, ackWait time.Duration) (jetstream.Consumer, error) {
 	stream, err := g.p.svc.stream(ctx)
 	if err != nil {
@@ -187,77 +142,6 @@ func deleteConsumers(ctx context.Context, stream jetstream.Stream, prefix string
 	return errors.Join(errs...)
 }
 
-// resources hands the consumer made by ensureConsumer to the subscriber,
-// behind the generation's gate.
-func resources(c jetstream.Consumer, gt *gate) wmjs.ResourceInitializer {
-	return func(context.Context, jetstream.JetStream, string) (jetstream.Consumer, func(context.Context, watermill.LoggerAdapter), error) {
-		return guarded{Consumer: c, g: gt}, nil, nil
-	}
-}
-
-// guarded wraps a consumer so that stopping a generation is clean. The
-// Watermill subscriber closes its output channel when the handler stops, and
-// a delivery under way at that moment would send on the closed channel. So a
-// delivery holds the gate while it runs, and stop takes the gate (waiting for
-// the delivery in flight) and sets stopping before the handler is stopped;
-// later deliveries are handed back (nak) for the next subscription.
-type guarded struct {
-	jetstream.Consumer
-	g *gate
-}
-
-type gate struct {
-	mu       sync.Mutex
-	stopping bool
-	// busy is set while a delivery runs, last is when one last began or
-	// ended (unix ns): with neither for a while and an ack pending on the
-	// durable, a delivery or an ack was lost (stalled).
-	busy atomic.Bool
-	last atomic.Int64
-}
-
-func newGate(now time.Time) *gate {
-	g := &gate{}
-	g.last.Store(now.UnixNano())
-	return g
-}
-
-// idleFor is how long no delivery has run, zero while one runs.
-func (g *gate) idleFor(now time.Time) time.Duration {
-	if g.busy.Load() {
-		return 0
-	}
-	return now.Sub(time.Unix(0, g.last.Load()))
-}
-
-// close waits for the delivery in flight and lets no other through.
-func (g *gate) close() {
-	g.mu.Lock()
-	g.stopping = true
-	g.mu.Unlock()
-}
-
-func (c guarded) Consume(h jetstream.MessageHandler, opts ...jetstream.PullConsumeOpt) (jetstream.ConsumeContext, error) {
-	return c.Consumer.Consume(func(m jetstream.Msg) {
-		c.g.mu.Lock()
-		defer c.g.mu.Unlock()
-		c.g.busy.Store(true)
-		c.g.last.Store(time.Now().UnixNano())
-		defer func() {
-			c.g.last.Store(time.Now().UnixNano())
-			c.g.busy.Store(false)
-		}()
-		if c.g.stopping {
-			// Handed back at once: left unacknowledged, it would hold
-			// the durable (one message in flight) for a whole ack wait
-			// when a new subscription takes it over.
-			_ = m.Nak()
-			return
-		}
-		h(m)
-	}, opts...)
-}
-
 // errStopped is returned for a message while the projection is stopped at a
 // failed event: Watermill nacks it with a delay, nothing moves on.
 var errStopped = errors.New("projection stopped at a failed event")
@@ -265,16 +149,7 @@ var errStopped = errors.New("projection stopped at a failed event")
 // retryable tells the Retry middleware which failures may pass by
 // themselves (the keyvault or the disk was busy); a failed statement will
 // fail again, so it stops the projection instead.
-func retryable(p middleware.RetryParams) bool {
+func retryable(err error) bool {
 	var ae *applyError
-	return !errors.Is(p.Err, errStopped) && !errors.As(p.Err, &ae)
-}
-
-// backoff is the nack delay: short at first, then at most max, so a stopped
-// projection notices an operator's retry or skip within max.
-type backoff struct{ max time.Duration }
-
-func (b backoff) WaitTime(n uint64) time.Duration {
-	d := 50 * time.Millisecond << min(n, 10)
-	return min(d, b.max)
+	return !errors.Is(err, errStopped) && !errors.As(err, &ae)
 }

@@ -17,14 +17,9 @@ import (
 	"log/slog"
 	"path/filepath"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
-	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
-	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
@@ -33,138 +28,11 @@ import (
 	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/nats-io/nats.go/micro"
-	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 )
 
 // Version is the projector's semver, shown by `nats micro ls`.
 const Version = "0.1.0"
-
-// KeyVault is what the projector needs of the keyvault: keys to open
-// payloads (by the pseudonym the stream names an entity by), and its word
-// that an entity was forgotten before a notice drops anything.
-type KeyVault interface {
-	keycache.Vault
-	// Forgotten returns the forget record of an entity, or nil.
-	Forgotten(ctx context.Context, kctx, entity string) (*kuma.ForgetReply, error)
-	// ForgottenPseudonym returns the forget record of the entity of a
-	// pseudonym, or nil.
-	ForgottenPseudonym(ctx context.Context, kctx, pseudonym string) (*kuma.ForgetReply, error)
-}
-
-// Config configures a projector for one context.
-type Config struct {
-	Context string
-	// Reducer folds the entities projection's states; nil is merge patch,
-	// as in the shardnode. It must be the shardnode's reducer.
-	Reducer kuma.Reducer
-	// DataDir holds the read models, under <DataDir>/projector/<context>.
-	DataDir string
-	// NodeName names this projector's durable consumers: each projector
-	// instance keeps its own read models.
-	NodeName string
-	// Specs are the declared projections.
-	Specs []projection.Spec
-	// Keys opens payloads and confirms forget notices: the keyvault in
-	// process or over NATS.
-	Keys KeyVault
-	// Dial opens a NATS connection for one generation's subscriber (closing
-	// a Watermill subscriber drains its connection, so none is shared).
-	Dial func() (*nats.Conn, error)
-
-	QueryTimeout time.Duration // a query's time limit (default 2s)
-	// MaxReplyBytes bounds one answer's body (0: the NATS server's max
-	// payload less natsbus.ReplyHeadroom; never more than that). Query
-	// pages are cut to fit it, with next_cursor for the rest.
-	MaxReplyBytes int
-	// ReplicaStatusWait bounds how long a status request waits for the
-	// other replicas' answers (default 1s), ReplicaAdminWait the same for
-	// rebuild, retry and skip (default 3s). A replica that answers later
-	// is reported missing.
-	ReplicaStatusWait time.Duration
-	ReplicaAdminWait  time.Duration
-	AckWait           time.Duration // longest apply of one message (default 30s)
-	// StallAfter is how long a generation may see no delivery while its
-	// durable counts one out before it is recreated (default 5s; see
-	// generation.stalled). It must exceed StoppedRetryEvery.
-	StallAfter        time.Duration
-	StoppedRetryEvery time.Duration // how often a stopped projection looks for an operator's action (default 1s)
-	KeyCacheSize      int
-	KeyCacheTTL       time.Duration
-
-	// Failpoint is the fault tests' hook: projector-before-apply and
-	// projector-after-apply (committed, not yet acknowledged).
-	Failpoint func(name string)
-
-	Logger         *slog.Logger
-	Now            func() time.Time
-	Registerer     prometheus.Registerer
-	TracerProvider trace.TracerProvider
-}
-
-func (c *Config) setDefaults() {
-	if c.Reducer == nil {
-		c.Reducer = kuma.MergePatch{}
-	}
-	if c.NodeName == "" {
-		c.NodeName = cluster.DefaultNodeName()
-	}
-	if c.QueryTimeout == 0 {
-		c.QueryTimeout = 2 * time.Second
-	}
-	if c.ReplicaStatusWait == 0 {
-		c.ReplicaStatusWait = time.Second
-	}
-	if c.ReplicaAdminWait == 0 {
-		c.ReplicaAdminWait = 3 * time.Second
-	}
-	if c.AckWait == 0 {
-		c.AckWait = 30 * time.Second
-	}
-	if c.StoppedRetryEvery == 0 {
-		c.StoppedRetryEvery = time.Second
-	}
-	if c.StallAfter == 0 {
-		c.StallAfter = max(5*time.Second, 3*c.StoppedRetryEvery)
-	}
-	if c.KeyCacheSize == 0 {
-		c.KeyCacheSize = 100_000
-	}
-	if c.KeyCacheTTL == 0 {
-		c.KeyCacheTTL = 5 * time.Minute
-	}
-	if c.Logger == nil {
-		c.Logger = slog.New(slog.DiscardHandler)
-	}
-	if c.Now == nil {
-		c.Now = time.Now
-	}
-	if c.Failpoint == nil {
-		c.Failpoint = func(string) {}
-	}
-	if c.Registerer == nil {
-		c.Registerer = prometheus.NewRegistry()
-	}
-}
-
-// Validate reports every problem of the config at once.
-func (c *Config) Validate() error {
-	var errs []error
-	if err := kuma.ValidateContext(c.Context); err != nil {
-		errs = append(errs, err)
-	}
-	if c.DataDir == "" {
-		errs = append(errs, errors.New("projector: DataDir is required (read models live under it)"))
-	}
-	if c.Keys == nil {
-		errs = append(errs, errors.New("projector: Keys is required to open event payloads"))
-	}
-	if c.Dial == nil {
-		errs = append(errs, errors.New("projector: Dial is required (each subscriber has its own connection)"))
-	}
-	return errors.Join(errs...)
-}
 
 // Service is a running projector. Its methods are safe for concurrent use.
 type Service struct {
@@ -172,7 +40,6 @@ type Service struct {
 	nc      *nats.Conn
 	dir     string
 	log     *slog.Logger
-	wlog    watermill.LoggerAdapter
 	tracer  trace.Tracer
 	keys    *keycache.Cache
 	metrics *metrics
@@ -180,7 +47,7 @@ type Service struct {
 	maxReply int
 
 	specs   map[string]*projection.Compiled
-	router  *message.Router
+	router  *wmRouter
 	catalog *catalog
 	micro   *natsbus.Service
 	shreds  *nats.Subscription
@@ -191,17 +58,7 @@ type Service struct {
 	mu    sync.Mutex
 	projs map[string]*projectionRT
 	js    jetstream.JetStream
-
-	// routerMu orders adding a handler to the router (generation.run)
-	// against Stop closing it: a handler added while the router closes
-	// raced Watermill's own close (go test -race in CI), and one added
-	// after would never run. stopping is set under it before the close.
-	routerMu sync.Mutex
-	stopping bool
 }
-
-// errStopping is what adding a subscription answers once Stop has begun.
-var errStopping = errors.New("projector: stopping")
 
 // New validates the config and the declared projections; Start runs them.
 func New(cfg Config, nc *nats.Conn) (*Service, error) {
@@ -222,10 +79,6 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		}
 		s.specs[c.Spec.Name] = c
 	}
-	// Watermill's per-message Info lines are debug detail here.
-	s.wlog = watermill.NewSlogLoggerWithLevelMapping(cfg.Logger.With("component", "watermill"), map[slog.Level]slog.Level{
-		slog.LevelInfo: slog.LevelDebug,
-	})
 	s.keys = keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, s.tracer)
 	if s.metrics, err = newMetrics(cfg.Registerer, s); err != nil {
 		return nil, err
@@ -282,28 +135,21 @@ func (s *Service) Start(ctx context.Context) error {
 	if s.catalog, err = openCatalog(ctx, filepath.Join(s.dir, "catalog.db")); err != nil {
 		return err
 	}
-	s.router, err = message.NewRouter(message.RouterConfig{CloseTimeout: 10 * time.Second}, s.wlog)
+	runCtx, cancel := context.WithCancel(context.Background())
+	s.router, err = newWMRouter(wmRouterConfig{Logger: s.log, RunCtx: runCtx, Dial: s.cfg.Dial,
+		AckWait: s.cfg.AckWait, NakMax: s.cfg.StoppedRetryEvery, Retryable: retryable})
 	if err != nil {
+		cancel()
 		return err
 	}
-	s.router.AddMiddleware(
-		middleware.CorrelationID,
-		middleware.Retry{
-			MaxRetries: 3, InitialInterval: 50 * time.Millisecond, MaxInterval: time.Second, Multiplier: 2,
-			ShouldRetry: retryable, Logger: s.wlog,
-		}.Middleware,
-		// Innermost, so a panic becomes an error that Retry sees.
-		middleware.Recoverer,
-	)
-	runCtx, cancel := context.WithCancel(context.Background())
 	s.runCtx, s.cancel, s.done = runCtx, cancel, make(chan struct{})
 	go func() {
 		defer close(s.done)
-		if err := s.router.Run(runCtx); err != nil {
+		if err := s.router.run(); err != nil {
 			s.log.Error("projector router stopped", "err", err)
 		}
 	}()
-	<-s.router.Running()
+	<-s.router.running()
 
 	names := []string{EntitiesProjection}
 	for n := range s.specs {
@@ -503,88 +349,6 @@ func (s *Service) projection(name string) (*projectionRT, error) {
 	return p, nil
 }
 
-// Query answers a query, waiting first for r.After when given.
-func (s *Service) Query(ctx context.Context, name string, r *kuma.QueryRequest) (*kuma.QueryReply, error) {
-	p, err := s.projection(name)
-	if err != nil {
-		return nil, err
-	}
-	after, wait, err := r.Validate()
-	if err != nil {
-		return nil, err
-	}
-	ctx, span := s.tracer.Start(ctx, "kuma.projector query "+name, trace.WithSpanKind(trace.SpanKindServer))
-	defer span.End()
-	if after.Seq > 0 {
-		if err := p.wait(ctx, after, wait); err != nil {
-			// Each replica waits for its own copy: a replica far behind
-			// times out where another would answer. The node says which;
-			// a retry may reach another replica (timeout is retryable).
-			if kerr := kuma.AsError(err); kerr.Code == kuma.CodeTimeout {
-				kerr.Details = map[string]any{"node": s.cfg.NodeName}
-				return nil, kerr
-			}
-			return nil, err
-		}
-		// The query joins the trace of the write it waited for, through
-		// the apply that brought it in.
-		if sc := p.appliedSpan(after.Shard); sc.IsValid() {
-			span.AddLink(trace.Link{SpanContext: sc})
-		}
-	}
-	qctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
-	defer cancel()
-	return p.query(qctx, r, s.maxReply)
-}
-
-// Rebuild starts a rebuild of one projection and returns at once.
-func (s *Service) Rebuild(ctx context.Context, name string) (*kuma.RebuildReply, error) {
-	p, err := s.projection(name)
-	if err != nil {
-		return nil, err
-	}
-	return p.rebuild(ctx)
-}
-
-// Retry makes a projection stopped at a failed event try it again.
-func (s *Service) Retry(name string) error {
-	p, err := s.projection(name)
-	if err != nil {
-		return err
-	}
-	return p.act("retry", "")
-}
-
-// Skip makes a projection stopped at the event at position skip it; the
-// skip is recorded in the read model (_kuma_skipped) and counted in status.
-func (s *Service) Skip(name, position string) error {
-	p, err := s.projection(name)
-	if err != nil {
-		return err
-	}
-	if position != forgetPosition && !isRejectedPosition(position) {
-		if _, err := kuma.ParsePosition(position); err != nil {
-			return err
-		}
-	}
-	return p.act("skip", position)
-}
-
-// Status reports every projection, in name order.
-func (s *Service) Status(ctx context.Context) ([]kuma.ProjectionStatus, error) {
-	var last uint64
-	if st, err := s.stream(ctx); err == nil {
-		if info, err := st.Info(ctx); err == nil {
-			last = info.State.LastSeq
-		}
-	}
-	out := []kuma.ProjectionStatus{}
-	for _, p := range s.projections() {
-		out = append(out, p.status(last))
-	}
-	return out, nil
-}
-
 // Stop stops answering, then stops every consumer; the read models keep
 // their positions, so the next start goes on where this one stopped.
 func (s *Service) Stop(ctx context.Context) error {
@@ -605,17 +369,18 @@ func (s *Service) Stop(ctx context.Context) error {
 		}
 		p.mu.Unlock()
 	}
-	// No handler is added from here on (a durable replaced meanwhile).
-	s.routerMu.Lock()
-	s.stopping = true
-	s.routerMu.Unlock()
+	// No subscription is added from here on (a durable replaced
+	// meanwhile).
+	if s.router != nil {
+		s.router.refuse()
+	}
 	// Let the deliveries in flight finish and no other start; then the
 	// router closes every subscriber at once.
 	for _, g := range gens {
 		g.closeGate()
 	}
 	if s.router != nil {
-		errs = append(errs, s.router.Close())
+		errs = append(errs, s.router.close())
 		s.cancel()
 		<-s.done
 	}
@@ -626,130 +391,4 @@ func (s *Service) Stop(ctx context.Context) error {
 		errs = append(errs, s.catalog.close())
 	}
 	return errors.Join(errs...)
-}
-
-// serve registers the NATS micro service "kuma-projector": queries, the
-// admin subjects and the status part a shardnode includes in its answer.
-func (s *Service) serve(ctx context.Context) error {
-	svc, err := natsbus.AddService(s.nc, natsbus.ServiceConfig{
-		Name: "kuma-projector", Version: Version,
-		Description: "Read models from the event stream: queries, rebuilds",
-		QueueGroup:  "kuma-projector",
-	})
-	if err != nil {
-		return fmt.Errorf("projector: register micro service: %w", err)
-	}
-	s.micro = svc
-	kctx := s.cfg.Context
-	name := func(req micro.Request) string {
-		subj := req.Subject()
-		return subj[strings.LastIndexByte(subj, '.')+1:]
-	}
-	endpoints := []struct {
-		name, subject string
-		h             func(ctx context.Context, req micro.Request) (any, error)
-	}{
-		{"query", kuma.QuerySubject(kctx, "*"), func(ctx context.Context, req micro.Request) (any, error) {
-			var r kuma.QueryRequest
-			if err := kuma.Decode(req.Data(), &r); err != nil {
-				return nil, err
-			}
-			return s.Query(ctx, name(req), &r)
-		}},
-		// Admin commands and status reach every replica (replicas.go).
-		{"rebuild", kuma.ProjectionAdminSubject(kctx, "rebuild", "*"), func(ctx context.Context, req micro.Request) (any, error) {
-			if err := kuma.DecodeEmpty(req.Data()); err != nil {
-				return nil, err
-			}
-			return s.RebuildAll(ctx, name(req))
-		}},
-		{"retry", kuma.ProjectionAdminSubject(kctx, "retry", "*"), func(ctx context.Context, req micro.Request) (any, error) {
-			if err := kuma.DecodeEmpty(req.Data()); err != nil {
-				return nil, err
-			}
-			return s.RetryAll(ctx, name(req))
-		}},
-		{"skip", kuma.ProjectionAdminSubject(kctx, "skip", "*"), func(ctx context.Context, req micro.Request) (any, error) {
-			var r kuma.SkipRequest
-			if err := kuma.Decode(req.Data(), &r); err != nil {
-				return nil, err
-			}
-			return s.SkipAll(ctx, name(req), r.Position)
-		}},
-		{"drop", kuma.ProjectionAdminSubject(kctx, "drop", "*"), func(ctx context.Context, req micro.Request) (any, error) {
-			if err := kuma.DecodeEmpty(req.Data()); err != nil {
-				return nil, err
-			}
-			return s.DropAll(ctx, name(req))
-		}},
-		{"status", kuma.ProjectorStatusSubject(kctx), func(ctx context.Context, req micro.Request) (any, error) {
-			return s.StatusAll(ctx)
-		}},
-	}
-	for _, op := range []string{"rebuild", "retry", "skip", "drop", "status"} {
-		// Every replica, outside the queue group; natsbus.Service refuses
-		// a reserved reply subject here as on every endpoint.
-		err := svc.AddBroadcastEndpoint("replicas-"+op+"-"+kctx, kuma.ProjectorReplicasSubject(kctx, op), micro.HandlerFunc(func(req micro.Request) {
-			ctx := telemetry.Extract(context.Background(), nats.Header(req.Headers()))
-			ctx, cancel := context.WithTimeout(ctx, s.cfg.ReplicaAdminWait)
-			defer cancel()
-			var r replicaRequest
-			var a replicaAnswer
-			if err := json.Unmarshal(req.Data(), &r); err != nil {
-				a = replicaAnswer{Node: s.cfg.NodeName, Error: kuma.Errorf(kuma.CodeBadRequest, "replica request: %v", err)}
-			} else {
-				a = s.replicaOp(ctx, op, &r)
-			}
-			body, _ := json.Marshal(a)
-			code := "ok"
-			if a.Error != nil {
-				code = string(a.Error.Code)
-			}
-			s.metrics.requests.WithLabelValues("replicas-"+op, code).Inc()
-			if err := req.Respond(body); err != nil {
-				s.metrics.repliesFailed.WithLabelValues("replicas-"+op, string(natsbus.ReplyFailureCode(err))).Inc()
-				s.log.Warn("projector reply failed", "subject", req.Subject(), "err", err)
-			}
-		}))
-		if err != nil {
-			return fmt.Errorf("projector: endpoint replicas-%s: %w", op, err)
-		}
-	}
-	for _, e := range endpoints {
-		name := e.name
-		err := svc.AddEndpoint(name+"-"+kctx, e.subject, natsbus.JSONEndpoint{
-			Answer:   e.h,
-			Timeout:  kuma.MaxQueryWait*time.Millisecond + s.cfg.QueryTimeout + time.Second,
-			MaxReply: s.maxReply,
-			Hint:     "ask for fewer rows with limit",
-			// Counted before the reply goes: whoever got a reply finds
-			// it counted.
-			Answered: func(req micro.Request, err error) {
-				s.metrics.requests.WithLabelValues(name, natsbus.Code(err)).Inc()
-				if err != nil {
-					s.log.Debug("projector request failed", "subject", req.Subject(), "err", err)
-				}
-			},
-			ReplyFailed: func(req micro.Request, err error) {
-				s.metrics.repliesFailed.WithLabelValues(name, string(natsbus.ReplyFailureCode(err))).Inc()
-				s.log.Warn("projector reply failed", "subject", req.Subject(), "err", err)
-			},
-		})
-		if err != nil {
-			return fmt.Errorf("projector: endpoint %s: %w", e.name, err)
-		}
-	}
-	return natsbus.Flush(ctx, s.nc)
-}
-
-// metadataCarrier exposes a Watermill message's trace headers to the
-// propagator.
-func metadataCarrier(md message.Metadata) nats.Header {
-	h := nats.Header{}
-	for k, v := range md {
-		if strings.EqualFold(k, "traceparent") || strings.EqualFold(k, "tracestate") {
-			h[strings.ToLower(k)] = []string{v}
-		}
-	}
-	return h
 }

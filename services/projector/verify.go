@@ -5,7 +5,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats.go"
 )
@@ -48,11 +47,11 @@ func (e *rejectError) Error() string {
 //
 // Forget notices (kuma.<ctx>.events.<shard>.forgotten) are checked where
 // they are decoded.
-func verifyStreamMessage(kctx string, seq uint64, msg *message.Message, sm *kuma.StreamMessage) error {
+func verifyStreamMessage(kctx string, seq uint64, msg *streamMessage, sm *kuma.StreamMessage) error {
 	reject := func(format string, args ...any) error {
 		return &rejectError{streamSeq: seq, reason: fmt.Sprintf(format, args...)}
 	}
-	subject := msg.Metadata.Get(metaSubject)
+	subject := msg.subject
 	prefix := kuma.PublicPrefix + "." + kctx + ".events."
 	rest, ok := strings.CutPrefix(subject, prefix)
 	shard, err := strconv.Atoi(rest)
@@ -62,10 +61,10 @@ func verifyStreamMessage(kctx string, seq uint64, msg *message.Message, sm *kuma
 	if sm.Context != kctx || sm.Shard != shard {
 		return reject("its body names context %q shard %d, its subject %s", sm.Context, sm.Shard, subject)
 	}
-	id := msg.Metadata.Get(nats.MsgIdHdr)
+	id := msg.header[nats.MsgIdHdr]
 	idPrefix := kctx + "." + rest + "."
-	lastHdr := msg.Metadata.Get(kuma.HeaderLastPosition)
-	if epoch := msg.Metadata.Get(kuma.HeaderEpoch); epoch != "" {
+	lastHdr := msg.header[kuma.HeaderLastPosition]
+	if epoch := msg.header[kuma.HeaderEpoch]; epoch != "" {
 		if len(sm.Events) > 0 {
 			return reject("an epoch claim carries %d events", len(sm.Events))
 		}
@@ -98,7 +97,7 @@ func verifyStreamMessage(kctx string, seq uint64, msg *message.Message, sm *kuma
 	}
 	lastSeq := strconv.FormatInt(last.Seq, 10)
 	want := idPrefix + lastSeq
-	if epoch := msg.Metadata.Get(kuma.HeaderOwnerEpoch); epoch != "" {
+	if epoch := msg.header[kuma.HeaderOwnerEpoch]; epoch != "" {
 		if e, err := strconv.ParseInt(epoch, 10, 64); err != nil || e <= 0 {
 			return reject("header %s is %q", kuma.HeaderOwnerEpoch, epoch)
 		}

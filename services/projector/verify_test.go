@@ -5,7 +5,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/nats-io/nats.go"
 )
@@ -77,11 +76,7 @@ func TestVerifyStreamMessage(t *testing.T) {
 		{"a claim at another shard's position", "kuma.c.events.2", map[string]string{nats.MsgIdHdr: "c.2.epoch.4", kuma.HeaderEpoch: "4", kuma.HeaderLastPosition: kuma.Position{Shard: 1, Seq: 5}.String()},
 			kuma.StreamMessage{Context: "c", Shard: 2}, "stands at"},
 	} {
-		msg := message.NewMessage("", nil)
-		for k, v := range tc.headers {
-			msg.Metadata.Set(k, v)
-		}
-		msg.Metadata.Set(metaSubject, tc.subject)
+		msg := &streamMessage{subject: tc.subject, header: tc.headers}
 		err := verifyStreamMessage("c", 42, msg, &tc.body)
 		var rj *rejectError
 		switch {
