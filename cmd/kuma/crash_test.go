@@ -16,29 +16,19 @@ package main
 // show that the checker does see lost acknowledged events.
 
 import (
-	"bytes"
 	"context"
-	"database/sql"
-	"encoding/binary"
 	"encoding/json"
-	"errors"
-	"fmt"
-	"io/fs"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
-	kumasqlite "github.com/kumadb/kuma/pkg/sqlite"
 	_ "modernc.org/sqlite"
 )
 
@@ -50,60 +40,6 @@ const (
 	// soon after the restart rather than wait out a long timeout.
 	crashAttempt = 2 * time.Second
 )
-
-// crashNode is one `kuma up` process on its own data dir and NATS port,
-// killed and started again on both.
-type crashNode struct {
-	t        *testing.T
-	dir      string
-	port     int
-	args     []string
-	p        *proc
-	restarts []time.Duration // kill to ready, per restart
-}
-
-func crashStartNode(t *testing.T, sync string) *crashNode {
-	t.Helper()
-	n := &crashNode{t: t, dir: filepath.Join(t.TempDir(), "data"), port: freePort(t)}
-	n.args = []string{"up", "--data", n.dir, "--nats-listen", "127.0.0.1:" + strconv.Itoa(n.port),
-		"--shards", strconv.Itoa(crashShards), "--sync", sync,
-		"--metrics-listen", "127.0.0.1:0", "--console-listen", "", "--log-format", "text"}
-	n.p = spawn(t, n.args)
-	n.p.waitReady(t, 60*time.Second)
-	return n
-}
-
-func (n *crashNode) url() string { return "nats://127.0.0.1:" + strconv.Itoa(n.port) }
-
-// kill sends SIGKILL and waits for the process to be gone.
-func (n *crashNode) kill() {
-	n.t.Helper()
-	if err := n.p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		n.t.Fatal(err)
-	}
-	_ = n.p.cmd.Wait()
-	if ws, ok := n.p.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
-		n.t.Fatalf("kuma up ended with %v, want killed by SIGKILL\n%s", n.p.cmd.ProcessState, tail(n.p.logs.String(), 40))
-	}
-}
-
-// restart starts the process again on the same data dir and port and waits
-// until it is ready.
-func (n *crashNode) restart(killed time.Time) {
-	n.t.Helper()
-	n.p = spawn(n.t, n.args)
-	n.p.waitReady(n.t, 90*time.Second)
-	n.restarts = append(n.restarts, time.Since(killed))
-}
-
-func (n *crashNode) restartFigures() string {
-	if len(n.restarts) == 0 {
-		return "no restart"
-	}
-	s := append([]time.Duration(nil), n.restarts...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	return fmt.Sprintf("kill to ready %s..%s (median %s)", s[0].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond), s[len(s)/2].Round(time.Millisecond))
-}
 
 // faultSeed is a fault test's random seed: the one in the environment
 // variable env replays a run, and without it each run draws its own.
@@ -117,47 +53,6 @@ func faultSeed(t *testing.T, env string) uint64 {
 		return seed
 	}
 	return uint64(time.Now().UnixNano())
-}
-
-// crashProgress remembers, per entity, the last version a check after a
-// restart has seen in order: the next check reads from there (that event
-// again, to see it is still there) instead of the whole history.
-type crashProgress struct {
-	verified map[string]int64
-}
-
-// afterRestart checks, for every writer, that its entity's versions are
-// contiguous, each carrying its append once, up to at least what was
-// acknowledged before the check began. The writers keep writing meanwhile;
-// 16 entities are read at a time so that the check stays short under load.
-func (p *crashProgress) afterRestart(ctx context.Context, l *load) *loadFindings {
-	acked := l.ackedSnapshot()
-	entities := make([]string, 0, len(acked))
-	for e := range acked {
-		entities = append(entities, e)
-	}
-	found := make([]loadFindings, len(entities))
-	last := make([]int64, len(entities))
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 16)
-	for i, e := range entities {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			from := max(1, p.verified[e])
-			last[i] = l.checkEntity(ctx, &found[i], e, from, acked[e], max(from, acked[e]))
-		}()
-	}
-	wg.Wait()
-	f := &loadFindings{}
-	for i, e := range entities {
-		f.add(&found[i])
-		if found[i].ok() && last[i] >= max(1, p.verified[e]) {
-			p.verified[e] = last[i]
-		}
-	}
-	return f
 }
 
 // crashRunCycles runs cycles of: let the load run for 300 ms to 2 s, kill -9,
@@ -186,140 +81,6 @@ func crashRunCycles(t *testing.T, n *crashNode, l *load, rng *rand.Rand, cycles 
 			t.Fatalf("after restart %d: %s\nlogs of the restarted process:\n%s", c, f, tail(n.p.logs.String(), 40))
 		}
 	}
-}
-
-// crashIntegrity runs PRAGMA integrity_check on the SQLite file at path,
-// opened read-only, and returns its answer ("ok" when sound).
-func crashIntegrity(ctx context.Context, path string) (string, error) {
-	return crashIntegrityDSN(ctx, kumasqlite.DSN(path, "query_only(1)")+"&mode=ro")
-}
-
-// crashIntegrityOfCopy checks a copy of the file at path and its WAL, which
-// SQLite may recover (a read-only open cannot when the -shm is gone).
-func crashIntegrityOfCopy(ctx context.Context, path, dir string) (string, error) {
-	dst := filepath.Join(dir, filepath.Base(path))
-	for _, suffix := range []string{"", "-wal"} {
-		b, err := os.ReadFile(path + suffix)
-		if err != nil && !(suffix != "" && errors.Is(err, os.ErrNotExist)) {
-			return "", err
-		}
-		if err := os.WriteFile(dst+suffix, b, 0o600); err != nil {
-			return "", err
-		}
-	}
-	return crashIntegrityDSN(ctx, kumasqlite.DSN(dst))
-}
-
-func crashIntegrityDSN(ctx context.Context, dsn string) (string, error) {
-	db, err := sql.Open("sqlite", dsn)
-	if err != nil {
-		return "", err
-	}
-	defer db.Close()
-	rows, err := db.QueryContext(ctx, `PRAGMA integrity_check`)
-	if err != nil {
-		return "", err
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var s string
-		if err := rows.Scan(&s); err != nil {
-			return "", err
-		}
-		out = append(out, s)
-	}
-	if err := rows.Err(); err != nil {
-		return "", err
-	}
-	return strings.Join(out, "; "), nil
-}
-
-// crashDBFiles lists the SQLite files under a data dir: the shards, the
-// keyvault's keys and the projector's catalog.
-func crashDBFiles(t *testing.T, dir string) []string {
-	t.Helper()
-	var out []string
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if !d.IsDir() && strings.HasSuffix(path, ".db") {
-			out = append(out, path)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
-// crashCheckIntegrity checks every SQLite file under dir and returns how
-// many there were; any answer but "ok" fails the test.
-func crashCheckIntegrity(t *testing.T, dir string) int {
-	t.Helper()
-	files := crashDBFiles(t, dir)
-	shards := 0
-	for _, path := range files {
-		res, err := crashIntegrity(t.Context(), path)
-		if err != nil || res != "ok" {
-			t.Errorf("integrity_check of %s: %q, %v", path, res, err)
-		}
-		if strings.HasPrefix(filepath.Base(path), "shard-") {
-			shards++
-		}
-	}
-	if shards != crashShards {
-		t.Fatalf("found %d shard files under %s, want %d: %v", shards, dir, crashShards, files)
-	}
-	return len(files)
-}
-
-// crashStreamFindings compares the event stream (entity → events in stream
-// order) with what the entities hold (entity → last version): each entity's
-// events once each, versions 1..last in order. It returns the problems.
-func crashStreamFindings(stream map[string][]kuma.StreamEvent, stored map[string]int64) []string {
-	var out []string
-	for entity, last := range stored {
-		got := stream[entity]
-		if int64(len(got)) != last {
-			out = append(out, fmt.Sprintf("%s: the stream holds %d events, the shard %d", entity, len(got), last))
-			continue
-		}
-		for k, e := range got {
-			if e.Version != int64(k+1) {
-				out = append(out, fmt.Sprintf("%s: stream event %d is version %d, want %d", entity, k, e.Version, k+1))
-				break
-			}
-		}
-	}
-	for entity := range stream {
-		if _, ok := stored[entity]; !ok {
-			out = append(out, fmt.Sprintf("%s: in the stream, not in the shards", entity))
-		}
-	}
-	sort.Strings(out)
-	return out
-}
-
-// crashStored reads every writer's entity in full and returns entity → last
-// version, with what the check found.
-func crashStored(ctx context.Context, l *load) (map[string]int64, *loadFindings) {
-	f := &loadFindings{}
-	stored := map[string]int64{}
-	for entity, n := range l.ackedSnapshot() {
-		stored[entity] = l.checkEntity(ctx, f, entity, 1, n, 0)
-	}
-	return stored, f
-}
-
-func crashSum(m map[string]int64) int64 {
-	total := int64(0)
-	for _, v := range m {
-		total += v
-	}
-	return total
 }
 
 // crashKill9 runs `kuma up --sync sync` under the load, kills and restarts
@@ -372,110 +133,6 @@ func TestCrashKill9Cycles(t *testing.T) {
 func TestCrashKill9SyncNormal(t *testing.T) {
 	t.Log("control: --sync NORMAL must lose nothing under kill -9 either; the page cache outlives the process, so a kill is not a power cut")
 	crashKill9(t, "NORMAL", max(1, crashCycles/5))
-}
-
-// crashCutWAL does to the WAL of the SQLite file at dbPath what a power cut
-// does to writes never fsynced: the later half of its commits not yet
-// checkpointed into the database file (at least one, if there is any) is
-// gone. It removes the -shm index too, so that SQLite rebuilds it from what
-// is left, and returns the commits cut and kept.
-func crashCutWAL(dbPath string) (cut, kept int, err error) {
-	wal, err := os.ReadFile(dbPath + "-wal")
-	if errors.Is(err, os.ErrNotExist) || len(wal) < 32 {
-		return 0, 0, nil
-	}
-	if err != nil {
-		return 0, 0, err
-	}
-	// The WAL format (sqlite.org/fileformat2.html#walformat): a 32-byte
-	// header, then frames of a 24-byte header and a page. A frame belongs
-	// to the current generation of the file when it carries the header's
-	// salts; a commit frame has a non-zero database size.
-	pageSize := int(binary.BigEndian.Uint32(wal[8:12]))
-	salts := wal[16:24]
-	// Frames a checkpoint has copied, or begun to copy, into the database
-	// file (nBackfill at byte 96 of the -shm, nBackfillAttempted at byte
-	// 128, in the machine's byte order: little-endian here). A power cut
-	// never loses those, since a checkpoint syncs the WAL before it writes
-	// the database file; cutting them would leave the file ahead of its
-	// WAL, which is corruption, not loss.
-	backfill := 0
-	if shm, err := os.ReadFile(dbPath + "-shm"); err == nil && len(shm) >= 132 {
-		backfill = int(max(binary.LittleEndian.Uint32(shm[96:100]), binary.LittleEndian.Uint32(shm[128:132])))
-	}
-	var ends []int // file offset just after each commit frame
-	var frames []int
-	size := 24 + pageSize
-	for off, i := 32, 1; off+size <= len(wal); off, i = off+size, i+1 {
-		h := wal[off : off+24]
-		if !bytes.Equal(h[8:16], salts) {
-			break
-		}
-		if binary.BigEndian.Uint32(h[4:8]) != 0 {
-			ends = append(ends, off+size)
-			frames = append(frames, i)
-		}
-	}
-	first := sort.Search(len(frames), func(k int) bool { return frames[k] > backfill })
-	keep := first + (len(ends)-first)/2
-	if keep == len(ends) {
-		return 0, keep, nil
-	}
-	end := 32
-	if keep > 0 {
-		end = ends[keep-1]
-	}
-	if err := os.Truncate(dbPath+"-wal", int64(end)); err != nil {
-		return 0, 0, err
-	}
-	if err := os.Remove(dbPath + "-shm"); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return 0, 0, err
-	}
-	return len(ends) - keep, keep, nil
-}
-
-// crashCorruptCopy copies the SQLite file at path (with its WAL) into dir,
-// folds the WAL in, and overwrites every third page past the first with
-// garbage: a file the integrity check must refuse.
-func crashCorruptCopy(t *testing.T, path, dir string) string {
-	t.Helper()
-	dst := filepath.Join(dir, "corrupt.db")
-	for _, suffix := range []string{"", "-wal"} {
-		b, err := os.ReadFile(path + suffix)
-		if err != nil && !(suffix != "" && errors.Is(err, os.ErrNotExist)) {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(dst+suffix, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	db, err := sql.Open("sqlite", kumasqlite.DSN(dst))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var pageSize, pages int64
-	if _, err := db.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.QueryRow(`PRAGMA page_size`).Scan(&pageSize); err != nil {
-		t.Fatal(err)
-	}
-	if err := db.QueryRow(`PRAGMA page_count`).Scan(&pages); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
-	f, err := os.OpenFile(dst, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	junk := bytes.Repeat([]byte{0xA5}, int(pageSize))
-	for p := int64(1); p < pages; p += 3 {
-		if _, err := f.WriteAt(junk, p*pageSize); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return dst
 }
 
 // TestCrashKill9LostWALTail is the negative control of the crash checks:
