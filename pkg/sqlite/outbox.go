@@ -96,7 +96,15 @@ func (s *Shard) Outbox(ctx context.Context, seq int64, limit int) ([]OutboxEvent
 	for i < len(s.tail) && s.tail[i].Seq <= seq {
 		i++
 	}
+	// Clear what is dropped: a reslice alone leaves the published events,
+	// payloads and all, alive in the front of the array until an append
+	// happens to replace it (about 60 MB after the seed workload). An empty
+	// tail lets its array go too.
+	clear(s.tail[:i])
 	s.tail = s.tail[i:]
+	if len(s.tail) == 0 {
+		s.tail = nil
+	}
 	// The tail answers only when it vouches for everything after seq.
 	if s.tailFrom <= seq+1 {
 		n := min(limit, len(s.tail))

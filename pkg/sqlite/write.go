@@ -129,6 +129,9 @@ func (s *Shard) writeLoop() {
 		if start < len(group) {
 			s.writeGroup(group[start:])
 		}
+		// The array is kept for the next group; its commits (and their
+		// payloads) are not, while the shard waits for the next one.
+		clear(group)
 	}
 }
 
