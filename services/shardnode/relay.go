@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/kumadb/kuma/pkg/keycache"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
@@ -26,9 +28,12 @@ import (
 // from its own last message for the shard, so a crash between publish and
 // bookkeeping neither loses nor repeats anything a consumer can see, and
 // JetStream's duplicate window drops a retried publish.
+//
+// It is given what it needs (relayDeps): the stream, the shard file's
+// outbox, the pseudonyms, and a callback that stops the shard once another
+// owner has claimed it in the stream.
 type relay struct {
-	sh      *shard
-	js      jetstream.JetStream
+	relayDeps
 	subject string
 
 	published atomic.Int64 // position the stream is known to hold
@@ -62,6 +67,88 @@ type relay struct {
 	once    sync.Once
 }
 
+// relayDeps is what a relay needs of its shard and node.
+type relayDeps struct {
+	kctx string // the context's name
+	n    int    // the shard's number
+	// stream is the context's event stream; outbox the shard file.
+	stream relayStream
+	outbox relayOutbox
+	keys   pseudonymSource
+	// gone ends when the shard's stop gives up: a publish in flight is cut
+	// short, and appends waiting for the stream are answered.
+	gone context.Context
+	// lost stops serving the shard: another owner claimed it in the
+	// stream. It must not wait for the relay.
+	lost func(why string)
+	// maxPayload is the NATS server's max payload (it may change with a
+	// reconnect).
+	maxPayload func() int64
+	logger     *slog.Logger
+	tracer     trace.Tracer
+	failpoint  func(name string)
+}
+
+// relayOutbox is what the relay reads and notes in the shard file;
+// *sqlite.Shard is one.
+type relayOutbox interface {
+	// Outbox returns up to max committed events after position from.
+	Outbox(ctx context.Context, from int64, max int) ([]sqlite.OutboxEvent, error)
+	// Committed is signalled after each commit.
+	Committed() <-chan struct{}
+	// LastSeq is the last committed position.
+	LastSeq() int64
+	// Published and SetPublished are the relay's own note of its position.
+	Published(ctx context.Context) (int64, error)
+	SetPublished(ctx context.Context, p int64) error
+}
+
+// pseudonymSource names entities in the stream; the key cache is one.
+type pseudonymSource interface {
+	Entry(ctx context.Context, kctx, entity string, create bool) (keycache.Entry, error)
+}
+
+// relayStream is what the relay needs of its context's JetStream stream;
+// jsStream is the real one.
+type relayStream interface {
+	// publish stores msg under message id id if the subject's last message
+	// is stream sequence lastSeq (0: none), and returns msg's sequence. A
+	// failed compare-and-set is an error isWrongLastSequence tells.
+	publish(ctx context.Context, msg *nats.Msg, id string, lastSeq uint64) (uint64, error)
+	// announce stores msg under message id id, with no compare-and-set.
+	announce(ctx context.Context, msg *nats.Msg, id string) error
+	// last is the subject's last message (jetstream.ErrMsgNotFound: none).
+	last(ctx context.Context, subject string) (*jetstream.RawStreamMsg, error)
+}
+
+// jsStream is a context's stream in JetStream.
+type jsStream struct {
+	js   jetstream.JetStream
+	name string // kuma.StreamName of the context
+}
+
+func (s jsStream) publish(ctx context.Context, msg *nats.Msg, id string, lastSeq uint64) (uint64, error) {
+	ack, err := natsbus.PublishDeduped(ctx, s.js, msg, id, jetstream.WithExpectStream(s.name),
+		jetstream.WithExpectLastSequencePerSubject(lastSeq))
+	if err != nil {
+		return 0, err
+	}
+	return ack.Sequence, nil
+}
+
+func (s jsStream) announce(ctx context.Context, msg *nats.Msg, id string) error {
+	_, err := s.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(s.name))
+	return err
+}
+
+func (s jsStream) last(ctx context.Context, subject string) (*jetstream.RawStreamMsg, error) {
+	stream, err := s.js.Stream(ctx, s.name)
+	if err != nil {
+		return nil, fmt.Errorf("relay: stream: %w", err)
+	}
+	return stream.GetLastMsgForSubject(ctx, subject)
+}
+
 // Relay batch limits: one message per event cannot keep up with a durable
 // stream; a few hundred KiB per message can.
 const (
@@ -78,7 +165,7 @@ const (
 // would refuse a bigger message every time it was retried.
 func (r *relay) maxBytes() int {
 	limit := relayMaxBytes
-	if mp := int(r.sh.node.nc.MaxPayload()) - relayHeaderRoom; mp > 0 && mp < limit {
+	if mp := int(r.maxPayload()) - relayHeaderRoom; mp > 0 && mp < limit {
 		limit = mp
 	}
 	return limit
@@ -91,8 +178,8 @@ func relayEventBytes(e sqlite.OutboxEvent) int {
 	return (len(e.Payload)+2)/3*4 + 6*len(e.Idempotency) + 256
 }
 
-func newRelay(sh *shard, js jetstream.JetStream) *relay {
-	return &relay{sh: sh, js: js, subject: kuma.EventsSubject(sh.cc.Name, sh.n),
+func newRelay(d relayDeps) *relay {
+	return &relay{relayDeps: d, subject: kuma.EventsSubject(d.kctx, d.n),
 		stop: make(chan struct{}), done: make(chan struct{}), pubCh: make(chan struct{})}
 }
 
@@ -101,16 +188,12 @@ func newRelay(sh *shard, js jetstream.JetStream) *relay {
 // nothing is published twice; if the stream is behind (it was purged or
 // recreated), the gap is filled.
 func (r *relay) resume(ctx context.Context) error {
-	noted, err := r.sh.store.Published(ctx)
+	noted, err := r.outbox.Published(ctx)
 	if err != nil {
 		return err
 	}
-	stream, err := r.js.Stream(ctx, kuma.StreamName(r.sh.cc.Name))
-	if err != nil {
-		return fmt.Errorf("relay: stream: %w", err)
-	}
 	var inStream int64
-	msg, err := stream.GetLastMsgForSubject(ctx, r.subject)
+	msg, err := r.stream.last(ctx, r.subject)
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 	case err != nil:
@@ -124,7 +207,7 @@ func (r *relay) resume(ctx context.Context) error {
 		r.subjSeq.Store(msg.Sequence)
 	}
 	if inStream < noted {
-		r.sh.node.cfg.Logger.Warn("the stream is behind the shard's published position; republishing the gap",
+		r.logger.Warn("the stream is behind the shard's published position; republishing the gap",
 			"subject", r.subject, "stream", inStream, "noted", noted)
 	}
 	r.setPublished(inStream)
@@ -151,14 +234,14 @@ func (r *relay) waitPublished(ctx context.Context, seq int64) error {
 			return nil
 		}
 		if r.fenced.Load() {
-			return kuma.Errorf(kuma.CodeUnavailable, "shard %d moved to another node before the stream took the events; retry with the same idempotency key", r.sh.n)
+			return kuma.Errorf(kuma.CodeUnavailable, "shard %d moved to another node before the stream took the events; retry with the same idempotency key", r.n)
 		}
 		select {
 		case <-ch:
 		case <-ctx.Done():
 			return kuma.Errorf(kuma.CodeTimeout, "the events are stored on this node but the stream did not take them in time; retry with the same idempotency key")
-		case <-r.sh.gone.Done():
-			return kuma.Errorf(kuma.CodeUnavailable, "shard %d is stopping and the stream did not take the events in time; they are stored on this node: retry with the same idempotency key", r.sh.n)
+		case <-r.gone.Done():
+			return kuma.Errorf(kuma.CodeUnavailable, "shard %d is stopping and the stream did not take the events in time; they are stored on this node: retry with the same idempotency key", r.n)
 		}
 	}
 }
@@ -168,23 +251,22 @@ func (r *relay) waitPublished(ctx context.Context, seq int64) error {
 // published only if the subject's last message is the one the catch-up saw;
 // after it, a stale owner's publish fails its compare-and-set.
 func (r *relay) claim(ctx context.Context, epoch int64, pos int64) error {
-	data, err := json.Marshal(kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: []kuma.StreamEvent{}})
+	data, err := json.Marshal(kuma.StreamMessage{Context: r.kctx, Shard: r.n, Events: []kuma.StreamEvent{}})
 	if err != nil {
 		return err
 	}
 	msg := nats.NewMsg(r.subject)
 	msg.Data = data
 	if pos > 0 { // an empty shard has no position yet
-		msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.sh.n, Seq: pos}.String())
+		msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.n, Seq: pos}.String())
 	}
 	msg.Header.Set(kuma.HeaderEpoch, strconv.FormatInt(epoch, 10))
-	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".epoch." + strconv.FormatInt(epoch, 10)
-	ack, err := natsbus.PublishDeduped(ctx, r.js, msg, id, jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
-		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
+	id := r.kctx + "." + strconv.Itoa(r.n) + ".epoch." + strconv.FormatInt(epoch, 10)
+	seq, err := r.stream.publish(ctx, msg, id, r.subjSeq.Load())
 	if err != nil {
 		return err
 	}
-	r.subjSeq.Store(ack.Sequence)
+	r.subjSeq.Store(seq)
 	r.epoch.Store(epoch)
 	return nil
 }
@@ -205,7 +287,7 @@ func (r *relay) start() {
 
 func (r *relay) run() {
 	defer close(r.done)
-	log := r.sh.node.cfg.Logger
+	log := r.logger
 	noted := r.published.Load()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -213,7 +295,7 @@ func (r *relay) run() {
 		n, err := r.publishOnce()
 		if r.fenced.Load() {
 			log.Warn("relay stopped: another node claimed the shard in the stream", "subject", r.subject)
-			r.sh.node.lostShard(r.sh, "fenced by the stream")
+			r.lost("fenced by the stream")
 			<-r.stop
 			return
 		}
@@ -235,7 +317,7 @@ func (r *relay) run() {
 		case <-r.stop:
 			r.note(noted)
 			return
-		case <-r.sh.store.Committed():
+		case <-r.outbox.Committed():
 			// Linger a moment so that one message (one fsync in a durable
 			// stream) carries the commits of several groups.
 			time.Sleep(relayLinger)
@@ -253,8 +335,8 @@ func (r *relay) note(noted int64) int64 {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := r.sh.store.SetPublished(ctx, p); err != nil {
-		r.sh.node.cfg.Logger.Warn("relay could not note its position", "subject", r.subject, "err", err)
+	if err := r.outbox.SetPublished(ctx, p); err != nil {
+		r.logger.Warn("relay could not note its position", "subject", r.subject, "err", err)
 		return noted
 	}
 	return p
@@ -263,10 +345,10 @@ func (r *relay) note(noted int64) int64 {
 // publishOnce publishes the next run of unpublished events as one message and
 // returns how many it published.
 func (r *relay) publishOnce() (int, error) {
-	ctx, cancel := context.WithTimeout(r.sh.gone, 10*time.Second)
+	ctx, cancel := context.WithTimeout(r.gone, 10*time.Second)
 	defer cancel()
 	from := r.published.Load()
-	evs, err := r.sh.store.Outbox(ctx, from, relayMaxEvents)
+	evs, err := r.outbox.Outbox(ctx, from, relayMaxEvents)
 	if err != nil || len(evs) == 0 {
 		return 0, err
 	}
@@ -333,23 +415,22 @@ func (r *relay) publishOnce() (int, error) {
 	if parent.IsValid() {
 		pctx = trace.ContextWithRemoteSpanContext(ctx, parent)
 	}
-	pctx, span := r.sh.node.tracer.Start(pctx, "kuma.relay publish", trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
-		trace.WithAttributes(attribute.Int("kuma.shard", r.sh.n), attribute.Int("kuma.relay.events", len(body.Events))))
+	pctx, span := r.tracer.Start(pctx, "kuma.relay publish", trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
+		trace.WithAttributes(attribute.Int("kuma.shard", r.n), attribute.Int("kuma.relay.events", len(body.Events))))
 	defer span.End()
-	r.sh.node.cfg.Failpoint("relay-before-publish")
+	r.failpoint("relay-before-publish")
 	msg := nats.NewMsg(r.subject)
 	msg.Data = data
-	msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.sh.n, Seq: last}.String())
+	msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.n, Seq: last}.String())
 	if span.SpanContext().IsValid() {
 		telemetry.Inject(pctx, msg.Header)
 	}
-	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + "." + strconv.FormatInt(last, 10)
+	id := r.kctx + "." + strconv.Itoa(r.n) + "." + strconv.FormatInt(last, 10)
 	if e := r.epoch.Load(); e > 0 {
-		id = r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".e" + strconv.FormatInt(e, 10) + "." + strconv.FormatInt(last, 10)
+		id = r.kctx + "." + strconv.Itoa(r.n) + ".e" + strconv.FormatInt(e, 10) + "." + strconv.FormatInt(last, 10)
 		msg.Header.Set(kuma.HeaderOwnerEpoch, strconv.FormatInt(e, 10))
 	}
-	ack, err := natsbus.PublishDeduped(ctx, r.js, msg, id, jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
-		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
+	seq, err := r.stream.publish(ctx, msg, id, r.subjSeq.Load())
 	switch {
 	case isWrongLastSequence(err):
 		// Either an earlier attempt of this very message landed and its ack
@@ -374,11 +455,11 @@ func (r *relay) publishOnce() (int, error) {
 		r.retryLast = last // it may have landed: send the very same again
 		return 0, err
 	default:
-		r.subjSeq.Store(ack.Sequence)
+		r.subjSeq.Store(seq)
 	}
 	r.retryLast = 0
 	r.setPublished(last)
-	r.sh.node.cfg.Failpoint("relay-after-publish")
+	r.failpoint("relay-after-publish")
 	return len(covered), nil
 }
 
@@ -389,13 +470,13 @@ func (r *relay) publishOnce() (int, error) {
 // committed are left out: its key is gone, and its rows are about to go.
 // through is how many of evs the message stands for: up to its last event.
 func (r *relay) pseudonymous(ctx context.Context, evs []sqlite.OutboxEvent) (body kuma.StreamMessage, through int, err error) {
-	body = kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: make([]kuma.StreamEvent, 0, len(evs))}
+	body = kuma.StreamMessage{Context: r.kctx, Shard: r.n, Events: make([]kuma.StreamEvent, 0, len(evs))}
 	var prev string
 	var pseudonym string
 	forgotten := false
 	for i, e := range evs {
 		if e.Entity != prev || prev == "" { // events of one entity come in runs
-			ent, err := r.sh.node.keys.Entry(ctx, r.sh.cc.Name, e.Entity, false)
+			ent, err := r.keys.Entry(ctx, r.kctx, e.Entity, false)
 			switch {
 			case errors.Is(err, kuma.ErrEntityForgotten):
 				forgotten = true
@@ -411,7 +492,7 @@ func (r *relay) pseudonymous(ctx context.Context, evs []sqlite.OutboxEvent) (bod
 		}
 		body.Events = append(body.Events, kuma.StreamEvent{
 			Pseudonym: pseudonym, Version: e.Version, Time: time.Unix(0, e.Time).UTC(), Payload: e.Payload,
-			Position:       kuma.Position{Shard: r.sh.n, Seq: e.Seq}.String(),
+			Position:       kuma.Position{Shard: r.n, Seq: e.Seq}.String(),
 			IdempotencyKey: e.Idempotency, FirstVersion: e.FirstVersion,
 		})
 		through = i + 1
@@ -422,11 +503,7 @@ func (r *relay) pseudonymous(ctx context.Context, evs []sqlite.OutboxEvent) (bod
 // landed reports whether the subject's last message is ours, ending at
 // position last, and its stream sequence.
 func (r *relay) landed(ctx context.Context, last int64) (uint64, bool, error) {
-	stream, err := r.js.Stream(ctx, kuma.StreamName(r.sh.cc.Name))
-	if err != nil {
-		return 0, false, err
-	}
-	msg, err := stream.GetLastMsgForSubject(ctx, r.subject)
+	msg, err := r.stream.last(ctx, r.subject)
 	if err != nil {
 		return 0, false, err
 	}
@@ -465,7 +542,7 @@ func (r *relay) close(ctx context.Context) {
 	r.once.Do(func() {
 		close(r.stop)
 		<-r.done
-		for ctx.Err() == nil && !r.fenced.Load() && r.published.Load() < r.sh.store.LastSeq() {
+		for ctx.Err() == nil && !r.fenced.Load() && r.published.Load() < r.outbox.LastSeq() {
 			if n, err := r.publishOnce(); err != nil || n == 0 {
 				break
 			}
@@ -501,14 +578,14 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, name string, repl
 // go: a crash in between leaves the pending mark, and the restart announces
 // again.
 func (r *relay) announceForgotten(ctx context.Context, pseudonym string, at time.Time) error {
-	data, err := json.Marshal(kuma.ForgottenNotice{Context: r.sh.cc.Name, Shard: r.sh.n, Pseudonym: pseudonym, At: at})
+	data, err := json.Marshal(kuma.ForgottenNotice{Context: r.kctx, Shard: r.n, Pseudonym: pseudonym, At: at})
 	if err != nil {
 		return err
 	}
-	msg := nats.NewMsg(kuma.ForgottenSubject(r.sh.cc.Name, r.sh.n))
+	msg := nats.NewMsg(kuma.ForgottenSubject(r.kctx, r.n))
 	msg.Data = data
-	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".forgotten." + pseudonym
-	if _, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name))); err != nil {
+	id := r.kctx + "." + strconv.Itoa(r.n) + ".forgotten." + pseudonym
+	if err := r.stream.announce(ctx, msg, id); err != nil {
 		return kuma.Errorf(kuma.CodeUnavailable, "the event stream did not take the forget notice; retry the forget")
 	}
 	return nil
