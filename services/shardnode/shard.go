@@ -296,3 +296,28 @@ func (sh *shard) stats() ShardStats {
 	return ShardStats{Context: sh.cc.Name, Shard: sh.n, LiveActors: live, Passivated: passivated, Store: st,
 		Published: pub, RelayLag: max(0, st.LastSeq-pub)}
 }
+
+// fenceErr is what a commit gets once the shard's lease has run out.
+func (sh *shard) fence() error {
+	if sh.owner.now() > time.Duration(sh.deadline.Load()) {
+		sh.node.metrics.fenced.WithLabelValues("lease").Inc()
+		return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q: this node's lease ran out (the shard may be moving); retry", sh.n, sh.cc.Name)
+	}
+	return nil
+}
+
+func (sh *shard) lease() cluster.Lease {
+	sh.leaseMu.Lock()
+	defer sh.leaseMu.Unlock()
+	return sh.leaseVal
+}
+
+// setLease records a renewal sent at sent (monotonic): writes stay allowed
+// until 3/4 of the TTL after it, well before others may take the lease.
+func (sh *shard) setLease(l cluster.Lease, sent time.Duration, ttl time.Duration) {
+	sh.leaseMu.Lock()
+	sh.leaseVal = l
+	sh.leaseMu.Unlock()
+	sh.renewedAt.Store(int64(sent))
+	sh.deadline.Store(int64(sent + ttl*3/4))
+}
