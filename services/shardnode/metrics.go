@@ -27,7 +27,7 @@ type metrics struct {
 	mailboxFull prometheus.Counter
 	// repliesFailed counts answers that were counted in requests and
 	// then could not be published; with the size check before the count
-	// (handle), only a connection closing under the reply lands here.
+	// (entity.Actor.handle), only a connection closing under the reply lands here.
 	repliesFailed *prometheus.CounterVec
 	// entity is the actors' share of these (entity.Metrics).
 	entity *entity.Metrics

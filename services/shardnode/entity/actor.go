@@ -161,10 +161,12 @@ func (a *Actor) ID() string { return a.id }
 
 // Reserve counts a request about to be queued, so that the actor is Busy
 // from then on: the shard does it under the lock that passivation takes,
-// so an actor is never passivated with a request on its way to it.
-// Unreserve undoes it when the request was not queued after all; a queued
-// request is uncounted once answered.
-func (a *Actor) Reserve()   { a.pending.Add(1) }
+// so an actor is never passivated with a request on its way to it. A
+// queued request is uncounted once answered.
+func (a *Actor) Reserve() { a.pending.Add(1) }
+
+// Unreserve undoes Reserve for a request that was not queued after all
+// (Enqueue refused it).
 func (a *Actor) Unreserve() { a.pending.Add(-1) }
 
 // Busy reports whether the actor has requests queued, running or reserved.
