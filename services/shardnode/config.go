@@ -258,3 +258,71 @@ func decodeMeta(b []byte) (contextMeta, error) {
 	err := json.Unmarshal(b, &m)
 	return m, err
 }
+
+// ClusterConfig tunes membership, leases and shard moves. The zero value
+// suits a LAN; tests shorten the times.
+type ClusterConfig struct {
+	// Replicas of the stream, the KV buckets and the snapshot store (default
+	// 1; 3 once the NATS cluster has three JetStream servers).
+	Replicas int
+	// Heartbeat is how often the node renews its membership (default 1 s);
+	// MemberTTL how long a silent member counts as alive (default 5 s).
+	Heartbeat time.Duration
+	MemberTTL time.Duration
+	// LeaseTTL is how long a shard lease lasts without renewal (default 6 s).
+	// The holder renews every LeaseTTL/4 and stops writing at 3/4 of it.
+	LeaseTTL time.Duration
+	// Tick is how often the node compares the shard map with where shards
+	// should be (default 500 ms).
+	Tick time.Duration
+	// MaxMoves bounds the shards this node hands off or takes at once
+	// (default 2), so a join is a trickle of moves, not a storm.
+	MaxMoves int
+	// MinHold is how long a node keeps a shard it just took before it may
+	// move it again (default 3 s), so views that disagree for a moment do
+	// not bounce a shard between two nodes.
+	MinHold time.Duration
+	// SnapshotEvery uploads a snapshot of each owned shard that changed, so
+	// a failover replays little of the stream (default 1 minute; negative:
+	// only on moves).
+	SnapshotEvery time.Duration
+}
+
+func (c *ClusterConfig) setDefaults() {
+	if c.Replicas <= 0 {
+		c.Replicas = 1
+	}
+	if c.Heartbeat <= 0 {
+		c.Heartbeat = time.Second
+	}
+	if c.MemberTTL <= 0 {
+		c.MemberTTL = 5 * c.Heartbeat
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = 6 * time.Second
+	}
+	if c.Tick <= 0 {
+		c.Tick = 500 * time.Millisecond
+	}
+	if c.MaxMoves <= 0 {
+		c.MaxMoves = 2
+	}
+	if c.MinHold <= 0 {
+		c.MinHold = 3 * time.Second
+	}
+	if c.SnapshotEvery == 0 {
+		c.SnapshotEvery = time.Minute
+	}
+}
+
+// Durability settings of a context: what an acknowledged append survives.
+const (
+	// DurabilityLocal acknowledges after the local fsync. Losing the node's
+	// disk for good loses what it had not yet published to the stream
+	// (normally a few milliseconds of appends; see relay lag in status).
+	DurabilityLocal = "local"
+	// DurabilityReplicated acknowledges once the stream (replicated by the
+	// NATS cluster) has the events too: losing a node loses nothing
+	// acknowledged.
+	DurabilityReplicated = "replicated"
+)

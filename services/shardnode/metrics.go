@@ -6,6 +6,7 @@ import (
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/natsbus"
+	"github.com/kumadb/kuma/services/shardnode/entity"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -26,8 +27,10 @@ type metrics struct {
 	mailboxFull prometheus.Counter
 	// repliesFailed counts answers that were counted in requests and
 	// then could not be published; with the size check before the count
-	// (handle), only a connection closing under the reply lands here.
+	// (entity.Actor.handle), only a connection closing under the reply lands here.
 	repliesFailed *prometheus.CounterVec
+	// entity is the actors' share of these (entity.Metrics).
+	entity *entity.Metrics
 }
 
 func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
@@ -104,6 +107,7 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			return nil, err
 		}
 	}
+	m.entity = &entity.Metrics{Requests: m.requests, Appended: m.appended, Fenced: m.fenced}
 	return m, nil
 }
 

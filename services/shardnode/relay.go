@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/pkg/telemetry"
 	"github.com/nats-io/nats.go"
@@ -26,9 +25,12 @@ import (
 // from its own last message for the shard, so a crash between publish and
 // bookkeeping neither loses nor repeats anything a consumer can see, and
 // JetStream's duplicate window drops a retried publish.
+//
+// It is given what it needs (relayDeps): the stream, the shard file's
+// outbox, the pseudonyms, and a callback that stops the shard once another
+// owner has claimed it in the stream.
 type relay struct {
-	sh      *shard
-	js      jetstream.JetStream
+	relayDeps
 	subject string
 
 	published atomic.Int64 // position the stream is known to hold
@@ -78,7 +80,7 @@ const (
 // would refuse a bigger message every time it was retried.
 func (r *relay) maxBytes() int {
 	limit := relayMaxBytes
-	if mp := int(r.sh.node.nc.MaxPayload()) - relayHeaderRoom; mp > 0 && mp < limit {
+	if mp := int(r.maxPayload()) - relayHeaderRoom; mp > 0 && mp < limit {
 		limit = mp
 	}
 	return limit
@@ -91,8 +93,8 @@ func relayEventBytes(e sqlite.OutboxEvent) int {
 	return (len(e.Payload)+2)/3*4 + 6*len(e.Idempotency) + 256
 }
 
-func newRelay(sh *shard, js jetstream.JetStream) *relay {
-	return &relay{sh: sh, js: js, subject: kuma.EventsSubject(sh.cc.Name, sh.n),
+func newRelay(d relayDeps) *relay {
+	return &relay{relayDeps: d, subject: kuma.EventsSubject(d.kctx, d.n),
 		stop: make(chan struct{}), done: make(chan struct{}), pubCh: make(chan struct{})}
 }
 
@@ -101,16 +103,12 @@ func newRelay(sh *shard, js jetstream.JetStream) *relay {
 // nothing is published twice; if the stream is behind (it was purged or
 // recreated), the gap is filled.
 func (r *relay) resume(ctx context.Context) error {
-	noted, err := r.sh.store.Published(ctx)
+	noted, err := r.outbox.Published(ctx)
 	if err != nil {
 		return err
 	}
-	stream, err := r.js.Stream(ctx, kuma.StreamName(r.sh.cc.Name))
-	if err != nil {
-		return fmt.Errorf("relay: stream: %w", err)
-	}
 	var inStream int64
-	msg, err := stream.GetLastMsgForSubject(ctx, r.subject)
+	msg, err := r.stream.last(ctx, r.subject)
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 	case err != nil:
@@ -124,7 +122,7 @@ func (r *relay) resume(ctx context.Context) error {
 		r.subjSeq.Store(msg.Sequence)
 	}
 	if inStream < noted {
-		r.sh.node.cfg.Logger.Warn("the stream is behind the shard's published position; republishing the gap",
+		r.logger.Warn("the stream is behind the shard's published position; republishing the gap",
 			"subject", r.subject, "stream", inStream, "noted", noted)
 	}
 	r.setPublished(inStream)
@@ -151,14 +149,14 @@ func (r *relay) waitPublished(ctx context.Context, seq int64) error {
 			return nil
 		}
 		if r.fenced.Load() {
-			return kuma.Errorf(kuma.CodeUnavailable, "shard %d moved to another node before the stream took the events; retry with the same idempotency key", r.sh.n)
+			return kuma.Errorf(kuma.CodeUnavailable, "shard %d moved to another node before the stream took the events; retry with the same idempotency key", r.n)
 		}
 		select {
 		case <-ch:
 		case <-ctx.Done():
 			return kuma.Errorf(kuma.CodeTimeout, "the events are stored on this node but the stream did not take them in time; retry with the same idempotency key")
-		case <-r.sh.gone.Done():
-			return kuma.Errorf(kuma.CodeUnavailable, "shard %d is stopping and the stream did not take the events in time; they are stored on this node: retry with the same idempotency key", r.sh.n)
+		case <-r.gone.Done():
+			return kuma.Errorf(kuma.CodeUnavailable, "shard %d is stopping and the stream did not take the events in time; they are stored on this node: retry with the same idempotency key", r.n)
 		}
 	}
 }
@@ -168,32 +166,24 @@ func (r *relay) waitPublished(ctx context.Context, seq int64) error {
 // published only if the subject's last message is the one the catch-up saw;
 // after it, a stale owner's publish fails its compare-and-set.
 func (r *relay) claim(ctx context.Context, epoch int64, pos int64) error {
-	data, err := json.Marshal(kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: []kuma.StreamEvent{}})
+	data, err := json.Marshal(kuma.StreamMessage{Context: r.kctx, Shard: r.n, Events: []kuma.StreamEvent{}})
 	if err != nil {
 		return err
 	}
 	msg := nats.NewMsg(r.subject)
 	msg.Data = data
 	if pos > 0 { // an empty shard has no position yet
-		msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.sh.n, Seq: pos}.String())
+		msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.n, Seq: pos}.String())
 	}
 	msg.Header.Set(kuma.HeaderEpoch, strconv.FormatInt(epoch, 10))
-	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".epoch." + strconv.FormatInt(epoch, 10)
-	ack, err := natsbus.PublishDeduped(ctx, r.js, msg, id, jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
-		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
+	id := r.kctx + "." + strconv.Itoa(r.n) + ".epoch." + strconv.FormatInt(epoch, 10)
+	seq, err := r.stream.publish(ctx, msg, id, r.subjSeq.Load())
 	if err != nil {
 		return err
 	}
-	r.subjSeq.Store(ack.Sequence)
+	r.subjSeq.Store(seq)
 	r.epoch.Store(epoch)
 	return nil
-}
-
-// isWrongLastSequence tells a failed compare-and-set on the stream.
-func isWrongLastSequence(err error) bool {
-	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) &&
-		(apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
 // start runs the relay; close stops it. running is set before the goroutine
@@ -205,7 +195,7 @@ func (r *relay) start() {
 
 func (r *relay) run() {
 	defer close(r.done)
-	log := r.sh.node.cfg.Logger
+	log := r.logger
 	noted := r.published.Load()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -213,7 +203,7 @@ func (r *relay) run() {
 		n, err := r.publishOnce()
 		if r.fenced.Load() {
 			log.Warn("relay stopped: another node claimed the shard in the stream", "subject", r.subject)
-			r.sh.node.lostShard(r.sh, "fenced by the stream")
+			r.lost("fenced by the stream")
 			<-r.stop
 			return
 		}
@@ -235,7 +225,7 @@ func (r *relay) run() {
 		case <-r.stop:
 			r.note(noted)
 			return
-		case <-r.sh.store.Committed():
+		case <-r.outbox.Committed():
 			// Linger a moment so that one message (one fsync in a durable
 			// stream) carries the commits of several groups.
 			time.Sleep(relayLinger)
@@ -253,8 +243,8 @@ func (r *relay) note(noted int64) int64 {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := r.sh.store.SetPublished(ctx, p); err != nil {
-		r.sh.node.cfg.Logger.Warn("relay could not note its position", "subject", r.subject, "err", err)
+	if err := r.outbox.SetPublished(ctx, p); err != nil {
+		r.logger.Warn("relay could not note its position", "subject", r.subject, "err", err)
 		return noted
 	}
 	return p
@@ -263,10 +253,10 @@ func (r *relay) note(noted int64) int64 {
 // publishOnce publishes the next run of unpublished events as one message and
 // returns how many it published.
 func (r *relay) publishOnce() (int, error) {
-	ctx, cancel := context.WithTimeout(r.sh.gone, 10*time.Second)
+	ctx, cancel := context.WithTimeout(r.gone, 10*time.Second)
 	defer cancel()
 	from := r.published.Load()
-	evs, err := r.sh.store.Outbox(ctx, from, relayMaxEvents)
+	evs, err := r.outbox.Outbox(ctx, from, relayMaxEvents)
 	if err != nil || len(evs) == 0 {
 		return 0, err
 	}
@@ -333,23 +323,22 @@ func (r *relay) publishOnce() (int, error) {
 	if parent.IsValid() {
 		pctx = trace.ContextWithRemoteSpanContext(ctx, parent)
 	}
-	pctx, span := r.sh.node.tracer.Start(pctx, "kuma.relay publish", trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
-		trace.WithAttributes(attribute.Int("kuma.shard", r.sh.n), attribute.Int("kuma.relay.events", len(body.Events))))
+	pctx, span := r.tracer.Start(pctx, "kuma.relay publish", trace.WithSpanKind(trace.SpanKindProducer), trace.WithLinks(links...),
+		trace.WithAttributes(attribute.Int("kuma.shard", r.n), attribute.Int("kuma.relay.events", len(body.Events))))
 	defer span.End()
-	r.sh.node.cfg.Failpoint("relay-before-publish")
+	r.failpoint("relay-before-publish")
 	msg := nats.NewMsg(r.subject)
 	msg.Data = data
-	msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.sh.n, Seq: last}.String())
+	msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.n, Seq: last}.String())
 	if span.SpanContext().IsValid() {
 		telemetry.Inject(pctx, msg.Header)
 	}
-	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + "." + strconv.FormatInt(last, 10)
+	id := r.kctx + "." + strconv.Itoa(r.n) + "." + strconv.FormatInt(last, 10)
 	if e := r.epoch.Load(); e > 0 {
-		id = r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".e" + strconv.FormatInt(e, 10) + "." + strconv.FormatInt(last, 10)
+		id = r.kctx + "." + strconv.Itoa(r.n) + ".e" + strconv.FormatInt(e, 10) + "." + strconv.FormatInt(last, 10)
 		msg.Header.Set(kuma.HeaderOwnerEpoch, strconv.FormatInt(e, 10))
 	}
-	ack, err := natsbus.PublishDeduped(ctx, r.js, msg, id, jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name)),
-		jetstream.WithExpectLastSequencePerSubject(r.subjSeq.Load()))
+	seq, err := r.stream.publish(ctx, msg, id, r.subjSeq.Load())
 	switch {
 	case isWrongLastSequence(err):
 		// Either an earlier attempt of this very message landed and its ack
@@ -374,11 +363,11 @@ func (r *relay) publishOnce() (int, error) {
 		r.retryLast = last // it may have landed: send the very same again
 		return 0, err
 	default:
-		r.subjSeq.Store(ack.Sequence)
+		r.subjSeq.Store(seq)
 	}
 	r.retryLast = 0
 	r.setPublished(last)
-	r.sh.node.cfg.Failpoint("relay-after-publish")
+	r.failpoint("relay-after-publish")
 	return len(covered), nil
 }
 
@@ -389,13 +378,13 @@ func (r *relay) publishOnce() (int, error) {
 // committed are left out: its key is gone, and its rows are about to go.
 // through is how many of evs the message stands for: up to its last event.
 func (r *relay) pseudonymous(ctx context.Context, evs []sqlite.OutboxEvent) (body kuma.StreamMessage, through int, err error) {
-	body = kuma.StreamMessage{Context: r.sh.cc.Name, Shard: r.sh.n, Events: make([]kuma.StreamEvent, 0, len(evs))}
+	body = kuma.StreamMessage{Context: r.kctx, Shard: r.n, Events: make([]kuma.StreamEvent, 0, len(evs))}
 	var prev string
 	var pseudonym string
 	forgotten := false
 	for i, e := range evs {
 		if e.Entity != prev || prev == "" { // events of one entity come in runs
-			ent, err := r.sh.node.keys.Entry(ctx, r.sh.cc.Name, e.Entity, false)
+			ent, err := r.keys.Entry(ctx, r.kctx, e.Entity, false)
 			switch {
 			case errors.Is(err, kuma.ErrEntityForgotten):
 				forgotten = true
@@ -411,7 +400,7 @@ func (r *relay) pseudonymous(ctx context.Context, evs []sqlite.OutboxEvent) (bod
 		}
 		body.Events = append(body.Events, kuma.StreamEvent{
 			Pseudonym: pseudonym, Version: e.Version, Time: time.Unix(0, e.Time).UTC(), Payload: e.Payload,
-			Position:       kuma.Position{Shard: r.sh.n, Seq: e.Seq}.String(),
+			Position:       kuma.Position{Shard: r.n, Seq: e.Seq}.String(),
 			IdempotencyKey: e.Idempotency, FirstVersion: e.FirstVersion,
 		})
 		through = i + 1
@@ -422,11 +411,7 @@ func (r *relay) pseudonymous(ctx context.Context, evs []sqlite.OutboxEvent) (bod
 // landed reports whether the subject's last message is ours, ending at
 // position last, and its stream sequence.
 func (r *relay) landed(ctx context.Context, last int64) (uint64, bool, error) {
-	stream, err := r.js.Stream(ctx, kuma.StreamName(r.sh.cc.Name))
-	if err != nil {
-		return 0, false, err
-	}
-	msg, err := stream.GetLastMsgForSubject(ctx, r.subject)
+	msg, err := r.stream.last(ctx, r.subject)
 	if err != nil {
 		return 0, false, err
 	}
@@ -442,20 +427,6 @@ func (r *relay) landed(ctx context.Context, last int64) (uint64, bool, error) {
 	return msg.Sequence, true, nil
 }
 
-// messagePosition is the shard position a stream message ends at: its
-// Kuma-Last-Position header, or 0 for the epoch claim of an empty shard.
-func messagePosition(h nats.Header) (int64, error) {
-	v := h.Get(kuma.HeaderLastPosition)
-	if v == "" && h.Get(kuma.HeaderEpoch) != "" {
-		return 0, nil
-	}
-	p, err := kuma.ParsePosition(v)
-	if err != nil {
-		return 0, fmt.Errorf("no valid %s header: %w", kuma.HeaderLastPosition, err)
-	}
-	return p.Seq, nil
-}
-
 // close stops the relay, then publishes what is left (bounded by ctx) and
 // notes the position. The relay goroutine stops first: publishOnce is one
 // goroutine's at a time (retryLast, the subject sequence), and two at once
@@ -465,7 +436,7 @@ func (r *relay) close(ctx context.Context) {
 	r.once.Do(func() {
 		close(r.stop)
 		<-r.done
-		for ctx.Err() == nil && !r.fenced.Load() && r.published.Load() < r.sh.store.LastSeq() {
+		for ctx.Err() == nil && !r.fenced.Load() && r.published.Load() < r.outbox.LastSeq() {
 			if n, err := r.publishOnce(); err != nil || n == 0 {
 				break
 			}
@@ -476,39 +447,19 @@ func (r *relay) close(ctx context.Context) {
 	})
 }
 
-// ensureStream creates or updates the context's stream. Its server must run
-// with sync always (the embedded one does) for a publish ack to mean the
-// events are on disk.
-func ensureStream(ctx context.Context, js jetstream.JetStream, name string, replicas int) error {
-	_, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
-		Name:        kuma.StreamName(name),
-		Description: "Kuma events of context " + name,
-		Subjects:    []string{kuma.EventsWildcard(name)},
-		Storage:     jetstream.FileStorage,
-		Retention:   jetstream.LimitsPolicy,
-		Duplicates:  2 * time.Minute,
-		Replicas:    replicas,
-		MaxMsgSize:  int32(relayMaxBytes * 2),
-	})
-	if err != nil {
-		return fmt.Errorf("shardnode: stream %s: %w", kuma.StreamName(name), err)
-	}
-	return nil
-}
-
 // announceForgotten publishes the forget notice of an entity, named by its
 // pseudonym, to the stream, after its key is shredded and before its rows
 // go: a crash in between leaves the pending mark, and the restart announces
 // again.
 func (r *relay) announceForgotten(ctx context.Context, pseudonym string, at time.Time) error {
-	data, err := json.Marshal(kuma.ForgottenNotice{Context: r.sh.cc.Name, Shard: r.sh.n, Pseudonym: pseudonym, At: at})
+	data, err := json.Marshal(kuma.ForgottenNotice{Context: r.kctx, Shard: r.n, Pseudonym: pseudonym, At: at})
 	if err != nil {
 		return err
 	}
-	msg := nats.NewMsg(kuma.ForgottenSubject(r.sh.cc.Name, r.sh.n))
+	msg := nats.NewMsg(kuma.ForgottenSubject(r.kctx, r.n))
 	msg.Data = data
-	id := r.sh.cc.Name + "." + strconv.Itoa(r.sh.n) + ".forgotten." + pseudonym
-	if _, err := r.js.PublishMsg(ctx, msg, jetstream.WithMsgID(id), jetstream.WithExpectStream(kuma.StreamName(r.sh.cc.Name))); err != nil {
+	id := r.kctx + "." + strconv.Itoa(r.n) + ".forgotten." + pseudonym
+	if err := r.stream.announce(ctx, msg, id); err != nil {
 		return kuma.Errorf(kuma.CodeUnavailable, "the event stream did not take the forget notice; retry the forget")
 	}
 	return nil

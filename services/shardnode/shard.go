@@ -3,18 +3,14 @@ package shardnode
 import (
 	"container/list"
 	"context"
-	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/cluster"
-
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/natsbus"
-	"github.com/kumadb/kuma/pkg/placement"
 	"github.com/kumadb/kuma/pkg/sqlite"
-	"github.com/kumadb/kuma/pkg/telemetry"
+	"github.com/kumadb/kuma/services/shardnode/entity"
 	"github.com/nats-io/nats.go"
 )
 
@@ -43,8 +39,11 @@ type shard struct {
 	// feedCache holds the latest events as the feed shows them (feed.go).
 	feedCache *feedCache
 
+	// ent is what the shard's actors share (entity.Shard).
+	ent *entity.Shard
+
 	mu         sync.Mutex
-	actors     map[string]*actor
+	actors     map[string]*liveActor
 	lru        *list.List // front = most recently used
 	maxActors  int
 	closed     bool
@@ -86,111 +85,33 @@ type shard struct {
 func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxActors, maxReply int) *shard {
 	sh := &shard{
 		node: node, owner: node.owner, cc: cc, n: n, store: store, maxReply: maxReply,
-		actors: map[string]*actor{}, lru: list.New(), maxActors: maxActors,
+		actors: map[string]*liveActor{}, lru: list.New(), maxActors: maxActors,
 		stopSweep: make(chan struct{}), sweepDone: make(chan struct{}),
 	}
 	sh.checkCtx, sh.stopCheck = context.WithCancel(context.Background())
 	sh.gone, sh.giveUp = context.WithCancel(context.Background())
-	sh.relay = newRelay(sh, node.js)
+	sh.relay = newRelay(relayDeps{
+		kctx: cc.Name, n: n, stream: jsStream{js: node.js, name: kuma.StreamName(cc.Name)}, outbox: store, keys: node.keys,
+		gone: sh.gone, lost: func(why string) { node.lostShard(sh, why) },
+		maxPayload: node.nc.MaxPayload, logger: node.cfg.Logger, tracer: node.tracer, failpoint: node.cfg.Failpoint,
+	})
 	sh.feedCache = newFeedCache(feedCacheBytes)
+	sh.ent = sh.entityShard()
 	go sh.sweepLoop()
 	return sh
 }
 
-func (sh *shard) subscribe() error {
-	// A queue subscription, though one node serves a shard: during a hand-off
-	// the old owner keeps a refusing member in the group (refuse.go), and
-	// NATS passes a message that reaches a server whose member just left
-	// on to another member, where a plain subscription's would be dropped.
-	sub, err := sh.node.nc.QueueSubscribe(kuma.ShardPrefix(sh.cc.Name, sh.n)+">", ShardQueue, sh.onMsg)
-	if err != nil {
-		return fmt.Errorf("shardnode: subscribe to shard %d of %q: %w", sh.n, sh.cc.Name, err)
-	}
-	// An actor's mailbox gives the backpressure; the subscription's own
-	// buffer only has to absorb bursts.
-	if err := sub.SetPendingLimits(1<<16, 256<<20); err != nil {
-		return err
-	}
-	sh.sub = sub
-	return nil
-}
-
-// onMsg runs on the subscription's goroutine: it only checks the address and
-// hands the message to the entity's actor, which does the work.
-func (sh *shard) onMsg(msg *nats.Msg) {
-	if !kuma.ReplyAllowed(msg.Reply) {
-		// Answering would publish into the namespace the reply names
-		// (an event stream, a KV bucket): drop the request unanswered.
-		sh.node.metrics.requests.WithLabelValues("unknown", string(kuma.CodeForbidden)).Inc()
-		sh.node.cfg.Logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", msg.Reply)
-		return
-	}
-	if msg.Subject == kuma.ShardFeedSubject(sh.cc.Name, sh.n) {
-		select {
-		case sh.node.feedSlots <- struct{}{}:
-			go sh.serveFeed(msg)
-		default:
-			sh.replyFeed(msg, nil, kuma.Errorf(kuma.CodeUnavailable, "this node serves %d feed requests already; retry", maxFeedRequests))
-		}
-		return
-	}
-	if msg.Subject == kuma.ShardBackupSubject(sh.cc.Name, sh.n) {
-		go sh.serveBackup(msg)
-		return
-	}
-	op, entity, ok := kuma.ParseShardSubject(msg.Subject)
-	if !ok {
-		sh.replyError(msg, kuma.Errorf(kuma.CodeNotFound, "unknown subject %q", msg.Subject))
-		return
-	}
-	if err := kuma.ValidateEntityID(entity); err != nil {
-		sh.replyError(msg, err)
-		return
-	}
-	if !knownOp(op) {
-		sh.replyError(msg, kuma.Errorf(kuma.CodeNotFound, "unknown operation %q", op))
-		return
-	}
-	if want := placement.ShardOf(entity, sh.cc.Shards); want != sh.n {
-		// A client routing by itself with the wrong shard count would
-		// otherwise split an entity's history over two files.
-		sh.replyError(msg, kuma.Errorf(kuma.CodeBadRequest,
-			"entity %q belongs to shard %d of %d, not shard %d", entity, want, sh.cc.Shards, sh.n))
-		return
-	}
-	// A request lives no longer than the shard's patience: a stop that
-	// gives up (gone) ends it.
-	sh.dispatch(entity, &request{op: op, msg: msg, ctx: telemetry.Extract(sh.gone, msg.Header)})
-}
-
-func knownOp(op string) bool {
-	switch op {
-	case kuma.OpAppend, kuma.OpRead, kuma.OpHistory, kuma.OpExport, kuma.OpForget:
-		return true
-	}
-	return false
-}
-
-func (sh *shard) replyError(msg *nats.Msg, err error) {
-	op, _, ok := kuma.ParseShardSubject(msg.Subject)
-	if !ok || !knownOp(op) {
-		op = "unknown"
-	}
-	sh.node.metrics.requests.WithLabelValues(op, string(kuma.ErrorCode(err))).Inc()
-	if rerr := natsbus.RespondError(sh.node.nc, msg, err); rerr != nil {
-		sh.node.metrics.replyFailed(op, rerr)
-		sh.node.cfg.Logger.Warn("reply failed", "subject", msg.Subject, "err", rerr)
-	}
-}
-
-func (sh *shard) dispatch(entity string, req *request) {
+// dispatch queues req on the actor of entity, making one if it has none
+// (within the shard's share of MaxActors). A request it cannot queue is
+// refused with the error returned, which the caller sends back; nil means
+// the actor has it and will answer.
+func (sh *shard) dispatch(id string, req *entity.Request) error {
 	sh.mu.Lock()
 	if sh.closed {
 		sh.mu.Unlock()
-		sh.replyError(req.msg, kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q is stopping; retry", sh.n, sh.cc.Name))
-		return
+		return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q is stopping; retry", sh.n, sh.cc.Name)
 	}
-	a := sh.actors[entity]
+	a := sh.actors[id]
 	if a == nil {
 		// MaxActors is a hard bound. Busy actors cannot be passivated, so
 		// without this a flood of requests for distinct entities (reads of
@@ -201,30 +122,63 @@ func (sh *shard) dispatch(entity string, req *request) {
 		// and clients retry: backpressure, not growth.
 		if !sh.makeRoomLocked() {
 			sh.mu.Unlock()
-			sh.replyError(req.msg, kuma.Errorf(kuma.CodeUnavailable,
-				"shard %d of %q is busy with %d entities, its share of the node's actors; retry", sh.n, sh.cc.Name, sh.maxActors))
-			return
+			return kuma.Errorf(kuma.CodeUnavailable,
+				"shard %d of %q is busy with %d entities, its share of the node's actors; retry", sh.n, sh.cc.Name, sh.maxActors)
 		}
-		a = newActor(sh, entity)
-		sh.actors[entity] = a
+		a = &liveActor{Actor: entity.New(sh.ent, id)}
+		sh.actors[id] = a
 		a.elem = sh.lru.PushFront(a)
 	} else {
 		sh.lru.MoveToFront(a.elem)
 	}
-	a.pending.Add(1)
+	a.Reserve()
 	a.lastUsed = sh.node.cfg.Now()
 	sh.sendsWG.Add(1)
+	defer sh.sendsWG.Done()
 	sh.mu.Unlock()
 	// A full mailbox is refused, not waited on: this runs on the shard's
 	// NATS callback, so waiting for one hot entity would stall every other
 	// entity of the shard behind it.
-	if !a.enqueue(req) {
-		a.pending.Add(-1)
+	if !a.Enqueue(req) {
+		a.Unreserve()
 		sh.node.metrics.mailboxFull.Inc()
-		sh.replyError(req.msg, kuma.Errorf(kuma.CodeUnavailable,
-			"entity %q has %d requests waiting; retry", entity, sh.node.cfg.MailboxLen))
+		return kuma.Errorf(kuma.CodeUnavailable, "entity %q has %d requests waiting; retry", id, sh.node.cfg.MailboxLen)
 	}
-	sh.sendsWG.Done()
+	return nil
+}
+
+// entityShard is what the shard's actors need of it and of the node.
+func (sh *shard) entityShard() *entity.Shard {
+	node := sh.node
+	var failpoint func(string)
+	if node.hooked {
+		failpoint = node.cfg.Failpoint
+	}
+	return &entity.Shard{
+		Context: sh.cc.Name, N: sh.n, Reducer: sh.cc.Reducer, Limits: sh.cc.Limits,
+		Replicated:    sh.cc.Durability == DurabilityReplicated,
+		SnapshotEvery: node.cfg.SnapshotEvery, MailboxLen: node.cfg.MailboxLen, MaxReply: sh.maxReply,
+		Store: sh.store, Keys: node.keys, Vault: node.cfg.Keys,
+		Erase:         sh.erase,
+		WaitPublished: sh.relay.waitPublished,
+		Published:     sh.relay.published.Load,
+		StorageError:  sh.storageError,
+		Wrote:         sh.wrote,
+		Failpoint:     failpoint,
+		Running:       &sh.actorsWG,
+		Metrics:       node.metrics.entity,
+		Tracer:        node.tracer,
+		Logger:        node.cfg.Logger,
+		Now:           node.cfg.Now,
+	}
+}
+
+// liveActor is an actor the shard holds, with its place in the shard's
+// LRU list; elem and lastUsed are guarded by the shard's mu.
+type liveActor struct {
+	*entity.Actor
+	elem     *list.Element
+	lastUsed time.Time
 }
 
 // makeRoomLocked passivates least recently used idle actors until the shard
@@ -234,8 +188,8 @@ func (sh *shard) dispatch(entity string, req *request) {
 func (sh *shard) makeRoomLocked() bool {
 	for i := 0; sh.lru.Len() >= sh.maxActors && i < 32; i++ {
 		back := sh.lru.Back()
-		a := back.Value.(*actor)
-		if a.pending.Load() > 0 {
+		a := back.Value.(*liveActor)
+		if a.Busy() {
 			sh.lru.MoveToFront(back)
 			continue
 		}
@@ -244,8 +198,8 @@ func (sh *shard) makeRoomLocked() bool {
 	return sh.lru.Len() < sh.maxActors
 }
 
-func (sh *shard) passivateLocked(a *actor) {
-	delete(sh.actors, a.id)
+func (sh *shard) passivateLocked(a *liveActor) {
+	delete(sh.actors, a.ID())
 	sh.lru.Remove(a.elem)
 	sh.passivated++
 }
@@ -267,12 +221,12 @@ func (sh *shard) sweepLoop() {
 		cutoff := sh.node.cfg.Now().Add(-idle)
 		sh.mu.Lock()
 		for e := sh.lru.Back(); e != nil; {
-			a := e.Value.(*actor)
+			a := e.Value.(*liveActor)
 			if !a.lastUsed.Before(cutoff) {
 				break
 			}
 			prev := e.Prev()
-			if a.pending.Load() == 0 {
+			if !a.Busy() {
 				sh.passivateLocked(a)
 			}
 			e = prev
@@ -323,7 +277,7 @@ drained:
 	sh.sendsWG.Wait() // every dispatch in flight has queued its request
 	sh.mu.Lock()
 	for _, a := range sh.actors {
-		delete(sh.actors, a.id)
+		delete(sh.actors, a.ID())
 	}
 	sh.lru.Init()
 	sh.mu.Unlock()
@@ -341,4 +295,29 @@ func (sh *shard) stats() ShardStats {
 	pub := sh.relay.published.Load()
 	return ShardStats{Context: sh.cc.Name, Shard: sh.n, LiveActors: live, Passivated: passivated, Store: st,
 		Published: pub, RelayLag: max(0, st.LastSeq-pub)}
+}
+
+// fenceErr is what a commit gets once the shard's lease has run out.
+func (sh *shard) fence() error {
+	if sh.owner.now() > time.Duration(sh.deadline.Load()) {
+		sh.node.metrics.fenced.WithLabelValues("lease").Inc()
+		return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q: this node's lease ran out (the shard may be moving); retry", sh.n, sh.cc.Name)
+	}
+	return nil
+}
+
+func (sh *shard) lease() cluster.Lease {
+	sh.leaseMu.Lock()
+	defer sh.leaseMu.Unlock()
+	return sh.leaseVal
+}
+
+// setLease records a renewal sent at sent (monotonic): writes stay allowed
+// until 3/4 of the TTL after it, well before others may take the lease.
+func (sh *shard) setLease(l cluster.Lease, sent time.Duration, ttl time.Duration) {
+	sh.leaseMu.Lock()
+	sh.leaseVal = l
+	sh.leaseMu.Unlock()
+	sh.renewedAt.Store(int64(sent))
+	sh.deadline.Store(int64(sent + ttl*3/4))
 }

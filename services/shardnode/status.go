@@ -304,7 +304,7 @@ func corruptStatus(node string) string {
 }
 
 // whatSnapshot is how the control loop names a snapshot upload in Moves
-// (cluster.go): the shard stays where it is.
+// (moves.go): the shard stays where it is.
 const whatSnapshot = "uploading a snapshot"
 
 func sortMoves(ms []kuma.ShardMove) {
