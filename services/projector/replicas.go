@@ -3,6 +3,7 @@ package projector
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"sort"
 	"time"
 
@@ -71,7 +72,41 @@ func (s *Service) knownReplicas(ctx context.Context) (*replicaSet, error) {
 	if err := list.Err(); err != nil {
 		return nil, err
 	}
+	s.rememberReplicas(rs)
 	return rs, nil
+}
+
+// rememberReplicasFor is how long a replica the durables named stays known
+// once they no longer name it.
+const rememberReplicasFor = 10 * time.Minute
+
+// seenReplica is a replica as the durables last named it.
+type seenReplica struct {
+	applied map[string]uint64 // by projection
+	at      time.Time
+}
+
+// rememberReplicas adds to rs the replicas the durables named in the last
+// rememberReplicasFor but name no longer, and remembers those rs names.
+// Why: a durable has one replica (consumer.go), and when it lives on the
+// NATS server of the node that died, it is not listed while that server is
+// down. The dead replica vanished from status instead of showing as
+// unavailable, the one thing an operator needs to see then.
+func (s *Service) rememberReplicas(rs *replicaSet) {
+	now := s.cfg.Now()
+	s.replicasMu.Lock()
+	defer s.replicasMu.Unlock()
+	for node, applied := range rs.nodes {
+		s.replicasSeen[node] = seenReplica{applied: maps.Clone(applied), at: now}
+	}
+	for node, seen := range s.replicasSeen {
+		switch {
+		case now.Sub(seen.at) > rememberReplicasFor:
+			delete(s.replicasSeen, node)
+		case rs.nodes[node] == nil:
+			rs.nodes[node] = maps.Clone(seen.applied)
+		}
+	}
 }
 
 // fanOut sends op to every replica, this one included, and gathers their

@@ -58,6 +58,11 @@ type Service struct {
 	mu    sync.Mutex
 	projs map[string]*projectionRT
 	js    jetstream.JetStream
+
+	// replicasSeen remembers the replicas the stream's durables named
+	// (replicas.go), guarded by replicasMu.
+	replicasMu   sync.Mutex
+	replicasSeen map[string]seenReplica
 }
 
 // New validates the config and the declared projections; Start runs them.
@@ -72,7 +77,7 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	}
 	s := &Service{cfg: cfg, nc: nc, log: cfg.Logger, tracer: telemetry.Tracer(cfg.TracerProvider),
 		dir: filepath.Join(cfg.DataDir, "projector", cfg.Context), specs: map[string]*projection.Compiled{},
-		projs: map[string]*projectionRT{}}
+		projs: map[string]*projectionRT{}, replicasSeen: map[string]seenReplica{}}
 	for _, c := range compiled {
 		if c.Spec.Name == EntitiesProjection {
 			return nil, fmt.Errorf("projector: %q is the built-in projection's name", EntitiesProjection)
