@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"os"
 	"runtime/debug"
 	"time"
 
@@ -33,8 +32,8 @@ const memoryLimitRefresh = time.Minute
 // heap nears it instead. It is a soft limit: it changes when the collector
 // runs, never what Kuma keeps.
 //
-// A GOMEMLIMIT in the environment wins (the runtime already applied it), as
-// does AUTOMEMLIMIT, which the library reads; no limit at all (a process
+// A GOMEMLIMIT in the environment wins (the runtime already applied it and
+// the library leaves it alone), as does AUTOMEMLIMIT, which it reads too; no limit at all (a process
 // outside any container) changes nothing, and neither does a platform without
 // cgroups.
 func applyMemoryLimit(ctx context.Context, ratio float64, limit memlimit.Provider, log *slog.Logger) error {
@@ -42,10 +41,6 @@ func applyMemoryLimit(ctx context.Context, ratio float64, limit memlimit.Provide
 		return usageError{fmt.Errorf("--memory-limit-ratio must be between 0 (off) and 1, got %v", ratio)}
 	}
 	if ratio == 0 {
-		return nil
-	}
-	if v := os.Getenv("GOMEMLIMIT"); v != "" {
-		log.Debug("GOMEMLIMIT is set: the memory limit is not derived from the container's", "GOMEMLIMIT", v)
 		return nil
 	}
 	before := debug.SetMemoryLimit(-1)

@@ -1,7 +1,6 @@
 package projector
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -13,8 +12,8 @@ import (
 	"time"
 
 	wmjs "github.com/ThreeDotsLabs/watermill-nats/v2/pkg/jetstream"
+	"github.com/kumadb/kuma/internal/testkit"
 	"github.com/kumadb/kuma/pkg/kuma"
-	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -22,9 +21,8 @@ import (
 // The adapter's tests run it against a real embedded nats-server with
 // JetStream: each shows one workaround of watermill.go doing its job. They
 // are in the package (the adapter is unexported), which cannot import
-// internal/kumatest (it imports internal/app, which imports this package):
-// hence a server and a log buffer of their own, as kumatest.NATS and
-// kumatest.LogBuffer.
+// internal/kumatest (it imports internal/app, which imports this package),
+// so they take the server and the log buffer from internal/testkit.
 
 const wmCtx = "wm"
 
@@ -35,41 +33,15 @@ type wmRig struct {
 	nc     *nats.Conn // the shared connection, as the service's
 	stream jetstream.Stream
 	r      *wmRouter
-	logs   *lockedBuffer
+	logs   *testkit.LogBuffer
 
 	mu    sync.Mutex
 	conns []*nats.Conn
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 func newWMRig(t *testing.T, retryable func(error) bool) *wmRig {
 	t.Helper()
-	srv, err := natsbus.StartServer(t.Context(), natsbus.ServerConfig{Listen: "127.0.0.1:-1", StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	srv, nc := testkit.NATS(t)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
@@ -78,7 +50,7 @@ func newWMRig(t *testing.T, retryable func(error) bool) *wmRig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rig := &wmRig{t: t, nc: nc, stream: stream, logs: &lockedBuffer{}}
+	rig := &wmRig{t: t, nc: nc, stream: stream, logs: &testkit.LogBuffer{}}
 	runCtx, cancel := context.WithCancel(context.Background())
 	rig.r, err = newWMRouter(wmRouterConfig{
 		Logger: slog.New(slog.NewTextHandler(rig.logs, nil)),

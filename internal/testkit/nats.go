@@ -1,4 +1,4 @@
-package kumatest
+package testkit
 
 import (
 	"testing"
