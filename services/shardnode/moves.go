@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/cluster"
@@ -119,6 +120,12 @@ func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool
 	log := o.s.cfg.Logger.With("context", sh.cc.Name, "shard", sh.n, "to", to)
 	start := time.Now()
 	o.s.removeShard(sh)
+	// Out of the served set, the shard is no longer renewed by the control
+	// loop: the hand-off renews its lease itself until it lets it go, or a
+	// relay waiting out a stalled stream would outlast the lease, and the
+	// fenced upload would end with the shard released to nobody.
+	release := o.keepLease(sh)
+	defer release()
 	o.refuse(sh, to) // before the serving member leaves: see refuse.go
 	sh.stopServing(ctx)
 	o.s.cfg.Failpoint("handoff-after-stop")
@@ -139,6 +146,7 @@ func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool
 		if cerr := sh.store.Close(); cerr != nil {
 			log.Warn("close", "err", cerr)
 		}
+		release() // the reopened shard is renewed by the control loop again
 		l := sh.lease()
 		re, rerr := o.s.openOwned(ctx, sh.cc, sh.n, l, &l, time.Duration(sh.renewedAt.Load()))
 		if rerr != nil {
@@ -154,6 +162,7 @@ func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool
 	if err := sh.store.Close(); err != nil {
 		log.Warn("close", "err", err)
 	}
+	release() // the release below needs the lease's last revision
 	if _, err := o.store.Release(ctx, sh.lease(), to); err != nil && !errors.Is(err, cluster.ErrConflict) {
 		log.Warn("release failed; the lease will run out instead", "err", err)
 		if stopping || o.moves.Err() != nil {
@@ -162,6 +171,50 @@ func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool
 	}
 	o.s.metrics.moves.WithLabelValues("out").Inc()
 	log.Info("shard handed off", "events", sh.store.LastSeq(), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// keepLease renews sh's lease in the background while a move works on a
+// shard the control loop no longer renews, until the returned func is
+// called (more than once is fine); it returns after the last renewal, so
+// that sh.lease() is then the lease's current revision. A conflict (the
+// lease was taken) ends the renewals: the fence in every commit then stops
+// the move's writes.
+func (o *owner) keepLease(sh *shard) (stop func()) {
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(min(o.cfg.Tick, o.cfg.LeaseTTL/8))
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			if o.now()-time.Duration(sh.renewedAt.Load()) < o.cfg.LeaseTTL/4 {
+				continue
+			}
+			sent := o.now()
+			ctx, cancel := context.WithTimeout(context.Background(), o.cfg.LeaseTTL/4)
+			l, err := o.store.Renew(ctx, sh.lease())
+			cancel()
+			switch {
+			case errors.Is(err, cluster.ErrConflict):
+				o.s.cfg.Logger.Warn("the lease of a shard being moved was taken", "context", sh.cc.Name, "shard", sh.n)
+				return
+			case err != nil:
+				o.s.cfg.Logger.Warn("lease renewal failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
+			default:
+				sh.setLease(l, sent, o.cfg.LeaseTTL)
+			}
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() { close(done) })
+		<-finished
+	}
 }
 
 // upload writes a consistent copy of the shard to the snapshot store.

@@ -1,0 +1,93 @@
+//go:build cluster
+
+package shardnode_test
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/internal/kumatest"
+	"github.com/kumadb/kuma/pkg/client"
+)
+
+// TestSlowHandoffKeepsItsLease: a hand-off that takes longer than the
+// lease (here held at one of its steps; in a cluster, a relay waiting on a
+// stream that is growing to three replicas) keeps renewing the lease while
+// it works, so that it finishes. Before, the shard left the control loop's
+// renewals when its hand-off began: past the lease's deadline the upload's
+// commit was fenced, the hand-off failed, the reopen under the stale lease
+// failed too, and the lease was released to nobody, so that the next owner
+// took the shard from an older snapshot (without the events the old owner
+// had not yet published, under local durability).
+func TestSlowHandoffKeepsItsLease(t *testing.T) {
+	ctx := context.Background()
+	logs1, logs2 := &corruptLog{}, &corruptLog{}
+	var once sync.Once
+	held := make(chan struct{})
+	n1 := kumatest.Start(t, func(c *app.Config) {
+		c.Shards = corruptShards
+		c.Logger = slog.New(slog.NewTextHandler(logs1, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		c.Failpoint = func(name string) {
+			if name != "handoff-after-stop" {
+				return
+			}
+			// The first hand-off waits past the lease's deadline (3/4
+			// of its 6 s TTL), as a stalled stream makes it.
+			once.Do(func() {
+				close(held)
+				time.Sleep(7 * time.Second)
+			})
+		}
+	})
+	c := n1.Client(client.Options{Timeout: 30 * time.Second})
+	acked, _ := corruptWriteAll(t, c, 4, 10, 100)
+	corruptSettle(t, n1)
+
+	cfg2 := app.Config{Target: app.ModuleShardnode, NodeName: "n2", DataDir: t.TempDir(), Shards: corruptShards,
+		NATSURL: n1.App.ClientURL(), Logger: slog.New(slog.NewTextHandler(logs2, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	n2, err := app.New(cfg2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = n2.Start(startCtx)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = n2.Stop(ctx)
+	})
+	select {
+	case <-held:
+	case <-time.After(60 * time.Second):
+		t.Fatal("n1 handed nothing off to n2 within 60 s")
+	}
+
+	deadline := time.Now().Add(90 * time.Second)
+	for len(n1.Shardnode().Moves()) > 0 || len(n2.Shardnode().Moves()) > 0 || len(n2.Shardnode().Stats()) == 0 ||
+		len(n1.Shardnode().Stats())+len(n2.Shardnode().Stats()) != corruptShards {
+		if time.Now().After(deadline) {
+			t.Fatalf("shards did not settle: n1 serves %d, n2 %d, moving %v %v", len(n1.Shardnode().Stats()), len(n2.Shardnode().Stats()),
+				n1.Shardnode().Moves(), n2.Shardnode().Moves())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, bad := range []string{"hand-off failed", "could not reopen", "lease ran out"} {
+		if lines := logs1.lines(bad); len(lines) > 0 {
+			t.Errorf("n1 logged %q during a slow hand-off:\n%s", bad, lines[0])
+		}
+	}
+	if lines := logs2.lines("shard taken", "epoch=2"); len(lines) == 0 {
+		t.Errorf("n2 took no shard at the epoch after n1's (a hand-off); its takes:\n%q", logs2.lines("shard taken"))
+	}
+	if err := corruptVerify(ctx, c, acked); err != nil {
+		t.Fatalf("after the hand-offs: %v", err)
+	}
+}
