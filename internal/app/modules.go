@@ -178,6 +178,14 @@ func (a *App) build(module string) (service, error) {
 		pc.NodeName = cfg.NodeName
 		pc.Specs = a.specs
 		pc.Keys = keys
+		if a.shards != nil {
+			// The shardnode of this process (built before the projector,
+			// see targets) holds the keys it seals with; the projector
+			// opens the same entities' events, so it shares that cache
+			// rather than hold every key a second time. Both reach the
+			// same keyvault (in process, or over this connection).
+			pc.KeyCache = a.shards.KeyCache().Share()
+		}
 		pc.Dial = a.dial
 		pc.Failpoint = cfg.Failpoint
 		pc.Registerer = a.registry

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/envelope"
@@ -38,6 +39,14 @@ type Vault interface {
 // even if its broadcast were missed. An entry is found by the entity's id or
 // by its pseudonym (how the event stream names it). Safe for concurrent use.
 type Cache struct {
+	*store
+	// Each view of the store (Share) counts its own hits and misses, so
+	// that the services sharing one report their own use of it.
+	hits, misses *atomic.Int64
+}
+
+// store is the cache's content, shared by its views.
+type store struct {
 	vault  Vault
 	tracer trace.Tracer
 	max    int
@@ -58,8 +67,6 @@ type Cache struct {
 	epoch    uint64
 	inflight int
 	dropped  map[cacheKey]uint64
-	hits     int64
-	misses   int64
 }
 
 type cacheKey struct{ ctx, entity string }
@@ -81,8 +88,16 @@ type Entry struct {
 // New returns a cache of at most max keys, each kept at most ttl; tracer
 // records the vault calls (telemetry.Tracer(nil) for none).
 func New(vault Vault, max int, ttl time.Duration, now func() time.Time, tracer trace.Tracer) *Cache {
-	return &Cache{vault: vault, tracer: tracer, max: max, ttl: ttl, now: now,
-		entries: map[cacheKey]*list.Element{}, byP: map[cacheKey]*list.Element{}, lru: list.New(), dropped: map[cacheKey]uint64{}}
+	return &Cache{store: &store{vault: vault, tracer: tracer, max: max, ttl: ttl, now: now,
+		entries: map[cacheKey]*list.Element{}, byP: map[cacheKey]*list.Element{}, lru: list.New(), dropped: map[cacheKey]uint64{}},
+		hits: new(atomic.Int64), misses: new(atomic.Int64)}
+}
+
+// Share returns another view of the same cache, with hit and miss counts of
+// its own: the services of one process share one cache of keys, so that an
+// entity's key is held once, and each still reports its own use of it.
+func (c *Cache) Share() *Cache {
+	return &Cache{store: c.store, hits: new(atomic.Int64), misses: new(atomic.Int64)}
 }
 
 // Get returns the entity's key from the cache or the vault (see
@@ -114,13 +129,13 @@ func (c *Cache) get(ctx context.Context, kctx, entity, pseudonym string, create 
 		ent := e.Value.(*cacheEntry)
 		if c.now().Sub(ent.fetched) < c.ttl {
 			c.lru.MoveToFront(e)
-			c.hits++
+			c.hits.Add(1)
 			c.mu.Unlock()
 			return Entry{Key: ent.key, Entity: ent.k.entity, Pseudonym: ent.p.entity}, nil
 		}
 		c.removeLocked(e)
 	}
-	c.misses++
+	c.misses.Add(1)
 	began := c.epoch
 	c.inflight++
 	c.mu.Unlock()
@@ -204,11 +219,9 @@ func (c *Cache) removeLocked(e *list.Element) {
 	c.lru.Remove(e)
 }
 
-// Stats returns hits and misses so far.
+// Stats returns this view's hits and misses so far.
 func (c *Cache) Stats() (hits, misses int64) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.hits, c.misses
+	return c.hits.Load(), c.misses.Load()
 }
 
 // SubscribeShredded drops keys as the keyvault announces shreds, until the

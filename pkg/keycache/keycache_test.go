@@ -168,3 +168,43 @@ func TestKeyCacheHitsBoundTTLAndShredBroadcast(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestKeyCacheShareHoldsOneKeyAndCountsPerView: a view from Share finds
+// the key another view fetched (the same *envelope.Key, no vault call),
+// each view counts its own hits and misses, and a drop through either one
+// drops the key for both.
+func TestKeyCacheShareHoldsOneKeyAndCountsPerView(t *testing.T) {
+	ctx := t.Context()
+	vault := &countingVault{keys: map[string][]byte{}}
+	node := New(vault, 10, time.Minute, time.Now, telemetry.Tracer(nil))
+	proj := node.Share()
+
+	k1, err := node.Get(ctx, "c", "e1", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := proj.ByPseudonym(ctx, "c", "Pe1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Key != k1 || e.Entity != "e1" {
+		t.Fatalf("the shared view found %p for %q, want the node's key %p for e1", e.Key, e.Entity, k1)
+	}
+	if vault.calls != 1 {
+		t.Fatalf("%d vault calls, want 1: the shared view should have found the key", vault.calls)
+	}
+	if h, m := node.Stats(); h != 0 || m != 1 {
+		t.Errorf("node view: %d hits, %d misses; want 0, 1", h, m)
+	}
+	if h, m := proj.Stats(); h != 1 || m != 0 {
+		t.Errorf("shared view: %d hits, %d misses; want 1, 0", h, m)
+	}
+
+	proj.Drop("c", "e1")
+	if _, err := node.Get(ctx, "c", "e1", false); err != nil {
+		t.Fatal(err)
+	}
+	if vault.calls != 2 {
+		t.Fatalf("%d vault calls after a drop through the other view, want 2", vault.calls)
+	}
+}

@@ -66,6 +66,12 @@ type Config struct {
 	StoppedRetryEvery time.Duration // how often a stopped projection looks for an operator's action (default 1s)
 	KeyCacheSize      int
 	KeyCacheTTL       time.Duration
+	// KeyCache, when set, is the cache of data keys to use instead of one
+	// of the projector's own (KeyCacheSize and KeyCacheTTL are then the
+	// cache's): in one process it is the shardnode's, so that an entity's
+	// key is held once and a new entity's key, fetched for its first
+	// append, is found here without a call to the keyvault.
+	KeyCache *keycache.Cache
 
 	// Failpoint is the fault tests' hook: projector-before-apply and
 	// projector-after-apply (committed, not yet acknowledged).

@@ -84,7 +84,10 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 		}
 		s.specs[c.Spec.Name] = c
 	}
-	s.keys = keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, s.tracer)
+	s.keys = cfg.KeyCache
+	if s.keys == nil {
+		s.keys = keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, s.tracer)
+	}
 	if s.metrics, err = newMetrics(cfg.Registerer, s); err != nil {
 		return nil, err
 	}

@@ -85,6 +85,11 @@ type Config struct {
 	// (defaults 100,000 and 10 minutes).
 	KeyCacheSize int
 	KeyCacheTTL  time.Duration
+	// KeyCache, when set, is the cache of data keys to use instead of one
+	// of the node's own (KeyCacheSize and KeyCacheTTL are then the
+	// cache's): the services of one process share one, so that an entity's
+	// key is held once.
+	KeyCache *keycache.Cache
 	// Failpoint, when set, is called at named points of risky sequences so
 	// that fault tests can stop the process exactly there: the shard
 	// writer's "commit-before" and "commit-after", "append-after-ack",

@@ -72,9 +72,12 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	tracer := telemetry.Tracer(cfg.TracerProvider)
 	// Start fills in the shard counts of this copy, not the caller's.
 	cfg.Contexts = slices.Clone(cfg.Contexts)
-	s := &Service{cfg: cfg, nc: nc, tracer: tracer, hooked: hooked, keys: keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer),
+	s := &Service{cfg: cfg, nc: nc, tracer: tracer, hooked: hooked, keys: cfg.KeyCache,
 		corrupt: map[shardKey]*corruptShard{}, checkSem: make(chan struct{}, 1), feedSlots: make(chan struct{}, maxFeedRequests),
 		backupSlots: make(chan struct{}, 1)}
+	if s.keys == nil {
+		s.keys = keycache.New(cfg.Keys, cfg.KeyCacheSize, cfg.KeyCacheTTL, cfg.Now, tracer)
+	}
 	reg := cfg.Registerer
 	if reg == nil {
 		reg = prometheus.NewRegistry() // counted, just not exported
@@ -370,3 +373,7 @@ func (s *Service) Stats() []ShardStats {
 
 // KeyCacheStats returns the data-key cache's hits and misses.
 func (s *Service) KeyCacheStats() (hits, misses int64) { return s.keys.Stats() }
+
+// KeyCache is the node's cache of data keys, for the other services of its
+// process to share (projector.Config.KeyCache).
+func (s *Service) KeyCache() *keycache.Cache { return s.keys }
