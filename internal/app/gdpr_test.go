@@ -332,24 +332,12 @@ func TestSwappedCiphertextsDoNotOpen(t *testing.T) {
 	shard := placement.ShardOf(ids[0], n.Cfg.Shards)
 	n.Stop()
 	db := openShardFile(t, n, shard)
-	swap := func(e1 string, v1 int, e2 string, v2 int) {
+	swap := func(e1 string, v1 int64, e2 string, v2 int64) {
 		t.Helper()
-		var p1, p2 []byte
-		if err := db.QueryRow(`SELECT payload FROM events WHERE entity = ? AND version = ?`, e1, v1).Scan(&p1); err != nil {
-			t.Fatal(err)
-		}
-		if err := db.QueryRow(`SELECT payload FROM events WHERE entity = ? AND version = ?`, e2, v2).Scan(&p2); err != nil {
-			t.Fatal(err)
-		}
-		for _, u := range []struct {
-			e string
-			v int
-			p []byte
-		}{{e1, v1, p2}, {e2, v2, p1}} {
-			if _, err := db.Exec(`UPDATE events SET payload = ? WHERE entity = ? AND version = ?`, u.p, u.e, u.v); err != nil {
-				t.Fatal(err)
-			}
-		}
+		p1 := append([]byte(nil), kumatest.EventPayload(t, db, e1, v1)...)
+		p2 := append([]byte(nil), kumatest.EventPayload(t, db, e2, v2)...)
+		kumatest.SetEventPayload(t, db, e1, v1, p2)
+		kumatest.SetEventPayload(t, db, e2, v2, p1)
 	}
 	swap(ids[0], 1, ids[1], 1) // between entities
 	swap(ids[2], 1, ids[2], 2) // between versions

@@ -40,11 +40,9 @@ func (s *Shard) Purge(ctx context.Context, entity string) (int64, error) {
 		if err := keepHighWater(ctx, conn); err != nil {
 			return err
 		}
-		res, err := conn.ExecContext(ctx, `DELETE FROM events WHERE entity = ?`, entity)
-		if err != nil {
+		if err := conn.QueryRowContext(ctx, `SELECT COALESCE(SUM(n), 0) FROM events WHERE entity = ?`, entity).Scan(&n); err != nil {
 			return err
 		}
-		n, _ = res.RowsAffected()
 		return purgeRows(ctx, conn, entity)
 	})
 	if err != nil {

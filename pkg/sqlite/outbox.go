@@ -30,8 +30,10 @@ type OutboxEvent struct {
 // commit order. Positions of forgotten entities' events are missing: the
 // sequence is dense as committed, not after erasure.
 func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]OutboxEvent, error) {
+	// Every row holds at least one event, so limit rows hold enough. The
+	// idempotency record of an append names its last event: the run's.
 	rows, err := s.rdb.QueryContext(ctx,
-		`SELECT e.pos, e.entity, e.version, e.payload, e.time, COALESCE(i.key, ''), COALESCE(i.first_version, 0)
+		`SELECT e.pos, e.entity, e.version, e.n, e.payload, e.time, COALESCE(i.key, ''), COALESCE(i.first_version, 0)
 		   FROM events e LEFT JOIN idempotency i ON i.pos = e.pos
 		  WHERE e.pos > ? ORDER BY e.pos LIMIT ?`, seq, limit)
 	if err != nil {
@@ -39,12 +41,26 @@ func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]Outbox
 	}
 	defer rows.Close()
 	out := make([]OutboxEvent, 0, limit)
-	for rows.Next() {
-		var e OutboxEvent
-		if err := rows.Scan(&e.Seq, &e.Entity, &e.Version, &e.Payload, &e.Time, &e.Idempotency, &e.FirstVersion); err != nil {
+	for len(out) < limit && rows.Next() {
+		var r run
+		var idem string
+		var firstVersion int64
+		if err := rows.Scan(&r.pos, &r.entity, &r.version, &r.n, &r.payload, &r.time, &idem, &firstVersion); err != nil {
 			return nil, s.noteErr(fmt.Errorf("sqlite: read outbox: %w", err))
 		}
-		out = append(out, e)
+		err := r.events(func(pos, version int64, payload []byte) bool {
+			if pos > seq {
+				e := OutboxEvent{Seq: pos, Entity: r.entity, Version: version, Payload: payload, Time: r.time}
+				if pos == r.pos {
+					e.Idempotency, e.FirstVersion = idem, firstVersion
+				}
+				out = append(out, e)
+			}
+			return len(out) < limit
+		})
+		if err != nil {
+			return nil, s.noteErr(err)
+		}
 	}
 	return out, s.noteErr(rows.Err())
 }

@@ -63,26 +63,36 @@ func (s *Shard) LatestSnapshot(ctx context.Context, entity string, maxVersion in
 // Events returns the entity's events with fromVersion <= version <= toVersion,
 // in version order, at most limit of them (limit <= 0: no limit).
 func (s *Shard) Events(ctx context.Context, entity string, fromVersion, toVersion int64, limit int) ([]StoredEvent, error) {
-	if limit <= 0 {
-		limit = -1 // SQLite: no limit
-	}
+	// The runs that end at or after fromVersion, in version order (the
+	// index on entity, version), until one starts after toVersion.
 	rows, err := s.rdb.QueryContext(ctx,
-		`SELECT pos, version, payload, time FROM events
-		 WHERE entity = ? AND version >= ? AND version <= ? ORDER BY version LIMIT ?`,
-		entity, fromVersion, toVersion, limit)
+		`SELECT pos, version, n, payload, time FROM events
+		 WHERE entity = ? AND version >= ? ORDER BY version`,
+		entity, fromVersion)
 	if err != nil {
 		return nil, s.noteErr(fmt.Errorf("sqlite: read events: %w", err))
 	}
 	defer rows.Close()
 	var out []StoredEvent
-	for rows.Next() {
-		var e StoredEvent
-		var t int64
-		if err := rows.Scan(&e.Seq, &e.Version, &e.Payload, &t); err != nil {
+	full := func() bool { return limit > 0 && len(out) >= limit }
+	for !full() && rows.Next() {
+		var r run
+		if err := rows.Scan(&r.pos, &r.version, &r.n, &r.payload, &r.time); err != nil {
 			return nil, s.noteErr(fmt.Errorf("sqlite: read events: %w", err))
 		}
-		e.Time = fromNanos(t)
-		out = append(out, e)
+		if r.firstVersion() > toVersion {
+			break
+		}
+		t := fromNanos(r.time)
+		err := r.events(func(pos, version int64, payload []byte) bool {
+			if version >= fromVersion && version <= toVersion {
+				out = append(out, StoredEvent{Seq: pos, Version: version, Payload: payload, Time: t})
+			}
+			return version < toVersion && !full()
+		})
+		if err != nil {
+			return nil, s.noteErr(err)
+		}
 	}
 	if err := rows.Err(); err != nil {
 		return nil, s.noteErr(fmt.Errorf("sqlite: read events: %w", err))

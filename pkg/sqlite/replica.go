@@ -324,6 +324,29 @@ func (s *Shard) ApplyReplicated(ctx context.Context, evs []ReplicatedEvent) (app
 	return applied, err
 }
 
+// cutRunAt shortens the run that holds both position pos and later ones
+// (an append published in part) to its events up to pos, so that deleting
+// the rows after pos keeps every event at or before it.
+func cutRunAt(ctx context.Context, conn *sql.Conn, pos int64) error {
+	var r run
+	err := conn.QueryRowContext(ctx, `SELECT pos, version, n, payload FROM events WHERE pos > ? ORDER BY pos LIMIT 1`, pos).
+		Scan(&r.pos, &r.version, &r.n, &r.payload)
+	if errors.Is(err, sql.ErrNoRows) || err == nil && r.first() > pos {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	ps, err := SplitRun(r.payload, r.n)
+	if err != nil {
+		return err
+	}
+	keep := pos - r.first() + 1
+	_, err = conn.ExecContext(ctx, `UPDATE events SET pos = ?, version = ?, n = ?, payload = ? WHERE pos = ?`,
+		pos, r.firstVersion()+keep-1, keep, FrameRun(ps[:keep]), r.pos)
+	return err
+}
+
 func purgeRows(ctx context.Context, conn *sql.Conn, entity string) error {
 	if err := keepHighWater(ctx, conn); err != nil {
 		return err
@@ -372,11 +395,15 @@ func (s *Shard) TruncateAfter(ctx context.Context, pos int64) (dropped int64, er
 			touched = append(touched, e)
 		}
 		rows.Close()
-		res, err := conn.ExecContext(ctx, `DELETE FROM events WHERE pos > ?`, pos)
-		if err != nil {
+		if err := conn.QueryRowContext(ctx, `SELECT COALESCE(SUM(min(n, pos - ?)), 0) FROM events WHERE pos > ?`, pos, pos).Scan(&dropped); err != nil {
 			return err
 		}
-		dropped, _ = res.RowsAffected()
+		if err := cutRunAt(ctx, conn, pos); err != nil {
+			return err
+		}
+		if _, err := conn.ExecContext(ctx, `DELETE FROM events WHERE pos > ?`, pos); err != nil {
+			return err
+		}
 		if _, err := conn.ExecContext(ctx, `DELETE FROM idempotency WHERE pos > ?`, pos); err != nil {
 			return err
 		}

@@ -38,6 +38,16 @@ func PrepareRestored(ctx context.Context, path, kctx string, shard, shards int,
 	}
 	defer db.Close()
 	db.SetMaxOpenConns(1)
+	// A backup from an older Kuma is brought to this one's schema first.
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return RestoreInfo{}, fmt.Errorf("sqlite: open %s: %w", path, err)
+	}
+	err = upgradeSchema(ctx, conn, path)
+	conn.Close()
+	if err != nil {
+		return RestoreInfo{}, err
+	}
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return RestoreInfo{}, err

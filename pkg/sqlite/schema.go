@@ -1,8 +1,9 @@
 package sqlite
 
 // schemaVersion is bumped with every change to schema below; Open refuses a
-// file written by a newer Kuma.
-const schemaVersion = 1
+// file written by a newer Kuma and upgrades an older one (upgradeSchema).
+// 2: events rows hold runs (the n column, runs.go).
+const schemaVersion = 2
 
 // Times are unix nanoseconds (UTC). pos is the shard's commit sequence: the
 // writer assigns it, so it is dense (1, 2, 3...) and orders events exactly as
@@ -19,12 +20,16 @@ CREATE TABLE IF NOT EXISTS meta (
 	value TEXT NOT NULL
 ) WITHOUT ROWID;
 
+-- A row is a run of n events of one entity (runs.go): pos and version are
+-- its last event's, payload holds each event's type and data, sealed under
+-- the entity's key (framed when n > 1).
 CREATE TABLE IF NOT EXISTS events (
 	pos     INTEGER PRIMARY KEY,
 	entity  TEXT    NOT NULL,
 	version INTEGER NOT NULL,
-	payload BLOB    NOT NULL, -- type and data, sealed under the entity's key
-	time    INTEGER NOT NULL
+	payload BLOB    NOT NULL,
+	time    INTEGER NOT NULL,
+	n       INTEGER NOT NULL DEFAULT 1
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_entity_version ON events (entity, version);
 

@@ -217,6 +217,9 @@ func (s *Shard) open(ctx context.Context) error {
 	if _, err := s.wconn.ExecContext(ctx, schema); err != nil {
 		return fmt.Errorf("sqlite: create schema in %s: %w", s.cfg.Path, err)
 	}
+	if err := upgradeSchema(ctx, s.wconn, s.cfg.Path); err != nil {
+		return err
+	}
 	if err := s.checkMeta(ctx); err != nil {
 		return err
 	}
@@ -247,6 +250,51 @@ func (s *Shard) open(ctx context.Context) error {
 	}
 	s.rdb.SetMaxOpenConns(s.cfg.Readers)
 	s.rdb.SetMaxIdleConns(s.cfg.Readers)
+	return nil
+}
+
+// upgradeSchema brings a file written by an older Kuma to schemaVersion,
+// in one transaction, and refuses one written by a newer Kuma. A new file
+// (no schema in its meta yet) has the current schema already.
+func upgradeSchema(ctx context.Context, conn *sql.Conn, path string) (err error) {
+	var got string
+	err = conn.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'schema'`).Scan(&got)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("sqlite: read the schema version of %s: %w", path, err)
+	}
+	v, err := strconv.Atoi(got)
+	switch {
+	case err != nil:
+		return fmt.Errorf("sqlite: %s holds schema=%q, not a version; refusing to open it", path, got)
+	case v > schemaVersion:
+		return fmt.Errorf("sqlite: %s was written by a newer Kuma (schema %d; this one reads up to %d); refusing to open it", path, v, schemaVersion)
+	case v == schemaVersion:
+		return nil
+	}
+	if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+		return fmt.Errorf("sqlite: upgrade %s: %w", path, err)
+	}
+	defer func() {
+		if err != nil {
+			_, _ = conn.ExecContext(ctx, "ROLLBACK")
+		}
+	}()
+	if v < 2 {
+		// Every row of a schema-1 file is an event of its own: a run of one,
+		// which is the column's default. Adding it rewrites nothing.
+		if _, err := conn.ExecContext(ctx, `ALTER TABLE events ADD COLUMN n INTEGER NOT NULL DEFAULT 1`); err != nil {
+			return fmt.Errorf("sqlite: upgrade %s to schema 2: %w", path, err)
+		}
+	}
+	if _, err := conn.ExecContext(ctx, `UPDATE meta SET value = ? WHERE key = 'schema'`, strconv.Itoa(schemaVersion)); err != nil {
+		return fmt.Errorf("sqlite: upgrade %s: %w", path, err)
+	}
+	if _, err := conn.ExecContext(ctx, "COMMIT"); err != nil {
+		return fmt.Errorf("sqlite: upgrade %s: %w", path, err)
+	}
 	return nil
 }
 

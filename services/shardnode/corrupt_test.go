@@ -427,14 +427,9 @@ func TestCorruptSealedPayload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var payload []byte
-	if err := db.QueryRow(`SELECT payload FROM events WHERE entity = ? AND version = 3`, bad).Scan(&payload); err != nil {
-		t.Fatal(err)
-	}
+	payload := append([]byte(nil), kumatest.EventPayload(t, db, bad, 3)...)
 	payload[len(payload)/2] ^= 0x08
-	if _, err := db.Exec(`UPDATE events SET payload = ? WHERE entity = ? AND version = 3`, payload, bad); err != nil {
-		t.Fatal(err)
-	}
+	kumatest.SetEventPayload(t, db, bad, 3, payload)
 	if err := db.Close(); err != nil {
 		t.Fatal(err)
 	}
