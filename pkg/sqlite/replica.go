@@ -267,8 +267,42 @@ func (s *Shard) ApplyReplicated(ctx context.Context, evs []ReplicatedEvent) (app
 				_, _ = conn.ExecContext(ctx, "ROLLBACK")
 			}
 		}()
+		// Consecutive events of one entity committed together are written
+		// as one run (runs.go), as the writer wrote them; a run ends with
+		// an append's idempotency record, which names its last event.
+		var run []ReplicatedEvent
+		flush := func() error {
+			if len(run) == 0 {
+				return nil
+			}
+			last := run[len(run)-1]
+			payloads := make([][]byte, len(run))
+			for i, e := range run {
+				payloads[i] = e.Payload
+			}
+			run = run[:0]
+			if _, err := conn.ExecContext(ctx, `INSERT INTO events (pos, entity, version, payload, time, n) VALUES (?, ?, ?, ?, ?, ?)`,
+				last.Seq, last.Entity, last.Version, FrameRun(payloads), last.Time, len(payloads)); err != nil {
+				return fmt.Errorf("sqlite: apply replicated event %d: %w", last.Seq, err)
+			}
+			if _, err := conn.ExecContext(ctx, `INSERT INTO entities (entity, version, created_at, updated_at) VALUES (?, ?, ?, ?)
+				ON CONFLICT (entity) DO UPDATE SET version = max(version, excluded.version), updated_at = max(updated_at, excluded.updated_at)`,
+				last.Entity, last.Version, last.Time, last.Time); err != nil {
+				return fmt.Errorf("sqlite: apply replicated event %d: %w", last.Seq, err)
+			}
+			if last.Idempotency != "" {
+				if _, err := conn.ExecContext(ctx, `INSERT OR IGNORE INTO idempotency (entity, key, first_version, last_version, time, pos) VALUES (?, ?, ?, ?, ?, ?)`,
+					last.Entity, last.Idempotency, last.FirstVersion, last.Version, last.Time, last.Seq); err != nil {
+					return fmt.Errorf("sqlite: apply replicated event %d: %w", last.Seq, err)
+				}
+			}
+			return nil
+		}
 		for _, e := range evs {
 			if e.Forgotten {
+				if err := flush(); err != nil {
+					return err
+				}
 				if err := purgeRows(ctx, conn, e.Entity); err != nil {
 					return err
 				}
@@ -278,26 +312,31 @@ func (s *Shard) ApplyReplicated(ctx context.Context, evs []ReplicatedEvent) (app
 				continue
 			}
 			if e.Skipped {
+				if err := flush(); err != nil {
+					return err
+				}
 				seq = e.Seq
 				continue
 			}
-			if _, err := conn.ExecContext(ctx, `INSERT INTO events (pos, entity, version, payload, time) VALUES (?, ?, ?, ?, ?)`,
-				e.Seq, e.Entity, e.Version, e.Payload, e.Time); err != nil {
-				return fmt.Errorf("sqlite: apply replicated event %d: %w", e.Seq, err)
+			if n := len(run); n > 0 {
+				prev := run[n-1]
+				if e.Entity != prev.Entity || e.Seq != prev.Seq+1 || e.Version != prev.Version+1 || e.Time != prev.Time {
+					if err := flush(); err != nil {
+						return err
+					}
+				}
 			}
-			if _, err := conn.ExecContext(ctx, `INSERT INTO entities (entity, version, created_at, updated_at) VALUES (?, ?, ?, ?)
-				ON CONFLICT (entity) DO UPDATE SET version = max(version, excluded.version), updated_at = max(updated_at, excluded.updated_at)`,
-				e.Entity, e.Version, e.Time, e.Time); err != nil {
-				return fmt.Errorf("sqlite: apply replicated event %d: %w", e.Seq, err)
-			}
+			run = append(run, e)
 			if e.Idempotency != "" {
-				if _, err := conn.ExecContext(ctx, `INSERT OR IGNORE INTO idempotency (entity, key, first_version, last_version, time, pos) VALUES (?, ?, ?, ?, ?, ?)`,
-					e.Entity, e.Idempotency, e.FirstVersion, e.Version, e.Time, e.Seq); err != nil {
-					return fmt.Errorf("sqlite: apply replicated event %d: %w", e.Seq, err)
+				if err := flush(); err != nil {
+					return err
 				}
 			}
 			seq = e.Seq
 			applied++
+		}
+		if err := flush(); err != nil {
+			return err
 		}
 		if _, err := conn.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)`, strconv.FormatInt(seq, 10)); err != nil {
 			return err

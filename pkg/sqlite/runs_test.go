@@ -248,3 +248,66 @@ func TestDamagedRunIsCorrupt(t *testing.T) {
 		}
 	}
 }
+
+// TestCatchUpWritesRuns: events taken from the stream are stored as runs
+// too, one per stretch of consecutive events of one entity committed
+// together, ending at an append's idempotency record (which names its last
+// event); the outbox reads them back as they came, records included.
+func TestCatchUpWritesRuns(t *testing.T) {
+	ctx := context.Background()
+	s := openTest(t, filepath.Join(t.TempDir(), "shard-000.db"), 1)
+	defer s.Close()
+	t1, t2 := int64(1_000), int64(2_000)
+	ev := func(seq int64, entity string, v, tm int64) ReplicatedEvent {
+		return ReplicatedEvent{OutboxEvent: OutboxEvent{Seq: seq, Entity: entity, Version: v, Payload: payloadOf(entity, v), Time: tm}}
+	}
+	idem := ev(3, "a", 3, t1)
+	idem.Idempotency, idem.FirstVersion = "sha256:k", 1
+	evs := []ReplicatedEvent{
+		ev(1, "a", 1, t1), ev(2, "a", 2, t1), idem, // an append with a key: one run
+		ev(4, "a", 4, t1), ev(5, "a", 5, t1), // the next append, same time: a run of its own after the record
+		ev(6, "b", 1, t1), ev(7, "b", 2, t2), // another time: two runs
+		{OutboxEvent: OutboxEvent{Seq: 8}, Skipped: true}, // a forgotten entity's event
+		ev(9, "b", 3, t2),
+	}
+	if _, err := s.ApplyReplicated(ctx, evs); err != nil {
+		t.Fatal(err)
+	}
+	var runs []string
+	rows, err := s.rdb.QueryContext(ctx, `SELECT pos, n FROM events ORDER BY pos`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var pos, n int64
+		if err := rows.Scan(&pos, &n); err != nil {
+			t.Fatal(err)
+		}
+		runs = append(runs, fmt.Sprintf("%d-%d", pos-n+1, pos))
+	}
+	rows.Close()
+	if got := strings.Join(runs, " "); got != "1-3 4-5 6-6 7-7 9-9" {
+		t.Fatalf("rows hold positions %s; want 1-3 4-5 6-6 7-7 9-9", got)
+	}
+	out, err := s.EventsAfter(ctx, 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 8 || s.LastSeq() != 9 {
+		t.Fatalf("%d events read back, last position %d; want 8, 9", len(out), s.LastSeq())
+	}
+	for i, e := range out {
+		want := evs[i]
+		if i >= 7 {
+			want = evs[i+1]
+		}
+		if e.Seq != want.Seq || e.Entity != want.Entity || e.Version != want.Version || e.Time != want.Time ||
+			string(e.Payload) != string(want.Payload) || e.Idempotency != want.Idempotency || e.FirstVersion != want.FirstVersion {
+			t.Fatalf("event %d read back as %+v, applied as %+v", i, e, want.OutboxEvent)
+		}
+	}
+	var pos, first, last int64
+	if err := s.rdb.QueryRowContext(ctx, `SELECT pos, first_version, last_version FROM idempotency WHERE entity = 'a'`).Scan(&pos, &first, &last); err != nil || pos != 3 || first != 1 || last != 3 {
+		t.Fatalf("the idempotency record: position %d, versions %d..%d, %v; want 3, 1..3", pos, first, last, err)
+	}
+}
