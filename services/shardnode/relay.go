@@ -132,6 +132,12 @@ func (r *relay) resume(ctx context.Context) error {
 // setPublished moves the published position and wakes waiting appends.
 func (r *relay) setPublished(p int64) {
 	r.published.Store(p)
+	r.wake()
+}
+
+// wake lets every waitPublished look again: the position moved, or the
+// relay was fenced and they must be answered now.
+func (r *relay) wake() {
 	r.pubMu.Lock()
 	close(r.pubCh)
 	r.pubCh = make(chan struct{})
@@ -356,6 +362,7 @@ func (r *relay) publishOnce() (int, error) {
 		}
 		if !ok {
 			r.fenced.Store(true)
+			r.wake() // appends waiting for the stream will never see it take theirs
 			return 0, fmt.Errorf("relay: %s has a message of another owner", r.subject)
 		}
 		r.subjSeq.Store(seq)

@@ -306,6 +306,14 @@ func TestRelayFencedByAnotherOwner(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.commit(t, 10, "a")
+	// An append already waiting for the stream when the fence comes is
+	// answered by it, not left to its own time limit.
+	waiting := make(chan error, 1)
+	go func() {
+		wctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		waiting <- h.relay.waitPublished(wctx, 2)
+	}()
 	h.relay.start()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
@@ -321,9 +329,10 @@ func TestRelayFencedByAnotherOwner(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	// An append that waits for the stream from now on is answered at once.
-	// (One already waiting when the fence came is not woken by it: it is
-	// answered when the shard's stop gives up, gone.)
+	if err := <-waiting; kuma.ErrorCode(err) != kuma.CodeUnavailable {
+		t.Fatalf("an append waiting when the relay was fenced: got %v, want unavailable", err)
+	}
+	// And one that waits for the stream from now on is answered at once.
 	if err := h.relay.waitPublished(ctx, 2); kuma.ErrorCode(err) != kuma.CodeUnavailable {
 		t.Fatalf("an append waiting on a fenced relay: got %v, want unavailable", err)
 	}
