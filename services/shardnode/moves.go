@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"os"
-	"sync"
 	"time"
 
 	"github.com/kumadb/kuma/pkg/cluster"
@@ -175,12 +174,15 @@ func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool
 
 // keepLease renews sh's lease in the background while a move works on a
 // shard the control loop no longer renews, until the returned func is
-// called (more than once is fine); it returns after the last renewal, so
-// that sh.lease() is then the lease's current revision. A conflict (the
-// lease was taken) ends the renewals: the fence in every commit then stops
-// the move's writes.
+// called (more than once is fine). That func cuts a renewal in flight short,
+// so that a stop never waits on the lease bucket for it, and returns once
+// the renewals have ended: sh.lease() is then the last revision this node
+// knows (a renewal cut short may have landed: the release after it then
+// conflicts, and the lease runs out instead). A conflict (the lease was
+// taken) ends the renewals: the fence in every commit then stops the move's
+// writes.
 func (o *owner) keepLease(sh *shard) (stop func()) {
-	done := make(chan struct{})
+	ctx, cancel := context.WithCancel(context.Background())
 	finished := make(chan struct{})
 	go func() {
 		defer close(finished)
@@ -188,7 +190,7 @@ func (o *owner) keepLease(sh *shard) (stop func()) {
 		defer t.Stop()
 		for {
 			select {
-			case <-done:
+			case <-ctx.Done():
 				return
 			case <-t.C:
 			}
@@ -196,23 +198,24 @@ func (o *owner) keepLease(sh *shard) (stop func()) {
 				continue
 			}
 			sent := o.now()
-			ctx, cancel := context.WithTimeout(context.Background(), o.cfg.LeaseTTL/4)
-			l, err := o.store.Renew(ctx, sh.lease())
-			cancel()
+			rctx, rcancel := context.WithTimeout(ctx, o.cfg.LeaseTTL/4)
+			l, err := o.store.Renew(rctx, sh.lease())
+			rcancel()
 			switch {
+			case err == nil:
+				sh.setLease(l, sent, o.cfg.LeaseTTL)
+			case ctx.Err() != nil:
+				return
 			case errors.Is(err, cluster.ErrConflict):
 				o.s.cfg.Logger.Warn("the lease of a shard being moved was taken", "context", sh.cc.Name, "shard", sh.n)
 				return
-			case err != nil:
-				o.s.cfg.Logger.Warn("lease renewal failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
 			default:
-				sh.setLease(l, sent, o.cfg.LeaseTTL)
+				o.s.cfg.Logger.Warn("lease renewal failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
 			}
 		}
 	}()
-	var once sync.Once
 	return func() {
-		once.Do(func() { close(done) })
+		cancel()
 		<-finished
 	}
 }
