@@ -39,6 +39,9 @@ type App struct {
 	// once it listens; read concurrently with Start (see ClusterAddr).
 	clusterAddr atomic.Value
 	started     []startedModule
+	// endConversion stops this node's answer that it is carrying its
+	// standalone data into the cluster (startJetStream); nil when it is not.
+	endConversion func()
 	// specs are the declared projections, checked in New.
 	specs []projection.Spec
 }
@@ -93,6 +96,9 @@ func (a *App) Start(ctx context.Context) error {
 		a.ownTP, a.cfg.TracerProvider = tp, tp
 	}
 	for _, name := range order(a.cfg.Target) {
+		if name == ModuleShardnode && a.cfg.Failpoint != nil {
+			a.cfg.Failpoint("start-before-shardnode")
+		}
 		svc, err := a.build(name)
 		if err != nil {
 			return errors.Join(err, a.Stop(ctx))
@@ -102,7 +108,17 @@ func (a *App) Start(ctx context.Context) error {
 		}
 		a.started = append(a.started, startedModule{name, svc})
 	}
+	a.finishConversion()
 	return nil
+}
+
+// finishConversion lets members that wait for this node's conversion
+// (natsbus.WaitConversions) go on.
+func (a *App) finishConversion() {
+	if a.endConversion != nil {
+		a.endConversion()
+		a.endConversion = nil
+	}
 }
 
 // slowStop is how long a module's stop may take before it is logged.
@@ -142,6 +158,7 @@ func (a *App) stopModule(ctx context.Context, m startedModule, late *[]chan erro
 // requests first, shardnodes finish their commits, the embedded server goes
 // last.
 func (a *App) Stop(ctx context.Context) error {
+	a.finishConversion() // a start that failed half-way
 	var errs []error
 	// The shardnode says it is leaving before anything stops, so that its
 	// peers (which may be stopping too) stop counting on it while the

@@ -136,7 +136,8 @@ type Config struct {
 	// every service, so that they all agree.
 	NodeName string
 	// Failpoint is the fault tests' hook of the shardnode and the
-	// projector (nil in production).
+	// projector, and of the start ("start-before-shardnode": the modules
+	// before it have started); nil in production.
 	Failpoint func(name string)
 	// ProjectionsFile declares read-model projections (YAML, see
 	// pkg/projection); Projections adds or declares them in Go. The

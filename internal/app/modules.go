@@ -321,12 +321,18 @@ func (a *App) startJetStream(ctx context.Context) error {
 	}
 	if pending {
 		// Before the wait: a member joining must see this answer before
-		// its JetStream, which needs this node's vote, can answer it.
+		// its JetStream, which needs this node's vote, can answer it. It
+		// answers until every module of this node has started (App.Start),
+		// not only until the streams are restored: the leases restored
+		// with them name this node, which is not yet heartbeating, and a
+		// member starting meanwhile would take its shards over as from a
+		// dead node, without the events this node acknowledged standalone
+		// but had not published (kill -9, local durability).
 		stop, err := natsbus.ServeConversion(a.nc, a.cfg.NodeName)
 		if err != nil {
 			return err
 		}
-		defer stop()
+		a.endConversion = stop
 	}
 	if err := a.waitJetStream(ctx); err != nil {
 		return err

@@ -111,7 +111,14 @@ func TestStandaloneNodeBecomesCluster(t *testing.T) {
 
 	// The same data dir as the first member of a cluster.
 	var log1 kumatest.LogBuffer
-	n1 := newNode(app.Config{NodeName: "n1", DataDir: data, ClusterListen: "127.0.0.1:-1", Logger: logger("n1", &log1)})
+	// Its start pauses before its shardnode, as a slow keyvault import
+	// makes it: a member joining meanwhile must wait for it.
+	n1 := newNode(app.Config{NodeName: "n1", DataDir: data, ClusterListen: "127.0.0.1:-1", Logger: logger("n1", &log1),
+		Failpoint: func(name string) {
+			if name == "start-before-shardnode" {
+				time.Sleep(3 * time.Second)
+			}
+		}})
 	started1 := make(chan error, 1)
 	go func() { started1 <- n1.Start(ctx) }()
 	t.Cleanup(func() {
@@ -139,8 +146,17 @@ func TestStandaloneNodeBecomesCluster(t *testing.T) {
 			t.Errorf("stop n2: %v", err)
 		}
 	})
-	if err := <-started1; err != nil {
-		t.Fatalf("n1 start: %v\n%s", err, log1.String())
+	// n2 waits for n1's whole start, not only for its streams: until n1's
+	// shardnode heartbeats, the restored leases name a node that looks
+	// dead, and n2 would take n1's shards over without what n1 had not
+	// published.
+	select {
+	case err := <-started1:
+		if err != nil {
+			t.Fatalf("n1 start: %v\n%s", err, log1.String())
+		}
+	default:
+		t.Fatalf("n2 finished starting while n1 was still starting:\n%s", log1.String())
 	}
 	for _, line := range []string{"exported the standalone JetStream store", "carried the standalone node's streams into the cluster"} {
 		if !strings.Contains(log1.String(), line) {
