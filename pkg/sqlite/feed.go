@@ -2,7 +2,7 @@ package sqlite
 
 import (
 	"context"
-	"fmt"
+	"database/sql"
 )
 
 // FeedRow is a committed event as the feed reads it: no idempotency
@@ -19,28 +19,14 @@ type FeedRow struct {
 // order, from a reader connection (it never waits for the writer). The
 // positions of forgotten entities' events are missing.
 func (s *Shard) FeedAfter(ctx context.Context, seq int64, limit int) ([]FeedRow, error) {
-	// Every row holds at least one event, so limit rows hold enough.
-	rows, err := s.rdb.QueryContext(ctx,
-		`SELECT pos, entity, version, n, payload, time FROM events WHERE pos > ? ORDER BY pos LIMIT ?`, seq, limit)
-	if err != nil {
-		return nil, s.noteErr(fmt.Errorf("sqlite: read the feed: %w", err))
-	}
-	defer rows.Close()
 	out := make([]FeedRow, 0, limit)
-	for len(out) < limit && rows.Next() {
-		var r run
-		if err := rows.Scan(&r.pos, &r.entity, &r.version, &r.n, &r.payload, &r.time); err != nil {
-			return nil, s.noteErr(fmt.Errorf("sqlite: read the feed: %w", err))
-		}
-		err := r.events(func(pos, version int64, payload []byte) bool {
-			if pos > seq {
-				out = append(out, FeedRow{Seq: pos, Entity: r.entity, Version: version, Payload: payload, Time: r.time})
-			}
-			return len(out) < limit
+	err := s.eachEventAfter(ctx, "read the feed",
+		`SELECT pos, entity, version, n, payload, time FROM events WHERE pos > ? ORDER BY pos LIMIT ?`, seq, limit,
+		func(rows *sql.Rows, r *run) error {
+			return rows.Scan(&r.pos, &r.entity, &r.version, &r.n, &r.payload, &r.time)
+		},
+		func(r *run, pos, version int64, payload []byte) {
+			out = append(out, FeedRow{Seq: pos, Entity: r.entity, Version: version, Payload: payload, Time: r.time})
 		})
-		if err != nil {
-			return nil, s.noteErr(err)
-		}
-	}
-	return out, s.noteErr(rows.Err())
+	return out, err
 }

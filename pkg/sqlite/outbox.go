@@ -30,39 +30,56 @@ type OutboxEvent struct {
 // commit order. Positions of forgotten entities' events are missing: the
 // sequence is dense as committed, not after erasure.
 func (s *Shard) EventsAfter(ctx context.Context, seq int64, limit int) ([]OutboxEvent, error) {
-	// Every row holds at least one event, so limit rows hold enough. The
-	// idempotency record of an append names its last event: the run's.
-	rows, err := s.rdb.QueryContext(ctx,
+	out := make([]OutboxEvent, 0, limit)
+	// The idempotency record of an append names its last event: the run's.
+	var idem string
+	var firstVersion int64
+	err := s.eachEventAfter(ctx, "read outbox",
 		`SELECT e.pos, e.entity, e.version, e.n, e.payload, e.time, COALESCE(i.key, ''), COALESCE(i.first_version, 0)
 		   FROM events e LEFT JOIN idempotency i ON i.pos = e.pos
-		  WHERE e.pos > ? ORDER BY e.pos LIMIT ?`, seq, limit)
+		  WHERE e.pos > ? ORDER BY e.pos LIMIT ?`, seq, limit,
+		func(rows *sql.Rows, r *run) error {
+			return rows.Scan(&r.pos, &r.entity, &r.version, &r.n, &r.payload, &r.time, &idem, &firstVersion)
+		},
+		func(r *run, pos, version int64, payload []byte) {
+			e := OutboxEvent{Seq: pos, Entity: r.entity, Version: version, Payload: payload, Time: r.time}
+			if pos == r.pos {
+				e.Idempotency, e.FirstVersion = idem, firstVersion
+			}
+			out = append(out, e)
+		})
+	return out, err
+}
+
+// eachEventAfter passes emit each event with a position above seq, in
+// position order, at most limit of them, from the runs query returns (its
+// parameters seq and limit; every run holds at least one event, so limit
+// runs hold enough). scan reads one row.
+func (s *Shard) eachEventAfter(ctx context.Context, what, query string, seq int64, limit int,
+	scan func(*sql.Rows, *run) error, emit func(r *run, pos, version int64, payload []byte)) error {
+	rows, err := s.rdb.QueryContext(ctx, query, seq, limit)
 	if err != nil {
-		return nil, s.noteErr(fmt.Errorf("sqlite: read outbox: %w", err))
+		return s.noteErr(fmt.Errorf("sqlite: %s: %w", what, err))
 	}
 	defer rows.Close()
-	out := make([]OutboxEvent, 0, limit)
-	for len(out) < limit && rows.Next() {
+	n := 0
+	for n < limit && rows.Next() {
 		var r run
-		var idem string
-		var firstVersion int64
-		if err := rows.Scan(&r.pos, &r.entity, &r.version, &r.n, &r.payload, &r.time, &idem, &firstVersion); err != nil {
-			return nil, s.noteErr(fmt.Errorf("sqlite: read outbox: %w", err))
+		if err := scan(rows, &r); err != nil {
+			return s.noteErr(fmt.Errorf("sqlite: %s: %w", what, err))
 		}
 		err := r.events(func(pos, version int64, payload []byte) bool {
 			if pos > seq {
-				e := OutboxEvent{Seq: pos, Entity: r.entity, Version: version, Payload: payload, Time: r.time}
-				if pos == r.pos {
-					e.Idempotency, e.FirstVersion = idem, firstVersion
-				}
-				out = append(out, e)
+				emit(&r, pos, version, payload)
+				n++
 			}
-			return len(out) < limit
+			return n < limit
 		})
 		if err != nil {
-			return nil, s.noteErr(err)
+			return s.noteErr(err)
 		}
 	}
-	return out, s.noteErr(rows.Err())
+	return s.noteErr(rows.Err())
 }
 
 // maxTail bounds the in-memory tail (events); about 10 MiB of payloads.

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"strings"
 	"sync"
@@ -17,6 +18,30 @@ import (
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
 )
+
+// joinShardnode starts a shardnode alone (no NATS server, router or
+// keyvault of its own) on dir that joins the cluster at natsURL and logs
+// into logs; it stops with the test.
+func joinShardnode(t *testing.T, name, dir, natsURL string, logs io.Writer) *app.App {
+	t.Helper()
+	a, err := app.New(app.Config{Target: app.ModuleShardnode, NodeName: name, DataDir: dir, Shards: corruptShards,
+		NATSURL: natsURL, Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	err = a.Start(ctx)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = a.Stop(ctx)
+	})
+	return a
+}
 
 // TestCorruptShardMovesToAnotherNode: in a cluster of two, a page of a
 // shard goes bad under the node that serves it. That node takes the shard
@@ -39,23 +64,7 @@ func TestCorruptShardMovesToAnotherNode(t *testing.T) {
 	// A second shardnode joins and takes its share from n1: its files come
 	// from n1's snapshots, and nothing is read from them yet.
 	dir2 := t.TempDir()
-	cfg2 := app.Config{Target: app.ModuleShardnode, NodeName: "n2", DataDir: dir2, Shards: corruptShards,
-		NATSURL: n1.App.ClientURL(), Logger: slog.New(slog.NewTextHandler(logs2, &slog.HandlerOptions{Level: slog.LevelDebug}))}
-	n2, err := app.New(cfg2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	err = n2.Start(startCtx)
-	cancel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		_ = n2.Stop(ctx)
-	})
+	n2 := joinShardnode(t, "n2", dir2, n1.App.ClientURL(), logs2)
 	served := func(a *app.App, shard int) bool {
 		for _, st := range a.Shardnode().Stats() {
 			if st.Shard == shard {
@@ -89,7 +98,7 @@ func TestCorruptShardMovesToAnotherNode(t *testing.T) {
 
 	// The first read of that page finds the damage, and is answered
 	// internal: it cannot be told from a failed disk.
-	_, err = c.Read(ctx, entity)
+	_, err := c.Read(ctx, entity)
 	var kerr *kuma.Error
 	if !errors.As(err, &kerr) || kerr.Code != kuma.CodeInternal || !strings.Contains(kerr.Message, "is corrupt") {
 		t.Fatalf("read of %s on the damaged page: %v; want internal, corrupt", entity, err)

@@ -194,16 +194,9 @@ func (o *owner) keepLease(sh *shard) (stop func()) {
 				return
 			case <-t.C:
 			}
-			if o.now()-time.Duration(sh.renewedAt.Load()) < o.cfg.LeaseTTL/4 {
-				continue
-			}
-			sent := o.now()
-			rctx, rcancel := context.WithTimeout(ctx, o.cfg.LeaseTTL/4)
-			l, err := o.store.Renew(rctx, sh.lease())
-			rcancel()
+			err := o.renewDue(ctx, sh)
 			switch {
-			case err == nil:
-				sh.setLease(l, sent, o.cfg.LeaseTTL)
+			case err == nil: // renewed, or not due yet
 			case ctx.Err() != nil:
 				return
 			case errors.Is(err, cluster.ErrConflict):

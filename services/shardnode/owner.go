@@ -223,18 +223,12 @@ func (o *owner) goMove(fn func()) {
 	}()
 }
 
-// renew moves the lease on when a third of it has passed. A conflict means
-// another node has the shard: this one stops serving it at once. Failing to
-// reach the bucket only lets the deadline run out, which stops the writes
-// by itself (the fence in every commit).
+// renew moves the lease on when a quarter of it has passed. A conflict
+// means another node has the shard: this one stops serving it at once.
+// Failing to reach the bucket only lets the deadline run out, which stops
+// the writes by itself (the fence in every commit).
 func (o *owner) renew(sh *shard) {
-	if o.now()-time.Duration(sh.renewedAt.Load()) < o.cfg.LeaseTTL/4 {
-		return
-	}
-	sent := o.now()
-	ctx, cancel := context.WithTimeout(context.Background(), o.cfg.LeaseTTL/4)
-	defer cancel()
-	l, err := o.store.Renew(ctx, sh.lease())
+	err := o.renewDue(context.Background(), sh)
 	switch {
 	case errors.Is(err, cluster.ErrConflict):
 		o.s.lostShard(sh, "its lease was taken")
@@ -243,9 +237,24 @@ func (o *owner) renew(sh *shard) {
 		if o.now()-time.Duration(sh.renewedAt.Load()) > o.cfg.LeaseTTL {
 			o.s.lostShard(sh, "its lease ran out")
 		}
-	default:
+	}
+}
+
+// renewDue renews sh's lease once a quarter of it has passed since the
+// last renewal, waiting at most another quarter (and no longer than ctx);
+// cluster.ErrConflict says another node has taken it.
+func (o *owner) renewDue(ctx context.Context, sh *shard) error {
+	if o.now()-time.Duration(sh.renewedAt.Load()) < o.cfg.LeaseTTL/4 {
+		return nil
+	}
+	sent := o.now()
+	rctx, cancel := context.WithTimeout(ctx, o.cfg.LeaseTTL/4)
+	defer cancel()
+	l, err := o.store.Renew(rctx, sh.lease())
+	if err == nil {
 		sh.setLease(l, sent, o.cfg.LeaseTTL)
 	}
+	return err
 }
 
 // lostShard stops serving a shard this node no longer owns (its lease was

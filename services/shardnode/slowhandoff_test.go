@@ -47,23 +47,7 @@ func TestSlowHandoffKeepsItsLease(t *testing.T) {
 	acked, _ := corruptWriteAll(t, c, 4, 10, 100)
 	corruptSettle(t, n1)
 
-	cfg2 := app.Config{Target: app.ModuleShardnode, NodeName: "n2", DataDir: t.TempDir(), Shards: corruptShards,
-		NATSURL: n1.App.ClientURL(), Logger: slog.New(slog.NewTextHandler(logs2, &slog.HandlerOptions{Level: slog.LevelDebug}))}
-	n2, err := app.New(cfg2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	err = n2.Start(startCtx)
-	cancel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		_ = n2.Stop(ctx)
-	})
+	n2 := joinShardnode(t, "n2", t.TempDir(), n1.App.ClientURL(), logs2)
 	select {
 	case <-held:
 	case <-time.After(60 * time.Second):
