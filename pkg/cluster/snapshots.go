@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -52,28 +53,60 @@ func generation(info *jetstream.ObjectInfo) uint64 {
 	return g
 }
 
-// copies returns the shard's live snapshot objects, the newest first.
-func (s *Store) copies(ctx context.Context, kctx string, shard int) ([]*jetstream.ObjectInfo, error) {
-	var out []*jetstream.ObjectInfo
+// copies returns the shard's whole snapshot objects, the newest first, and
+// those whose chunks are not all in the store (broken). An upload whose
+// last acknowledgement was lost ends with the object store purging its
+// chunks, while its meta message may have landed: that meta names a copy
+// that is not there, and it is the newest by generation. Read, it would
+// fail every take of the shard; its name is the next upload's target.
+func (s *Store) copies(ctx context.Context, kctx string, shard int) (whole, broken []*jetstream.ObjectInfo, err error) {
 	for _, name := range snapshotNames(kctx, shard) {
 		info, err := s.snaps.GetInfo(ctx, name)
 		if errors.Is(err, jetstream.ErrObjectNotFound) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("cluster: snapshot of %s shard %d: %w", kctx, shard, err)
+			return nil, nil, fmt.Errorf("cluster: snapshot of %s shard %d: %w", kctx, shard, err)
 		}
-		if !info.Deleted {
-			out = append(out, info)
+		if info.Deleted {
+			continue
+		}
+		ok, err := s.complete(ctx, info)
+		if err != nil {
+			return nil, nil, fmt.Errorf("cluster: snapshot of %s shard %d: %w", kctx, shard, err)
+		}
+		if ok {
+			whole = append(whole, info)
+		} else {
+			broken = append(broken, info)
 		}
 	}
-	if len(out) == 2 {
-		a, b := out[0], out[1]
-		if generation(b) > generation(a) || generation(b) == generation(a) && b.ModTime.After(a.ModTime) {
-			out[0], out[1] = b, a
-		}
+	if len(whole) == 2 && newer(whole[1], whole[0]) {
+		whole[0], whole[1] = whole[1], whole[0]
 	}
-	return out, nil
+	return whole, broken, nil
+}
+
+// newer reports whether copy a is newer than copy b.
+func newer(a, b *jetstream.ObjectInfo) bool {
+	return generation(a) > generation(b) || generation(a) == generation(b) && a.ModTime.After(b.ModTime)
+}
+
+// complete reports whether every chunk of a snapshot object is in the store.
+func (s *Store) complete(ctx context.Context, info *jetstream.ObjectInfo) (bool, error) {
+	if info.Chunks == 0 {
+		return true, nil
+	}
+	subject := chunkSubject(SnapshotsBucket, info)
+	si, err := s.snapStream.Info(ctx, jetstream.WithSubjectFilter(subject))
+	if err != nil {
+		return false, err
+	}
+	return si.State.Subjects[subject] == uint64(info.Chunks), nil
+}
+
+func chunkSubject(bucket string, info *jetstream.ObjectInfo) string {
+	return "$O." + bucket + ".C." + info.NUID
 }
 
 // eraseChunks overwrites every chunk of a snapshot object in the store's
@@ -90,7 +123,7 @@ func (s *Store) eraseChunks(ctx context.Context, info *jetstream.ObjectInfo) err
 // eraseObjectChunks overwrites every chunk of an object of bucket (whose
 // stream is stream) in the server's block files.
 func eraseObjectChunks(ctx context.Context, stream jetstream.Stream, bucket string, info *jetstream.ObjectInfo) error {
-	subject := "$O." + bucket + ".C." + info.NUID
+	subject := chunkSubject(bucket, info)
 	for seq := uint64(1); ; {
 		m, err := stream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -154,12 +187,21 @@ func (s *Store) sweepSnapshots() {
 			if info.Deleted {
 				continue
 			}
+			whole, err := s.complete(ctx, info)
+			if err != nil {
+				if ctx.Err() == nil {
+					s.cfg.Logger.Warn("cluster: reading snapshots to erase old copies failed", "err", err)
+				}
+				return // erase nothing unsure of which copy is the newest whole one
+			}
 			base := strings.TrimSuffix(info.Name, ".b")
 			cur, ok := newest[base]
 			switch {
+			case !whole:
+				older = append(older, info) // whatever of its chunks landed late
 			case !ok:
 				newest[base] = info
-			case generation(info) > generation(cur):
+			case newer(info, cur):
 				newest[base] = info
 				older = append(older, cur)
 			default:
@@ -175,29 +217,27 @@ func (s *Store) sweepSnapshots() {
 }
 
 // PutSnapshot uploads the (closed or consistent) shard copy at path, then
-// erases the copy it replaces.
+// erases the copy it replaces. An attempt that fails short of ctx (a lost
+// acknowledgement while the stream changes leaders or replicas) is made
+// again under the same name.
 func (s *Store) PutSnapshot(ctx context.Context, path string, sn Snapshot) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("cluster: upload snapshot: %w", err)
-	}
-	defer f.Close()
-	old, err := s.copies(ctx, sn.Context, sn.Shard)
+	whole, broken, err := s.copies(ctx, sn.Context, sn.Shard)
 	if err != nil {
 		return err
 	}
 	names := snapshotNames(sn.Context, sn.Shard)
 	target, gen := names[0], uint64(1)
-	if len(old) > 0 {
-		gen = generation(old[0]) + 1
-		if old[0].Name == names[0] {
-			target = names[1]
-		}
+	if len(whole) > 0 && whole[0].Name == names[0] {
+		target = names[1]
+	}
+	all := append(whole, broken...)
+	for _, o := range all {
+		gen = max(gen, generation(o)+1)
 	}
 	// The older copy under the target name goes first, whatever of it the
 	// background erase after the last upload has not reached (a stop, a
 	// crash, or that erase still running); the newest stays whole meanwhile.
-	for _, o := range old {
+	for _, o := range all {
 		if o.Name == target {
 			if err := s.eraseChunks(ctx, o); err != nil {
 				return err
@@ -216,10 +256,22 @@ func (s *Store) PutSnapshot(ctx context.Context, path string, sn Snapshot) error
 			generationKey: strconv.FormatUint(gen, 10),
 		},
 	}
-	if _, err := s.snaps.Put(ctx, meta, f); err != nil {
-		return fmt.Errorf("cluster: upload snapshot of %s: %w", meta.Name, err)
+	for attempt := 1; ; attempt++ {
+		err = s.putOnce(ctx, path, meta)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil || attempt == putAttempts {
+			return err
+		}
+		s.cfg.Logger.Warn("cluster: a snapshot upload failed; trying again", "snapshot", target, "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
+		}
 	}
-	for _, o := range old {
+	for _, o := range all {
 		if o.Name != target {
 			s.eraseInBackground(o)
 		}
@@ -227,9 +279,34 @@ func (s *Store) PutSnapshot(ctx context.Context, path string, sn Snapshot) error
 	return nil
 }
 
+// putAttempts bounds the tries of one upload; ctx bounds their time.
+const putAttempts = 5
+
+// putOnce uploads the file at path as one object. The object store sets a
+// timeout on each chunk's acknowledgement only when its context has no
+// deadline; under a move's deadline one acknowledgement that never comes (a
+// stream changing leaders or replicas) held the upload, and the shard
+// unserved, for the whole move. So the put runs under a context that ends
+// with ctx but has no deadline, and a lost acknowledgement fails it within
+// the client's request timeout, for PutSnapshot to try again.
+func (s *Store) putOnce(ctx context.Context, path string, meta jetstream.ObjectMeta) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("cluster: upload snapshot: %w", err)
+	}
+	defer f.Close()
+	pctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	defer context.AfterFunc(ctx, cancel)()
+	if _, err := s.snaps.Put(pctx, meta, f); err != nil {
+		return fmt.Errorf("cluster: upload snapshot of %s: %w", meta.Name, err)
+	}
+	return nil
+}
+
 // SnapshotInfo returns the shard's latest uploaded snapshot, if any.
 func (s *Store) SnapshotInfo(ctx context.Context, kctx string, shard int) (Snapshot, bool, error) {
-	live, err := s.copies(ctx, kctx, shard)
+	live, _, err := s.copies(ctx, kctx, shard)
 	if err != nil || len(live) == 0 {
 		return Snapshot{}, false, err
 	}
@@ -244,7 +321,7 @@ func (s *Store) SnapshotInfo(ctx context.Context, kctx string, shard int) (Snaps
 // GetSnapshot downloads the shard's latest snapshot to path (the object
 // store checks its digest).
 func (s *Store) GetSnapshot(ctx context.Context, kctx string, shard int, path string) error {
-	live, err := s.copies(ctx, kctx, shard)
+	live, _, err := s.copies(ctx, kctx, shard)
 	if err != nil {
 		return err
 	}
@@ -260,11 +337,11 @@ func (s *Store) GetSnapshot(ctx context.Context, kctx string, shard int, path st
 // DeleteSnapshot erases a shard's snapshots (a forgotten entity's rows must
 // not outlive the forget in an old copy).
 func (s *Store) DeleteSnapshot(ctx context.Context, kctx string, shard int) error {
-	live, err := s.copies(ctx, kctx, shard)
+	whole, broken, err := s.copies(ctx, kctx, shard)
 	if err != nil {
 		return err
 	}
-	for _, o := range live {
+	for _, o := range append(whole, broken...) {
 		if err := s.erase(ctx, o); err != nil {
 			return err
 		}

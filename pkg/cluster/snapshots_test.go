@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io/fs"
 	"os"
@@ -169,5 +170,135 @@ func TestOpenErasesLeftoverSnapshot(t *testing.T) {
 	}
 	if len(storeFilesWith(t, dir, "NEWEST-r8t2")) == 0 {
 		t.Fatal("the sweep erased the newest copy")
+	}
+}
+
+// An upload whose meta landed but whose chunks were purged (the object
+// store purges them when an acknowledgement is lost) names a copy that is
+// not there. It is newer by generation, but it is never the copy read, the
+// sweep at open does not erase the whole copy beneath it, and the next
+// upload takes its name.
+func TestBrokenSnapshotIsNeverRead(t *testing.T) {
+	srv, nc := kumatest.NATS(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	dir := srv.JetStreamConfig().StoreDir
+	a := open(t, js, "a")
+	if err := a.PutSnapshot(ctx, snapshotFile(t, "WHOLE-COPY-h5p2"), cluster.Snapshot{Context: "default", Shard: 3, Epoch: 1, LastSeq: 40}); err != nil {
+		t.Fatal(err)
+	}
+	obs, err := js.ObjectStore(ctx, cluster.SnapshotsBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := js.Stream(ctx, "OBJ_"+cluster.SnapshotsBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(name, marker, gen, lastSeq string) *jetstream.ObjectInfo {
+		t.Helper()
+		f, err := os.Open(snapshotFile(t, marker))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		info, err := obs.Put(ctx, jetstream.ObjectMeta{Name: name, Metadata: map[string]string{"generation": gen, "last_seq": lastSeq}}, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info
+	}
+	broken := put("default/shard-3.b", "BROKEN-COPY-w8e3", "2", "50")
+	if err := stream.Purge(ctx, jetstream.WithPurgeSubject("$O."+cluster.SnapshotsBucket+".C."+broken.NUID)); err != nil {
+		t.Fatal(err)
+	}
+	// Another shard's leftover, listed after the copies above: once the
+	// sweep has erased it, it has passed over shard 3's.
+	put("default/shard-7", "LEFT-OVER-n4c9", "1", "5")
+	put("default/shard-7.b", "NEWEST-g2u6", "2", "6")
+
+	b := open(t, js, "b") // sweeps
+	waitGone(t, dir, "LEFT-OVER-n4c9")
+	if len(storeFilesWith(t, dir, "WHOLE-COPY-h5p2")) == 0 {
+		t.Fatal("the sweep erased the whole copy beneath a broken newer one")
+	}
+	for _, s := range []*cluster.Store{a, b} {
+		info, ok, err := s.SnapshotInfo(ctx, "default", 3)
+		if err != nil || !ok || info.LastSeq != 40 {
+			t.Fatalf("snapshot info: %+v %v %v, want the whole copy (last_seq 40)", info, ok, err)
+		}
+		got := filepath.Join(t.TempDir(), "got.db")
+		if err := s.GetSnapshot(ctx, "default", 3, got); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(got); !bytes.HasPrefix(b, []byte("WHOLE-COPY-h5p2")) {
+			t.Fatal("the snapshot downloaded is not the whole copy")
+		}
+	}
+
+	if err := b.PutSnapshot(ctx, snapshotFile(t, "NEXT-COPY-r7y1"), cluster.Snapshot{Context: "default", Shard: 3, Epoch: 2, LastSeq: 60}); err != nil {
+		t.Fatal(err)
+	}
+	info, ok, err := a.SnapshotInfo(ctx, "default", 3)
+	if err != nil || !ok || info.LastSeq != 60 {
+		t.Fatalf("after the next upload: %+v %v %v, want last_seq 60", info, ok, err)
+	}
+	if got, err := obs.GetInfo(ctx, "default/shard-3.b"); err != nil || got.Metadata["last_seq"] != "60" || got.Metadata["generation"] != "3" {
+		t.Fatalf("the next upload should take the broken copy's name with generation 3: %+v %v", got, err)
+	}
+	waitGone(t, dir, "WHOLE-COPY-h5p2") // replaced, so erased
+}
+
+// A put whose acknowledgements do not come (a stream changing leaders)
+// fails within the client's request timeout and is tried again, instead of
+// waiting for the caller's deadline: a hand-off waited for its whole two
+// minutes that way, its shard unserved.
+func TestSnapshotUploadOutlivesLostAcks(t *testing.T) {
+	_, nc := kumatest.NATS(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	s := open(t, js, "a")
+	stream, err := js.Stream(ctx, "OBJ_"+cluster.SnapshotsBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setNoAck := func(on bool) {
+		t.Helper()
+		cfg := stream.CachedInfo().Config
+		cfg.NoAck = on
+		if _, err := js.UpdateStream(ctx, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setNoAck(true)
+	// Long enough for a retry after the request timeout (5 s), short
+	// enough that the old code, waiting for acks that never come, fails.
+	pctx, cancel := context.WithTimeout(ctx, 25*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- s.PutSnapshot(pctx, snapshotFile(t, "ACKS-LOST-d3f8"), cluster.Snapshot{Context: "default", Shard: 1, Epoch: 1, LastSeq: 9})
+	}()
+	time.Sleep(time.Second) // the first attempt is sent meanwhile, unacknowledged
+	setNoAck(false)
+	if err := <-done; err != nil {
+		t.Fatalf("the upload did not survive a second of lost acknowledgements: %v", err)
+	}
+	info, ok, err := s.SnapshotInfo(ctx, "default", 1)
+	if err != nil || !ok || info.LastSeq != 9 {
+		t.Fatalf("after the upload: %+v %v %v", info, ok, err)
+	}
+	got := filepath.Join(t.TempDir(), "got.db")
+	if err := s.GetSnapshot(ctx, "default", 1, got); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(got); !bytes.HasPrefix(b, []byte("ACKS-LOST-d3f8")) {
+		t.Fatal("the snapshot downloaded is not the one uploaded")
 	}
 }
