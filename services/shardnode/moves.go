@@ -145,16 +145,7 @@ func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool
 		if cerr := sh.store.Close(); cerr != nil {
 			log.Warn("close", "err", cerr)
 		}
-		release() // the reopened shard is renewed by the control loop again
-		l := sh.lease()
-		re, rerr := o.s.openOwned(ctx, sh.cc, sh.n, l, &l, time.Duration(sh.renewedAt.Load()))
-		if rerr != nil {
-			log.Error("could not reopen the shard; releasing it", "err", rerr)
-			_, _ = o.store.Release(ctx, l, "")
-			return
-		}
-		o.s.addShard(re)
-		o.unrefuse(k)
+		o.reopen(ctx, sh, release, log)
 		return
 	}
 	o.s.cfg.Failpoint("handoff-after-upload")
@@ -170,6 +161,68 @@ func (o *owner) handoff(ctx context.Context, sh *shard, to string, stopping bool
 	}
 	o.s.metrics.moves.WithLabelValues("out").Inc()
 	log.Info("shard handed off", "events", sh.store.LastSeq(), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// reopen serves sh again after its hand-off failed, under the lease the
+// hand-off renews (keep stops those renewals). Its file may hold events the
+// stream does not: the relay gives up on a stream that refuses or stalls.
+// Those were acknowledged (local durability), and a shard released to
+// nobody is taken from the stream and an older snapshot, without them. So
+// while they are there the shard is not let go: the reopen is tried again,
+// the lease kept, until it succeeds, the lease runs out (renewals failing:
+// the buckets lost their quorum), or the node stops, which reopens the file
+// at its next start. With nothing unpublished, a failed reopen releases the
+// lease, and any node may take the shard from the stream.
+func (o *owner) reopen(ctx context.Context, sh *shard, keep func(), log *slog.Logger) {
+	k := shardKey{sh.cc.Name, sh.n}
+	unpublished := sh.store.LastSeq() - sh.relay.published.Load()
+	for attempt := 1; ; attempt++ {
+		l := sh.lease()
+		actx, cancel := ctx, context.CancelFunc(func() {})
+		if attempt > 1 {
+			// The hand-off's own time may be spent: each later try gets
+			// its own, ended by the node's stop.
+			actx, cancel = context.WithTimeout(o.moves, 2*o.cfg.LeaseTTL)
+		}
+		re, err := o.s.openOwned(actx, sh.cc, sh.n, l, &l, time.Duration(sh.renewedAt.Load()))
+		cancel()
+		if err == nil {
+			keep() // from here the control loop renews the reopened shard
+			re.setLease(sh.lease(), time.Duration(sh.renewedAt.Load()), o.cfg.LeaseTTL)
+			o.s.addShard(re)
+			o.unrefuse(k)
+			if attempt > 1 {
+				log.Info("shard served again after a failed hand-off", "attempts", attempt)
+			}
+			return
+		}
+		switch {
+		case unpublished <= 0:
+			keep()
+			log.Error("could not reopen the shard; releasing it (the stream has all its events)", "err", err)
+			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), o.cfg.LeaseTTL/2)
+			_, _ = o.store.Release(rctx, sh.lease(), "")
+			rcancel()
+			return // the refusal ends when the next owner serves
+		case o.moves.Err() != nil:
+			keep()
+			log.Warn("could not reopen the shard before the node stopped; its file keeps the events the stream lacks for the next start",
+				"unpublished", unpublished, "err", err)
+			o.unrefuse(k)
+			return
+		case o.now() > time.Duration(sh.deadline.Load()):
+			keep()
+			log.Error("could not reopen the shard, and its lease ran out: the next owner takes it without the events only this node's file holds",
+				"unpublished", unpublished, "err", err)
+			return
+		}
+		log.Warn("could not reopen the shard; keeping its lease and trying again (its file holds events the stream lacks)",
+			"unpublished", unpublished, "attempt", attempt, "err", err)
+		select {
+		case <-o.moves.Done():
+		case <-time.After(min(time.Duration(attempt)*time.Second, 5*time.Second)):
+		}
+	}
 }
 
 // keepLease renews sh's lease in the background while a move works on a
