@@ -40,11 +40,13 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 	if err != nil {
 		if !errors.Is(err, cluster.ErrConflict) {
 			log.Warn("could not take the shard's lease", "err", err)
+			o.tookShard(k, false, o.now())
 		}
 		return
 	}
 	o.s.cfg.Failpoint("takeover-after-lease")
 	sh, err := o.s.openOwned(ctx, cc, n, lease, prev, sent)
+	o.tookShard(k, err == nil, o.now())
 	if err != nil {
 		if sqlite.IsCorrupt(err) {
 			o.s.shardCorrupt(cc.Name, n, err) // logs once; the reconcile loop leaves it alone
@@ -75,6 +77,7 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 		// wrote anything (Lease.Wrote) and could trust a copy that lacks
 		// its events. The control loop takes the shard again.
 		log.Warn("could not mark the lease serving; letting the shard go", "err", err)
+		o.tookShard(k, false, o.now())
 		sh.stopServing(ctx)
 		_ = sh.store.Close()
 		o.releaseUnserved(lease, log)

@@ -31,6 +31,7 @@ type owner struct {
 	mu       sync.Mutex
 	moving   map[shardKey]string   // shard → what is happening to it
 	refusing map[shardKey]*refusal // shards handed off, refused until the next owner serves (refuse.go)
+	failing  map[shardKey]takeFailures
 	draining bool
 
 	stop chan struct{}
@@ -203,7 +204,7 @@ func (o *owner) reconcile(ctx context.Context, sync bool) {
 			if !take {
 				continue
 			}
-			if !o.beginMove(k, what, sync) {
+			if !o.mayTake(k, o.now()) || !o.beginMove(k, what, sync) {
 				continue
 			}
 			if sync {
@@ -213,6 +214,49 @@ func (o *owner) reconcile(ctx context.Context, sync bool) {
 			}
 		}
 	}
+}
+
+// takeFailures counts a shard's failed takes in a row, and when the next
+// may begin.
+type takeFailures struct {
+	n    int
+	next time.Duration
+}
+
+// takeBackoff is the wait after n failed takes in a row: a take that fails
+// at once (a stream refusing the claim, a keyvault without quorum) was
+// tried again on every pass of the control loop, thousands of times a
+// minute, each leaving a consumer on the stream until the server's limit
+// refused them all.
+func takeBackoff(n int) time.Duration {
+	if n <= 0 {
+		return 0
+	}
+	return min(100*time.Millisecond<<min(n-1, 10), 5*time.Second)
+}
+
+// mayTake reports whether a take of k may begin at now.
+func (o *owner) mayTake(k shardKey, now time.Duration) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return now >= o.failing[k].next
+}
+
+// tookShard records how a take of k ended at now.
+func (o *owner) tookShard(k shardKey, ok bool, now time.Duration) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if ok {
+		delete(o.failing, k)
+		return
+	}
+	if o.failing == nil {
+		o.failing = map[shardKey]takeFailures{}
+	}
+	f := o.failing[k]
+	f.n++
+	f.next = now + takeBackoff(f.n)
+	o.failing[k] = f
 }
 
 func (o *owner) goMove(fn func()) {
