@@ -93,7 +93,7 @@ func TestFailedHandoffKeepsUnpublishedEvents(t *testing.T) {
 		}
 	}
 	refuse(snapshots, true) // a hand-off cannot upload its copy either
-	pin("") // placement gives n2 its shards: n1 hands them off
+	pin("")                 // placement gives n2 its shards: n1 hands them off
 
 	deadline := time.Now().Add(60 * time.Second)
 	for len(logs1.lines("could not reopen the shard")) == 0 {
