@@ -427,7 +427,7 @@ func TestStreamIsExactAfterACrashAroundPublish(t *testing.T) {
 // even when the server cuts its pages by size (20 events of 30 KB under a
 // 128 KiB max payload come in five pages or more).
 func TestHistoryCommandFollowsPages(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.MaxPayload = app.MinMaxPayload })
+	n := kumatest.Start(t, func(c *app.Config) { c.NATS.MaxPayload = app.MinMaxPayload })
 	env := map[string]string{"KUMA_NATS_URL": n.App.ClientURL()}
 	c := n.Client(client.Options{})
 	for i := 0; i < 20; i++ {
