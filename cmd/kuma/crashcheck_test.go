@@ -28,16 +28,25 @@ func crashIntegrity(ctx context.Context, path string) (string, error) {
 // SQLite may recover (a read-only open cannot when the -shm is gone).
 func crashIntegrityOfCopy(ctx context.Context, path, dir string) (string, error) {
 	dst := filepath.Join(dir, filepath.Base(path))
+	if err := copyWithWAL(path, dst); err != nil {
+		return "", err
+	}
+	return crashIntegrityDSN(ctx, kumasqlite.DSN(dst))
+}
+
+// copyWithWAL copies the SQLite file at path to dst, and its WAL if it has
+// one (an empty one if not), leaving the -shm behind.
+func copyWithWAL(path, dst string) error {
 	for _, suffix := range []string{"", "-wal"} {
 		b, err := os.ReadFile(path + suffix)
 		if err != nil && !(suffix != "" && errors.Is(err, os.ErrNotExist)) {
-			return "", err
+			return err
 		}
 		if err := os.WriteFile(dst+suffix, b, 0o600); err != nil {
-			return "", err
+			return err
 		}
 	}
-	return crashIntegrityDSN(ctx, kumasqlite.DSN(dst))
+	return nil
 }
 
 func crashIntegrityDSN(ctx context.Context, dsn string) (string, error) {
@@ -65,20 +74,30 @@ func crashIntegrityDSN(ctx context.Context, dsn string) (string, error) {
 	return strings.Join(out, "; "), nil
 }
 
-// crashDBFiles lists the SQLite files under a data dir: the shards, the
-// keyvault's keys and the projector's catalog.
-func crashDBFiles(t *testing.T, dir string) []string {
-	t.Helper()
+// sqliteFiles lists the SQLite files under a data dir: the shards, the
+// keyvault's keys and the projector's catalog. The NATS store under nats/
+// is left out: its index.db files are nats-server's own format, not SQLite.
+// The crash and failpoint suites both check what it lists.
+func sqliteFiles(dir string) ([]string, error) {
 	var out []string
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
+		switch {
+		case err != nil:
 			return err
-		}
-		if !d.IsDir() && strings.HasSuffix(path, ".db") {
+		case d.IsDir() && d.Name() == "nats":
+			return filepath.SkipDir
+		case !d.IsDir() && strings.HasSuffix(path, ".db"):
 			out = append(out, path)
 		}
 		return nil
 	})
+	return out, err
+}
+
+// crashDBFiles is sqliteFiles, failing the test when dir cannot be read.
+func crashDBFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	out, err := sqliteFiles(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,14 +237,8 @@ func crashCutWAL(dbPath string) (cut, kept int, err error) {
 func crashCorruptCopy(t *testing.T, path, dir string) string {
 	t.Helper()
 	dst := filepath.Join(dir, "corrupt.db")
-	for _, suffix := range []string{"", "-wal"} {
-		b, err := os.ReadFile(path + suffix)
-		if err != nil && !(suffix != "" && errors.Is(err, os.ErrNotExist)) {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(dst+suffix, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
+	if err := copyWithWAL(path, dst); err != nil {
+		t.Fatal(err)
 	}
 	db, err := sql.Open("sqlite", kumasqlite.DSN(dst))
 	if err != nil {

@@ -172,25 +172,19 @@ func fpVerify(t *testing.T, nc *nats.Conn, l *load, victims []string, f *fpFigur
 }
 
 // fpIntegrity runs PRAGMA integrity_check on every SQLite file under dir
-// (the shard files and the keyvault's; the NATS store's index.db files are
-// not SQLite) and returns how many passed; each failure is a problem, and
+// (sqliteFiles) and returns how many passed; each failure is a problem, and
 // so is finding no shard file when wantShards.
 func fpIntegrity(ctx context.Context, dir string, wantShards bool, f *fpFigures) int {
-	var paths []string
+	paths, err := sqliteFiles(dir)
+	if err != nil {
+		f.problem("list the SQLite files under %s: %v", dir, err)
+	}
 	shards := 0
-	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		switch {
-		case err != nil:
-		case d.IsDir() && d.Name() == "nats":
-			return filepath.SkipDir
-		case !d.IsDir() && strings.HasSuffix(p, ".db"):
-			paths = append(paths, p)
-			if strings.HasPrefix(d.Name(), "shard-") {
-				shards++
-			}
+	for _, p := range paths {
+		if strings.HasPrefix(filepath.Base(p), "shard-") {
+			shards++
 		}
-		return nil
-	})
+	}
 	if shards == 0 && wantShards {
 		f.problem("no shard file under %s", dir)
 	}

@@ -58,3 +58,25 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) ([]strin
 func envName(flagName string) string {
 	return "KUMA_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
+
+// listFlag is a repeatable flag whose values may also be comma-separated,
+// so that one environment variable (KUMA_TYPE=a,b) can carry a list.
+type listFlag []string
+
+func (l *listFlag) String() string {
+	if l == nil {
+		return ""
+	}
+	return strings.Join(*l, ",")
+}
+
+// Set adds the comma-separated items of v, blanks trimmed, empty ones
+// dropped.
+func (l *listFlag) Set(v string) error {
+	for _, item := range strings.Split(v, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			*l = append(*l, item)
+		}
+	}
+	return nil
+}

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/pkg/natsbus"
 )
 
 // TestJoinFlagTakesListsFromFlagsAndEnvironment: --join repeats and splits
@@ -30,12 +30,12 @@ func TestJoinFlagTakesListsFromFlagsAndEnvironment(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fs := newFlagSet("up", io.Discard)
-			var got []string
-			fs.Var((*app.ListFlag)(&got), "join", "")
+			var nc natsbus.ServerConfig
+			nc.RegisterFlags(fs)
 			if _, err := parse(fs, tc.args, func(k string) string { return tc.env[k] }); err != nil {
 				t.Fatal(err)
 			}
-			if !slices.Equal(got, tc.want) {
+			if got := nc.Routes; !slices.Equal(got, tc.want) {
 				t.Errorf("join: got %q, want %q", got, tc.want)
 			}
 		})

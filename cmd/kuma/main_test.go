@@ -178,24 +178,12 @@ func ephemeralLow() int {
 	return 32768
 }
 
-// logBuffer collects a child's stderr; String is safe while it is written,
-// and closed tells when the child's stderr has been read to its end.
+// logBuffer collects a child's stderr (the shared kumatest.LogBuffer, so
+// String is safe while it is written); closed tells when the child's
+// stderr has been read to its end.
 type logBuffer struct {
-	mu     sync.Mutex
-	b      bytes.Buffer
+	kumatest.LogBuffer
 	closed chan struct{}
-}
-
-func (l *logBuffer) write(line string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.b.WriteString(line + "\n")
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // startUp runs `kuma up` as a child process and waits for its ready line.
@@ -231,7 +219,7 @@ func spawn(t *testing.T, args []string, env ...string) *proc {
 		sc := bufio.NewScanner(pr)
 		sent := false
 		for sc.Scan() {
-			p.logs.write(sc.Text())
+			_, _ = p.logs.Write([]byte(sc.Text() + "\n"))
 			if !sent && strings.Contains(sc.Text(), "kuma ready") {
 				p.ready <- true
 				sent = true
@@ -439,7 +427,7 @@ func TestStreamIsExactAfterACrashAroundPublish(t *testing.T) {
 // even when the server cuts its pages by size (20 events of 30 KB under a
 // 128 KiB max payload come in five pages or more).
 func TestHistoryCommandFollowsPages(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.MaxPayload = app.MinMaxPayload })
+	n := kumatest.Start(t, func(c *app.Config) { c.NATS.MaxPayload = app.MinMaxPayload })
 	env := map[string]string{"KUMA_NATS_URL": n.App.ClientURL()}
 	c := n.Client(client.Options{})
 	for i := 0; i < 20; i++ {

@@ -210,7 +210,7 @@ func serve(ctx context.Context, cfg app.Config, pf processFlags, stderr io.Write
 	// first member's for a second member to join, which takes what the
 	// operator takes: it is bounded by SIGINT/SIGTERM only.
 	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
-	if len(cfg.Join) > 0 || cfg.ClusterListen != "" {
+	if cfg.NATS.Clustered() {
 		cancel()
 		startCtx, cancel = context.WithCancel(ctx)
 	}

@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
 )
@@ -36,7 +35,7 @@ func cmdSubscribe(ctx context.Context, args []string, stdout, stderr io.Writer, 
 		cursorFile = fs.String("cursor-file", "", "keep the cursor in this file after every page, and start from it when it exists")
 		catchUp    = fs.Bool("catch-up-only", false, "stop once every event committed so far was printed")
 	)
-	fs.Var((*app.ListFlag)(&types), "type", "only events of this type (repeat it, or separate types by commas)")
+	fs.Var((*listFlag)(&types), "type", "only events of this type (repeat it, or separate types by commas)")
 	pos, err := parse(fs, args, getenv)
 	if err != nil {
 		return helpOK(err)

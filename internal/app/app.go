@@ -81,11 +81,11 @@ func New(cfg Config) (*App, error) {
 // Registry is the App's Prometheus registry.
 func (a *App) Registry() *prometheus.Registry { return a.registry }
 
-// Start starts every module of the target. On failure it stops what it had
 // Shards is the context's shard count as this process knows it: resolved
 // by its shardnode once started, else as configured (0: not known here).
 func (a *App) Shards() int { return a.shardCount() }
 
+// Start starts every module of the target. On failure it stops what it had
 // started and returns the error.
 func (a *App) Start(ctx context.Context) error {
 	if a.cfg.TracerProvider == nil && a.cfg.Tracing != telemetry.ExportNone {
@@ -197,7 +197,7 @@ func (a *App) Stop(ctx context.Context) error {
 func (a *App) Conn() *nats.Conn { return a.nc }
 
 // ClientURL is where external clients reach NATS: the embedded server's
-// address under target all, else the configured NATS URL.
+// address under targets all and nats, else the configured NATS URL.
 func (a *App) ClientURL() string {
 	if a.srv != nil {
 		return a.srv.ClientURL()

@@ -133,7 +133,7 @@ const smallPayload = 256 << 10
 // entities query of that one row answers payload_too_large too.
 func TestHugeStateAnswersPayloadTooLarge(t *testing.T) {
 	n := kumatest.Start(t, func(c *app.Config) {
-		c.MaxPayload = smallPayload
+		c.NATS.MaxPayload = smallPayload
 		c.MetricsListen = "127.0.0.1:0"
 	})
 	c := n.Client(client.Options{})
@@ -201,7 +201,7 @@ func TestHugeStateAnswersPayloadTooLarge(t *testing.T) {
 // one. History and read answer payload_too_large rather than nothing, and
 // the events before it still page.
 func TestEventTooLargeForAnyReply(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.MaxPayload = smallPayload })
+	n := kumatest.Start(t, func(c *app.Config) { c.NATS.MaxPayload = smallPayload })
 	c := n.Client(client.Options{})
 	const id = "angle-brackets"
 	if _, err := c.Append(t.Context(), id, []kuma.EventInput{{Type: "Small", Data: json.RawMessage(`{"a":1}`)}}); err != nil {
@@ -253,7 +253,7 @@ func pageQuery(t *testing.T, nc *nats.Conn, projection string, r kuma.QueryReque
 // a 256 KiB max payload) and pages the unfiltered entities query: every
 // page fits, next_cursor goes on, and every entity comes exactly once.
 func TestEntitiesQueryPagesBySize(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.MaxPayload = smallPayload })
+	n := kumatest.Start(t, func(c *app.Config) { c.NATS.MaxPayload = smallPayload })
 	c := n.Client(client.Options{})
 	const entities = 20
 	var positions []string
@@ -290,7 +290,7 @@ func TestEntitiesQueryPagesBySize(t *testing.T) {
 // row comes once.
 func TestDeclaredQueryPagesBySize(t *testing.T) {
 	n := kumatest.Start(t, func(c *app.Config) {
-		c.MaxPayload = smallPayload
+		c.NATS.MaxPayload = smallPayload
 		c.Projections = []projection.Spec{{
 			Name:    "notes",
 			Tables:  []string{`CREATE TABLE notes (entity TEXT NOT NULL, v INTEGER NOT NULL, pad TEXT NOT NULL)`},

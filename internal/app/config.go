@@ -43,32 +43,30 @@ type Config struct {
 	// the cluster's), or DefaultShards for a new one (shardnode.Config).
 	Context string
 	Shards  int
-	// NATSListen is where the embedded server listens (targets all and
-	// nats). A non-loopback address is refused unless Insecure is set: the
-	// embedded server has no authentication, so anyone who reaches it could
-	// read and erase everything.
-	NATSListen string
-	// Insecure allows NATSListen on a non-loopback address without
-	// authentication (`--insecure`), for a private network or a container
-	// whose port only trusted peers reach.
+	// NATS is the embedded server's settings (targets all and nats), with
+	// their own flags and defaults (natsbus.ServerConfig's RegisterFlags):
+	// where it listens, its largest message, and the NATS cluster it joins.
+	// natsServerConfig hands them over whole, having filled in what the
+	// process decides: StoreDir (<data>/nats), Logger, and a cluster
+	// member's ServerName (NodeName); whatever is set in those fields here
+	// is replaced. The rules that are Kuma's are checked in Validate:
+	//   - Listen on a non-loopback address is refused unless Insecure is
+	//     set: the embedded server has no authentication, so anyone who
+	//     reaches it could read and erase everything. The cluster
+	//     listener (ClusterListen) has none either, so the same holds.
+	//   - MaxPayload is MinMaxPayload to MaxMaxPayload (0: natsbus's
+	//     default). Every request and every answer must fit in it: larger
+	//     answers are cut into pages or refused with payload_too_large
+	//     (docs/protocol.md).
+	//   - Routes (the --join values) list route URLs of running members,
+	//     any of them: gossip finds the rest; they need ClusterListen, for
+	//     the other members' routes, which alone makes this node the first
+	//     member, whose JetStream waits for a second one.
+	NATS natsbus.ServerConfig
+	// Insecure allows NATS.Listen and NATS.ClusterListen on a non-loopback
+	// address without authentication (`--insecure`), for a private network
+	// or a container whose port only trusted peers reach.
 	Insecure bool
-	// Join, ClusterListen and ClusterName make the embedded server (targets
-	// all and nats) a member of a NATS cluster with clustered JetStream; see
-	// natsbus.ServerConfig for what holds then. Join lists route URLs
-	// (nats://host:port) of running members, any of them: gossip finds the
-	// rest. ClusterListen is host:port for the other members' routes; alone
-	// (no Join) it makes this node the first member, whose JetStream waits
-	// for a second one. ClusterName defaults to "kuma" and must be the same
-	// on every member. The embedded server is named NodeName in a cluster.
-	// The cluster listener has no authentication either, so a non-loopback
-	// one needs Insecure, like NATSListen.
-	Join          []string
-	ClusterListen string
-	ClusterName   string
-	// ClusterAdvertise is the route address the other members are told to
-	// dial when they learn of this one by gossip (natsbus.ServerConfig);
-	// empty: the address its routes come from, with the ClusterListen port.
-	ClusterAdvertise string
 	// Keyvault says whether target all runs a keyvault instance:
 	// KeyvaultLocal (default) in this process, KeyvaultRemote none, using
 	// the other nodes' over NATS as `kuma serve --target shardnode` does (a
@@ -104,11 +102,6 @@ type Config struct {
 	Projector projector.Config
 	Router    router.Config
 	Console   console.Config
-	// MaxPayload is the embedded NATS server's largest message in bytes (0:
-	// natsbus's default, 8 MiB). Every request and every answer must fit
-	// in it: larger answers are cut into pages or refused with
-	// payload_too_large (docs/protocol.md).
-	MaxPayload int32
 	// MasterKey is the keyvault's 32-byte master key; MasterKeyFile a file
 	// holding it in base64. With neither, target all keeps a generated key in
 	// <data>/keyvault/master.key and warns; the keyvault target refuses to
@@ -154,7 +147,7 @@ type Config struct {
 const (
 	DefaultDataDir    = "./data"
 	DefaultShards     = shardnode.DefaultShards
-	DefaultNATSListen = "127.0.0.1:4222"
+	DefaultNATSListen = natsbus.DefaultListen
 	DefaultNATSURL    = "nats://127.0.0.1:4222"
 	// DefaultMetricsListen is where `kuma up` serves /metrics, /healthz and
 	// /readyz (the port OpenTelemetry's Prometheus exporter uses).
@@ -162,10 +155,10 @@ const (
 	// DefaultConsoleListen is where `kuma up` serves the web console.
 	DefaultConsoleListen = "127.0.0.1:9480"
 	// DefaultClusterName names the NATS cluster of `kuma up --join`.
-	DefaultClusterName = "kuma"
+	DefaultClusterName = natsbus.DefaultClusterName
 )
 
-// Bounds of MaxPayload (--max-payload).
+// Bounds of NATS.MaxPayload (--max-payload).
 const (
 	MinMaxPayload = 128 << 10
 	MaxMaxPayload = 64 << 20
@@ -187,8 +180,8 @@ func (c *Config) setDefaults() {
 	if c.Context == "" {
 		c.Context = kuma.DefaultContext
 	}
-	if c.NATSListen == "" {
-		c.NATSListen = DefaultNATSListen
+	if c.NATS.Listen == "" {
+		c.NATS.Listen = DefaultNATSListen
 	}
 	if c.NATSURL == "" {
 		c.NATSURL = DefaultNATSURL
@@ -208,8 +201,8 @@ func (c *Config) setDefaults() {
 	if c.ReadyMaxLag == 0 {
 		c.ReadyMaxLag = 1000
 	}
-	if c.ClusterName == "" {
-		c.ClusterName = DefaultClusterName
+	if c.NATS.ClusterName == "" {
+		c.NATS.ClusterName = DefaultClusterName
 	}
 	if c.Keyvault == "" {
 		c.Keyvault = KeyvaultLocal
@@ -221,7 +214,7 @@ func (c *Config) embedded() bool { return slices.Contains(order(c.Target), Modul
 
 // clustered reports whether the embedded server joins a NATS cluster.
 func (c *Config) clustered() bool {
-	return c.ClusterListen != "" || len(c.Join) > 0 || c.ClusterAdvertise != ""
+	return c.NATS.Clustered() || c.NATS.ClusterAdvertise != ""
 }
 
 // keyvaultStore is where this process's keyvault keeps its keys. A single
@@ -240,22 +233,20 @@ func (c *Config) keyvaultStore() string {
 	return keyvault.StoreJetStream
 }
 
-// natsServerConfig is the embedded server's configuration. A standalone
-// server keeps nats-server's name "kuma" as it always had; a cluster member
-// is named NodeName, which is unique in the cluster already.
+// natsServerConfig is the embedded server's configuration: NATS, with what
+// the process decides filled in. A standalone server keeps nats-server's
+// name "kuma" as it always had, and takes no cluster name, which only a
+// cluster member uses; a cluster member is named NodeName, which is unique
+// in the cluster already.
 func (c *Config) natsServerConfig() natsbus.ServerConfig {
-	sc := natsbus.ServerConfig{
-		Listen:     c.NATSListen,
-		StoreDir:   filepath.Join(c.DataDir, "nats"),
-		MaxPayload: c.MaxPayload,
-		Logger:     c.Logger,
-	}
+	sc := c.NATS
+	sc.StoreDir = filepath.Join(c.DataDir, "nats")
+	sc.Logger = c.Logger
+	sc.ServerName = ""
 	if c.clustered() {
 		sc.ServerName = c.NodeName
-		sc.ClusterName = c.ClusterName
-		sc.ClusterListen = c.ClusterListen
-		sc.Routes = c.Join
-		sc.ClusterAdvertise = c.ClusterAdvertise
+	} else {
+		sc.ClusterName = ""
 	}
 	return sc
 }
@@ -290,16 +281,16 @@ func (c *Config) Validate() error {
 	} else if c.Target == ModuleConsole {
 		errs = append(errs, fmt.Errorf("target console needs --console-listen (host:port such as %s)", DefaultConsoleListen))
 	}
-	if c.embedded() && !c.Insecure && !natsbus.LoopbackListen(c.NATSListen) {
+	if c.embedded() && !c.Insecure && !natsbus.LoopbackListen(c.NATS.Listen) {
 		errs = append(errs, fmt.Errorf("--nats-listen %s is not a loopback address, and the embedded NATS server has no authentication: "+
 			"anyone who reaches it could read and erase everything; listen on 127.0.0.1, or pass --insecure (KUMA_INSECURE=true) "+
-			"if only trusted peers can reach it", c.NATSListen))
+			"if only trusted peers can reach it", c.NATS.Listen))
 	}
-	if c.MaxPayload != 0 && (c.MaxPayload < MinMaxPayload || c.MaxPayload > MaxMaxPayload) {
+	if c.NATS.MaxPayload != 0 && (c.NATS.MaxPayload < MinMaxPayload || c.NATS.MaxPayload > MaxMaxPayload) {
 		errs = append(errs, fmt.Errorf("--max-payload must be %d (128 KiB, room for one event of 64 KiB) to %d (64 MiB, NATS's own ceiling), got %d",
-			MinMaxPayload, MaxMaxPayload, c.MaxPayload))
+			MinMaxPayload, MaxMaxPayload, c.NATS.MaxPayload))
 	}
-	if c.MaxPayload != 0 && !c.embedded() {
+	if c.NATS.MaxPayload != 0 && !c.embedded() {
 		errs = append(errs, fmt.Errorf("--max-payload sets the embedded NATS server's, which target %s does not run; set max_payload in the NATS server's own configuration", c.Target))
 	}
 	errs = append(errs, c.validateCluster()...)
@@ -335,17 +326,17 @@ func (c *Config) validateCluster() []error {
 		return []error{fmt.Errorf("--join and --cluster-listen are for kuma up and kuma serve --target nats (the embedded NATS server); target %s joins a NATS cluster through --nats-url", c.Target)}
 	}
 	var errs []error
-	if len(c.Join) > 0 && c.ClusterListen == "" {
+	if len(c.NATS.Routes) > 0 && c.NATS.ClusterListen == "" {
 		// natsbus says so too, in its own terms; this one names the flags.
 		errs = append(errs, errors.New("--join needs --cluster-listen: the host:port this node takes routes on, reachable by the other members "+
 			"(such as 0.0.0.0:6222), since the members found through the cluster dial back to it"))
 	} else if err := c.natsServerConfig().Validate(); err != nil {
 		errs = append(errs, err)
 	}
-	if c.ClusterListen != "" && !c.Insecure && !natsbus.LoopbackListen(c.ClusterListen) {
+	if c.NATS.ClusterListen != "" && !c.Insecure && !natsbus.LoopbackListen(c.NATS.ClusterListen) {
 		errs = append(errs, fmt.Errorf("--cluster-listen %s is not a loopback address, and the embedded server's routes have no authentication: "+
 			"anyone who reaches it could join the cluster and read and erase everything; listen on 127.0.0.1, or pass --insecure "+
-			"(KUMA_INSECURE=true) if only trusted peers can reach it", c.ClusterListen))
+			"(KUMA_INSECURE=true) if only trusted peers can reach it", c.NATS.ClusterListen))
 	}
 	return errs
 }

@@ -3,8 +3,6 @@ package app
 import (
 	"flag"
 	"fmt"
-	"strconv"
-	"strings"
 
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/telemetry"
@@ -13,29 +11,23 @@ import (
 
 // Flags, the way Loki's modules register theirs: each component's Config
 // registers its own flags with their defaults and help (shardnode.Config,
-// console.Config), and Config composes them beside the process's own. A new
+// console.Config, the embedded server's natsbus.ServerConfig), and Config
+// composes them beside the process's own. A new
 // setting of a component is a field, a flag and a default in that
 // component's Config; the Config here carries it whole to the service (see
-// build), so nothing is copied field by field. The defaults are those
+// build and natsServerConfig), so nothing is copied field by field. The defaults are those
 // setDefaults fills in (TestFlagDefaultsAreConfigDefaults), so a Config
 // built in Go and one read from flags agree.
 
 // RegisterFlags registers the flags kuma up and kuma serve share: the
-// process's own and those of the composed components.
+// process's own and those of the composed components, the embedded NATS
+// server's included (kuma serve runs it with --target nats).
 func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.DataDir, "data", DefaultDataDir, "data directory (shard files, NATS store)")
 	fs.IntVar(&c.Shards, "shards", 0, fmt.Sprintf("shards of the context, fixed when it is created; 0: what the context has (its data dir's, else the cluster's), %d for a new one", DefaultShards))
 	fs.StringVar(&c.Context, "context", kuma.DefaultContext, "context to serve")
 	fs.StringVar(&c.MasterKeyFile, "master-key-file", "", "file holding the keyvault's master key (base64 of 32 bytes); or set KUMA_MASTER_KEY")
 	fs.BoolVar(&c.Insecure, "insecure", false, "let the embedded NATS server listen on a non-loopback address without authentication (trusted networks only)")
-	fs.Func("max-payload", "largest NATS message in bytes of the embedded server (default 8 MiB); larger answers are paged or refused with payload_too_large", func(v string) error {
-		n, err := strconv.ParseInt(v, 10, 32)
-		if err != nil {
-			return fmt.Errorf("want a number of bytes, got %q", v)
-		}
-		c.MaxPayload = int32(n)
-		return nil
-	})
 	fs.StringVar(&c.ProjectionsFile, "projections", "", "YAML file declaring read-model projections (see docs/projections.md)")
 	fs.StringVar(&c.NodeName, "node", "", "this node's name, unique in the cluster (default: the host name)")
 	fs.StringVar(&c.Durability, "durability", shardnode.DurabilityLocal, "when an append is acknowledged: local (after this node's fsync) or replicated (once the replicated event stream has it too; see docs/cluster.md)")
@@ -45,38 +37,25 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 		c.Tracing = telemetry.ExportStdout
 		return nil
 	})
+	c.NATS.RegisterFlags(fs)
 	c.Shardnode.RegisterFlags(fs)
 	c.Console.RegisterFlags(fs)
 }
 
 // RegisterUpFlags registers the flags of kuma up (target all): those of
-// RegisterFlags, the embedded server's and --keyvault.
+// RegisterFlags and --keyvault.
 func (c *Config) RegisterUpFlags(fs *flag.FlagSet) {
 	c.RegisterFlags(fs)
-	fs.StringVar(&c.NATSListen, "nats-listen", DefaultNATSListen, "host:port of the embedded NATS server")
-	c.registerClusterFlags(fs)
 	fs.StringVar(&c.Keyvault, "keyvault", KeyvaultLocal, "local: run a keyvault instance in this process (in a cluster, on the replicated bucket KUMA_KEYS that every instance shares); remote: run none here and use the other nodes' over NATS (a node that is not to hold the master key)")
 }
 
 // RegisterServeFlags registers the flags of kuma serve: those of
-// RegisterFlags, --target, the external NATS's (URL, credentials, TLS) and
-// the embedded server's, which targets all and nats run.
+// RegisterFlags, --target and the external NATS's (URL, credentials, TLS).
 func (c *Config) RegisterServeFlags(fs *flag.FlagSet) {
 	c.RegisterFlags(fs)
 	fs.StringVar(&c.Target, "target", "", "service to run: router, shardnode, projector, keyvault, console, or nats (the embedded NATS server alone; all = kuma up)")
 	fs.StringVar(&c.NATSURL, "nats-url", DefaultNATSURL, "NATS server to connect to")
 	c.RegisterNATSAuthFlags(fs)
-	fs.StringVar(&c.NATSListen, "nats-listen", DefaultNATSListen, "host:port of the embedded NATS server (targets all and nats only)")
-	c.registerClusterFlags(fs)
-}
-
-// registerClusterFlags registers the embedded server's cluster flags, which
-// kuma up and kuma serve --target nats share (docs/cluster.md).
-func (c *Config) registerClusterFlags(fs *flag.FlagSet) {
-	fs.Var((*ListFlag)(&c.Join), "join", "route URL nats://host:port of a running cluster member to join; repeat it or separate URLs by commas (see docs/cluster.md)")
-	fs.StringVar(&c.ClusterListen, "cluster-listen", "", "host:port for the other cluster members' routes (empty: not a cluster member); needs --insecure unless loopback")
-	fs.StringVar(&c.ClusterAdvertise, "cluster-advertise", "", "host:port the other members dial for this one when they learn of it by gossip (default: the address its routes come from, with the --cluster-listen port); for NAT, published container ports or proxies")
-	fs.StringVar(&c.ClusterName, "cluster-name", DefaultClusterName, "NATS cluster name, the same on every member")
 }
 
 // RegisterNATSAuthFlags registers the flags that authenticate to an
@@ -93,26 +72,4 @@ func (c *Config) RegisterNATSAuthFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.NATSTLSCert, "nats-tls-cert", "", "client certificate (PEM) for NATS servers that verify clients")
 	fs.StringVar(&c.NATSTLSKey, "nats-tls-key", "", "key (PEM) of --nats-tls-cert")
 	fs.StringVar(&c.NATSInboxPrefix, "nats-inbox-prefix", "", "reply inbox prefix (default _INBOX.<nats-user>; kuma.conf lets a user read only its own)")
-}
-
-// ListFlag is a repeatable flag whose values may also be comma-separated,
-// so that one environment variable (KUMA_JOIN=a,b) can carry a list.
-type ListFlag []string
-
-func (l *ListFlag) String() string {
-	if l == nil {
-		return ""
-	}
-	return strings.Join(*l, ",")
-}
-
-// Set adds the comma-separated items of v, blanks trimmed, empty ones
-// dropped.
-func (l *ListFlag) Set(v string) error {
-	for _, item := range strings.Split(v, ",") {
-		if item = strings.TrimSpace(item); item != "" {
-			*l = append(*l, item)
-		}
-	}
-	return nil
 }

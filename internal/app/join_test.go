@@ -16,6 +16,7 @@ import (
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -48,7 +49,7 @@ func TestJoinClusterOfThree(t *testing.T) {
 		}
 		a, err := app.New(app.Config{
 			NodeName: name, DataDir: t.TempDir(), Shards: 4,
-			NATSListen: "127.0.0.1:-1", ClusterListen: "127.0.0.1:-1", Join: join,
+			NATS:     natsbus.ServerConfig{Listen: "127.0.0.1:-1", ClusterListen: "127.0.0.1:-1", Routes: join},
 			Keyvault: keyvault, Logger: logger.With("node", name),
 		})
 		if err != nil {
@@ -208,16 +209,16 @@ func TestJoinRefusedBeforeAnythingStarts(t *testing.T) {
 		want []string
 	}{
 		{"join without a cluster listener",
-			app.Config{Join: []string{"nats://10.0.0.1:6222"}},
+			app.Config{NATS: natsbus.ServerConfig{Routes: []string{"nats://10.0.0.1:6222"}}},
 			[]string{"--join needs --cluster-listen", "0.0.0.0:6222"}},
 		{"cluster listener on the network without --insecure",
-			app.Config{ClusterListen: "0.0.0.0:6222", Join: []string{"nats://10.0.0.1:6222"}},
+			app.Config{NATS: natsbus.ServerConfig{ClusterListen: "0.0.0.0:6222", Routes: []string{"nats://10.0.0.1:6222"}}},
 			[]string{"--cluster-listen 0.0.0.0:6222 is not a loopback address", "--insecure"}},
 		{"a route that is no URL",
-			app.Config{ClusterListen: "127.0.0.1:6222", Join: []string{"10.0.0.1:6222"}},
+			app.Config{NATS: natsbus.ServerConfig{ClusterListen: "127.0.0.1:6222", Routes: []string{"10.0.0.1:6222"}}},
 			[]string{`route "10.0.0.1:6222"`, "nats://"}},
 		{"join on a target without the embedded server",
-			app.Config{Target: app.ModuleShardnode, ClusterListen: "127.0.0.1:6222"},
+			app.Config{Target: app.ModuleShardnode, NATS: natsbus.ServerConfig{ClusterListen: "127.0.0.1:6222"}},
 			[]string{"--join and --cluster-listen are for kuma up"}},
 		{"unknown keyvault place",
 			app.Config{Keyvault: "elsewhere"},
@@ -251,7 +252,7 @@ func TestJoinRefusedBeforeAnythingStarts(t *testing.T) {
 	// The same listener with --insecure is accepted (and still nothing is
 	// created before Start).
 	dir := filepath.Join(t.TempDir(), "data")
-	if _, err := app.New(app.Config{DataDir: dir, NodeName: "n1", ClusterListen: "0.0.0.0:6222", Insecure: true}); err != nil {
+	if _, err := app.New(app.Config{DataDir: dir, NodeName: "n1", NATS: natsbus.ServerConfig{ClusterListen: "0.0.0.0:6222"}, Insecure: true}); err != nil {
 		t.Fatalf("app.New with --insecure: %v", err)
 	}
 	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {

@@ -15,6 +15,7 @@ import (
 	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -40,7 +41,7 @@ func TestKeyvaultHasNoHomeNode(t *testing.T) {
 		}
 		a, err := app.New(app.Config{
 			NodeName: name, DataDir: t.TempDir(), Shards: 4, MasterKey: master,
-			NATSListen: "127.0.0.1:-1", ClusterListen: "127.0.0.1:-1", Join: join,
+			NATS:   natsbus.ServerConfig{Listen: "127.0.0.1:-1", ClusterListen: "127.0.0.1:-1", Routes: join},
 			Logger: logger.With("node", name),
 		})
 		if err != nil {

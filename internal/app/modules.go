@@ -353,16 +353,16 @@ func (a *App) startJetStream(ctx context.Context) error {
 // A first member's answers only once a second member has joined.
 func (a *App) waitJetStream(ctx context.Context) error {
 	log := a.cfg.Logger
-	if len(a.cfg.Join) == 0 {
+	if len(a.cfg.NATS.Routes) == 0 {
 		log.Info("first cluster member: JetStream waits for a second member to join; start another node with --join",
-			"join", "nats://"+a.ClusterAddr(), "cluster", a.cfg.ClusterName)
+			"join", "nats://"+a.ClusterAddr(), "cluster", a.cfg.NATS.ClusterName)
 	} else {
-		log.Debug("waiting for the cluster's JetStream", "join", a.cfg.Join)
+		log.Debug("waiting for the cluster's JetStream", "join", a.cfg.NATS.Routes)
 	}
 	if err := natsbus.WaitJetStream(ctx, a.nc); err != nil {
 		return err
 	}
-	log.Info("cluster JetStream ready", "node", a.cfg.NodeName, "cluster", a.cfg.ClusterName)
+	log.Info("cluster JetStream ready", "node", a.cfg.NodeName, "cluster", a.cfg.NATS.ClusterName)
 	return nil
 }
 

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kumadb/kuma/pkg/cluster"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 )
 
@@ -213,7 +214,7 @@ func TestMaxPayloadIsChecked(t *testing.T) {
 		{TargetNATS, 1 << 20, ""},
 		{ModuleRouter, 1 << 20, "which target router does not run"},
 	} {
-		c := Config{Target: tc.target, MaxPayload: tc.max, MasterKey: make([]byte, 32)}
+		c := Config{Target: tc.target, NATS: natsbus.ServerConfig{MaxPayload: tc.max}, MasterKey: make([]byte, 32)}
 		c.setDefaults()
 		err := c.Validate()
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {

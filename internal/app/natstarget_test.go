@@ -12,6 +12,7 @@ import (
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 )
 
@@ -31,7 +32,7 @@ func TestNATSTargetClusterOfThree(t *testing.T) {
 	newNATS := func(name string, join []string) *app.App {
 		t.Helper()
 		a, err := app.New(app.Config{Target: app.TargetNATS, NodeName: name, DataDir: t.TempDir(),
-			NATSListen: "127.0.0.1:-1", ClusterListen: "127.0.0.1:-1", Join: join, MetricsListen: "127.0.0.1:0", Logger: quiet})
+			NATS: natsbus.ServerConfig{Listen: "127.0.0.1:-1", ClusterListen: "127.0.0.1:-1", Routes: join}, MetricsListen: "127.0.0.1:0", Logger: quiet})
 		if err != nil {
 			t.Fatalf("app.New %s: %v", name, err)
 		}
@@ -104,7 +105,7 @@ func TestNATSTargetClusterOfThree(t *testing.T) {
 	}
 
 	// The cluster flags belong to the embedded server only.
-	_, err = app.New(app.Config{Target: app.ModuleRouter, DataDir: t.TempDir(), Join: []string{"nats://" + route}, ClusterListen: "127.0.0.1:-1"})
+	_, err = app.New(app.Config{Target: app.ModuleRouter, DataDir: t.TempDir(), NATS: natsbus.ServerConfig{Routes: []string{"nats://" + route}, ClusterListen: "127.0.0.1:-1"}})
 	if err == nil || !strings.Contains(err.Error(), "--target nats") {
 		t.Fatalf("router with --join: %v; want a refusal naming --target nats", err)
 	}

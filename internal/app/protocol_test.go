@@ -286,7 +286,7 @@ func TestDataDirWithOtherShardCountIsRefused(t *testing.T) {
 	dir := t.TempDir()
 	n := kumatest.Start(t, func(c *app.Config) { c.DataDir = dir; c.Shards = 4 })
 	n.Stop()
-	a, err := app.New(app.Config{DataDir: dir, Shards: 8, NATSListen: "127.0.0.1:-1"})
+	a, err := app.New(app.Config{DataDir: dir, Shards: 8, NATS: natsbus.ServerConfig{Listen: "127.0.0.1:-1"}})
 	if err != nil {
 		t.Fatal(err)
 	}

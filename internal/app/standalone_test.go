@@ -15,6 +15,7 @@ import (
 	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 )
 
@@ -43,7 +44,7 @@ func TestStandaloneNodeBecomesCluster(t *testing.T) {
 	}
 	newNode := func(cfg app.Config) *app.App {
 		t.Helper()
-		cfg.Shards, cfg.NATSListen = 8, "127.0.0.1:-1"
+		cfg.Shards, cfg.NATS.Listen = 8, "127.0.0.1:-1"
 		if cfg.DataDir == "" {
 			cfg.DataDir = t.TempDir()
 		}
@@ -113,7 +114,7 @@ func TestStandaloneNodeBecomesCluster(t *testing.T) {
 	var log1 kumatest.LogBuffer
 	// Its start pauses before its shardnode, as a slow keyvault import
 	// makes it: a member joining meanwhile must wait for it.
-	n1 := newNode(app.Config{NodeName: "n1", DataDir: data, ClusterListen: "127.0.0.1:-1", Logger: logger("n1", &log1),
+	n1 := newNode(app.Config{NodeName: "n1", DataDir: data, NATS: natsbus.ServerConfig{ClusterListen: "127.0.0.1:-1"}, Logger: logger("n1", &log1),
 		Failpoint: func(name string) {
 			if name == "start-before-shardnode" {
 				time.Sleep(3 * time.Second)
@@ -137,7 +138,7 @@ func TestStandaloneNodeBecomesCluster(t *testing.T) {
 		}
 	}
 	route = "nats://" + route
-	n2 := newNode(app.Config{NodeName: "n2", ClusterListen: "127.0.0.1:-1", Join: []string{route}, Keyvault: app.KeyvaultRemote, Logger: logger("n2", nil)})
+	n2 := newNode(app.Config{NodeName: "n2", NATS: natsbus.ServerConfig{ClusterListen: "127.0.0.1:-1", Routes: []string{route}}, Keyvault: app.KeyvaultRemote, Logger: logger("n2", nil)})
 	if err := n2.Start(ctx); err != nil {
 		t.Fatalf("n2 start: %v", err)
 	}
@@ -215,7 +216,7 @@ func TestStandaloneNodeBecomesCluster(t *testing.T) {
 	eventually("shards moving to n2", func() bool { return owns(n2) > 0 })
 	check("n1 after shards moved to n2", c1)
 
-	n3 := newNode(app.Config{NodeName: "n3", ClusterListen: "127.0.0.1:-1", Join: []string{route, "nats://" + n2.ClusterAddr()},
+	n3 := newNode(app.Config{NodeName: "n3", NATS: natsbus.ServerConfig{ClusterListen: "127.0.0.1:-1", Routes: []string{route, "nats://" + n2.ClusterAddr()}},
 		Keyvault: app.KeyvaultRemote, Logger: logger("n3", nil)})
 	if err := n3.Start(ctx); err != nil {
 		t.Fatalf("n3 start: %v", err)
@@ -251,7 +252,7 @@ func TestPendingExportRefusedStandalone(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(data, "nats", "standalone-export"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	a, err := app.New(app.Config{NodeName: "n1", DataDir: data, NATSListen: "127.0.0.1:-1", Logger: slog.New(slog.DiscardHandler)})
+	a, err := app.New(app.Config{NodeName: "n1", DataDir: data, NATS: natsbus.ServerConfig{Listen: "127.0.0.1:-1"}, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 )
 
 // TestServicesRunAloneAgainstExternalNATS runs the router and the shardnode
@@ -74,7 +75,7 @@ func TestNonLoopbackListenNeedsInsecure(t *testing.T) {
 		{"10.1.2.3:4222", false, false},
 		{"0.0.0.0:4222", true, true},
 	} {
-		_, err := app.New(app.Config{DataDir: t.TempDir(), NATSListen: tc.listen, Insecure: tc.insecure})
+		_, err := app.New(app.Config{DataDir: t.TempDir(), NATS: natsbus.ServerConfig{Listen: tc.listen}, Insecure: tc.insecure})
 		if (err == nil) != tc.ok {
 			t.Errorf("listen %s insecure %v: %v; want ok %v", tc.listen, tc.insecure, err, tc.ok)
 		}
@@ -83,7 +84,7 @@ func TestNonLoopbackListenNeedsInsecure(t *testing.T) {
 		}
 	}
 	// A service alone runs no server, so its --nats-listen does not matter.
-	if _, err := app.New(app.Config{Target: app.ModuleRouter, DataDir: t.TempDir(), NATSListen: "0.0.0.0:4222"}); err != nil {
+	if _, err := app.New(app.Config{Target: app.ModuleRouter, DataDir: t.TempDir(), NATS: natsbus.ServerConfig{Listen: "0.0.0.0:4222"}}); err != nil {
 		t.Errorf("router alone: %v", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats.go"
 )
@@ -30,10 +31,10 @@ type Node struct {
 func Start(t testing.TB, tune func(*app.Config)) *Node {
 	t.Helper()
 	cfg := app.Config{
-		DataDir:    t.TempDir(),
-		NATSListen: "127.0.0.1:-1",
-		Shards:     4,
-		Logger:     slog.New(slog.DiscardHandler),
+		DataDir: t.TempDir(),
+		NATS:    natsbus.ServerConfig{Listen: "127.0.0.1:-1"},
+		Shards:  4,
+		Logger:  slog.New(slog.DiscardHandler),
 	}
 	if tune != nil {
 		tune(&cfg)

@@ -17,6 +17,7 @@ import (
 	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/kumadb/kuma/services/shardnode"
 	"github.com/nats-io/nats.go"
 )
@@ -127,7 +128,7 @@ func run(ctx context.Context, c config, out io.Writer) (*result, error) {
 			return nil, err
 		}
 		defer os.RemoveAll(dir)
-		a, err := app.New(app.Config{DataDir: dir, Shards: c.shards, NATSListen: "127.0.0.1:-1",
+		a, err := app.New(app.Config{DataDir: dir, Shards: c.shards, NATS: natsbus.ServerConfig{Listen: "127.0.0.1:-1"},
 			Shardnode: shardnode.Config{Synchronous: c.sync}, Context: c.ctxName, Logger: discardLog})
 		if err != nil {
 			return nil, err

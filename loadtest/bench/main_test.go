@@ -18,6 +18,7 @@ import (
 	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 )
 
@@ -227,7 +228,7 @@ func TestRawFollowersCountEveryEvent(t *testing.T) {
 // checks the raw count and cursor against encoding/json's, page by page,
 // including the empty page at the end.
 func TestRawFeedReplyMatchesDecoded(t *testing.T) {
-	a, err := app.New(app.Config{DataDir: t.TempDir(), Shards: 2, NATSListen: "127.0.0.1:-1", Context: "default", Logger: discardLog})
+	a, err := app.New(app.Config{DataDir: t.TempDir(), Shards: 2, NATS: natsbus.ServerConfig{Listen: "127.0.0.1:-1"}, Context: "default", Logger: discardLog})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -113,7 +113,7 @@ func ProjectorStatusSubject(ctx string) string {
 // subscribes to it outside any queue group, so that the replica that
 // received a public admin or status request reaches all of them (internal).
 func ProjectorReplicasSubject(ctx, op string) string {
-	return "_kuma." + ctx + ".projector.replicas." + op
+	return InternalPrefix + "." + ctx + ".projector.replicas." + op
 }
 
 // StreamName is the JetStream stream of a context's events.

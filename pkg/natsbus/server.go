@@ -49,7 +49,8 @@ import (
 //     joining member every peer you know, so it is not cut off while the
 //     one it names is down.
 type ServerConfig struct {
-	// Listen is host:port for clients; port -1 picks a free port (tests).
+	// Listen is host:port for clients (DefaultListen); port -1 picks a free
+	// port (tests).
 	Listen string
 	// ServerName names this server: 1 to 64 of A-Z a-z 0-9 . _ -. A
 	// standalone server defaults to "kuma". A cluster member must be given
@@ -58,8 +59,8 @@ type ServerConfig struct {
 	// servers of the same name, logging it only, so two members left at a
 	// shared default would never form a cluster.
 	ServerName string
-	// ClusterName names the cluster (default "kuma"); every member must use
-	// the same. Same characters as ServerName.
+	// ClusterName names the cluster (DefaultClusterName); every member must
+	// use the same. Same characters as ServerName.
 	ClusterName string
 	// ClusterListen is host:port for routes from the other members. Empty,
 	// with no Routes, is a standalone server. Port -1 picks a free port
@@ -84,8 +85,7 @@ type ServerConfig struct {
 	ClusterAdvertise string
 	// StoreDir holds JetStream's files.
 	StoreDir string
-	// MaxPayload is the largest message in bytes (default 8 MiB, so a batch of
-	// 100 events of 64 KiB fits).
+	// MaxPayload is the largest message in bytes (DefaultMaxPayload).
 	MaxPayload int32
 	// ReadyTimeout bounds the wait for the server to accept connections.
 	ReadyTimeout time.Duration
@@ -94,16 +94,16 @@ type ServerConfig struct {
 
 func (c *ServerConfig) setDefaults() {
 	if c.Listen == "" {
-		c.Listen = "127.0.0.1:4222"
+		c.Listen = DefaultListen
 	}
 	if c.ServerName == "" && !c.Clustered() {
 		c.ServerName = "kuma"
 	}
 	if c.ClusterName == "" {
-		c.ClusterName = "kuma"
+		c.ClusterName = DefaultClusterName
 	}
 	if c.MaxPayload == 0 {
-		c.MaxPayload = 8 << 20
+		c.MaxPayload = DefaultMaxPayload
 	}
 	if c.ReadyTimeout == 0 {
 		c.ReadyTimeout = 10 * time.Second

@@ -19,6 +19,7 @@ import (
 	"github.com/kumadb/kuma/internal/app"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/natsbus"
 	"github.com/nats-io/nats.go"
 )
 
@@ -44,7 +45,7 @@ func Reducer(r kuma.Reducer) Option {
 
 // NATSListen sets where the embedded NATS server listens (default a free
 // loopback port, so an embedding program never collides with a `kuma up`).
-func NATSListen(addr string) Option { return func(c *app.Config) { c.NATSListen = addr } }
+func NATSListen(addr string) Option { return func(c *app.Config) { c.NATS.Listen = addr } }
 
 // Logger sets the logger.
 func Logger(l *slog.Logger) Option { return func(c *app.Config) { c.Logger = l } }
@@ -62,7 +63,7 @@ type Store struct {
 // Start starts Kuma on dir. Options apply in order; Reducer applies to the
 // context named before it.
 func Start(ctx context.Context, dir string, opts ...Option) (*Store, error) {
-	cfg := app.Config{DataDir: dir, NATSListen: "127.0.0.1:-1", Target: app.TargetAll}
+	cfg := app.Config{DataDir: dir, NATS: natsbus.ServerConfig{Listen: "127.0.0.1:-1"}, Target: app.TargetAll}
 	for _, o := range opts {
 		o(&cfg)
 	}

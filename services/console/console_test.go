@@ -468,7 +468,7 @@ func TestForgetLogsNoID(t *testing.T) {
 // the console answers 413 with the protocol error for what cannot fit (it
 // answered 504 when the reply was lost), and history still pages.
 func TestAPIAnswersTooLarge(t *testing.T) {
-	n := kumatest.Start(t, func(c *app.Config) { c.MaxPayload = 256 << 10 })
+	n := kumatest.Start(t, func(c *app.Config) { c.NATS.MaxPayload = 256 << 10 })
 	c := n.Client(client.Options{})
 	for i := 1; i <= 6; i++ {
 		data := json.RawMessage(fmt.Sprintf(`{"k%d":"%s"}`, i, strings.Repeat("y", 50_000)))

@@ -35,7 +35,7 @@ func TestRelayBatchFitsTheMaxPayload(t *testing.T) {
 	}
 	defer release()
 	n := kumatest.Start(t, func(c *app.Config) {
-		c.MaxPayload = maxPayload
+		c.NATS.MaxPayload = maxPayload
 		c.Shards = 1
 		c.Failpoint = func(name string) {
 			if name == "relay-before-publish" {
