@@ -375,3 +375,40 @@ func digitsBetween(a, b int64) int {
 	}
 	return n
 }
+
+// Metadata of the durable consumers a projector makes on a context's
+// stream: ConsumerMetaNode names its node, and ConsumerMetaStreamFormats
+// lists the stream formats it reads ("1,2"; absent: format 1 alone). A
+// relay writes format 2 only while every such durable reads it, since a
+// projector running on its own (`kuma serve --target projector`) is no
+// member of the cluster.
+const (
+	ConsumerMetaNode          = "kuma_projector_node"
+	ConsumerMetaStreamFormats = "kuma_stream_formats"
+)
+
+// FormatList spells formats for ConsumerMetaStreamFormats: "1,2".
+func FormatList(formats []int) string {
+	b := make([]byte, 0, 2*len(formats))
+	for i, f := range formats {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendInt(b, int64(f), 10)
+	}
+	return string(b)
+}
+
+// ListReadsFormat reports whether a FormatList names format f (an empty
+// list is format 1 alone).
+func ListReadsFormat(list string, f int) bool {
+	if list == "" {
+		return f == StreamFormat1
+	}
+	for _, s := range strings.Split(list, ",") {
+		if s == strconv.Itoa(f) {
+			return true
+		}
+	}
+	return false
+}
