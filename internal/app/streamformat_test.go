@@ -1,0 +1,177 @@
+package app_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/kumadb/kuma/internal/app"
+	"github.com/kumadb/kuma/internal/kumatest"
+	"github.com/kumadb/kuma/pkg/client"
+	"github.com/kumadb/kuma/pkg/cluster"
+	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/pkg/placement"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// TestStreamFormat2AndTheGate: a node on its own writes stream format 2
+// (Kuma-Format: 2), and its projector applies it; while a member that
+// does not advertise format 2 is in the members bucket the relay writes
+// format 1, and format 2 again once it is gone. The shard's subject then
+// holds both formats, which the projector applies in order and from which
+// the shard, its file moved aside, is rebuilt (the catch-up).
+func TestStreamFormat2AndTheGate(t *testing.T) {
+	dir := t.TempDir()
+	n := kumatest.Start(t, func(c *app.Config) { c.DataDir = dir })
+	c := n.Client(client.Options{})
+	ctx := t.Context()
+	js, err := jetstream.New(n.NC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := js.Stream(ctx, kuma.StreamName("default"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const entity = "fmt2-1"
+	shard := placement.ShardOf(entity, n.Cfg.Shards)
+	subject := kuma.EventsSubject("default", shard)
+	version := int64(0)
+	// appendUntil appends until the shard's last message has the format.
+	appendUntil := func(format string) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			r, err := c.Append(ctx, entity, markerEvents(3))
+			if err != nil {
+				t.Fatal(err)
+			}
+			version = r.LastVersion
+			last := waitPublished(t, stream, subject, r.Position)
+			if got := last.Header.Get(kuma.HeaderFormat); got == format {
+				return
+			} else if time.Now().After(deadline) {
+				t.Fatalf("the relay still writes %s %q, want %q", kuma.HeaderFormat, got, format)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	appendUntil("2")
+
+	// A member of an older build (no stream_formats), serving another
+	// context so that no shard of this one is placed on it, heartbeats.
+	kv, err := js.KeyValue(ctx, cluster.MembersBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hctx, stopOld := context.WithCancel(ctx)
+	oldGone := make(chan struct{})
+	go func() {
+		defer close(oldGone)
+		rec, _ := json.Marshal(cluster.Member{Node: "old-node", Started: time.Now(), Contexts: []string{"elsewhere"}})
+		for hctx.Err() == nil {
+			_, _ = kv.Put(hctx, "old-node", rec)
+			select {
+			case <-hctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	}()
+	appendUntil("")
+	appendUntil("") // one more of format 1 now that it is settled
+	stopOld()
+	<-oldGone
+	if err := kv.Delete(ctx, "old-node"); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatal(err)
+	}
+	appendUntil("2")
+	r, err := c.Append(ctx, entity, markerEvents(2), client.IdempotencyKey("k-last"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	version = r.LastVersion
+
+	// The projector applied every message of both formats.
+	rows := entityRows(t, c, "fmt2-", r.Position)
+	if len(rows) != 1 || fmt.Sprint(rows[0]["version"]) != fmt.Sprint(version) {
+		t.Fatalf("entities projection: %v, want %s at version %d", rows, entity, version)
+	}
+	// The stream holds each version once, in order, in both formats.
+	formats := map[string]int{}
+	waitPublished(t, stream, subject, r.Position)
+	evs := kumatest.StreamEvents(t, n.NC, "default", int(version))
+	for i, e := range evs[entity] {
+		if e.Version != int64(i+1) {
+			t.Fatalf("stream event %d has version %d", i, e.Version)
+		}
+	}
+	if last := evs[entity][len(evs[entity])-1]; last.IdempotencyKey == "" || last.FirstVersion != version-1 {
+		t.Fatalf("the idempotent append's last event: key %q first version %d", last.IdempotencyKey, last.FirstVersion)
+	}
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(subject))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for seq := uint64(1); seq <= info.State.LastSeq; seq++ {
+		m, err := stream.GetMsg(ctx, seq)
+		if err != nil || m.Subject != subject || m.Header.Get(kuma.HeaderEpoch) != "" {
+			continue
+		}
+		formats[m.Header.Get(kuma.HeaderFormat)]++
+	}
+	if formats[""] < 2 || formats["2"] < 2 {
+		t.Fatalf("messages on %s by %s header: %v; want both formats", subject, kuma.HeaderFormat, formats)
+	}
+
+	// The shard rebuilt from the stream of both formats has every event.
+	n.Stop()
+	path := filepath.Join(dir, "default", fmt.Sprintf("shard-%03d.db", shard))
+	aside := t.TempDir()
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		if err := os.Rename(path+suffix, filepath.Join(aside, "x"+suffix)); err != nil && (suffix == "" || !errors.Is(err, os.ErrNotExist)) {
+			t.Fatal(err)
+		}
+	}
+	n.Restart()
+	c = n.Client(client.Options{})
+	h, err := c.History(ctx, entity, 1, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(h.Events)) != version {
+		t.Fatalf("rebuilt from the stream: %d events, want %d", len(h.Events), version)
+	}
+	again, err := c.Append(ctx, entity, markerEvents(2), client.IdempotencyKey("k-last"))
+	if err != nil || !again.Duplicate || again.LastVersion != version {
+		t.Fatalf("the idempotent append retried after the rebuild: %+v, %v; want a duplicate at %d", again, err, version)
+	}
+	t.Logf("%d events on %s in messages of formats %v", version, subject, formats)
+}
+
+// waitPublished returns the last message on subject once the stream holds
+// position pos there.
+func waitPublished(t *testing.T, stream jetstream.Stream, subject, pos string) *jetstream.RawStreamMsg {
+	t.Helper()
+	want, err := kuma.ParsePosition(pos)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		m, err := stream.GetLastMsgForSubject(t.Context(), subject)
+		if err == nil {
+			if p, err := kuma.ParsePosition(m.Header.Get(kuma.HeaderLastPosition)); err == nil && p.Seq >= want.Seq {
+				return m
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the stream does not reach %s on %s: %v", pos, subject, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
