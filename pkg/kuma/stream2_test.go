@@ -138,11 +138,15 @@ func countRuns(t *testing.T, b []byte) int {
 func TestStream2EncodeRefuses(t *testing.T) {
 	ok := StreamEvent{Pseudonym: "p", Version: 1, Position: "p1.3.1", Time: time.Unix(1, 0).UTC(), Payload: []byte{1}}
 	for name, mod := range map[string]func(*StreamEvent){
-		"an entity by its id": func(e *StreamEvent) { e.Pseudonym, e.Entity = "", "user_1" },
-		"another shard":       func(e *StreamEvent) { e.Position = "p1.4.1" },
-		"no position":         func(e *StreamEvent) { e.Position = "" },
-		"a negative version":  func(e *StreamEvent) { e.Version = -1 },
-		"a time past 2262":    func(e *StreamEvent) { e.Time = time.Date(2300, 1, 1, 0, 0, 0, 0, time.UTC) },
+		"an entity by its id":  func(e *StreamEvent) { e.Pseudonym, e.Entity = "", "user_1" },
+		"another shard":        func(e *StreamEvent) { e.Position = "p1.4.1" },
+		"no position":          func(e *StreamEvent) { e.Position = "" },
+		"a leading zero":       func(e *StreamEvent) { e.Position = "p1.3.01" },
+		"a sign":               func(e *StreamEvent) { e.Position = "p1.3.+1" },
+		"a shard of two zeros": func(e *StreamEvent) { e.Position = "p1.03.1" },
+		"position 0":           func(e *StreamEvent) { e.Position = "p1.3.0" },
+		"a negative version":   func(e *StreamEvent) { e.Version = -1 },
+		"a time past 2262":     func(e *StreamEvent) { e.Time = time.Date(2300, 1, 1, 0, 0, 0, 0, time.UTC) },
 	} {
 		e := ok
 		mod(&e)
