@@ -98,8 +98,8 @@ var errStream2 = errors.New("kuma: malformed stream message (format 2)")
 // one pseudonym, consecutive versions and positions and one time make one
 // run; an event with idempotency fields ends its run. It fails on what
 // format 2 cannot carry: an event named by its id (Entity), a position not
-// of m.Shard, a negative version, a time outside Unix nanoseconds. Times
-// are decoded in UTC.
+// of m.Shard or not after the one before, a negative version, a time
+// outside Unix nanoseconds. Times are decoded in UTC.
 func EncodeStreamMessage2(dst []byte, m *StreamMessage) ([]byte, error) {
 	if m.Shard < 0 || len(m.Context) > stream2MaxName {
 		return dst, fmt.Errorf("kuma: stream message of context %q shard %d cannot be written in format 2", truncate(m.Context), m.Shard)
@@ -109,11 +109,15 @@ func EncodeStreamMessage2(dst []byte, m *StreamMessage) ([]byte, error) {
 	dst = binary.AppendUvarint(dst, uint64(m.Shard))
 	prefix := positionPrefix + strconv.Itoa(m.Shard) + "."
 	evs := m.Events
+	var lastSeq int64
 	for len(evs) > 0 {
 		first := &evs[0]
 		seq, err := stream2Seq(first, m.Shard, prefix)
 		if err != nil {
 			return dst, err
+		}
+		if seq <= lastSeq {
+			return dst, fmt.Errorf("kuma: event %s does not follow position %d: positions must increase", first.Position, lastSeq)
 		}
 		nanos := first.Time.UnixNano()
 		if !time.Unix(0, nanos).Equal(first.Time) {
@@ -158,13 +162,15 @@ func EncodeStreamMessage2(dst []byte, m *StreamMessage) ([]byte, error) {
 			dst = binary.AppendUvarint(dst, uint64(len(evs[i].Payload)))
 			dst = append(dst, evs[i].Payload...)
 		}
-		evs = evs[n:]
+		evs, lastSeq = evs[n:], seq+int64(n)-1
 	}
 	return dst, nil
 }
 
 // Stream2Size bounds the bytes an event adds to a format-2 message: its
-// payload and length, and the header of a run it may start.
+// payload and length, and the header of a run it may start (with a
+// pseudonym of up to 64 bytes: the keyvault's are 43). The message's
+// context and shard come once, on top.
 func Stream2Size(payload, idempotencyKey int) int {
 	return payload + binary.MaxVarintLen32 + idempotencyKey + 3*binary.MaxVarintLen64 + 2*binary.MaxVarintLen16 + 64 + 1
 }

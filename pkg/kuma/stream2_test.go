@@ -137,6 +137,11 @@ func countRuns(t *testing.T, b []byte) int {
 // TestStream2EncodeRefuses what format 2 cannot carry.
 func TestStream2EncodeRefuses(t *testing.T) {
 	ok := StreamEvent{Pseudonym: "p", Version: 1, Position: "p1.3.1", Time: time.Unix(1, 0).UTC(), Payload: []byte{1}}
+	back := []StreamEvent{ok, ok}
+	back[1].Pseudonym = "q"
+	if _, err := EncodeStreamMessage2(nil, &StreamMessage{Context: "c", Shard: 3, Events: back}); err == nil {
+		t.Error("positions that do not increase: encoded")
+	}
 	for name, mod := range map[string]func(*StreamEvent){
 		"an entity by its id":  func(e *StreamEvent) { e.Pseudonym, e.Entity = "", "user_1" },
 		"another shard":        func(e *StreamEvent) { e.Position = "p1.4.1" },
