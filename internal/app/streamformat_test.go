@@ -129,6 +129,17 @@ func TestStreamFormat2AndTheGate(t *testing.T) {
 	}
 
 	// The shard rebuilt from the stream of both formats has every event.
+	// No snapshot of it was uploaded (a node alone hands nothing off, and
+	// uploads its first after a minute), so the rebuild reads the stream.
+	if obs, err := js.ObjectStore(ctx, cluster.SnapshotsBucket); err == nil {
+		for _, name := range []string{fmt.Sprintf("default/shard-%d", shard), fmt.Sprintf("default/shard-%d.b", shard)} {
+			if _, err := obs.GetInfo(ctx, name); !errors.Is(err, jetstream.ErrObjectNotFound) {
+				t.Fatalf("snapshot %s: %v; the rebuild would not come from the stream alone", name, err)
+			}
+		}
+	} else if !errors.Is(err, jetstream.ErrBucketNotFound) && !errors.Is(err, jetstream.ErrStreamNotFound) {
+		t.Fatal(err)
+	}
 	n.Stop()
 	path := filepath.Join(dir, "default", fmt.Sprintf("shard-%03d.db", shard))
 	aside := t.TempDir()
