@@ -42,25 +42,7 @@ func TestStreamFormat2AndTheGate(t *testing.T) {
 	shard := placement.ShardOf(entity, n.Cfg.Shards)
 	subject := kuma.EventsSubject("default", shard)
 	version := int64(0)
-	// appendUntil appends until the shard's last message has the format.
-	appendUntil := func(format string) {
-		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			r, err := c.Append(ctx, entity, markerEvents(3))
-			if err != nil {
-				t.Fatal(err)
-			}
-			version = r.LastVersion
-			last := waitPublished(t, stream, subject, r.Position)
-			if got := last.Header.Get(kuma.HeaderFormat); got == format {
-				return
-			} else if time.Now().After(deadline) {
-				t.Fatalf("the relay still writes %s %q, want %q", kuma.HeaderFormat, got, format)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
+	appendUntil := func(format string) { version = appendUntilFormat(t, c, stream, entity, format, 20*time.Second) }
 	appendUntil("2")
 
 	// A member of an older build (no stream_formats), serving another
@@ -185,4 +167,58 @@ func waitPublished(t *testing.T, stream jetstream.Stream, subject, pos string) *
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// appendUntilFormat appends to entity until the last message on its
+// shard's subject has the Kuma-Format header format ("" for format 1),
+// and returns the entity's version.
+func appendUntilFormat(t *testing.T, c *client.Client, stream jetstream.Stream, entity, format string, within time.Duration) int64 {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		r, err := c.Append(t.Context(), entity, markerEvents(3))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, _ := kuma.ParsePosition(r.Position)
+		last := waitPublished(t, stream, kuma.EventsSubject("default", p.Shard), r.Position)
+		if got := last.Header.Get(kuma.HeaderFormat); got == format {
+			return r.LastVersion
+		} else if time.Now().After(deadline) {
+			t.Fatalf("the relay still writes %s %q, want %q", kuma.HeaderFormat, got, format)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestStreamFormatWaitsForOldProjectorDurables: a projector on its own is
+// no member; a durable of one from before format 2 (no
+// kuma_stream_formats in its metadata) holds the relays at format 1 until
+// it is deleted.
+func TestStreamFormatWaitsForOldProjectorDurables(t *testing.T) {
+	n := kumatest.Start(t, nil)
+	c := n.Client(client.Options{})
+	ctx := t.Context()
+	js, err := jetstream.New(n.NC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := js.Stream(ctx, kuma.StreamName("default"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendUntilFormat(t, c, stream, "dur-1", "2", 20*time.Second)
+	_, err = stream.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		Durable: "old_projector", FilterSubject: kuma.EventsWildcard("default"), AckPolicy: jetstream.AckExplicitPolicy,
+		Metadata: map[string]string{kuma.ConsumerMetaNode: "old-host", "kuma_projection": "entities"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The durables are looked at every 10 s.
+	appendUntilFormat(t, c, stream, "dur-1", "", 30*time.Second)
+	if err := stream.DeleteConsumer(ctx, "old_projector"); err != nil {
+		t.Fatal(err)
+	}
+	appendUntilFormat(t, c, stream, "dur-1", "2", 30*time.Second)
 }
