@@ -30,14 +30,7 @@ func TestStreamFormat2AndTheGate(t *testing.T) {
 	n := kumatest.Start(t, func(c *app.Config) { c.DataDir = dir })
 	c := n.Client(client.Options{})
 	ctx := t.Context()
-	js, err := jetstream.New(n.NC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	stream, err := js.Stream(ctx, kuma.StreamName("default"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	js, stream := defaultStream(t, n)
 	const entity = "fmt2-1"
 	shard := placement.ShardOf(entity, n.Cfg.Shards)
 	subject := kuma.EventsSubject("default", shard)
@@ -199,16 +192,9 @@ func TestStreamFormatWaitsForOldProjectorDurables(t *testing.T) {
 	n := kumatest.Start(t, nil)
 	c := n.Client(client.Options{})
 	ctx := t.Context()
-	js, err := jetstream.New(n.NC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	stream, err := js.Stream(ctx, kuma.StreamName("default"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, stream := defaultStream(t, n)
 	appendUntilFormat(t, c, stream, "dur-1", "2", 20*time.Second)
-	_, err = stream.CreateConsumer(ctx, jetstream.ConsumerConfig{
+	_, err := stream.CreateConsumer(ctx, jetstream.ConsumerConfig{
 		Durable: "old_projector", FilterSubject: kuma.EventsWildcard("default"), AckPolicy: jetstream.AckExplicitPolicy,
 		Metadata: map[string]string{kuma.ConsumerMetaNode: "old-host", "kuma_projection": "entities"},
 	})
@@ -221,4 +207,18 @@ func TestStreamFormatWaitsForOldProjectorDurables(t *testing.T) {
 		t.Fatal(err)
 	}
 	appendUntilFormat(t, c, stream, "dur-1", "2", 30*time.Second)
+}
+
+// defaultStream is the node's JetStream and the default context's stream.
+func defaultStream(t *testing.T, n *kumatest.Node) (jetstream.JetStream, jetstream.Stream) {
+	t.Helper()
+	js, err := jetstream.New(n.NC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := js.Stream(t.Context(), kuma.StreamName("default"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js, stream
 }
