@@ -211,6 +211,18 @@ func TestForgedStreamMessageStopsProjectionsVisibly(t *testing.T) {
 		b, _ := json.Marshal(sm)
 		return b
 	}
+	// The same in format 2 (named by a pseudonym, as format 2 must).
+	body2 := func(positions ...string) []byte {
+		sm := kuma.StreamMessage{Context: "default", Shard: shard}
+		for i, p := range positions {
+			sm.Events = append(sm.Events, kuma.StreamEvent{Pseudonym: "forged", Version: int64(100 + i), Position: p, Time: time.Now(), Payload: []byte("sealed?")})
+		}
+		b, err := kuma.EncodeStreamMessage2(nil, &sm)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
 	relayHeaders := func(last int64) nats.Header {
 		return nats.Header{
 			nats.MsgIdHdr:           {fmt.Sprintf("default.%d.%d", shard, last)},
@@ -233,6 +245,11 @@ func TestForgedStreamMessageStopsProjectionsVisibly(t *testing.T) {
 		{"a message id of other events", body("default", shard, pos(shard, 1070)), withHeader(relayHeaders(1070), nats.MsgIdHdr, "default.0.7")},
 		{"an owner epoch the id does not carry", body("default", shard, pos(shard, 1080)), withHeader(relayHeaders(1080), kuma.HeaderOwnerEpoch, "3")},
 		{"no events and no epoch claim", body("default", shard), relayHeaders(1090)},
+		{"a JSON body marked format 2", body("default", shard, pos(shard, 1100)), withHeader(relayHeaders(1100), kuma.HeaderFormat, "2")},
+		{"a format-2 body cut short", body2(pos(shard, 1110))[:20], withHeader(relayHeaders(1110), kuma.HeaderFormat, "2")},
+		{"a format-2 body without its header", body2(pos(shard, 1120)), relayHeaders(1120)},
+		{"an unknown format", body("default", shard, pos(shard, 1130)), withHeader(relayHeaders(1130), kuma.HeaderFormat, "3")},
+		{"format 2, a last position that is not the last event's", body2(pos(shard, 1140), pos(shard, 1141)), withHeader(relayHeaders(1140), kuma.HeaderFormat, "2")},
 	}
 	waitReady := func(wantCode int, wantText string) { t.Helper(); waitReadyz(t, n, wantCode, wantText) }
 	wait := 10000

@@ -27,6 +27,11 @@ type Member struct {
 	// until an operator restores the file and restarts the node. Without
 	// it the shard's place stayed on the damaged node and nobody served it.
 	Refuses []string `json:"refuses,omitempty"`
+	// StreamFormats are the event stream message formats the node's
+	// processes read (kuma.StreamFormats). Empty: format 1 alone (a node
+	// from before format 2). Relays write format 2 only while every live
+	// member reads it (services/shardnode, the stream format gate).
+	StreamFormats []int `json:"stream_formats,omitempty"`
 	// Seen is the server's time of the last heartbeat (not stored).
 	Seen time.Time `json:"-"`
 }
@@ -34,6 +39,15 @@ type Member struct {
 // Serves reports whether the member serves context kctx.
 func (m Member) Serves(kctx string) bool {
 	return len(m.Contexts) == 0 || slices.Contains(m.Contexts, kctx)
+}
+
+// ReadsStreamFormat reports whether the member reads stream messages of
+// format f.
+func (m Member) ReadsStreamFormat(f int) bool {
+	if len(m.StreamFormats) == 0 {
+		return f == 1
+	}
+	return slices.Contains(m.StreamFormats, f)
 }
 
 // Refused reports whether the member will not serve shard n of kctx.

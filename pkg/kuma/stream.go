@@ -7,7 +7,9 @@ import "time"
 // Nats-Msg-Id is "<ctx>.<shard>.e<epoch>.<last sequence>" in a cluster and
 // "<ctx>.<shard>.<last sequence>" outside one (JetStream drops a
 // republished duplicate), Kuma-Last-Position carries the last event's
-// position, and Kuma-Owner-Epoch the publishing owner's epoch.
+// position, and Kuma-Owner-Epoch the publishing owner's epoch. The body is
+// this type's JSON (format 1), or with Kuma-Format: 2 its binary form
+// (stream2.go); DecodeStreamMessageFormat reads either into this type.
 type StreamMessage struct {
 	Context string        `json:"context"`
 	Shard   int           `json:"shard"`

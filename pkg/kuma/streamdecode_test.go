@@ -113,16 +113,26 @@ func BenchmarkDecodeStreamMessage(b *testing.B) {
 	})
 }
 
-// FuzzDecodeStreamMessage: whatever the bytes, the result and whether it is
-// an error are encoding/json's.
+// FuzzDecodeStreamMessage: whatever the bytes, format 1's result and
+// whether it is an error are encoding/json's, and format 2's decoder
+// neither panics nor accepts what it would not write (checkStream2). The
+// seeds are messages of both formats.
 func FuzzDecodeStreamMessage(f *testing.F) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	for range 5 {
 		b, _ := json.Marshal(randomMessage(rng))
 		f.Add(b)
+		m := relayMessage(rng)
+		b, err := EncodeStreamMessage2(nil, &m)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
 	}
 	f.Add([]byte(`{"context":"default","shard":3,"events":null}`))
+	f.Add([]byte{stream2Version, 1, 'c', 3})
 	f.Fuzz(func(t *testing.T, in []byte) {
+		checkStream2(t, in)
 		var got, want StreamMessage
 		gerr := DecodeStreamMessage(in, &got)
 		werr := json.Unmarshal(in, &want)

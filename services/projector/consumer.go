@@ -13,10 +13,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// Metadata keys of a projector's durable consumers: the replica (node) and
-// the projection it feeds.
+// Metadata keys of a projector's durable consumers: the replica (node),
+// the projection it feeds, and the stream formats it reads (the relays
+// write format 2 only while every durable reads it).
 const (
-	consumerMetaNode       = "kuma_projector_node"
+	consumerMetaNode       = kuma.ConsumerMetaNode
 	consumerMetaProjection = "kuma_projection"
 )
 
@@ -84,7 +85,8 @@ func (g *generation) ensureConsumer(ctx context.Context, ackWait time.Duration) 
 		// Names are cleaned and joined with '_', which context and node
 		// names may hold too: metadata is how status finds each replica's
 		// durables (and so a replica that no longer answers).
-		Metadata: map[string]string{consumerMetaNode: g.p.svc.cfg.NodeName, consumerMetaProjection: g.p.name},
+		Metadata: map[string]string{consumerMetaNode: g.p.svc.cfg.NodeName, consumerMetaProjection: g.p.name,
+			kuma.ConsumerMetaStreamFormats: kuma.FormatList(kuma.StreamFormats)},
 	}
 	if applied > 0 {
 		si, err := stream.Info(ctx)

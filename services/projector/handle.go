@@ -117,8 +117,14 @@ func (g *generation) decode(ctx context.Context, msg *streamMessage) (*batch, er
 		b.shard = n.Shard
 		return b, g.confirmForget(ctx, b, n)
 	}
+	// The body is decoded by its format header. Format 2's payloads share
+	// msg.payload; nothing keeps them past this message (Open returns a
+	// new plaintext).
 	var sm kuma.StreamMessage
-	err := kuma.DecodeStreamMessage(msg.payload, &sm)
+	format, err := kuma.ParseStreamFormat(msg.header[kuma.HeaderFormat])
+	if err == nil {
+		err = kuma.DecodeStreamMessageFormat(format, msg.payload, &sm)
+	}
 	if err != nil {
 		err = &rejectError{streamSeq: seq, reason: "its body is not a stream message: " + err.Error()}
 	} else {

@@ -34,7 +34,9 @@ func (e *rejectError) Error() string {
 }
 
 // verifyStreamMessage checks that an events message is what a relay
-// publishes (services/shardnode/relay.go, PROTOCOL.md "The event stream"):
+// publishes (services/shardnode/relay.go, PROTOCOL.md "The event stream"),
+// in either body format (the Kuma-Format header said which, and a body
+// that is not of its header's format was rejected as it was decoded):
 //
 //   - its subject is kuma.<ctx>.events.<shard> of this projector's context,
 //     and its body names the same context and shard;

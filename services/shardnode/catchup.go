@@ -131,8 +131,15 @@ func (sh *shard) replay(ctx context.Context, stream jetstream.Stream, from, to u
 				return err
 			}
 			if m.Subject() == sh.relay.subject {
+				// Either format, by its header. Format 2's payloads
+				// share m.Data(), which the batch keeps alive until its
+				// flush copies them into the file.
 				var sm kuma.StreamMessage
-				if err := kuma.DecodeStreamMessage(m.Data(), &sm); err != nil {
+				format, err := kuma.ParseStreamFormat(m.Headers().Get(kuma.HeaderFormat))
+				if err == nil {
+					err = kuma.DecodeStreamMessageFormat(format, m.Data(), &sm)
+				}
+				if err != nil {
 					return fmt.Errorf("shardnode: replay shard %d: message %d: %w", sh.n, md.Sequence.Stream, err)
 				}
 				for _, e := range sm.Events {

@@ -85,7 +85,8 @@ func (o *owner) heartbeat(ctx context.Context) error {
 	o.mu.Lock()
 	draining := o.draining
 	o.mu.Unlock()
-	return o.store.Heartbeat(ctx, cluster.Member{Started: o.s.started, Draining: draining, Contexts: o.contexts(), Refuses: o.s.refusedShards()})
+	return o.store.Heartbeat(ctx, cluster.Member{Started: o.s.started, Draining: draining, Contexts: o.contexts(), Refuses: o.s.refusedShards(),
+		StreamFormats: kuma.StreamFormats})
 }
 
 // contexts names the contexts this node serves, for its member record.
@@ -112,7 +113,8 @@ func (o *owner) members() []cluster.Member {
 	refuses := o.s.refusedShards()
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return append(ms, cluster.Member{Node: o.s.cfg.NodeName, Draining: o.draining, Contexts: o.contexts(), Refuses: refuses})
+	return append(ms, cluster.Member{Node: o.s.cfg.NodeName, Draining: o.draining, Contexts: o.contexts(), Refuses: refuses,
+		StreamFormats: kuma.StreamFormats})
 }
 
 // stopping reports whether Stop has begun (o.stop is closed).
@@ -147,11 +149,13 @@ func (o *owner) run() {
 			}
 			cancel()
 		case <-tick.C:
+			o.judgeMembers()
 			o.reconcile(context.Background(), false)
 			o.endRefusals()
 		case <-o.store.Changed():
 			// A shard released to this node, a pin, a member: act now
 			// rather than on the next tick.
+			o.judgeMembers()
 			o.reconcile(context.Background(), false)
 			o.endRefusals()
 		}

@@ -86,11 +86,24 @@ func (r *relay) maxBytes() int {
 	return limit
 }
 
-// relayEventBytes bounds an event's share of a message: its payload in
-// base64 and the JSON around it (pseudonym, position, time, idempotency
-// key, each of bounded length; a key's byte may take six once escaped).
-func relayEventBytes(e sqlite.OutboxEvent) int {
+// relayEventBytes bounds an event's share of a message of format: in
+// format 1 its payload in base64 and the JSON around it (pseudonym,
+// position, time, idempotency key, each of bounded length; a key's byte
+// may take six once escaped); in format 2 its raw payload and the header
+// of a run it may start.
+func relayEventBytes(format int, e sqlite.OutboxEvent) int {
+	if format == kuma.StreamFormat2 {
+		return kuma.Stream2Size(len(e.Payload), len(e.Idempotency))
+	}
 	return (len(e.Payload)+2)/3*4 + 6*len(e.Idempotency) + 256
+}
+
+// streamFormat is the format this relay writes now.
+func (r *relay) streamFormat() int {
+	if r.format == nil {
+		return kuma.StreamFormat1
+	}
+	return r.format()
 }
 
 func newRelay(d relayDeps) *relay {
@@ -271,13 +284,17 @@ func (r *relay) publishOnce() (int, error) {
 	}
 	// covered: the outbox events this message stands for, up to the size
 	// limit, and after an unknown outcome exactly the batch sent before.
+	// The format is decided once per message: the gate may change it
+	// between two (a retry of an unknown outcome keeps its message id, so
+	// JetStream still recognises it whatever its body).
+	format := r.streamFormat()
 	limit := r.maxBytes()
 	n, size := 0, 0
 	for _, e := range evs {
-		if size > 0 && size+relayEventBytes(e) > limit || n > 0 && r.retryLast > 0 && e.Seq > r.retryLast {
+		if size > 0 && size+relayEventBytes(format, e) > limit || n > 0 && r.retryLast > 0 && e.Seq > r.retryLast {
 			break
 		}
-		size += relayEventBytes(e)
+		size += relayEventBytes(format, e)
 		n++
 	}
 	covered := evs[:n]
@@ -307,7 +324,12 @@ func (r *relay) publishOnce() (int, error) {
 	// of forgotten entities after it are the next round's, which skips them.
 	covered = covered[:through]
 	last := covered[len(covered)-1].Seq
-	data, err := json.Marshal(body)
+	var data []byte
+	if format == kuma.StreamFormat2 {
+		data, err = kuma.EncodeStreamMessage2(make([]byte, 0, size), &body)
+	} else {
+		data, err = json.Marshal(body)
+	}
 	if err != nil {
 		return 0, err
 	}
@@ -336,6 +358,9 @@ func (r *relay) publishOnce() (int, error) {
 	msg := nats.NewMsg(r.subject)
 	msg.Data = data
 	msg.Header.Set(kuma.HeaderLastPosition, kuma.Position{Shard: r.n, Seq: last}.String())
+	if format != kuma.StreamFormat1 {
+		msg.Header.Set(kuma.HeaderFormat, strconv.Itoa(format))
+	}
 	if span.SpanContext().IsValid() {
 		telemetry.Inject(pctx, msg.Header)
 	}

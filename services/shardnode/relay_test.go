@@ -3,7 +3,6 @@ package shardnode
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -110,7 +109,11 @@ func (f *fakeStream) positions(t *testing.T, subject string) (pos []int64, sizes
 			continue
 		}
 		var body kuma.StreamMessage
-		if err := json.Unmarshal(m.Data, &body); err != nil {
+		format, err := kuma.ParseStreamFormat(m.Header.Get(kuma.HeaderFormat))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := kuma.DecodeStreamMessageFormat(format, m.Data, &body); err != nil {
 			t.Fatal(err)
 		}
 		for _, e := range body.Events {
@@ -221,27 +224,37 @@ func seqs(n int) string {
 // server's max payload (less the header room) allows.
 func TestRelayBatchesInOrderWithinTheMaxPayload(t *testing.T) {
 	const maxPayload = 16 << 10
-	h := newRelayHarness(t, maxPayload)
-	ids := make([]string, 40)
-	for i := range ids {
-		ids[i] = fmt.Sprintf("e%d", i%7)
-	}
-	h.commit(t, 1000, ids...) // ~1.6 KB each once in base64 and JSON: ~9 a message
-	h.drain(t)
-	pos, sizes := h.stream.positions(t, h.relay.subject)
-	if got, want := fmt.Sprint(pos), seqs(40); got != want {
-		t.Fatalf("positions in the stream:\n got %s\nwant %s", got, want)
-	}
-	if len(sizes) < 3 {
-		t.Fatalf("40 events of 1 KB in %d messages under a %d-byte max payload", len(sizes), maxPayload)
-	}
-	for i, s := range sizes {
-		if s > maxPayload-relayHeaderRoom {
-			t.Fatalf("message %d is %d bytes, past %d", i, s, maxPayload-relayHeaderRoom)
-		}
-	}
-	if got := h.relay.published.Load(); got != 40 {
-		t.Fatalf("published: got %d, want 40", got)
+	for _, format := range []int{kuma.StreamFormat1, kuma.StreamFormat2} {
+		t.Run(fmt.Sprint("format ", format), func(t *testing.T) {
+			h := newRelayHarness(t, maxPayload)
+			h.relay.format = func() int { return format }
+			ids := make([]string, 40)
+			for i := range ids {
+				ids[i] = fmt.Sprintf("e%d", i%7)
+			}
+			h.commit(t, 1000, ids...) // ~1.6 KB each once in base64 and JSON: ~9 a message
+			h.drain(t)
+			pos, sizes := h.stream.positions(t, h.relay.subject)
+			if got, want := fmt.Sprint(pos), seqs(40); got != want {
+				t.Fatalf("positions in the stream:\n got %s\nwant %s", got, want)
+			}
+			if len(sizes) < 3 {
+				t.Fatalf("40 events of 1 KB in %d messages under a %d-byte max payload", len(sizes), maxPayload)
+			}
+			for i, s := range sizes {
+				if s > maxPayload-relayHeaderRoom {
+					t.Fatalf("message %d is %d bytes, past %d", i, s, maxPayload-relayHeaderRoom)
+				}
+			}
+			if got := h.relay.published.Load(); got != 40 {
+				t.Fatalf("published: got %d, want 40", got)
+			}
+			for _, m := range h.stream.msgs {
+				if got, want := m.Header.Get(kuma.HeaderFormat), map[int]string{1: "", 2: "2"}[format]; m.Header.Get(kuma.HeaderEpoch) == "" && got != want {
+					t.Fatalf("header %s: got %q, want %q", kuma.HeaderFormat, got, want)
+				}
+			}
+		})
 	}
 	// The relay's own limit holds when the server allows more.
 	if got := (&relay{relayDeps: relayDeps{maxPayload: func() int64 { return 8 << 20 }}}).maxBytes(); got != relayMaxBytes {

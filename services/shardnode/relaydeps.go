@@ -36,9 +36,12 @@ type relayDeps struct {
 	// maxPayload is the NATS server's max payload (it may change with a
 	// reconnect).
 	maxPayload func() int64
-	logger     *slog.Logger
-	tracer     trace.Tracer
-	failpoint  func(name string)
+	// format is the stream message format to write (the stream format
+	// gate's, streamformat.go); nil: format 1.
+	format    func() int
+	logger    *slog.Logger
+	tracer    trace.Tracer
+	failpoint func(name string)
 }
 
 // relayOutbox is what the relay reads and notes in the shard file;

@@ -80,7 +80,11 @@ func TestRelayBatchFitsTheMaxPayload(t *testing.T) {
 			t.Fatalf("a stream message of %d bytes, past the max payload %d", len(m.Data()), maxPayload)
 		}
 		var body kuma.StreamMessage
-		if err := json.Unmarshal(m.Data(), &body); err != nil {
+		format, err := kuma.ParseStreamFormat(m.Headers().Get(kuma.HeaderFormat))
+		if err == nil {
+			err = kuma.DecodeStreamMessageFormat(format, m.Data(), &body)
+		}
+		if err != nil {
 			t.Fatal(err)
 		}
 		got += len(body.Events)

@@ -200,6 +200,11 @@ func (s *Service) followReplicas(stop <-chan struct{}, done func()) {
 		}
 		rctx, rcancel := context.WithTimeout(ctx, replicasEvery)
 		_, err := s.raiseReplicas(rctx)
+		// The stream format gate looks at the projectors' durables at the
+		// same pace (streamformat.go).
+		if derr := s.judgeDurables(rctx); derr != nil && ctx.Err() == nil {
+			s.cfg.Logger.Debug("stream format: projector durables not read", "err", derr)
+		}
 		rcancel()
 		switch {
 		case err != nil && err.Error() != last && ctx.Err() == nil:

@@ -42,7 +42,8 @@ type Service struct {
 	// what the NATS server carries), fixed at Start.
 	maxReply int
 
-	owner   *owner // membership, leases and moves (nil before Start)
+	owner   *owner     // membership, leases and moves (nil before Start)
+	formats formatGate // which stream message format the relays write (streamformat.go)
 	started time.Time
 
 	mu     sync.Mutex
@@ -157,6 +158,13 @@ func (s *Service) Start(ctx context.Context) error {
 		_ = s.Stop(ctx)
 		return fmt.Errorf("shardnode: join the cluster: %w", err)
 	}
+	// The stream format gate's first look, before any relay runs.
+	dctx, dcancel := context.WithTimeout(ctx, 5*time.Second)
+	if err := s.judgeDurables(dctx); err != nil {
+		s.cfg.Logger.Warn("stream format: projector durables not read; relays write format 1 until they are", "err", err)
+	}
+	dcancel()
+	s.owner.judgeMembers()
 	s.owner.reconcile(ctx, true)
 	if err := s.serveStatus(ctx); err != nil {
 		_ = s.Stop(ctx)

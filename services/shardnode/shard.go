@@ -93,7 +93,7 @@ func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxA
 	sh.relay = newRelay(relayDeps{
 		kctx: cc.Name, n: n, stream: jsStream{js: node.js, name: kuma.StreamName(cc.Name)}, outbox: store, keys: node.keys,
 		gone: sh.gone, lost: func(why string) { node.lostShard(sh, why) },
-		maxPayload: node.nc.MaxPayload, logger: node.cfg.Logger, tracer: node.tracer, failpoint: node.cfg.Failpoint,
+		maxPayload: node.nc.MaxPayload, format: node.formats.streamFormat, logger: node.cfg.Logger, tracer: node.tracer, failpoint: node.cfg.Failpoint,
 	})
 	sh.feedCache = newFeedCache(feedCacheBytes)
 	sh.ent = sh.entityShard()
