@@ -114,7 +114,11 @@ func TestServiceRefusesReservedReplies(t *testing.T) {
 	}
 	client := connect(t, srv)
 	leaked := make(chan *nats.Msg, 256)
-	reserved := []string{"kuma.default.events.0", "kuma.default.events.0.forgotten", "_kuma.x", "$JS.API.STREAM.INFO.X", "$KV.b.k", "$O.b.k", "$SYS.REQ.X"}
+	// Not "$JS.API.…": nats-server 2.15.3 and later refuse a client's
+	// publish with a $JS. reply themselves, so it never reaches the
+	// service; kuma.ReplyAllowed refuses it too (pkg/kuma's subjects test),
+	// for servers that do not.
+	reserved := []string{"kuma.default.events.0", "kuma.default.events.0.forgotten", "_kuma.x", "$KV.b.k", "$O.b.k", "$SYS.REQ.X"}
 	for _, r := range reserved {
 		sub, err := client.ChanSubscribe(r, leaked)
 		if err != nil {
