@@ -56,7 +56,7 @@ var probes = []probe{
 	{"$JS stream info", "$JS.API.STREAM.INFO.KUMA_default", []string{"ops", "shardnode", "projector"}, nil},
 	{"$JS msg get", "$JS.API.STREAM.MSG.GET.KUMA_default", []string{"shardnode"}, nil},
 	{"$JS consumer create", "$JS.API.CONSUMER.CREATE.KUMA_default.probe", []string{"projector"}, nil},
-	{"$JS consumer list", "$JS.API.CONSUMER.LIST.KUMA_default", []string{"ops", "projector"}, nil},
+	{"$JS consumer list", "$JS.API.CONSUMER.LIST.KUMA_default", []string{"ops", "shardnode", "projector"}, nil}, // the shardnode: the stream format gate
 	{"$JS consumer delete", "$JS.API.CONSUMER.DELETE.KUMA_default.probe", []string{"projector"}, nil},
 	{"$JS consumer next", "$JS.API.CONSUMER.MSG.NEXT.KUMA_default.probe", []string{"projector"}, nil},
 	{"$JS ack", "$JS.ACK.KUMA_default.probe.1.1.1.1.0", []string{"projector"}, nil},
