@@ -295,7 +295,7 @@ func (r *stream2Reader) run() (h stream2Run) {
 	// Every event takes at least its length byte, so n is bounded by
 	// what is left; versions and positions must not overflow.
 	if r.err == nil && (len(h.pseudonym) == 0 || (h.flags&stream2FlagKey != 0 && len(h.key) == 0) ||
-		n == 0 || n > uint64(len(r.b)-r.i) || s == 0 ||
+		n == 0 || n > uint64(len(r.b)-r.i) || s == 0 || v == 0 ||
 		v > math.MaxInt64-(n-1) || s > math.MaxInt64-(n-1)) {
 		r.err = errStream2
 	}

@@ -204,6 +204,7 @@ func TestStream2Hostile(t *testing.T) {
 		"a run past its bytes":           head(run(0, 1, 1, 3), []byte{1, 'x'}),
 		"a payload past the end":         head(run(0, 1, 1, 1), uv(1<<50), []byte{1}),
 		"position 0":                     head(run(0, 1, 0, 1), []byte{0}),
+		"version 0":                      head(run(0, 0, 1, 1), []byte{0}),
 		"versions past int64":            head(run(0, math.MaxInt64, 1, 2), []byte{0, 0}),
 		"positions past int64":           head(run(0, 1, math.MaxInt64, 2), []byte{0, 0}),
 		"positions going back":           head(run(0, 1, 5, 1), []byte{0}, run(0, 2, 5, 1), []byte{0}),
