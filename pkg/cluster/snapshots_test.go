@@ -73,6 +73,21 @@ func snapshotFile(t *testing.T, marker string) string {
 	return p
 }
 
+// downloads reports whether shard's snapshot in the default context, as
+// downloaded from s, is the copy that carries marker (snapshotFile).
+func downloads(t *testing.T, s *cluster.Store, shard int, marker string) bool {
+	t.Helper()
+	got := filepath.Join(t.TempDir(), "got.db")
+	if err := s.GetSnapshot(t.Context(), "default", shard, got); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.HasPrefix(b, []byte(marker))
+}
+
 // A replaced or deleted snapshot leaves no byte of its chunks in the NATS
 // store: a forgotten entity's id in an old copy of its shard must not
 // outlive the copy that replaced it (purged chunks stay in the block files
@@ -102,11 +117,7 @@ func TestReplacedSnapshotLeavesNoChunks(t *testing.T) {
 		if err != nil || !ok || info.LastSeq != int64(10*(i+1)) {
 			t.Fatalf("after upload %d: %+v %v %v", i+1, info, ok, err)
 		}
-		got := filepath.Join(t.TempDir(), "got.db")
-		if err := s.GetSnapshot(ctx, "default", 3, got); err != nil {
-			t.Fatal(err)
-		}
-		if b, _ := os.ReadFile(got); !bytes.HasPrefix(b, []byte(m)) {
+		if !downloads(t, s, 3, m) {
 			t.Fatalf("after upload %d the snapshot downloaded is not the last one uploaded", i+1)
 		}
 		if hits := storeFilesWith(t, dir, m); len(hits) == 0 {
@@ -230,11 +241,7 @@ func TestBrokenSnapshotIsNeverRead(t *testing.T) {
 		if err != nil || !ok || info.LastSeq != 40 {
 			t.Fatalf("snapshot info: %+v %v %v, want the whole copy (last_seq 40)", info, ok, err)
 		}
-		got := filepath.Join(t.TempDir(), "got.db")
-		if err := s.GetSnapshot(ctx, "default", 3, got); err != nil {
-			t.Fatal(err)
-		}
-		if b, _ := os.ReadFile(got); !bytes.HasPrefix(b, []byte("WHOLE-COPY-h5p2")) {
+		if !downloads(t, s, 3, "WHOLE-COPY-h5p2") {
 			t.Fatal("the snapshot downloaded is not the whole copy")
 		}
 	}
@@ -294,11 +301,7 @@ func TestSnapshotUploadOutlivesLostAcks(t *testing.T) {
 	if err != nil || !ok || info.LastSeq != 9 {
 		t.Fatalf("after the upload: %+v %v %v", info, ok, err)
 	}
-	got := filepath.Join(t.TempDir(), "got.db")
-	if err := s.GetSnapshot(ctx, "default", 1, got); err != nil {
-		t.Fatal(err)
-	}
-	if b, _ := os.ReadFile(got); !bytes.HasPrefix(b, []byte("ACKS-LOST-d3f8")) {
+	if !downloads(t, s, 1, "ACKS-LOST-d3f8") {
 		t.Fatal("the snapshot downloaded is not the one uploaded")
 	}
 }

@@ -46,13 +46,17 @@ func (l *corruptLog) lines(subs ...string) []string {
 	return out
 }
 
-// corruptStart starts an in-process node on dir that logs into logs.
-func corruptStart(t *testing.T, dir string, logs *corruptLog) *kumatest.Node {
+// corruptStart starts an in-process node on dir that logs into logs; tune,
+// if given, changes its configuration further.
+func corruptStart(t *testing.T, dir string, logs *corruptLog, tune ...func(*app.Config)) *kumatest.Node {
 	t.Helper()
 	return kumatest.Start(t, func(c *app.Config) {
 		c.DataDir = dir
 		c.Shards = corruptShards
 		c.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		for _, f := range tune {
+			f(c)
+		}
 	})
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/kumadb/kuma/internal/damage"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/kumadb/kuma/services/shardnode"
 )
 
 // joinShardnode starts a shardnode alone (no NATS server, router or
@@ -41,6 +42,21 @@ func joinShardnode(t *testing.T, name, dir, natsURL string, logs io.Writer) *app
 		_ = a.Stop(ctx)
 	})
 	return a
+}
+
+// settleShards waits until neither node has a move under way, b serves a
+// shard, and the two serve every shard between them, failing the test after
+// 90 s.
+func settleShards(t *testing.T, a, b *shardnode.Service) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for len(a.Moves()) > 0 || len(b.Moves()) > 0 || len(b.Stats()) == 0 || len(a.Stats())+len(b.Stats()) != corruptShards {
+		if time.Now().After(deadline) {
+			t.Fatalf("shards did not settle: the first node serves %d, the second %d, moving %v %v",
+				len(a.Stats()), len(b.Stats()), a.Moves(), b.Moves())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // TestCorruptShardMovesToAnotherNode: in a cluster of two, a page of a

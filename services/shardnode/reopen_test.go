@@ -4,13 +4,11 @@ package shardnode_test
 
 import (
 	"context"
-	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kumadb/kuma/internal/app"
-	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/cluster"
 	"github.com/kumadb/kuma/pkg/kuma"
@@ -28,11 +26,7 @@ import (
 func TestFailedHandoffKeepsUnpublishedEvents(t *testing.T) {
 	ctx := context.Background()
 	logs1, logs2 := &corruptLog{}, &corruptLog{}
-	n1 := kumatest.Start(t, func(c *app.Config) {
-		c.Shards = corruptShards
-		c.NodeName = "n1"
-		c.Logger = slog.New(slog.NewTextHandler(logs1, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	})
+	n1 := corruptStart(t, t.TempDir(), logs1, func(c *app.Config) { c.NodeName = "n1" })
 	c := n1.Client(client.Options{Timeout: 30 * time.Second})
 	acked, byShard := corruptWriteAll(t, c, 4, 10, 100)
 	corruptSettle(t, n1)
@@ -106,15 +100,7 @@ func TestFailedHandoffKeepsUnpublishedEvents(t *testing.T) {
 	refuse(events, false)
 	refuse(snapshots, false)
 
-	deadline = time.Now().Add(90 * time.Second)
-	for len(n1.Shardnode().Moves()) > 0 || len(n2.Shardnode().Moves()) > 0 || len(n2.Shardnode().Stats()) == 0 ||
-		len(n1.Shardnode().Stats())+len(n2.Shardnode().Stats()) != corruptShards {
-		if time.Now().After(deadline) {
-			t.Fatalf("shards did not settle: n1 serves %d, n2 %d, moving %v %v", len(n1.Shardnode().Stats()), len(n2.Shardnode().Stats()),
-				n1.Shardnode().Moves(), n2.Shardnode().Moves())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	settleShards(t, n1.Shardnode(), n2.Shardnode())
 	if lines := logs1.lines("releasing it"); len(lines) > 0 {
 		t.Errorf("n1 let a shard go whose file held events the stream lacked:\n%s", lines[0])
 	}

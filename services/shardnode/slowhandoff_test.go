@@ -4,13 +4,11 @@ package shardnode_test
 
 import (
 	"context"
-	"log/slog"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/kumadb/kuma/internal/app"
-	"github.com/kumadb/kuma/internal/kumatest"
 	"github.com/kumadb/kuma/pkg/client"
 )
 
@@ -28,9 +26,7 @@ func TestSlowHandoffKeepsItsLease(t *testing.T) {
 	logs1, logs2 := &corruptLog{}, &corruptLog{}
 	var once sync.Once
 	held := make(chan struct{})
-	n1 := kumatest.Start(t, func(c *app.Config) {
-		c.Shards = corruptShards
-		c.Logger = slog.New(slog.NewTextHandler(logs1, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	n1 := corruptStart(t, t.TempDir(), logs1, func(c *app.Config) {
 		c.Failpoint = func(name string) {
 			if name != "handoff-after-stop" {
 				return
@@ -54,15 +50,7 @@ func TestSlowHandoffKeepsItsLease(t *testing.T) {
 		t.Fatal("n1 handed nothing off to n2 within 60 s")
 	}
 
-	deadline := time.Now().Add(90 * time.Second)
-	for len(n1.Shardnode().Moves()) > 0 || len(n2.Shardnode().Moves()) > 0 || len(n2.Shardnode().Stats()) == 0 ||
-		len(n1.Shardnode().Stats())+len(n2.Shardnode().Stats()) != corruptShards {
-		if time.Now().After(deadline) {
-			t.Fatalf("shards did not settle: n1 serves %d, n2 %d, moving %v %v", len(n1.Shardnode().Stats()), len(n2.Shardnode().Stats()),
-				n1.Shardnode().Moves(), n2.Shardnode().Moves())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	settleShards(t, n1.Shardnode(), n2.Shardnode())
 	for _, bad := range []string{"hand-off failed", "could not reopen", "lease ran out"} {
 		if lines := logs1.lines(bad); len(lines) > 0 {
 			t.Errorf("n1 logged %q during a slow hand-off:\n%s", bad, lines[0])
