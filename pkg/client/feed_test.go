@@ -263,6 +263,8 @@ func TestFeedRefusesBadRequests(t *testing.T) {
 		{"not JSON", `{"limit":`},
 		{"limit negative", `{"limit":-1}`},
 		{"limit too big", `{"limit":1001}`},
+		{"limit zero, written out", `{"limit":0}`},
+		{"limit minus zero", `{"limit":-0}`},
 		{"wait too long", `{"wait_ms":30001}`},
 		{"wait negative", `{"wait_ms":-5}`},
 		{"bad prefix", `{"prefix":"a.b"}`},

@@ -40,7 +40,8 @@ type FeedRequest struct {
 }
 
 func (*FeedRequest) fields() fieldSet {
-	return fieldSet{top: []string{"after", "limit", "wait_ms", "prefix", "types"}}
+	return fieldSet{top: []string{"after", "limit", "wait_ms", "prefix", "types"},
+		nonZero: map[string]string{"limit": "limit must be 1 to " + strconv.Itoa(MaxFeedLimit) + ", got 0 (leave it out for the default, " + strconv.Itoa(DefaultFeedLimit) + ")"}}
 }
 
 // Validate checks the filters and limits and fills the default limit. The

@@ -23,6 +23,11 @@ import (
 type fieldSet struct {
 	top    []string
 	arrays map[string][]string
+	// nonZero holds the top-level numbers whose range starts at 1 and
+	// whose zero value (omitted) means the default: a 0 written out is
+	// out of range, and refused with the message given, instead of being
+	// read as the default as encoding/json would.
+	nonZero map[string]string
 }
 
 // exactFields is implemented by the request types that Decode checks.
@@ -59,6 +64,16 @@ func checkBody(body []byte, fs *fieldSet, isAppend bool) error {
 	}
 	w.i++
 	return w.object(fs.top, func(key []byte) error {
+		if msg, ok := fs.nonZero[string(key)]; ok {
+			start := w.i
+			if err := w.value(); err != nil {
+				return err
+			}
+			if zeroNumber(w.b[start:w.i]) {
+				return Errorf(CodeBadRequest, "%s", msg)
+			}
+			return nil
+		}
 		inner, ok := fs.arrays[string(key)]
 		if !ok || w.peek() != '[' {
 			return w.value()
@@ -305,4 +320,14 @@ func contains(list []string, b []byte) bool {
 		}
 	}
 	return false
+}
+
+// zeroNumber tells whether a JSON value is a number equal to zero (0, -0,
+// 0.0, 0e5).
+func zeroNumber(v []byte) bool {
+	if len(v) == 0 || (v[0] != '-' && (v[0] < '0' || v[0] > '9')) {
+		return false
+	}
+	f, err := strconv.ParseFloat(string(v), 64)
+	return err == nil && f == 0
 }
