@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -24,6 +25,10 @@ type Snapshot struct {
 	// when it was taken: a catch-up reads the stream from the next one.
 	StreamSeq uint64
 	Bytes     int64
+
+	// object and nuid name the copy SnapshotInfo found, which
+	// GetSnapshot downloads.
+	object, nuid string
 }
 
 // A shard's snapshot lives under one of two object names, taken in turn:
@@ -315,21 +320,52 @@ func (s *Store) SnapshotInfo(ctx context.Context, kctx string, shard int) (Snaps
 	num := func(k string) int64 { n, _ := strconv.ParseInt(md[k], 10, 64); return n }
 	ss, _ := strconv.ParseUint(md["stream_seq"], 10, 64)
 	return Snapshot{Context: kctx, Shard: shard, Node: md["node"], Epoch: num("epoch"), LastSeq: num("last_seq"),
-		Published: num("published"), StreamSeq: ss, Bytes: int64(info.Size)}, true, nil
+		Published: num("published"), StreamSeq: ss, Bytes: int64(info.Size), object: info.Name, nuid: info.NUID}, true, nil
 }
 
-// GetSnapshot downloads the shard's latest snapshot to path (the object
-// store checks its digest).
-func (s *Store) GetSnapshot(ctx context.Context, kctx string, shard int, path string) error {
-	live, _, err := s.copies(ctx, kctx, shard)
+// ErrSnapshotReplaced is what GetSnapshot answers when the copy described
+// was replaced by a newer upload meanwhile: ask SnapshotInfo again.
+var ErrSnapshotReplaced = errors.New("cluster: the snapshot was replaced by a newer upload while it was being read; ask for it again")
+
+// GetSnapshot downloads to path the very copy that SnapshotInfo described
+// (the object store checks its digest), so that what a take decided from
+// the description is what it gets; it answers ErrSnapshotReplaced if that
+// copy has been replaced since.
+func (s *Store) GetSnapshot(ctx context.Context, snap Snapshot, path string) (err error) {
+	fail := func(err error) error {
+		return fmt.Errorf("cluster: download snapshot of %s shard %d: %w", snap.Context, snap.Shard, err)
+	}
+	if snap.object == "" {
+		return fail(jetstream.ErrObjectNotFound)
+	}
+	res, err := s.snaps.Get(ctx, snap.object)
 	if err != nil {
-		return err
+		if errors.Is(err, jetstream.ErrObjectNotFound) {
+			return fail(ErrSnapshotReplaced)
+		}
+		return fail(err)
 	}
-	if len(live) == 0 {
-		return fmt.Errorf("cluster: download snapshot of %s shard %d: %w", kctx, shard, jetstream.ErrObjectNotFound)
+	defer res.Close()
+	if info, err := res.Info(); err != nil {
+		return fail(err)
+	} else if info.NUID != snap.nuid {
+		return fail(ErrSnapshotReplaced)
 	}
-	if err := s.snaps.GetFile(ctx, live[0].Name, path); err != nil {
-		return fmt.Errorf("cluster: download snapshot of %s shard %d: %w", kctx, shard, err)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fail(err)
+	}
+	defer func() {
+		if cerr := f.Close(); err == nil && cerr != nil {
+			err = fail(cerr)
+		}
+		if err != nil {
+			_ = os.Remove(path)
+		}
+	}()
+	// The digest is checked when the last chunk has been read.
+	if _, err := io.Copy(f, res); err != nil {
+		return fail(err)
 	}
 	return nil
 }

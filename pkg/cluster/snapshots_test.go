@@ -78,7 +78,11 @@ func snapshotFile(t *testing.T, marker string) string {
 func downloads(t *testing.T, s *cluster.Store, shard int, marker string) bool {
 	t.Helper()
 	got := filepath.Join(t.TempDir(), "got.db")
-	if err := s.GetSnapshot(t.Context(), "default", shard, got); err != nil {
+	snap, ok, err := s.SnapshotInfo(t.Context(), "default", shard)
+	if err != nil || !ok {
+		t.Fatalf("snapshot info of shard %d: %v %v", shard, ok, err)
+	}
+	if err := s.GetSnapshot(t.Context(), snap, got); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(got)
@@ -86,6 +90,53 @@ func downloads(t *testing.T, s *cluster.Store, shard int, marker string) bool {
 		t.Fatal(err)
 	}
 	return bytes.HasPrefix(b, []byte(marker))
+}
+
+// A download gets the copy its description was read from, never a newer
+// one uploaded in between: a take decides from the description (its
+// epoch, its positions) what to trust of the file.
+func TestDownloadIsTheCopyDescribed(t *testing.T) {
+	_, nc := kumatest.NATS(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := open(t, js, "a")
+	ctx := t.Context()
+	put := func(marker string, last int64) {
+		t.Helper()
+		if err := s.PutSnapshot(ctx, snapshotFile(t, marker), cluster.Snapshot{Context: "default", Shard: 2, Epoch: 1, LastSeq: last}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("FIRST-k3d9", 10)
+	described, ok, err := s.SnapshotInfo(ctx, "default", 2)
+	if err != nil || !ok || described.LastSeq != 10 {
+		t.Fatalf("snapshot info: %+v %v %v", described, ok, err)
+	}
+	got := filepath.Join(t.TempDir(), "got.db")
+	if err := s.GetSnapshot(ctx, described, got); err != nil {
+		t.Fatalf("download of the copy described, unchanged: %v", err)
+	}
+	// Two more uploads: the second takes the first copy's name.
+	put("SECOND-p8w2", 20)
+	put("THIRD-z5q7", 30)
+	if err := os.Remove(got); err != nil {
+		t.Fatal(err)
+	}
+	err = s.GetSnapshot(ctx, described, got)
+	if !errors.Is(err, cluster.ErrSnapshotReplaced) {
+		t.Fatalf("download of a copy replaced since it was described: %v, want ErrSnapshotReplaced", err)
+	}
+	if _, serr := os.Stat(got); !errors.Is(serr, os.ErrNotExist) {
+		t.Fatalf("a refused download left %s behind: %v", got, serr)
+	}
+	if !downloads(t, s, 2, "THIRD-z5q7") {
+		t.Fatal("described again, the snapshot downloaded is not the newest")
+	}
+	if err := s.GetSnapshot(ctx, cluster.Snapshot{Context: "default", Shard: 9}, got); !errors.Is(err, jetstream.ErrObjectNotFound) {
+		t.Fatalf("download of a snapshot never described: %v, want not found", err)
+	}
 }
 
 // A replaced or deleted snapshot leaves no byte of its chunks in the NATS

@@ -91,7 +91,8 @@ func (s *Service) chooseBase(ctx context.Context, cc *ContextConfig, n int, path
 	if download {
 		tmp := path + ".download"
 		_ = os.Remove(tmp)
-		if err := s.owner.store.GetSnapshot(ctx, cc.Name, n, tmp); err != nil {
+		// The copy pickBase chose from, not whatever is newest by now.
+		if err := s.owner.store.GetSnapshot(ctx, snap, tmp); err != nil {
 			return baseChoice{}, err
 		}
 		if err := sqlite.CheckIntegrity(ctx, tmp); err != nil {
