@@ -70,7 +70,10 @@ func (s *Service) knownReplicas(ctx context.Context) (*replicaSet, error) {
 		rs.nodes[node][name] = max(rs.nodes[node][name], ci.AckFloor.Stream)
 	}
 	if err := list.Err(); err != nil {
-		return nil, err
+		// Typically the listing waited for a durable whose server is
+		// down and ran out of time: what was listed, and the replicas
+		// remembered, are still what is known.
+		s.log.Debug("projector durables not all listed; using the replicas remembered", "err", err)
 	}
 	s.rememberReplicas(rs)
 	return rs, nil
