@@ -45,7 +45,7 @@ func TestKeyvaultAndProjectorKilledAlone(t *testing.T) {
 
 	// The prober: a new entity, then a query with after for it, over and
 	// over; each retried (same idempotency key) until it goes through.
-	failed := map[kuma.Code]int{}
+	failed := newFailures()
 	done := 0
 	probe := func(until time.Time) {
 		for time.Now().Before(until) {
@@ -102,7 +102,7 @@ func TestKeyvaultAndProjectorKilledAlone(t *testing.T) {
 			t.Fatalf("nothing went through in the 15 s after the kill of %s; failures %v", victim.name, failed)
 		}
 	}
-	t.Logf("%d probes before the kills, %d in all; failed attempts (retried) %v", before, done, failed)
+	t.Logf("%d probes before the kills, %d in all; failed attempts (retried) %v", before, done, failed.n)
 
 	// Every probe's entity is there, through the nodes.
 	for i := range done {

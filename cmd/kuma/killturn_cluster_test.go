@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -14,6 +16,8 @@ import (
 
 	"github.com/kumadb/kuma/pkg/client"
 	"github.com/kumadb/kuma/pkg/kuma"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // TestKillEachNodeInTurn: no node of three is special. Under a write load,
@@ -34,6 +38,9 @@ func TestKillEachNodeInTurn(t *testing.T) {
 	// current at that rate, not under the 200 writers of the other tests
 	// (each replica falls further behind the stream, and a query with
 	// after then times out whatever the failover does).
+	// Each projector replica's durable lives on its own node's server, so
+	// that the death of another node leaves the replica's feed alone.
+	durablesAtHome(t, nc, names)
 	l := startLoad(t, nc, loadConfig{writers: 20, shards: clusterShards, attempt: 5 * time.Second})
 	l.waitAcks(t, 1000, 60*time.Second)
 	cl, err := client.New(nc, client.Options{Timeout: 5 * time.Second})
@@ -62,7 +69,7 @@ func TestKillEachNodeInTurn(t *testing.T) {
 		e := fmt.Sprintf("turn-%d", round)
 		var pos string
 		var accepted, projected time.Duration
-		failed := map[kuma.Code]int{}
+		failed := newFailures()
 		for pos == "" || projected == 0 {
 			if time.Since(killed) > 2*time.Minute {
 				t.Fatalf("kill -9 of %s: new entity %s not accepted and projected within 2 minutes (accepted after %s); failures %v; projections %s",
@@ -129,8 +136,10 @@ func TestKillEachNodeInTurn(t *testing.T) {
 		// The load goes on through each failover: it must move again.
 		l.waitAcks(t, 500, 60*time.Second)
 		t.Logf("kill -9 of %s: new entity accepted %s and projected %s after the kill, an entity forgotten %s after it, failed attempts (retried) %v; restarted and settled %s after it",
-			name, accepted.Round(time.Millisecond), projected.Round(time.Millisecond), forgotten.Round(time.Millisecond), failed, back.Round(time.Millisecond))
+			name, accepted.Round(time.Millisecond), projected.Round(time.Millisecond), forgotten.Round(time.Millisecond), failed.n, back.Round(time.Millisecond))
 	}
+	// Restarted, each replica made its durable at home again.
+	durablesAtHome(t, nc, names)
 	l.finish()
 	t.Logf("under 20 writers: %d appends acknowledged, append p99 %s, failed attempts (retried) %d %v",
 		l.acks.Load(), l.p99().Round(time.Millisecond), l.failures.Load(), l.errs)
@@ -144,12 +153,33 @@ func TestKillEachNodeInTurn(t *testing.T) {
 	t.Logf("no acknowledged event lost: verified %d events of %d entities", n, len(l.acked))
 }
 
+// failures counts the failed attempts of a failover by code, and keeps the
+// last error of each code to say why in a failure message.
+type failures struct {
+	n    map[kuma.Code]int
+	last map[kuma.Code]string
+}
+
+func newFailures() *failures {
+	return &failures{n: map[kuma.Code]int{}, last: map[kuma.Code]string{}}
+}
+
+func (f *failures) String() string {
+	s := fmt.Sprint(f.n)
+	for _, c := range slices.Sorted(maps.Keys(f.last)) {
+		s += fmt.Sprintf("; last %s: %s", c, f.last[c])
+	}
+	return s
+}
+
 // retryable counts a failed attempt during a failover and fails the test
 // on any answer other than the two a failover may give (unavailable, or a
 // timeout of a request its server took down with it).
-func retryable(t *testing.T, victim, what string, err error, failed map[kuma.Code]int) {
+func retryable(t *testing.T, victim, what string, err error, failed *failures) {
 	t.Helper()
-	failed[kuma.ErrorCode(err)]++
+	c := kuma.ErrorCode(err)
+	failed.n[c]++
+	failed.last[c] = what + ": " + err.Error()
 	if !errors.Is(err, kuma.ErrUnavailable) && !errors.Is(err, kuma.ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("kill -9 of %s: %s answered %v; a failover may only answer unavailable or timeout", victim, what, err)
 	}
@@ -171,4 +201,53 @@ func projectorLags(cl *client.Client) string {
 		}
 	}
 	return strings.Join(out, "; ")
+}
+
+// durablesAtHome waits until every node in nodes has a projector durable on
+// the stream and every projector durable lives on the server of the node it
+// feeds (services/projector/consumer.go places them so).
+func durablesAtHome(t *testing.T, nc *nats.Conn, nodes []string) {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var away []string
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		st, err := js.Stream(ctx, kuma.StreamName(kuma.DefaultContext))
+		away = away[:0]
+		fed := map[string]bool{}
+		if err == nil {
+			list := st.ListConsumers(ctx)
+			for info := range list.Info() {
+				node := info.Config.Metadata[kuma.ConsumerMetaNode]
+				if node == "" {
+					continue
+				}
+				fed[node] = true
+				if info.Cluster == nil || info.Cluster.Leader != node {
+					at := "?"
+					if info.Cluster != nil {
+						at = info.Cluster.Leader
+					}
+					away = append(away, info.Name+" of "+node+" on "+at)
+				}
+			}
+			err = list.Err()
+		}
+		cancel()
+		for _, n := range nodes {
+			if !fed[n] {
+				away = append(away, "no durable of "+n)
+			}
+		}
+		if err == nil && len(away) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("projector durables not on their own node's server after 30s: %v (%v)", away, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }

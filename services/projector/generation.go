@@ -27,6 +27,12 @@ type generation struct {
 	started time.Time
 	target  atomic.Uint64 // stream's last sequence when the rebuild began
 
+	// rehomeAt is when the watch may next move a durable placed on
+	// another server home (away), rehomeEvery the wait after that, which
+	// doubles while the moves miss (watch only).
+	rehomeAt    time.Time
+	rehomeEvery time.Duration
+
 	mu       sync.Mutex
 	done     bool                  // stopped for good
 	failure  *kuma.ProjectionError // set while stopped or retrying
@@ -169,9 +175,39 @@ func (g *generation) stalled(stallAfter time.Duration) bool {
 // under it (by an operator, or lost with a server), or that stalled (see
 // stalled): the new one is created at the read model's position, so
 // nothing is missed, and a message applied twice changes nothing.
-func (g *generation) resubscribe() { g.replace(false) }
+func (g *generation) resubscribe() { g.replace(replaceGone) }
 
-func (g *generation) replace(stall bool) {
+// Why a subscription is replaced: its durable is gone, stalled, or lives
+// on another server than the projector's (away).
+const (
+	replaceGone = iota
+	replaceStalled
+	replaceAway
+)
+
+// away tells whether the generation's durable lives on another server than
+// the projector's own while that server holds a current replica of the
+// stream, so that the durable could live there (consumer.go).
+func (g *generation) away() bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := g.p.svc.stream(ctx)
+	if err != nil {
+		return false
+	}
+	home := g.p.svc.nc.ConnectedServerName()
+	if !streamPeer(s.CachedInfo(), home, true) {
+		return false
+	}
+	c, err := s.Consumer(ctx, g.currentConsumer())
+	if err != nil {
+		return false
+	}
+	at := consumerServer(c.CachedInfo())
+	return at != "" && at != home
+}
+
+func (g *generation) replace(why int) {
 	// One at a time; one asked for meanwhile runs after (the consumer it
 	// finds may be the one being deleted).
 	g.resubMu.Lock()
@@ -180,14 +216,21 @@ func (g *generation) replace(stall bool) {
 		return
 	}
 	log := g.p.svc.log
-	if stall {
+	switch why {
+	case replaceStalled:
 		if !g.stalled(g.p.svc.cfg.StallAfter) {
 			return
 		}
 		log.Warn("durable consumer stalled (an ack pending that no delivery here holds, or no pull request, as when its leader was lost); recreating it at the read model's position",
 			"consumer", g.currentConsumer())
 		g.p.svc.metrics.stalls.Inc()
-	} else {
+	case replaceAway:
+		if !g.away() {
+			return
+		}
+		log.Info("durable consumer lives on another server than this projector's; recreating it here at the read model's position",
+			"consumer", g.currentConsumer())
+	default:
 		if !g.consumerGone() {
 			return
 		}

@@ -306,9 +306,20 @@ func (s *Service) watch(ctx context.Context) {
 		for _, p := range s.projections() {
 			p.checkCaughtUp()
 		}
+		tick++
+		// The replicas the durables name, remembered (rememberReplicas)
+		// from the first second and every 10 s: a durable lives on its
+		// replica's own server (consumer.go), so once that node dies its
+		// durables are listed nowhere, and status must already know it
+		// to show it as unavailable.
+		if tick%50 == 5 {
+			ictx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			_, _ = s.knownReplicas(ictx)
+			cancel()
+		}
 		// A durable deleted under a subscription is normally reported
 		// by it; this catches the case where it is not.
-		if tick++; tick%5 == 0 {
+		if tick%5 == 0 {
 			// A generation at the stream's end has nothing to wait for:
 			// only one behind it can be stalled (and costs a look at its
 			// durable).
@@ -328,13 +339,40 @@ func (s *Service) watch(ctx context.Context) {
 					if g != nil && !g.ended() && g.consumerGone() {
 						g.resubscribe()
 					} else if g != nil && !g.ended() && g.rm.seq() < last && g.stalled(s.cfg.StallAfter) {
-						g.replace(true)
+						g.replace(replaceStalled)
+					} else if g != nil && !g.ended() {
+						s.rehome(g)
 					}
 				}
 			}
 		}
 	}
 }
+
+// rehome moves a generation's durable to the projector's own server when it
+// was placed elsewhere (consumer.go gives up after a few tries, and a server
+// just restarted may not be chosen until it is caught up): at most every
+// 10 s, doubling to 5 min while the moves miss, so that a server that is
+// never chosen costs little.
+func (s *Service) rehome(g *generation) {
+	now := time.Now()
+	if now.Before(g.rehomeAt) {
+		return
+	}
+	if !g.away() {
+		g.rehomeEvery, g.rehomeAt = 0, now.Add(rehomeFirst)
+		return
+	}
+	g.replace(replaceAway)
+	g.rehomeEvery = min(max(2*g.rehomeEvery, rehomeFirst), rehomeMax)
+	g.rehomeAt = time.Now().Add(g.rehomeEvery)
+}
+
+// The waits of rehome.
+const (
+	rehomeFirst = 10 * time.Second
+	rehomeMax   = 5 * time.Minute
+)
 
 func (s *Service) projections() []*projectionRT {
 	s.mu.Lock()
