@@ -27,6 +27,7 @@ import (
 type processFlags struct {
 	logLevel, logFormat string
 	memoryLimitRatio    float64
+	procsPerCPU         int
 }
 
 func (p *processFlags) register(fs *flag.FlagSet) {
@@ -34,6 +35,8 @@ func (p *processFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&p.logFormat, "log-format", "auto", "text, json, or auto (text on a terminal, JSON otherwise)")
 	fs.Float64Var(&p.memoryLimitRatio, "memory-limit-ratio", defaultMemoryLimitRatio,
 		"share of the container's (cgroup's) memory limit that Go's heap may fill before the collector works harder (sets GOMEMLIMIT; 0: off; a GOMEMLIMIT in the environment wins)")
+	fs.IntVar(&p.procsPerCPU, "procs-per-cpu", defaultProcsPerCPU,
+		"Go processors (GOMAXPROCS) per CPU of the machine or container, since much of a node's time is spent waiting on fsync (1: Go's default; a GOMAXPROCS in the environment wins)")
 }
 
 // secretsAndHooks fills what comes only from the environment: the master key
@@ -160,7 +163,7 @@ func cmdUp(ctx context.Context, args []string, stderr io.Writer, getenv func(str
 	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, pf, stderr)
+	return serve(ctx, cfg, pf, stderr, getenv)
 }
 
 func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
@@ -178,7 +181,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	if err := secretsAndHooks(&cfg, getenv, stderr); err != nil {
 		return err
 	}
-	return serve(ctx, cfg, pf, stderr)
+	return serve(ctx, cfg, pf, stderr, getenv)
 }
 
 func helpOK(err error) error {
@@ -190,12 +193,15 @@ func helpOK(err error) error {
 
 // serve runs an App until SIGINT or SIGTERM, then stops it: routers stop
 // taking requests, shards finish in-flight commits and close their files.
-func serve(ctx context.Context, cfg app.Config, pf processFlags, stderr io.Writer) error {
+func serve(ctx context.Context, cfg app.Config, pf processFlags, stderr io.Writer, getenv func(string) string) error {
 	log, err := newLogger(stderr, pf.logLevel, pf.logFormat)
 	if err != nil {
 		return err
 	}
 	if err := applyMemoryLimit(ctx, pf.memoryLimitRatio, memlimit.FromCgroup, log); err != nil {
+		return err
+	}
+	if err := applyProcs(ctx, pf.procsPerCPU, getenv("GOMAXPROCS") != "", log); err != nil {
 		return err
 	}
 	cfg.Shardnode.Synchronous = strings.ToUpper(cfg.Shardnode.Synchronous)
