@@ -137,11 +137,22 @@ func eraseObjectChunks(ctx context.Context, stream jetstream.Stream, bucket stri
 		if err != nil {
 			return err
 		}
-		if err := stream.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		if err := stream.SecureDeleteMsg(ctx, m.Sequence); err != nil && !msgGone(err) {
 			return err
 		}
 		seq = m.Sequence + 1
 	}
+}
+
+// msgGone tells whether a delete failed only because the message is gone
+// already: another erase of the same chunks got there first (the background
+// erase of a replaced copy, and the upload that replaces that copy's name
+// next). The server answers that as a generic deletion failure (10057)
+// whose text is its store's "no message found", and nats.go passes it on as
+// ErrMsgDeleteUnsuccessful with the server's error as text only.
+func msgGone(err error) bool {
+	return errors.Is(err, jetstream.ErrMsgNotFound) ||
+		(errors.Is(err, jetstream.ErrMsgDeleteUnsuccessful) && strings.Contains(err.Error(), "err_code=10057") && strings.Contains(err.Error(), "no message found"))
 }
 
 // erase erases a snapshot object's chunks, then marks it deleted.
