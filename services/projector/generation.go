@@ -177,10 +177,12 @@ func (g *generation) stalled(stallAfter time.Duration) bool {
 // nothing is missed, and a message applied twice changes nothing.
 func (g *generation) resubscribe() { g.replace(replaceGone) }
 
-// Why a subscription is replaced: its durable is gone, stalled, or lives
-// on another server than the projector's (away).
+// replaceReason is why a subscription is replaced: its durable is gone,
+// stalled, or lives on another server than the projector's (away).
+type replaceReason int
+
 const (
-	replaceGone = iota
+	replaceGone replaceReason = iota
 	replaceStalled
 	replaceAway
 )
@@ -207,7 +209,7 @@ func (g *generation) away() bool {
 	return at != "" && at != home
 }
 
-func (g *generation) replace(why int) {
+func (g *generation) replace(why replaceReason) {
 	// One at a time; one asked for meanwhile runs after (the consumer it
 	// finds may be the one being deleted).
 	g.resubMu.Lock()
