@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 
@@ -256,7 +257,10 @@ func TestMergePatchFoldConcurrent(t *testing.T) {
 
 func TestMergePatchFoldErrors(t *testing.T) {
 	t.Run("event data not JSON", func(t *testing.T) {
-		for _, data := range []string{`{`, `{"a":}`, `nul`, `'a'`, ``, `{"a":1} x`} {
+		// Refused half-way too: the fold checks a patch as it applies it,
+		// so the first members are applied before the bad one is seen.
+		for _, data := range []string{`{`, `{"a":}`, `nul`, `'a'`, ``, `{"a":1} x`,
+			`{"a":{"b":1},"c":}`, `{"a":1,"b":[1,]}`, `{"a":1,"b":"\x"}`, `{"a":1,"é":tru}`, `{"a":{"b":1},"a":nul}`} {
 			evs := []kuma.Event{ev(`{"ok":1}`), ev(data)}
 			got, err := kuma.MergePatch{}.Fold(json.RawMessage(`{}`), evs)
 			requireCode(t, err, kuma.CodeInvalidEvent)
@@ -278,6 +282,23 @@ func TestMergePatchFoldErrors(t *testing.T) {
 			t.Fatalf("got code %q, want %q", code, kuma.CodeInternal)
 		}
 	})
+}
+
+// A patch the one-scan check leaves to encoding/json (a key written twice,
+// non-ASCII text) after it has applied some of its members is applied again
+// whole; the result is that of applying it once.
+func TestMergePatchFallbackAppliesOnce(t *testing.T) {
+	for _, c := range []struct{ state, patch, want string }{
+		{`{"a":{"x":1}}`, `{"a":{"y":2},"a":{"x":null}}`, `{"a":{"y":2}}`},
+		{`{"a":{"x":1}}`, `{"a":{"y":2},"a":null}`, `{}`},
+		{`{"n":1}`, `{"n":null,"m":{"k":[1]},"s":"é"}`, `{"m":{"k":[1]},"s":"é"}`},
+		{`{"deep":{}}`, `{"deep":{"a":1},"z":` + strings.Repeat(`[`, 70) + strings.Repeat(`]`, 70) + `}`,
+			`{"deep":{"a":1},"z":` + strings.Repeat(`[`, 70) + strings.Repeat(`]`, 70) + `}`},
+	} {
+		if got := fold(t, c.state, c.patch); !jsonEqual(t, got, []byte(c.want)) {
+			t.Errorf("Fold(%s, %s): got %s, want %s", c.state, c.patch, got, c.want)
+		}
+	}
 }
 
 func TestReducerFunc(t *testing.T) {
