@@ -28,8 +28,7 @@ func fromNanos(n int64) time.Time { return time.Unix(0, n).UTC() }
 // Entity returns the entity's row, or ok=false for an entity never written.
 func (s *Shard) Entity(ctx context.Context, entity string) (rec EntityRecord, ok bool, err error) {
 	var created, updated int64
-	err = s.rdb.QueryRowContext(ctx,
-		`SELECT version, created_at, updated_at FROM entities WHERE entity = ?`, entity).
+	err = s.reads.entity.QueryRowContext(ctx, entity).
 		Scan(&rec.Version, &created, &updated)
 	if errors.Is(err, sql.ErrNoRows) {
 		return EntityRecord{}, false, nil
@@ -46,9 +45,7 @@ func (s *Shard) Entity(ctx context.Context, entity string) (rec EntityRecord, ok
 func (s *Shard) LatestSnapshot(ctx context.Context, entity string, maxVersion int64) (*Snapshot, error) {
 	var sn Snapshot
 	var updated int64
-	err := s.rdb.QueryRowContext(ctx,
-		`SELECT version, state, updated_at FROM snapshots WHERE entity = ? AND version <= ?
-		 ORDER BY version DESC LIMIT 1`, entity, maxVersion).
+	err := s.reads.latestSnapshot.QueryRowContext(ctx, entity, maxVersion).
 		Scan(&sn.Version, &sn.State, &updated)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
@@ -117,8 +114,7 @@ func (s *Shard) VersionAt(ctx context.Context, entity string, t time.Time) (int6
 func (s *Shard) Idempotency(ctx context.Context, entity, key string) (*IdempotencyRecord, error) {
 	r := IdempotencyRecord{Key: key}
 	var t int64
-	err := s.rdb.QueryRowContext(ctx,
-		`SELECT first_version, last_version, time, pos FROM idempotency WHERE entity = ? AND key IN (?, ?)`,
+	err := s.reads.idempotency.QueryRowContext(ctx,
 		entity, IdempotencyDigest(key), key).Scan(&r.FirstVersion, &r.LastVersion, &t, &r.Seq)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil

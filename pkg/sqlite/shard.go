@@ -128,6 +128,7 @@ type Shard struct {
 	queue chan *Commit
 	wg    sync.WaitGroup
 	stmts *writeStmts
+	reads *readStmts
 
 	closeMu sync.RWMutex // held for reading while a commit is queued, so Close never strands one
 	closed  bool
@@ -250,7 +251,8 @@ func (s *Shard) open(ctx context.Context) error {
 	}
 	s.rdb.SetMaxOpenConns(s.cfg.Readers)
 	s.rdb.SetMaxIdleConns(s.cfg.Readers)
-	return nil
+	s.reads, err = prepareReadStmts(ctx, s.rdb)
+	return err
 }
 
 // upgradeSchema brings a file written by an older Kuma to schemaVersion,
@@ -369,6 +371,10 @@ func (s *Shard) closeDBs() error {
 	if s.wdb != nil {
 		errs = append(errs, s.wdb.Close())
 		s.wdb = nil
+	}
+	if s.reads != nil {
+		errs = append(errs, s.reads.close())
+		s.reads = nil
 	}
 	if s.rdb != nil {
 		errs = append(errs, s.rdb.Close())
