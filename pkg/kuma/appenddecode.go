@@ -27,6 +27,13 @@ func decodeAppendFast(body []byte, out *AppendRequest) error {
 		return err
 	}
 	req := AppendRequest{Events: make([]EventInput, 0, bytes.Count(body, []byte(`{"type":"`)))}
+	// The events' data are copied, as encoding/json copies them: the
+	// request's buffer must not live on in the actor's state. One buffer
+	// for all of them (the body's size bounds their sum), not one copy per
+	// event: a hundred allocations per append were an eighth of decoding.
+	// It lives as long as the append does; the fold's state is encoded
+	// anew, not kept as slices of the data.
+	data := make([]byte, 0, len(body))
 	err := r.items(func() error {
 		if err := r.lit(`{"type":"`); err != nil {
 			return err
@@ -41,9 +48,9 @@ func decodeAppendFast(body []byte, out *AppendRequest) error {
 			if err := r.value(0); err != nil {
 				return err
 			}
-			// A copy, as encoding/json makes: the request's buffer must not
-			// live on in the actor's state.
-			ev.Data = bytes.Clone(body[start:r.i])
+			n := len(data)
+			data = append(data, body[start:r.i]...)
+			ev.Data = data[n:len(data):len(data)]
 		}
 		if err := r.lit(`}`); err != nil {
 			return err
