@@ -48,7 +48,12 @@ const (
 // AAD builds the associated data that binds a sealed value to its place.
 // Lengths are prefixed so that no two different places encode alike.
 func AAD(purpose Purpose, context, entity string, version int64) []byte {
-	b := make([]byte, 0, 16+len(context)+len(entity))
+	return AppendAAD(make([]byte, 0, 16+len(context)+len(entity)), purpose, context, entity, version)
+}
+
+// AppendAAD appends what AAD returns to b: the append path writes the
+// associated data of all of an append's events into one buffer.
+func AppendAAD(b []byte, purpose Purpose, context, entity string, version int64) []byte {
 	b = append(b, 'k', 'u', 'm', 'a', 1, byte(purpose))
 	b = binary.AppendUvarint(b, uint64(len(context)))
 	b = append(b, context...)
@@ -102,10 +107,19 @@ func (k *Key) sealWithNonce(dst, nonce, plaintext, aad []byte) []byte {
 func (k *Key) SealBatch(plaintexts, aads [][]byte) [][]byte {
 	nonces := make([]byte, nonceSize*len(plaintexts))
 	_, _ = rand.Read(nonces)
+	// One buffer holds every sealed value (each capped, so that appending
+	// to one cannot write over the next): one allocation per batch, not
+	// one per event.
+	total := 0
+	for _, p := range plaintexts {
+		total += len(p) + Overhead
+	}
+	buf := make([]byte, 0, total)
 	out := make([][]byte, len(plaintexts))
 	for i, p := range plaintexts {
-		buf := make([]byte, 0, len(p)+Overhead)
-		out[i] = k.sealWithNonce(buf, nonces[i*nonceSize:(i+1)*nonceSize], p, aads[i])
+		start := len(buf)
+		buf = k.sealWithNonce(buf, nonces[i*nonceSize:(i+1)*nonceSize], p, aads[i])
+		out[i] = buf[start:len(buf):len(buf)]
 	}
 	return out
 }
@@ -126,7 +140,11 @@ func (k *Key) Open(sealed, aad []byte) ([]byte, error) {
 // EncodeEvent packs an event's type and data into one plaintext, so both are
 // sealed together: uvarint(len(type)) || type || data.
 func EncodeEvent(typ string, data []byte) []byte {
-	b := make([]byte, 0, binary.MaxVarintLen16+len(typ)+len(data))
+	return AppendEvent(make([]byte, 0, binary.MaxVarintLen16+len(typ)+len(data)), typ, data)
+}
+
+// AppendEvent appends what EncodeEvent returns to b.
+func AppendEvent(b []byte, typ string, data []byte) []byte {
 	b = binary.AppendUvarint(b, uint64(len(typ)))
 	b = append(b, typ...)
 	return append(b, data...)

@@ -67,6 +67,25 @@ func TestSealBatchUsesDistinctNonces(t *testing.T) {
 	}
 }
 
+// The sealed values of a batch share one buffer: each must stay its own
+// value when the caller appends to another.
+func TestSealBatchValuesAreSeparate(t *testing.T) {
+	k := mustKey(t)
+	pts := [][]byte{[]byte("first"), []byte("second"), []byte("third")}
+	aads := [][]byte{AppendAAD(nil, PurposeEvent, "c", "e", 1), AAD(PurposeEvent, "c", "e", 2), AAD(PurposeEvent, "c", "e", 3)}
+	out := k.SealBatch(pts, aads)
+	_ = append(out[0], "overwrite"...)
+	_ = append(out[1], "overwrite"...)
+	for i := range out {
+		if got, err := k.Open(out[i], aads[i]); err != nil || !bytes.Equal(got, pts[i]) {
+			t.Fatalf("open %d after appending to the others = %q, %v", i, got, err)
+		}
+	}
+	if !bytes.Equal(AppendAAD([]byte("x"), PurposeEvent, "c", "e", 1)[1:], AAD(PurposeEvent, "c", "e", 1)) {
+		t.Fatal("AppendAAD does not append what AAD returns")
+	}
+}
+
 func TestEventEncoding(t *testing.T) {
 	for _, tc := range []struct{ typ, data string }{{"UserCreated", `{"a":1}`}, {"E", ``}, {"X.y:z-1", `null`}} {
 		typ, data, err := DecodeEvent(EncodeEvent(tc.typ, []byte(tc.data)))

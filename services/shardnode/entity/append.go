@@ -2,6 +2,7 @@ package entity
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"time"
@@ -65,11 +66,23 @@ func (a *Actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	events := make([]kuma.Event, n)
 	plains := make([][]byte, n)
 	aads := make([][]byte, n)
+	// The plaintexts and associated data of all the events are written
+	// into two buffers sized up front, not allocated event by event.
+	size := 0
+	for _, in := range r.Events {
+		size += binary.MaxVarintLen16 + len(in.Type) + len(in.Data)
+	}
+	plainBuf := make([]byte, 0, size)
+	aadBuf := make([]byte, 0, int(n)*(16+len(a.sh.Context)+len(a.id)))
 	for i, in := range r.Events {
 		v := a.version + int64(i) + 1
 		events[i] = kuma.Event{Entity: a.id, Version: v, Type: in.Type, Data: in.Data, Time: now}
-		plains[i] = envelope.EncodeEvent(in.Type, in.Data)
-		aads[i] = envelope.AAD(envelope.PurposeEvent, a.sh.Context, a.id, v)
+		start := len(plainBuf)
+		plainBuf = envelope.AppendEvent(plainBuf, in.Type, in.Data)
+		plains[i] = plainBuf[start:len(plainBuf):len(plainBuf)]
+		start = len(aadBuf)
+		aadBuf = envelope.AppendAAD(aadBuf, envelope.PurposeEvent, a.sh.Context, a.id, v)
+		aads[i] = aadBuf[start:len(aadBuf):len(aadBuf)]
 	}
 	sealed := a.key.SealBatch(plains, aads)
 	rows := make([]sqlite.EventRow, n)
