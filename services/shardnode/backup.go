@@ -35,13 +35,13 @@ func (sh *shard) serveBackup(msg *nats.Msg) {
 	code := "ok"
 	if err != nil {
 		code = string(kuma.ErrorCode(err))
-		err = natsbus.RespondError(sh.node.nc, msg, err)
+		err = natsbus.RespondError(sh.nc, msg, err)
 	} else {
-		err = natsbus.RespondJSON(sh.node.nc, msg, out)
+		err = natsbus.RespondJSON(sh.nc, msg, out)
 	}
-	sh.node.metrics.requests.WithLabelValues("backup", code).Inc()
+	sh.metrics.requests.WithLabelValues("backup", code).Inc()
 	if err != nil {
-		sh.node.cfg.Logger.Warn("backup reply failed", "shard", sh.n, "err", err)
+		sh.logger.Warn("backup reply failed", "shard", sh.n, "err", err)
 	}
 }
 
@@ -56,25 +56,25 @@ func (sh *shard) backup(body []byte) (*kuma.BackupReply, error) {
 	ctx, cancel := context.WithTimeout(sh.checkCtx, backupTimeout)
 	defer cancel()
 	select {
-	case sh.node.backupSlots <- struct{}{}:
-		defer func() { <-sh.node.backupSlots }()
+	case sh.backupSlots <- struct{}{}:
+		defer func() { <-sh.backupSlots }()
 	case <-ctx.Done():
 		return nil, kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q is stopping; retry", sh.n, sh.cc.Name)
 	}
-	tmp := shardPath(sh.node.cfg.DataDir, sh.cc.Name, sh.n) + ".backup-" + r.ID
+	tmp := shardPath(sh.dataDir, sh.cc.Name, sh.n) + ".backup-" + r.ID
 	_ = os.Remove(tmp)
 	defer os.Remove(tmp)
 	info, err := sh.store.Backup(ctx, tmp)
 	if err != nil {
-		sh.node.cfg.Logger.Error("backup copy failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
+		sh.logger.Error("backup copy failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
 		return nil, kuma.Errorf(kuma.CodeInternal, "the copy of shard %d failed", sh.n)
 	}
-	obj, err := cluster.PutBackup(ctx, sh.node.js, BackupObjectName(r.ID, sh.cc.Name, sh.n), tmp)
+	obj, err := cluster.PutBackup(ctx, sh.js, BackupObjectName(r.ID, sh.cc.Name, sh.n), tmp)
 	if err != nil {
-		sh.node.cfg.Logger.Warn("backup upload failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
+		sh.logger.Warn("backup upload failed", "context", sh.cc.Name, "shard", sh.n, "err", err)
 		return nil, kuma.Errorf(kuma.CodeUnavailable, "the upload of shard %d's copy failed; retry", sh.n)
 	}
-	sh.node.cfg.Logger.Info("backup copy uploaded", "context", sh.cc.Name, "shard", sh.n, "object", obj.Name,
+	sh.logger.Info("backup copy uploaded", "context", sh.cc.Name, "shard", sh.n, "object", obj.Name,
 		"bytes", obj.Bytes, "last_seq", info.LastSeq)
 	return &kuma.BackupReply{Object: obj.Name, Bytes: obj.Bytes, SHA256: obj.SHA256,
 		LastSeq: info.LastSeq, Published: info.Published}, nil

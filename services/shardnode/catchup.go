@@ -19,7 +19,7 @@ import (
 // published to the shard's subject since the catch-up read its end: a stale
 // owner racing us makes the claim fail, and we read again.
 func (sh *shard) catchUpAndClaim(ctx context.Context, fromStreamSeq uint64, epoch int64) error {
-	stream, err := sh.node.js.Stream(ctx, kuma.StreamName(sh.cc.Name))
+	stream, err := sh.js.Stream(ctx, kuma.StreamName(sh.cc.Name))
 	if err != nil {
 		return fmt.Errorf("shardnode: stream: %w", err)
 	}
@@ -100,7 +100,7 @@ func (sh *shard) replay(ctx context.Context, stream jetstream.Stream, from, to u
 	// acknowledged events nobody else ever had (seen in
 	// TestStandaloneKilledThenClustered before the mark).
 	var cons jetstream.Consumer
-	err := natsbus.RetryJetStream(ctx, sh.node.cfg.Logger, func(ctx context.Context) error {
+	err := natsbus.RetryJetStream(ctx, sh.logger, func(ctx context.Context) error {
 		var err error
 		cons, err = stream.OrderedConsumer(ctx, cfg)
 		return err
@@ -150,7 +150,7 @@ func (sh *shard) replay(ctx context.Context, stream jetstream.Stream, from, to u
 					// The stream names the entity by pseudonym: the
 					// keyvault gives its id while it lives; an entity
 					// forgotten since keeps only its position.
-					ent, gone, err := sh.node.keys.Resolve(ctx, sh.cc.Name, e)
+					ent, gone, err := sh.keys.Resolve(ctx, sh.cc.Name, e)
 					if err != nil {
 						return fmt.Errorf("shardnode: replay shard %d: message %d: %w", sh.n, md.Sequence.Stream, err)
 					}
@@ -198,7 +198,7 @@ func (sh *shard) purgeForgotten(ctx context.Context, notices map[string]bool) er
 	if len(notices) == 0 {
 		return nil
 	}
-	keys := sh.node.cfg.Keys
+	keys := sh.vault
 	gone := map[string]bool{} // pseudonyms confirmed forgotten
 	var purge []sqlite.ReplicatedEvent
 	for n := range notices {
@@ -214,7 +214,7 @@ func (sh *shard) purgeForgotten(ctx context.Context, notices map[string]bool) er
 		case err != nil:
 			return fmt.Errorf("shardnode: replay shard %d: confirm a forget notice: %w", sh.n, err)
 		case rec == nil:
-			sh.node.cfg.Logger.Warn("forget notice of an entity that is not forgotten ignored (forged?)", "context", sh.cc.Name, "shard", sh.n)
+			sh.logger.Warn("forget notice of an entity that is not forgotten ignored (forged?)", "context", sh.cc.Name, "shard", sh.n)
 		case pseudonym != "":
 			gone[pseudonym] = true
 		default:
@@ -246,6 +246,6 @@ func (sh *shard) purgeForgotten(ctx context.Context, notices map[string]bool) er
 	if _, err := sh.store.ApplyReplicated(ctx, purge); err != nil {
 		return err
 	}
-	sh.node.cfg.Logger.Info("catch-up dropped the rows of forgotten entities", "context", sh.cc.Name, "shard", sh.n, "entities", len(purge))
+	sh.logger.Info("catch-up dropped the rows of forgotten entities", "context", sh.cc.Name, "shard", sh.n, "entities", len(purge))
 	return nil
 }

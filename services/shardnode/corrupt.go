@@ -235,12 +235,12 @@ func (sh *shard) storageError(err error) (out error, reported bool) {
 	case err == nil:
 		return nil, false
 	case sqlite.IsCorrupt(err):
-		sh.node.shardCorrupt(sh.cc.Name, sh.n, err)
+		sh.corrupt(sh.cc.Name, sh.n, err)
 		return corruptError(sh.cc.Name, sh.n), true
 	case sqlite.IsFull(err):
-		sh.node.metrics.diskFull.Inc()
+		sh.metrics.diskFull.Inc()
 		if sh.full.CompareAndSwap(false, true) {
-			sh.node.cfg.Logger.Error("the disk is full: writes to the shard are refused until space is freed (reads go on)",
+			sh.logger.Error("the disk is full: writes to the shard are refused until space is freed (reads go on)",
 				"context", sh.cc.Name, "shard", sh.n, "err", err)
 		}
 		return diskFullError(sh.cc.Name, sh.n), true
@@ -251,6 +251,6 @@ func (sh *shard) storageError(err error) (out error, reported bool) {
 // wrote notes a successful write: the end of a full disk, if there was one.
 func (sh *shard) wrote() {
 	if sh.full.Load() && sh.full.CompareAndSwap(true, false) {
-		sh.node.cfg.Logger.Info("the shard writes again: space was freed", "context", sh.cc.Name, "shard", sh.n)
+		sh.logger.Info("the shard writes again: space was freed", "context", sh.cc.Name, "shard", sh.n)
 	}
 }

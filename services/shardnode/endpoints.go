@@ -17,7 +17,7 @@ func (sh *shard) subscribe() error {
 	// the old owner keeps a refusing member in the group (refuse.go), and
 	// NATS passes a message that reaches a server whose member just left
 	// on to another member, where a plain subscription's would be dropped.
-	sub, err := sh.node.nc.QueueSubscribe(kuma.ShardPrefix(sh.cc.Name, sh.n)+">", ShardQueue, sh.onMsg)
+	sub, err := sh.nc.QueueSubscribe(kuma.ShardPrefix(sh.cc.Name, sh.n)+">", ShardQueue, sh.onMsg)
 	if err != nil {
 		return fmt.Errorf("shardnode: subscribe to shard %d of %q: %w", sh.n, sh.cc.Name, err)
 	}
@@ -36,13 +36,13 @@ func (sh *shard) onMsg(msg *nats.Msg) {
 	if !kuma.ReplyAllowed(msg.Reply) {
 		// Answering would publish into the namespace the reply names
 		// (an event stream, a KV bucket): drop the request unanswered.
-		sh.node.metrics.requests.WithLabelValues("unknown", string(kuma.CodeForbidden)).Inc()
-		sh.node.cfg.Logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", msg.Reply)
+		sh.metrics.requests.WithLabelValues("unknown", string(kuma.CodeForbidden)).Inc()
+		sh.logger.Debug("request dropped: its reply subject is in a reserved namespace", "reply", msg.Reply)
 		return
 	}
 	if msg.Subject == kuma.ShardFeedSubject(sh.cc.Name, sh.n) {
 		select {
-		case sh.node.feedSlots <- struct{}{}:
+		case sh.feedSlots <- struct{}{}:
 			go sh.serveFeed(msg)
 		default:
 			sh.replyFeed(msg, nil, kuma.Errorf(kuma.CodeUnavailable, "this node serves %d feed requests already; retry", maxFeedRequests))
@@ -93,10 +93,10 @@ func (sh *shard) replyError(msg *nats.Msg, err error) {
 	if !ok || !knownOp(op) {
 		op = "unknown"
 	}
-	sh.node.metrics.requests.WithLabelValues(op, string(kuma.ErrorCode(err))).Inc()
-	if rerr := natsbus.RespondError(sh.node.nc, msg, err); rerr != nil {
-		sh.node.metrics.replyFailed(op, rerr)
-		sh.node.cfg.Logger.Warn("reply failed", "subject", msg.Subject, "err", rerr)
+	sh.metrics.requests.WithLabelValues(op, string(kuma.ErrorCode(err))).Inc()
+	if rerr := natsbus.RespondError(sh.nc, msg, err); rerr != nil {
+		sh.metrics.replyFailed(op, rerr)
+		sh.logger.Warn("reply failed", "subject", msg.Subject, "err", rerr)
 	}
 }
 
@@ -108,16 +108,16 @@ func (sh *shard) request(op string, msg *nats.Msg) *entity.Request {
 		req.RequestedBy = msg.Header.Get(kuma.HeaderRequestedBy)
 	}
 	req.Reply = func(_ context.Context, body []byte, err error) {
-		nc := sh.node.nc
+		nc := sh.nc
 		if err != nil {
 			err = natsbus.RespondError(nc, msg, err)
 		} else {
 			err = natsbus.RespondBody(nc, msg, body)
 		}
 		if err != nil {
-			sh.node.metrics.replyFailed(op, err)
+			sh.metrics.replyFailed(op, err)
 			// The shard, not the id: logs outlive a forget.
-			sh.node.cfg.Logger.Warn("reply failed", "shard", sh.n, "op", op, "err", err)
+			sh.logger.Warn("reply failed", "shard", sh.n, "op", op, "err", err)
 		}
 	}
 	return req

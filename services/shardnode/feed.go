@@ -50,7 +50,7 @@ const feedRead = 500
 // (a waiting request must not hold the shard's subscription) and ends when
 // the shard stops serving.
 func (sh *shard) serveFeed(msg *nats.Msg) {
-	defer func() { <-sh.node.feedSlots }()
+	defer func() { <-sh.feedSlots }()
 	var r kuma.ShardFeedRequest
 	if err := kuma.Decode(msg.Data, &r); err != nil {
 		sh.replyFeed(msg, nil, err)
@@ -73,14 +73,14 @@ func (sh *shard) replyFeed(msg *nats.Msg, out *kuma.ShardFeedPage, err error) {
 			err = kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q is stopping; retry", sh.n, sh.cc.Name)
 		}
 		code = string(kuma.ErrorCode(err))
-		err = natsbus.RespondError(sh.node.nc, msg, err)
+		err = natsbus.RespondError(sh.nc, msg, err)
 	} else if msg.Reply != "" {
 		b, _ := out.MarshalBinary()
-		err = sh.node.nc.Publish(msg.Reply, b)
+		err = sh.nc.Publish(msg.Reply, b)
 	}
-	sh.node.metrics.requests.WithLabelValues("feed", code).Inc()
+	sh.metrics.requests.WithLabelValues("feed", code).Inc()
 	if err != nil {
-		sh.node.cfg.Logger.Warn("feed reply failed", "shard", sh.n, "err", err)
+		sh.logger.Warn("feed reply failed", "shard", sh.n, "err", err)
 	}
 }
 
@@ -213,21 +213,21 @@ func (sh *shard) feedFromFile(ctx context.Context, after int64, prefix string) (
 // openFeedEvent opens one stored event. ok is false for an entity whose key
 // is gone (forgotten, its rows not yet deleted): it never appears.
 func (sh *shard) openFeedEvent(ctx context.Context, entity string, version, seq int64, payload []byte, nanos int64) (kuma.FeedEvent, bool, error) {
-	key, err := sh.node.keys.Get(ctx, sh.cc.Name, entity, false)
+	key, err := sh.keys.Get(ctx, sh.cc.Name, entity, false)
 	switch {
 	case errors.Is(err, kuma.ErrEntityForgotten):
 		return kuma.FeedEvent{}, false, nil
 	case errors.Is(err, kuma.ErrNotFound):
 		// Rows with no key: nothing can open them, and holding the
 		// shard's feed on them would stop every follower.
-		sh.node.cfg.Logger.Warn("feed: an event whose entity has no key, skipped", "shard", sh.n, "position", seq)
+		sh.logger.Warn("feed: an event whose entity has no key, skipped", "shard", sh.n, "position", seq)
 		return kuma.FeedEvent{}, false, nil
 	case err != nil:
 		return kuma.FeedEvent{}, false, fmt.Errorf("key of %s: %w", entity, err)
 	}
 	plain, err := key.Open(payload, envelope.AAD(envelope.PurposeEvent, sh.cc.Name, entity, version))
 	if err != nil {
-		sh.node.cfg.Logger.Error("sealed data does not open: tampered, misplaced or wrong key", "shard", sh.n, "position", seq)
+		sh.logger.Error("sealed data does not open: tampered, misplaced or wrong key", "shard", sh.n, "position", seq)
 		return kuma.FeedEvent{}, false, kuma.Errorf(kuma.CodeInternal, "an event of shard %d does not open", sh.n)
 	}
 	typ, data, err := envelope.DecodeEvent(plain)

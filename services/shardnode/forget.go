@@ -14,27 +14,26 @@ import (
 // erase is steps 2 to 4 of forget (entity/forget.go): shred the key,
 // announce, delete the rows. The actors call it through entity.Shard.Erase.
 func (sh *shard) erase(ctx context.Context, p sqlite.PendingForget, events int64) (*kuma.ForgetReply, error) {
-	node := sh.node
 	// The notice names the entity by its pseudonym, as the stream does.
-	pseudonyms, err := node.cfg.Keys.Pseudonyms(ctx, sh.cc.Name, []string{p.Entity})
+	pseudonyms, err := sh.vault.Pseudonyms(ctx, sh.cc.Name, []string{p.Entity})
 	if err != nil {
 		return nil, err
 	}
 	if len(pseudonyms) != 1 {
 		return nil, kuma.Errorf(kuma.CodeInternal, "the keyvault answered %d pseudonyms for one id", len(pseudonyms))
 	}
-	rec, err := node.cfg.Keys.Shred(ctx, vaultclient.ShredRequest{
+	rec, err := sh.vault.Shred(ctx, vaultclient.ShredRequest{
 		Context: sh.cc.Name, Entity: p.Entity, Reason: p.Reason, RequestedBy: p.RequestedBy,
 		EventsDeleted: events, At: p.RequestedAt,
 	})
 	if err != nil {
 		return nil, err
 	}
-	node.keys.Drop(sh.cc.Name, p.Entity)
+	sh.keys.Drop(sh.cc.Name, p.Entity)
 	sh.feedCache.forget(p.Entity)
-	node.cfg.Failpoint("forget-after-shred")
+	sh.failpoint("forget-after-shred")
 	if err := sh.relay.announceForgotten(ctx, pseudonyms[0], p.RequestedAt); err != nil {
-		node.cfg.Logger.Warn("forget notice not published", "context", sh.cc.Name, "shard", sh.n, "err", err)
+		sh.logger.Warn("forget notice not published", "context", sh.cc.Name, "shard", sh.n, "err", err)
 		return nil, err
 	}
 	if _, err := sh.store.Purge(ctx, p.Entity); err != nil {
@@ -75,7 +74,7 @@ func (sh *shard) finishForgets(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("shardnode: finish an interrupted forget in shard %d of %q: %w", sh.n, sh.cc.Name, err)
 		}
-		sh.node.cfg.Logger.Info("finished an interrupted forget", "context", sh.cc.Name, "shard", sh.n)
+		sh.logger.Info("finished an interrupted forget", "context", sh.cc.Name, "shard", sh.n)
 	}
 	return nil
 }

@@ -107,13 +107,11 @@ func TestStoppingOnceStopIsClosed(t *testing.T) {
 func TestLeaseFencesWritesAtThreeQuartersOfItsTTL(t *testing.T) {
 	const ttl = time.Hour
 	o := &owner{base: time.Now().Add(-2 * time.Hour)} // o.now() is 2h and a little
-	node := &Service{}
-	m, err := newMetrics(prometheus.NewRegistry(), node)
+	m, err := newMetrics(prometheus.NewRegistry(), &Service{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	node.metrics = m
-	sh := &shard{node: node, owner: o, cc: &ContextConfig{Name: "default"}, n: 1}
+	sh := &shard{shardDeps: shardDeps{metrics: m, leaseNow: o.now}, cc: &ContextConfig{Name: "default"}, n: 1}
 	lease := cluster.Lease{Owner: "n1", Epoch: 7}
 
 	sent := 2*time.Hour - 10*time.Minute // renewed ten minutes ago
@@ -149,7 +147,7 @@ func TestLeaseFencesWritesAtThreeQuartersOfItsTTL(t *testing.T) {
 func TestRenewalWaitsForAQuarterOfTheLease(t *testing.T) {
 	const ttl = time.Hour
 	o := &owner{cfg: ClusterConfig{LeaseTTL: ttl}, base: time.Now().Add(-2 * time.Hour)}
-	sh := &shard{owner: o}
+	sh := &shard{}
 	sh.setLease(cluster.Lease{Owner: "n1", Epoch: 1}, 2*time.Hour-ttl/8, ttl)
 	if err := o.renewDue(t.Context(), sh); err != nil {
 		t.Fatalf("renewDue an eighth of the TTL after a renewal: got %v, want nil and nothing sent", err)

@@ -314,7 +314,7 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n int, lease
 	if err != nil {
 		return nil, err
 	}
-	sh = newShard(s, cc, n, store, max(1, s.cfg.MaxActors/total), s.maxReply)
+	sh = newShard(s.shardDeps(func(why string) { s.lostShard(sh, why) }), cc, n, store, max(1, s.cfg.MaxActors/total), s.maxReply)
 	sh.setLease(lease, sent, s.cfg.Cluster.LeaseTTL)
 	sh.acquired = s.owner.now()
 	sh.snapshotTried.Store(int64(sh.acquired))

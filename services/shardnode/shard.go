@@ -23,14 +23,10 @@ import (
 // a passivated actor, and a passivated actor has answered everything it was
 // given.
 type shard struct {
-	node *Service
-	// owner is the node's owner when the shard opened: its clock measures
-	// the lease. Kept here because a commit cut short by a bounded stop can
-	// still reach the fence after the node has dropped its owner.
-	owner *owner
-	cc    *ContextConfig
-	n     int
-	store *sqlite.Shard
+	shardDeps // what it needs of its node (sharddeps.go)
+	cc        *ContextConfig
+	n         int
+	store     *sqlite.Shard
 	// maxReply is the largest answer body the shard's actors may send
 	// (Config.MaxReplyBytes): larger pages are cut, larger states refused.
 	maxReply int
@@ -50,7 +46,7 @@ type shard struct {
 	passivated int64
 
 	// Lease: the one this node serves the shard under. deadline is when
-	// (owner.now) writes must stop unless renewed; acquired when it was taken.
+	// (leaseNow) writes must stop unless renewed; acquired when it was taken.
 	leaseMu       sync.Mutex
 	leaseVal      cluster.Lease
 	renewedAt     atomic.Int64
@@ -82,18 +78,18 @@ type shard struct {
 	sweepDone chan struct{}
 }
 
-func newShard(node *Service, cc *ContextConfig, n int, store *sqlite.Shard, maxActors, maxReply int) *shard {
+func newShard(deps shardDeps, cc *ContextConfig, n int, store *sqlite.Shard, maxActors, maxReply int) *shard {
 	sh := &shard{
-		node: node, owner: node.owner, cc: cc, n: n, store: store, maxReply: maxReply,
+		shardDeps: deps, cc: cc, n: n, store: store, maxReply: maxReply,
 		actors: map[string]*liveActor{}, lru: list.New(), maxActors: maxActors,
 		stopSweep: make(chan struct{}), sweepDone: make(chan struct{}),
 	}
 	sh.checkCtx, sh.stopCheck = context.WithCancel(context.Background())
 	sh.gone, sh.giveUp = context.WithCancel(context.Background())
 	sh.relay = newRelay(relayDeps{
-		kctx: cc.Name, n: n, stream: jsStream{js: node.js, name: kuma.StreamName(cc.Name)}, outbox: store, keys: node.keys,
-		gone: sh.gone, lost: func(why string) { node.lostShard(sh, why) },
-		maxPayload: node.nc.MaxPayload, format: node.formats.streamFormat, logger: node.cfg.Logger, tracer: node.tracer, failpoint: node.cfg.Failpoint,
+		kctx: cc.Name, n: n, stream: jsStream{js: deps.js, name: kuma.StreamName(cc.Name)}, outbox: store, keys: deps.keys,
+		gone: sh.gone, lost: deps.lost,
+		maxPayload: deps.nc.MaxPayload, format: deps.streamFormat, logger: deps.logger, tracer: deps.tracer, failpoint: deps.failpoint,
 	})
 	sh.feedCache = newFeedCache(feedCacheBytes)
 	sh.ent = sh.entityShard()
@@ -132,7 +128,7 @@ func (sh *shard) dispatch(id string, req *entity.Request) error {
 		sh.lru.MoveToFront(a.elem)
 	}
 	a.Reserve()
-	a.lastUsed = sh.node.cfg.Now()
+	a.lastUsed = sh.now()
 	sh.sendsWG.Add(1)
 	defer sh.sendsWG.Done()
 	sh.mu.Unlock()
@@ -141,24 +137,23 @@ func (sh *shard) dispatch(id string, req *entity.Request) error {
 	// entity of the shard behind it.
 	if !a.Enqueue(req) {
 		a.Unreserve()
-		sh.node.metrics.mailboxFull.Inc()
-		return kuma.Errorf(kuma.CodeUnavailable, "entity %q has %d requests waiting; retry", id, sh.node.cfg.MailboxLen)
+		sh.metrics.mailboxFull.Inc()
+		return kuma.Errorf(kuma.CodeUnavailable, "entity %q has %d requests waiting; retry", id, sh.mailboxLen)
 	}
 	return nil
 }
 
 // entityShard is what the shard's actors need of it and of the node.
 func (sh *shard) entityShard() *entity.Shard {
-	node := sh.node
 	var failpoint func(string)
-	if node.hooked {
-		failpoint = node.cfg.Failpoint
+	if sh.hooked {
+		failpoint = sh.failpoint
 	}
 	return &entity.Shard{
 		Context: sh.cc.Name, N: sh.n, Reducer: sh.cc.Reducer, Limits: sh.cc.Limits,
 		Replicated:    sh.cc.Durability == DurabilityReplicated,
-		SnapshotEvery: node.cfg.SnapshotEvery, MailboxLen: node.cfg.MailboxLen, MaxReply: sh.maxReply,
-		Store: sh.store, Keys: node.keys, Vault: node.cfg.Keys,
+		SnapshotEvery: sh.snapshotEvery, MailboxLen: sh.mailboxLen, MaxReply: sh.maxReply,
+		Store: sh.store, Keys: sh.keys, Vault: sh.vault,
 		Erase:         sh.erase,
 		WaitPublished: sh.relay.waitPublished,
 		Published:     sh.relay.published.Load,
@@ -166,10 +161,10 @@ func (sh *shard) entityShard() *entity.Shard {
 		Wrote:         sh.wrote,
 		Failpoint:     failpoint,
 		Running:       &sh.actorsWG,
-		Metrics:       node.metrics.entity,
-		Tracer:        node.tracer,
-		Logger:        node.cfg.Logger,
-		Now:           node.cfg.Now,
+		Metrics:       sh.metrics.entity,
+		Tracer:        sh.tracer,
+		Logger:        sh.logger,
+		Now:           sh.now,
 	}
 }
 
@@ -208,7 +203,7 @@ func (sh *shard) passivateLocked(a *liveActor) {
 // is ordered by last use, so it only ever looks at the stale tail.
 func (sh *shard) sweepLoop() {
 	defer close(sh.sweepDone)
-	idle := sh.node.cfg.IdleTimeout
+	idle := sh.idleTimeout
 	every := min(max(idle/4, 10*time.Millisecond), 5*time.Second)
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -218,7 +213,7 @@ func (sh *shard) sweepLoop() {
 			return
 		case <-t.C:
 		}
-		cutoff := sh.node.cfg.Now().Add(-idle)
+		cutoff := sh.now().Add(-idle)
 		sh.mu.Lock()
 		for e := sh.lru.Back(); e != nil; {
 			a := e.Value.(*liveActor)
@@ -261,7 +256,7 @@ func (sh *shard) stopServingOnce(ctx context.Context) {
 			for sh.sub.IsValid() {
 				select {
 				case <-ctx.Done():
-					sh.node.cfg.Logger.Warn("shard drain cut short", "shard", sh.n, "err", ctx.Err())
+					sh.logger.Warn("shard drain cut short", "shard", sh.n, "err", ctx.Err())
 					goto drained
 				case <-time.After(5 * time.Millisecond):
 				}
@@ -299,8 +294,8 @@ func (sh *shard) stats() ShardStats {
 
 // fenceErr is what a commit gets once the shard's lease has run out.
 func (sh *shard) fence() error {
-	if sh.owner.now() > time.Duration(sh.deadline.Load()) {
-		sh.node.metrics.fenced.WithLabelValues("lease").Inc()
+	if sh.leaseNow() > time.Duration(sh.deadline.Load()) {
+		sh.metrics.fenced.WithLabelValues("lease").Inc()
 		return kuma.Errorf(kuma.CodeUnavailable, "shard %d of %q: this node's lease ran out (the shard may be moving); retry", sh.n, sh.cc.Name)
 	}
 	return nil
