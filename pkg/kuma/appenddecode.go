@@ -214,6 +214,14 @@ func (r *fastReader) ws() {
 // general path, which decides about them.
 func (r *fastReader) skipStr() error {
 	for r.i < len(r.b) {
+		// Most of a string is plain printable ASCII: skip it one table
+		// lookup a byte, and judge only the byte that ends the run.
+		for r.i < len(r.b) && strPlain[r.b[r.i]] {
+			r.i++
+		}
+		if r.i >= len(r.b) {
+			break
+		}
 		c := r.b[r.i]
 		r.i++
 		switch {
@@ -296,6 +304,15 @@ func hexVal(c byte) byte {
 	}
 	return c - 'A' + 10
 }
+
+// strPlain marks the bytes that stand for themselves inside a string as
+// skipStr reads it: printable ASCII but the quote and the backslash.
+var strPlain = func() (t [256]bool) {
+	for c := 0x20; c < 0x80; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
 
 func isHex(c byte) bool {
 	return ('0' <= c && c <= '9') || ('a' <= c && c <= 'f') || ('A' <= c && c <= 'F')
