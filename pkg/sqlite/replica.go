@@ -40,8 +40,15 @@ func readEpoch(ctx context.Context, db queryRower) (int64, error) {
 
 // readMetaInt reads a whole number kept in meta under key (0 when absent).
 func readMetaInt(ctx context.Context, db queryRower, key string) (int64, error) {
+	return scanMetaInt(db.QueryRowContext(ctx, metaIntSQL, key), key)
+}
+
+const metaIntSQL = `SELECT value FROM meta WHERE key = ?`
+
+// scanMetaInt reads the value of readMetaInt's query (0 when absent).
+func scanMetaInt(row *sql.Row, key string) (int64, error) {
 	var v string
-	err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = ?`, key).Scan(&v)
+	err := row.Scan(&v)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, nil
 	}
@@ -73,7 +80,16 @@ func (s *Shard) claimEpoch(ctx context.Context) error {
 // checkEpoch reads the file's epoch on the writer's connection and fails
 // with ErrFenced when it is newer than this writer's.
 func (s *Shard) checkEpoch(ctx context.Context) (int64, error) {
-	got, err := readEpoch(ctx, s.wconn)
+	var got int64
+	var err error
+	if s.stmts != nil {
+		// Every commit checks: the prepared query, not SQL parsed each time
+		// (1.6 % of a node's CPU). Before the statements exist (the claim
+		// at open), the query itself.
+		got, err = scanMetaInt(s.stmts.epoch.QueryRowContext(ctx, "epoch"), "epoch")
+	} else {
+		got, err = readEpoch(ctx, s.wconn)
+	}
 	if err != nil {
 		return 0, err
 	}

@@ -359,6 +359,8 @@ type writeStmts struct {
 	upsertEntity   *sql.Stmt
 	insertIdem     *sql.Stmt
 	insertSnapshot *sql.Stmt
+	// epoch reads the file's epoch inside each write transaction (fenced).
+	epoch *sql.Stmt
 }
 
 func prepareWriteStmts(ctx context.Context, conn *sql.Conn) (*writeStmts, error) {
@@ -376,6 +378,7 @@ func prepareWriteStmts(ctx context.Context, conn *sql.Conn) (*writeStmts, error)
 		ON CONFLICT (entity) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at`)
 	w.insertIdem = prep(`INSERT INTO idempotency (entity, key, first_version, last_version, time, pos) VALUES (?, ?, ?, ?, ?, ?)`)
 	w.insertSnapshot = prep(`INSERT OR REPLACE INTO snapshots (entity, version, state, updated_at) VALUES (?, ?, ?, ?)`)
+	w.epoch = prep(metaIntSQL)
 	if err != nil {
 		_ = w.close()
 		return nil, fmt.Errorf("sqlite: prepare: %w", err)
@@ -410,7 +413,7 @@ func (w *writeStmts) close() error {
 	for _, st := range w.byRows {
 		errs = append(errs, st.Close())
 	}
-	for _, st := range []*sql.Stmt{w.upsertEntity, w.insertIdem, w.insertSnapshot} {
+	for _, st := range []*sql.Stmt{w.upsertEntity, w.insertIdem, w.insertSnapshot, w.epoch} {
 		if st != nil {
 			errs = append(errs, st.Close())
 		}
