@@ -16,6 +16,17 @@ type Event struct {
 	Type    string
 	Data    json.RawMessage
 	Time    time.Time
+	// checked says Data was checked as JSON when its append was decoded
+	// (EventInput.Event): MergePatch then walks it without checking it a
+	// second time. Only this package sets it; an Event made elsewhere is
+	// checked by the fold.
+	checked bool
+}
+
+// Event is the event in of an append, as a reducer gets it: the entity's
+// version and time given, and what the decoder knew of its data kept.
+func (in EventInput) Event(entity string, version int64, t time.Time) Event {
+	return Event{Entity: entity, Version: version, Type: in.Type, Data: in.Data, Time: t, checked: in.checked}
 }
 
 // Reducer folds events into an entity's state. Fold must be pure: it returns
@@ -54,6 +65,15 @@ func (MergePatch) Fold(state json.RawMessage, events []Event) (json.RawMessage, 
 		}
 	}
 	for i := range events {
+		if events[i].checked && isObject(events[i].Data) {
+			if doc.obj == nil {
+				doc.obj, doc.val = map[string]json.RawMessage{}, nil
+			}
+			if err := members(events[i].Data, doc.applyMember); err != nil {
+				return nil, Errorf(CodeInvalidEvent, "event %d: data is not valid JSON", i)
+			}
+			continue
+		}
 		if err := doc.apply(events[i].Data); err != nil {
 			return nil, Errorf(CodeInvalidEvent, "event %d: data is not valid JSON", i)
 		}
@@ -199,11 +219,18 @@ func members(obj []byte, fn func(key string, val []byte) error) error {
 		rawKey := obj[i:end]
 		var key string
 		if bytes.IndexByte(rawKey, '\\') >= 0 {
-			if err := json.Unmarshal(rawKey, &key); err != nil {
+			// Its own variable: one whose address is taken lives on the
+			// heap, and key is set on every member.
+			var unescaped string
+			if err := json.Unmarshal(rawKey, &unescaped); err != nil {
 				return err
 			}
-		} else {
-			key = string(rawKey[1 : len(rawKey)-1])
+			key = unescaped
+		} else if len(rawKey) > 2 {
+			// The key's text, not a copy, as in applyChecked: the values
+			// are sub-slices of obj already, and the rawDoc holding both
+			// lives only until Fold encodes it.
+			key = unsafe.String(&rawKey[1], len(rawKey)-2)
 		}
 		i = skipSpace(obj, end)
 		i = skipSpace(obj, i+1) // the colon

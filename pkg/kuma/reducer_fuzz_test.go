@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"testing"
+	"time"
 )
 
 // referenceFold is RFC 7386 over fully decoded documents: slow and obvious,
@@ -88,5 +89,33 @@ func FuzzMergePatchMatchesReference(f *testing.F) {
 		if !bytes.Equal(gb, wb) {
 			t.Fatalf("state %q + %q + %q: got %s, want %s", state, p1, p2, got, want)
 		}
+		// Data the decoder checked is walked without a second check: the
+		// same state.
+		checked := []Event{{Data: p1, checked: true}, {Data: p2, checked: true}}
+		if again, err := (MergePatch{}).Fold(state, checked); err != nil || !bytes.Equal(again, got) {
+			t.Fatalf("state %q + checked %q + %q: got %s, %v, want %s", state, p1, p2, again, err, got)
+		}
 	})
+}
+
+// Decode marks an append's events checked, by either path, and Event
+// passes the mark on; events made by hand are not marked.
+func TestDecodeMarksEventsChecked(t *testing.T) {
+	for _, body := range []string{
+		`{"events":[{"type":"A","data":{"x":1}},{"type":"B"}]}`,  // the direct path
+		` {"events":[{"type":"A","data":{"x":1}},{"type":"B"}]}`, // the general one
+	} {
+		var r AppendRequest
+		if err := Decode([]byte(body), &r); err != nil {
+			t.Fatal(err)
+		}
+		for i, in := range r.Events {
+			if ev := in.Event("e", int64(i+1), time.Time{}); !ev.checked || !in.checked {
+				t.Errorf("%s: event %d not marked checked", body, i)
+			}
+		}
+	}
+	if (EventInput{Type: "A", Data: []byte(`{`)}).Event("e", 1, time.Time{}).checked {
+		t.Error("an event made by hand is marked checked")
+	}
 }

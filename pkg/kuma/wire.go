@@ -16,6 +16,8 @@ type EventInput struct {
 	// Data is any JSON value; an absent data is stored as {} so that an event
 	// that only names a fact leaves the merge-patch state as it was.
 	Data json.RawMessage `json:"data,omitempty"`
+	// checked: Decode checked Data as JSON (Event passes it on).
+	checked bool
 }
 
 // AppendRequest is the body of kuma.<ctx>.append.<entity>.
@@ -212,7 +214,18 @@ func Decode(body []byte, v any) error {
 	if len(bytes.TrimSpace(body)) == 0 {
 		return nil
 	}
-	if a, ok := v.(*AppendRequest); ok && decodeAppendFast(body, a) == nil {
+	if a, ok := v.(*AppendRequest); ok {
+		if decodeAppendFast(body, a) != nil {
+			if err := decodeGeneral(body, v); err != nil {
+				return err
+			}
+		}
+		// Either path checked every event's data as JSON (the direct
+		// one as it read it, encoding/json for a json.RawMessage): the
+		// fold need not check it again.
+		for i := range a.Events {
+			a.Events[i].checked = true
+		}
 		return nil
 	}
 	return decodeGeneral(body, v)

@@ -76,7 +76,7 @@ func (a *Actor) append(ctx context.Context, r *kuma.AppendRequest) (*kuma.Append
 	aadBuf := make([]byte, 0, int(n)*(16+len(a.sh.Context)+len(a.id)))
 	for i, in := range r.Events {
 		v := a.version + int64(i) + 1
-		events[i] = kuma.Event{Entity: a.id, Version: v, Type: in.Type, Data: in.Data, Time: now}
+		events[i] = in.Event(a.id, v, now)
 		start := len(plainBuf)
 		plainBuf = envelope.AppendEvent(plainBuf, in.Type, in.Data)
 		plains[i] = plainBuf[start:len(plainBuf):len(plainBuf)]
