@@ -33,7 +33,11 @@ type metrics struct {
 	entity *entity.Metrics
 }
 
-func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
+// newMetrics makes and registers the node's counters and histograms, which
+// the shards and actors count into; the gauges, read from the node when
+// scraped, are the node's own (registerGauges). So a shard's tests make
+// these without a node.
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kuma_requests_total",
@@ -83,6 +87,18 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 			Help: "Answers that could not be published, by operation and the protocol code of the failure (payload_too_large, internal): the client got no answer and times out.",
 		}, []string{"op", "code"}),
 	}
+	for _, c := range []prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced, m.corrupt, m.diskFull, m.mailboxFull, m.repliesFailed} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	m.entity = &entity.Metrics{Requests: m.requests, Appended: m.appended, Fenced: m.fenced}
+	return m, nil
+}
+
+// registerGauges registers the gauges read from the node when scraped: its
+// shards' actors and relay lag, its key cache, its contexts' streams.
+func (s *Service) registerGauges(reg prometheus.Registerer) error {
 	gauges := []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kuma_live_actors", Help: "Entity actors in memory."},
 			func() float64 { return float64(s.sum(func(st ShardStats) int64 { return int64(st.LiveActors) })) }),
@@ -102,13 +118,12 @@ func newMetrics(reg prometheus.Registerer, s *Service) (*metrics, error) {
 		reachable: prometheus.NewDesc("kuma_stream_reachable", "1 while the context's event stream answers.", []string{"context"}, nil),
 		messages:  prometheus.NewDesc("kuma_stream_messages", "Messages the context's event stream holds.", []string{"context"}, nil),
 	})
-	for _, c := range append([]prometheus.Collector{m.requests, m.appended, m.commitTime, m.commitBatch, m.syncTime, m.moves, m.fenced, m.corrupt, m.diskFull, m.mailboxFull, m.repliesFailed}, gauges...) {
+	for _, c := range gauges {
 		if err := reg.Register(c); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	m.entity = &entity.Metrics{Requests: m.requests, Appended: m.appended, Fenced: m.fenced}
-	return m, nil
+	return nil
 }
 
 // replyFailed counts an answer to op that NATS did not take.

@@ -107,7 +107,7 @@ func TestStoppingOnceStopIsClosed(t *testing.T) {
 func TestLeaseFencesWritesAtThreeQuartersOfItsTTL(t *testing.T) {
 	const ttl = time.Hour
 	o := &owner{base: time.Now().Add(-2 * time.Hour)} // o.now() is 2h and a little
-	m, err := newMetrics(prometheus.NewRegistry(), &Service{})
+	m, err := newMetrics(prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -83,7 +83,10 @@ func New(cfg Config, nc *nats.Conn) (*Service, error) {
 	if reg == nil {
 		reg = prometheus.NewRegistry() // counted, just not exported
 	}
-	m, err := newMetrics(reg, s)
+	m, err := newMetrics(reg)
+	if err == nil {
+		err = s.registerGauges(reg)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("shardnode: metrics: %w", err)
 	}

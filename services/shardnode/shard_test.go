@@ -72,7 +72,7 @@ func (nobodyForgotten) Forgotten(context.Context, string, string) (*kuma.ForgetR
 // may change. The shard is closed when the test ends.
 func newTestShard(t *testing.T, tune func(*shardDeps)) *shard {
 	t.Helper()
-	m, err := newMetrics(prometheus.NewRegistry(), &Service{})
+	m, err := newMetrics(prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
