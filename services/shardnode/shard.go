@@ -292,7 +292,8 @@ func (sh *shard) stats() ShardStats {
 		Published: pub, RelayLag: max(0, st.LastSeq-pub)}
 }
 
-// fenceErr is what a commit gets once the shard's lease has run out.
+// fence is the shard file's Fence (sqlite.Config): run in every commit, it
+// refuses the commit once this node's lease on the shard has run out.
 func (sh *shard) fence() error {
 	if sh.leaseNow() > time.Duration(sh.deadline.Load()) {
 		sh.metrics.fenced.WithLabelValues("lease").Inc()
