@@ -18,24 +18,39 @@ type readStmts struct {
 }
 
 func prepareReadStmts(ctx context.Context, db *sql.DB) (*readStmts, error) {
-	r := &readStmts{}
-	var err error
-	prep := func(q string) *sql.Stmt {
-		if err != nil {
-			return nil
-		}
-		var st *sql.Stmt
-		st, err = db.PrepareContext(ctx, q)
-		return st
-	}
-	r.entity = prep(`SELECT version, created_at, updated_at FROM entities WHERE entity = ?`)
-	r.idempotency = prep(`SELECT first_version, last_version, time, pos FROM idempotency WHERE entity = ? AND key IN (?, ?)`)
-	r.latestSnapshot = prep(`SELECT version, state, updated_at FROM snapshots WHERE entity = ? AND version <= ?
+	st, err := PrepareAll(ctx, db,
+		`SELECT version, created_at, updated_at FROM entities WHERE entity = ?`,
+		`SELECT first_version, last_version, time, pos FROM idempotency WHERE entity = ? AND key IN (?, ?)`,
+		`SELECT version, state, updated_at FROM snapshots WHERE entity = ? AND version <= ?
 		 ORDER BY version DESC LIMIT 1`)
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("sqlite: prepare: %w", err), r.close())
+		return nil, err
 	}
-	return r, nil
+	return &readStmts{entity: st[0], idempotency: st[1], latestSnapshot: st[2]}, nil
+}
+
+// Preparer is what statements are prepared on: a *sql.DB (each connection
+// of the pool gets its own preparation when it first runs one), a *sql.Conn
+// or a *sql.Tx.
+type Preparer interface {
+	PrepareContext(ctx context.Context, query string) (*sql.Stmt, error)
+}
+
+// PrepareAll prepares queries on p, in order. On the first that fails it
+// closes those it prepared and returns the error.
+func PrepareAll(ctx context.Context, p Preparer, queries ...string) ([]*sql.Stmt, error) {
+	out := make([]*sql.Stmt, 0, len(queries))
+	for _, q := range queries {
+		st, err := p.PrepareContext(ctx, q)
+		if err != nil {
+			for _, done := range out {
+				_ = done.Close()
+			}
+			return nil, fmt.Errorf("sqlite: prepare: %w", err)
+		}
+		out = append(out, st)
+	}
+	return out, nil
 }
 
 func (r *readStmts) close() error {

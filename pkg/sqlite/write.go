@@ -364,26 +364,16 @@ type writeStmts struct {
 }
 
 func prepareWriteStmts(ctx context.Context, conn *sql.Conn) (*writeStmts, error) {
-	w := &writeStmts{byRows: map[int]*sql.Stmt{}}
-	var err error
-	prep := func(q string) *sql.Stmt {
-		if err != nil {
-			return nil
-		}
-		var st *sql.Stmt
-		st, err = conn.PrepareContext(ctx, q)
-		return st
-	}
-	w.upsertEntity = prep(`INSERT INTO entities (entity, version, created_at, updated_at) VALUES (?, ?, ?, ?)
-		ON CONFLICT (entity) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at`)
-	w.insertIdem = prep(`INSERT INTO idempotency (entity, key, first_version, last_version, time, pos) VALUES (?, ?, ?, ?, ?, ?)`)
-	w.insertSnapshot = prep(`INSERT OR REPLACE INTO snapshots (entity, version, state, updated_at) VALUES (?, ?, ?, ?)`)
-	w.epoch = prep(metaIntSQL)
+	st, err := PrepareAll(ctx, conn,
+		`INSERT INTO entities (entity, version, created_at, updated_at) VALUES (?, ?, ?, ?)
+		ON CONFLICT (entity) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at`,
+		`INSERT INTO idempotency (entity, key, first_version, last_version, time, pos) VALUES (?, ?, ?, ?, ?, ?)`,
+		`INSERT OR REPLACE INTO snapshots (entity, version, state, updated_at) VALUES (?, ?, ?, ?)`,
+		metaIntSQL)
 	if err != nil {
-		_ = w.close()
-		return nil, fmt.Errorf("sqlite: prepare: %w", err)
+		return nil, err
 	}
-	return w, nil
+	return &writeStmts{byRows: map[int]*sql.Stmt{}, upsertEntity: st[0], insertIdem: st[1], insertSnapshot: st[2], epoch: st[3]}, nil
 }
 
 // insertEvents returns the cached INSERT for n rows, preparing it on first use.

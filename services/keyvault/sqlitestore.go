@@ -122,24 +122,15 @@ type keyStmts struct {
 }
 
 func prepareKeyStmts(ctx context.Context, db *sql.DB) (keyStmts, error) {
-	var k keyStmts
-	var err error
-	prep := func(q string) *sql.Stmt {
-		if err != nil {
-			return nil
-		}
-		var st *sql.Stmt
-		st, err = db.PrepareContext(ctx, q)
-		return st
-	}
-	k.byEntity = prep(`SELECT wrapped FROM keys WHERE context = ? AND entity = ?`)
-	k.byHash = prep(`SELECT entity, wrapped FROM keys WHERE id_hash = ? AND context = ?`)
-	k.shredded = prep(`SELECT forgotten_at, events_deleted FROM shredded WHERE id_hash = ?`)
-	k.insert = prep(`INSERT INTO keys (context, entity, wrapped, created_at, id_hash) VALUES (?, ?, ?, ?, ?)`)
+	st, err := sqlite.PrepareAll(ctx, db,
+		`SELECT wrapped FROM keys WHERE context = ? AND entity = ?`,
+		`SELECT entity, wrapped FROM keys WHERE id_hash = ? AND context = ?`,
+		`SELECT forgotten_at, events_deleted FROM shredded WHERE id_hash = ?`,
+		`INSERT INTO keys (context, entity, wrapped, created_at, id_hash) VALUES (?, ?, ?, ?, ?)`)
 	if err != nil {
-		return keyStmts{}, fmt.Errorf("keyvault: prepare: %w", err)
+		return keyStmts{}, fmt.Errorf("keyvault: %w", err)
 	}
-	return k, nil
+	return keyStmts{byEntity: st[0], byHash: st[1], shredded: st[2], insert: st[3]}, nil
 }
 
 // openFile opens (or creates) a keyvault file with its schema.

@@ -11,11 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/internal/testkit"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/services/shardnode/entity"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"go.opentelemetry.io/otel/trace/noop"
 )
 
@@ -146,15 +146,6 @@ func (sh *shard) liveActorOf(id string) *liveActor {
 	return sh.actors[id]
 }
 
-func counterValue(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
-}
-
 // TestDispatchRefusesAFullMailbox: with mailboxes of 1, an entity whose
 // actor is busy and has one request waiting gets its next request refused
 // at once as unavailable, counted in kuma_mailbox_full_total, while another
@@ -185,7 +176,7 @@ func TestDispatchRefusesAFullMailbox(t *testing.T) {
 	if !errors.Is(err, kuma.ErrUnavailable) {
 		t.Fatalf("dispatch into a full mailbox: got %v, want unavailable", err)
 	}
-	if got, want := counterValue(t, sh.metrics.mailboxFull), 1.0; got != want {
+	if got, want := testkit.CounterValue(t, sh.metrics.mailboxFull), 1.0; got != want {
 		t.Fatalf("kuma_mailbox_full_total: got %v, want %v", got, want)
 	}
 
@@ -315,7 +306,7 @@ func TestStorageErrorTellsTheNode(t *testing.T) {
 	if got, want := out.Error(), diskFullError("default", 0).Error(); got != want || !reported {
 		t.Fatalf("a full disk: got %q (reported %v), want %q (reported)", got, reported, want)
 	}
-	if got, want := counterValue(t, sh.metrics.diskFull), 1.0; got != want {
+	if got, want := testkit.CounterValue(t, sh.metrics.diskFull), 1.0; got != want {
 		t.Fatalf("kuma_disk_full_total: got %v, want %v", got, want)
 	}
 	if len(reports) != 1 {

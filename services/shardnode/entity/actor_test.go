@@ -13,12 +13,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kumadb/kuma/internal/testkit"
 	"github.com/kumadb/kuma/pkg/envelope"
 	"github.com/kumadb/kuma/pkg/kuma"
 	"github.com/kumadb/kuma/pkg/sqlite"
 	"github.com/kumadb/kuma/services/shardnode/entity"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"go.opentelemetry.io/otel/trace/noop"
 )
 
@@ -169,16 +169,6 @@ func appendOne(n int) kuma.AppendRequest {
 	return kuma.AppendRequest{Events: []kuma.EventInput{{Type: "Set", Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, n))}}}
 }
 
-// count reads a counter.
-func count(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
-}
-
 func ptr[T any](v T) *T { return &v }
 
 func wantCode(t *testing.T, what string, err error, want kuma.Code) {
@@ -214,7 +204,7 @@ func TestAppendChecksTheExpectedVersion(t *testing.T) {
 	if r.FirstVersion != 2 || r.LastVersion != 2 {
 		t.Fatalf("append at the right version: got %d..%d, want 2..2", r.FirstVersion, r.LastVersion)
 	}
-	if got, want := count(t, h.sh.Metrics.Requests.WithLabelValues(kuma.OpAppend, string(kuma.CodeVersionConflict))), 1.0; got != want {
+	if got, want := testkit.CounterValue(t, h.sh.Metrics.Requests.WithLabelValues(kuma.OpAppend, string(kuma.CodeVersionConflict))), 1.0; got != want {
 		t.Fatalf("conflicts counted: got %v, want %v", got, want)
 	}
 }
@@ -247,7 +237,7 @@ func TestRetryWithTheSameIdempotencyKeyIsADuplicate(t *testing.T) {
 	if st.Version != 3 {
 		t.Fatalf("version after a retried append: got %d, want 3", st.Version)
 	}
-	if got, want := count(t, h.sh.Metrics.Appended), 3.0; got != want {
+	if got, want := testkit.CounterValue(t, h.sh.Metrics.Appended), 3.0; got != want {
 		t.Fatalf("events counted appended: got %v, want %v (a duplicate adds none)", got, want)
 	}
 	// A new actor (the entity passivated) finds the record in the file.
@@ -464,7 +454,7 @@ func TestAnswerTooLargeIsRefusedAndCounted(t *testing.T) {
 	}
 	err := do(t, a, kuma.OpRead, struct{}{}, nil)
 	wantCode(t, "read of a state over the limit", err, kuma.CodePayloadTooLarge)
-	if got := count(t, h.sh.Metrics.Requests.WithLabelValues(kuma.OpRead, string(kuma.CodePayloadTooLarge))); got != 1 {
+	if got := testkit.CounterValue(t, h.sh.Metrics.Requests.WithLabelValues(kuma.OpRead, string(kuma.CodePayloadTooLarge))); got != 1 {
 		t.Fatalf("payload_too_large reads counted: got %v, want 1", got)
 	}
 }
