@@ -103,11 +103,13 @@ func (d *rawDoc) set(v json.RawMessage) error {
 // apply is RFC 7386 section 2 applied to d, for a patch nobody has checked
 // yet (an event's data). An object patch is checked as it is applied, in
 // one scan (applyChecked); one that scan leaves to encoding/json is checked
-// whole and applied again from its first member. Applying a prefix of a
-// patch and then all of it is applying it once: each member's step
-// (delete, replace, or merge into an object) is idempotent, and the scan
-// stops at a key written twice before applying it. A refused patch leaves
-// d half-applied, which is why Fold drops d on an error.
+// whole and applied again from its first member. Applying the first
+// members of a patch and then all of it is applying it once: every step
+// the first pass took (delete, replace, merge into an object) the second
+// takes again, in the same order, so the last step on each key, and on
+// each key inside a merged object, is the whole patch's; a key no step
+// touches keeps its value. A refused patch leaves d half-applied, which is
+// why Fold drops d on an error.
 func (d *rawDoc) apply(patch json.RawMessage) error {
 	if !isObject(patch) {
 		return d.set(patch)
