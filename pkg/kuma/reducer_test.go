@@ -292,6 +292,10 @@ func TestMergePatchFallbackAppliesOnce(t *testing.T) {
 		{`{"a":{"x":1}}`, `{"a":{"y":2},"a":{"x":null}}`, `{"a":{"y":2}}`},
 		{`{"a":{"x":1}}`, `{"a":{"y":2},"a":null}`, `{}`},
 		{`{"n":1}`, `{"n":null,"m":{"k":[1]},"s":"é"}`, `{"m":{"k":[1]},"s":"é"}`},
+		// A key written twice at the top is applied twice by the first
+		// pass, then the whole patch again: still the last one wins.
+		{`{"a":{"y":2}}`, `{"a":{"x":1},"a":{"x":null,"z":3},"s":"é"}`, `{"a":{"y":2,"z":3},"s":"é"}`},
+		{`{"a":{"y":2}}`, `{"a":7,"a":{"x":1},"s":"é"}`, `{"a":{"x":1},"s":"é"}`},
 		{`{"deep":{}}`, `{"deep":{"a":1},"z":` + strings.Repeat(`[`, 70) + strings.Repeat(`]`, 70) + `}`,
 			`{"deep":{"a":1},"z":` + strings.Repeat(`[`, 70) + strings.Repeat(`]`, 70) + `}`},
 	} {
