@@ -1,8 +1,3 @@
-// Package shardnode owns shards: for each, one SQLite file with its
-// group-commit writer, and one actor goroutine per live entity that is that
-// entity's only writer. It answers the internal shard subjects
-// _kuma.<ctx>.shard.<n>.<op>.<entity> that routers (and clients that route by
-// themselves) send to.
 package shardnode
 
 import (
