@@ -49,7 +49,7 @@ func (o *owner) take(ctx context.Context, cc *ContextConfig, n int, prev *cluste
 	o.tookShard(k, err == nil, o.now())
 	if err != nil {
 		if sqlite.IsCorrupt(err) {
-			o.s.shardCorrupt(cc.Name, n, err) // logs once; the reconcile loop leaves it alone
+			_ = o.s.shardCorrupt(cc.Name, n, err) // logs once; the reconcile loop leaves it alone
 		} else {
 			log.Error("could not open the shard; releasing it", "err", err)
 		}

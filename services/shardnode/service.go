@@ -312,7 +312,7 @@ func (s *Service) openShard(ctx context.Context, cc *ContextConfig, n int, lease
 		Epoch:       lease.Epoch,
 		Fence:       func() error { return sh.fence() },
 		Failpoint:   s.cfg.Failpoint,
-		OnCorrupt:   func(err error) { s.shardCorrupt(cc.Name, n, err) },
+		OnCorrupt:   func(err error) { _ = s.shardCorrupt(cc.Name, n, err) },
 	})
 	if err != nil {
 		return nil, err

@@ -62,6 +62,9 @@ type shard struct {
 	checkCtx  context.Context
 	stopCheck context.CancelFunc
 	full      atomic.Bool
+	// damaged is set by the first request that met a damaged page
+	// (storageError).
+	damaged atomic.Bool
 	// gone ends when a stop gives up waiting (its ctx ran out; giveUp): a
 	// publish in flight is cut short, appends waiting for the stream are
 	// answered unavailable, and so is every request still in an actor (one

@@ -83,7 +83,10 @@ func newTestShard(t *testing.T, tune func(*shardDeps)) *shard {
 		idleTimeout: time.Hour, mailboxLen: 4, snapshotEvery: 100,
 		dataDir: dir, metrics: m, vault: nobodyForgotten{},
 		feedSlots: make(chan struct{}, 1), backupSlots: make(chan struct{}, 1),
-		corrupt:   func(kctx string, n int, err error) { t.Errorf("shard %d of %q reported corrupt: %v", n, kctx, err) },
+		corrupt: func(kctx string, n int, err error) error {
+			t.Errorf("shard %d of %q reported corrupt: %v", n, kctx, err)
+			return corruptError(kctx, n)
+		},
 		lost:      func(why string) { t.Errorf("shard reported lost: %s", why) },
 		failpoint: func(string) {},
 	}
@@ -290,7 +293,10 @@ func TestStorageErrorTellsTheNode(t *testing.T) {
 	}
 	var reports []report
 	sh := newTestShard(t, func(d *shardDeps) {
-		d.corrupt = func(kctx string, n int, err error) { reports = append(reports, report{kctx, n, err}) }
+		d.corrupt = func(kctx string, n int, err error) error {
+			reports = append(reports, report{kctx, n, err})
+			return corruptError(kctx, n)
+		}
 	})
 
 	damaged := fmt.Errorf("read: %w", sqlite.ErrCorrupt)

@@ -63,7 +63,7 @@ type shardDeps struct {
 	backupSlots chan struct{}
 	// corrupt takes a shard whose file is damaged out of service
 	// (Service.shardCorrupt): the node decides what becomes of it.
-	corrupt func(kctx string, n int, err error)
+	corrupt func(kctx string, n int, err error) error
 	// lost stops serving the shard: another owner claimed it in the
 	// stream. It must not wait for the shard (the relay calls it).
 	lost func(why string)
